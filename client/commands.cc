@@ -1,0 +1,296 @@
+#include "client/commands.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iomanip>
+#include <sstream>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+#include "client/data_prepare.h"
+#include "client/generate.h"
+#include "common/paths.h"
+#include "common/units.h"
+#include "google/protobuf/util/json_util.h"
+
+namespace lumen {
+namespace {
+
+std::string Json(const google::protobuf::Message& message) {
+  std::string text;
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &text, options);
+  return text;
+}
+
+std::string Time(int64_t unix_ms) {
+  if (unix_ms == 0) return "-";
+  return absl::FormatTime("%Y-%m-%d %H:%M:%S", absl::FromUnixMillis(unix_ms),
+                          absl::LocalTimeZone());
+}
+
+std::string StepLine(const Job& job, const StepRecord& s) {
+  return absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
+                         job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
+                         s.grad_norm(), s.tokens_per_s(), s.step_time_s());
+}
+
+int Fail(std::ostream& err, const absl::Status& status) {
+  err << "lumenctl: " << status.message() << "\n";
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+int ExitCodeOf(const Job& job) { return job.state() == SUCCEEDED ? 0 : 1; }
+
+// Shows a job's progress until it ends: a line per step at most once a second, then the end.
+int Follow(LumenClient& client, const std::string& job_id, std::ostream& out, std::ostream& err) {
+  Job last;
+  absl::Time last_print = absl::InfinitePast();
+  JobState shown_state = JOB_STATE_UNSPECIFIED;
+  absl::Status status = client.Watch(job_id, /*follow=*/true, [&](const WatchJobEvent& event) {
+    last = event.job();
+    if (last.state() != shown_state && last.state() != SUCCEEDED && last.state() != FAILED &&
+        last.state() != CANCELLED) {
+      shown_state = last.state();
+      out << last.id() << " " << JobState_Name(last.state())
+          << (last.worker().empty() ? "" : absl::StrCat(" on ", last.worker())) << std::endl;
+    }
+    if (event.steps_size() == 0) return;
+    const StepRecord& step = event.steps(event.steps_size() - 1);
+    const bool final_step = step.step() >= last.spec().train().steps();
+    if (final_step || absl::Now() - last_print >= absl::Seconds(1)) {
+      out << StepLine(last, step) << std::endl;
+      last_print = absl::Now();
+    }
+  });
+  if (!status.ok()) return Fail(err, status);
+  out << last.id() << " " << JobState_Name(last.state());
+  if (!last.failure_reason().empty()) out << ": " << last.failure_reason();
+  out << std::endl;
+  if (!last.final_checkpoint().empty()) out << "checkpoint: " << last.final_checkpoint() << "\n";
+  return ExitCodeOf(last);
+}
+
+void PrintJobTable(const std::vector<Job>& jobs, std::ostream& out) {
+  out << absl::StrFormat("%-12s %-20s %-10s %-12s %-10s %-20s %s\n", "ID", "NAME", "STATE", "STEP",
+                         "LOSS", "SUBMITTED", "REASON");
+  for (const Job& job : jobs) {
+    out << absl::StrFormat(
+        "%-12s %-20s %-10s %-12s %-10s %-20s %s\n", job.id(), job.spec().name(),
+        JobState_Name(job.state()),
+        absl::StrCat(job.latest_step().step(), "/", job.spec().train().steps()),
+        job.has_latest_step() ? absl::StrFormat("%.4f", job.latest_step().loss()) : "-",
+        Time(job.submit_time_unix_ms()), job.failure_reason());
+  }
+}
+
+void PrintJob(const Job& job, std::ostream& out) {
+  out << "id:          " << job.id() << "\n"
+      << "name:        " << job.spec().name() << "\n"
+      << "state:       " << JobState_Name(job.state()) << "\n"
+      << "parameters:  " << job.parameter_count() << "\n"
+      << "submitted:   " << Time(job.submit_time_unix_ms()) << "\n"
+      << "started:     " << Time(job.start_time_unix_ms()) << "\n"
+      << "ended:       " << Time(job.end_time_unix_ms()) << "\n"
+      << "worker:      " << (job.worker().empty() ? "-" : job.worker()) << "\n";
+  if (job.has_latest_step()) out << "last step:   " << StepLine(job, job.latest_step()) << "\n";
+  if (!job.failure_reason().empty()) out << "reason:      " << job.failure_reason() << "\n";
+  if (!job.final_checkpoint().empty()) out << "checkpoint:  " << job.final_checkpoint() << "\n";
+}
+
+void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
+  out << "data dir: " << info.data_dir() << "\n\nPROCESSES\n";
+  out << absl::StrFormat("%-12s %-8s %-4s %-9s %-22s %s\n", "NAME", "PID", "UP", "RESTARTS",
+                         "METRICS", "LOG");
+  for (const ProcessInfo& p : info.processes()) {
+    out << absl::StrFormat("%-12s %-8d %-4s %-9d %-22s %s\n", p.name(), p.pid(),
+                           p.up() ? "yes" : "no", p.restarts(), p.metrics_address(), p.log_file());
+  }
+  out << "\nWORKERS\n";
+  for (const WorkerInfo& w : info.workers()) {
+    if (w.reachable()) {
+      out << absl::StrFormat("%-12s %-6s budget %s\n", w.name(), w.device(),
+                             FormatBytes(w.device_memory_budget_bytes()));
+    } else {
+      out << absl::StrFormat("%-12s unreachable: %s\n", w.name(), w.error());
+    }
+  }
+  out << "\nTIERS\n";
+  for (const TierInfo& t : info.tiers()) {
+    out << absl::StrFormat("%-30s used %s of %s\n", t.name(), FormatBytes(t.used_bytes()),
+                           FormatBytes(t.capacity_bytes()));
+  }
+  out << "\nJOBS\n";
+  for (const auto& [state, count] : info.jobs_by_state()) {
+    out << absl::StrFormat("%-10s %d\n", state, count);
+  }
+}
+
+}  // namespace
+
+int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  CLI::App app{"lumenctl: submit and watch Lumen training jobs"};
+  app.require_subcommand(1);
+  std::string socket, data_dir, address;
+  app.add_option("--socket", socket, "lumend's Unix socket (default: found from --data-dir)");
+  app.add_option("--data-dir", data_dir,
+                 "The node's data directory (default: $LUMEN_HOME or ~/.local/share/lumen)");
+  app.add_option("--address", address, "lumend's loopback TCP address, instead of the socket");
+  bool json = false;
+
+  std::string spec_file;
+  bool watch = false;
+  auto* submit = app.add_subcommand("submit", "Submit a job spec (YAML)");
+  submit->add_option("spec", spec_file, "Job spec file")->required();
+  submit->add_flag("--watch,-w", watch, "Show progress until the job ends");
+  submit->add_flag("--json", json, "Print the job as JSON");
+
+  auto* jobs = app.add_subcommand("jobs", "List jobs");
+  jobs->add_flag("--json", json, "One JSON object per line");
+
+  std::string job_id;
+  auto* status = app.add_subcommand("status", "Show one job");
+  status->add_option("job", job_id, "Job id")->required();
+  status->add_flag("--json", json, "Print the job as JSON");
+
+  auto* watch_cmd = app.add_subcommand("watch", "Show a job's progress until it ends");
+  watch_cmd->add_option("job", job_id, "Job id")->required();
+
+  auto* logs = app.add_subcommand("logs", "Print a job's per-step records");
+  logs->add_option("job", job_id, "Job id")->required();
+  logs->add_flag("--json", json, "One JSON object per line");
+
+  auto* cancel = app.add_subcommand("cancel", "Cancel a job");
+  cancel->add_option("job", job_id, "Job id")->required();
+
+  auto* cluster = app.add_subcommand("cluster", "Show the node's processes, workers and tiers");
+  cluster->add_flag("--json", json, "Print as JSON");
+
+  DataPrepareOptions prepare_options;
+  auto* data = app.add_subcommand("data", "Prepare training data");
+  data->require_subcommand(1);
+  auto* prepare = data->add_subcommand("prepare", "Tokenize a text file into a token file");
+  prepare->add_option("--input", prepare_options.input, "Text file")->required();
+  prepare->add_option("--out", prepare_options.output, "Token file to write (.bin)")->required();
+  prepare->add_option("--tokenizer", prepare_options.tokenizer, "Tokenizer: byte")
+      ->default_val("byte");
+
+  GenerateOptions generate_options;
+  auto* generate = app.add_subcommand("generate", "Sample text from a checkpoint directory");
+  generate->add_option("--checkpoint", generate_options.checkpoint, "Exported directory")
+      ->required();
+  generate->add_option("--prompt", generate_options.prompt, "Prompt text")->required();
+  generate->add_option("--max-tokens", generate_options.max_tokens, "Tokens to generate")
+      ->default_val(200);
+  generate->add_option("--temperature", generate_options.temperature, "0 = greedy")
+      ->default_val(0.8);
+  generate->add_option("--top-k", generate_options.top_k, "0 = no limit")->default_val(40);
+  generate->add_option("--seed", generate_options.seed, "Sampling seed")->default_val(1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e, out, err);
+  }
+
+  // Commands that need no node.
+  if (prepare->parsed()) {
+    auto result = PrepareData(prepare_options);
+    if (!result.ok()) return Fail(err, result.status());
+    out << "wrote " << result->tokens << " tokens (" << result->dtype << ", vocab "
+        << result->vocab_size << ") to " << prepare_options.output << "\n";
+    return 0;
+  }
+  if (generate->parsed()) {
+    auto text = Generate(generate_options);
+    if (!text.ok()) return Fail(err, text.status());
+    out << *text << std::endl;
+    return 0;
+  }
+
+  std::string target = address;
+  if (target.empty()) {
+    target = !socket.empty() ? socket
+                             : DefaultSocketPath(data_dir.empty() ? DefaultDataDir() : data_dir);
+  }
+  auto client_or = LumenClient::Connect(target);
+  if (!client_or.ok()) return Fail(err, client_or.status());
+  LumenClient& client = **client_or;
+
+  if (submit->parsed()) {
+    std::ifstream in(spec_file);
+    if (!in) return Fail(err, absl::NotFoundError(absl::StrCat("cannot read ", spec_file)));
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string base_dir =
+        std::filesystem::path(AbsolutePath(spec_file)).parent_path().string();
+    auto job = client.Submit(text.str(), base_dir);
+    if (!job.ok()) return Fail(err, job.status());
+    if (json) {
+      out << Json(*job) << "\n";
+    } else {
+      out << "submitted " << job->id() << " (" << job->spec().name() << ", "
+          << job->parameter_count() << " parameters)\n";
+    }
+    return watch ? Follow(client, job->id(), out, err) : 0;
+  }
+  if (jobs->parsed()) {
+    auto list = client.List();
+    if (!list.ok()) return Fail(err, list.status());
+    if (json) {
+      for (const Job& job : *list) out << Json(job) << "\n";
+    } else {
+      PrintJobTable(*list, out);
+    }
+    return 0;
+  }
+  if (status->parsed()) {
+    auto job = client.Get(job_id);
+    if (!job.ok()) return Fail(err, job.status());
+    if (json) {
+      out << Json(*job) << "\n";
+    } else {
+      PrintJob(*job, out);
+    }
+    return 0;
+  }
+  if (watch_cmd->parsed()) return Follow(client, job_id, out, err);
+  if (logs->parsed()) {
+    Job job;
+    absl::Status s = client.Watch(job_id, /*follow=*/false, [&](const WatchJobEvent& event) {
+      job = event.job();
+      for (const StepRecord& step : event.steps()) {
+        out << (json ? Json(step) : StepLine(job, step)) << "\n";
+      }
+    });
+    if (!s.ok()) return Fail(err, s);
+    return 0;
+  }
+  if (cancel->parsed()) {
+    auto job = client.Cancel(job_id);
+    if (!job.ok()) return Fail(err, job.status());
+    out << job->id() << " " << JobState_Name(job->state()) << "\n";
+    return 0;
+  }
+  if (cluster->parsed()) {
+    auto info = client.ClusterInfo();
+    if (!info.ok()) return Fail(err, info.status());
+    if (json) {
+      out << Json(*info) << "\n";
+    } else {
+      PrintCluster(*info, out);
+    }
+    return 0;
+  }
+  return 1;
+}
+
+}  // namespace lumen

@@ -1,0 +1,287 @@
+#include "coordinator/job_manager.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+
+namespace lumen {
+namespace {
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+bool IsTerminal(JobState state) {
+  return state == SUCCEEDED || state == FAILED || state == CANCELLED;
+}
+
+}  // namespace
+
+JobManager::JobManager(JobStore* store, std::vector<WorkerClient*> workers,
+                       JobManagerOptions options, prometheus::Registry& registry)
+    : store_(store),
+      workers_(std::move(workers)),
+      options_(std::move(options)),
+      jobs_gauge_(prometheus::BuildGauge()
+                      .Name("lumen_jobs")
+                      .Help("Jobs known to the coordinator, by state")
+                      .Register(registry)),
+      step_gauge_(prometheus::BuildGauge()
+                      .Name("lumen_job_step")
+                      .Help("Last completed optimizer step of a job")
+                      .Register(registry)),
+      loss_gauge_(prometheus::BuildGauge()
+                      .Name("lumen_job_loss")
+                      .Help("Training loss of a job's last step")
+                      .Register(registry)),
+      tokens_per_s_gauge_(prometheus::BuildGauge()
+                              .Name("lumen_job_tokens_per_second")
+                              .Help("Training throughput of a job's last step")
+                              .Register(registry)),
+      step_time_gauge_(prometheus::BuildGauge()
+                           .Name("lumen_job_step_time_seconds")
+                           .Help("Wall time of a job's last step")
+                           .Register(registry)),
+      tokens_counter_(prometheus::BuildCounter()
+                          .Name("lumen_job_tokens_total")
+                          .Help("Tokens trained, by job")
+                          .Register(registry)) {}
+
+JobManager::~JobManager() { Stop(); }
+
+absl::Status JobManager::Start() {
+  ASSIGN_OR_RETURN(std::vector<Job> stored, store_->ListJobs());
+  absl::MutexLock lock(&mu_);
+  // The store is the truth: jobs submitted before Start are in it too.
+  jobs_.clear();
+  queue_.clear();
+  for (Job& job : stored) {
+    if (job.state() == RUNNING) {
+      job.set_state(FAILED);
+      job.set_end_time_unix_ms(NowMs());
+      job.set_failure_reason(absl::StrCat(
+          "the coordinator stopped while the job was running on ", job.worker(),
+          "; resuming a job is not supported yet"));
+      RETURN_IF_ERROR(store_->PutJob(job));
+      LOG(WARNING) << job.id() << ": " << job.failure_reason();
+    }
+    if (job.state() == QUEUED) queue_.push_back(job.id());
+    jobs_[job.id()] = std::move(job);
+  }
+  UpdateStateGauges();
+  LOG(INFO) << "loaded " << jobs_.size() << " jobs, " << queue_.size() << " queued";
+  dispatcher_ = std::thread([this] { DispatchLoop(); });
+  return absl::OkStatus();
+}
+
+void JobManager::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    if (running_worker_ != nullptr) running_worker_->CancelTask(running_job_);
+  }
+  if (dispatcher_.joinable()) dispatcher_.join();
+}
+
+absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::string& base_dir) {
+  ASSIGN_OR_RETURN(JobSpec spec, ResolveJobSpec(spec_yaml, base_dir, options_.limits));
+  ASSIGN_OR_RETURN(int64_t number, store_->NextJobNumber());
+  Job job;
+  job.set_id(absl::StrFormat("job-%06d", number));
+  *job.mutable_spec() = std::move(spec);
+  job.set_spec_yaml(spec_yaml);
+  job.set_state(QUEUED);
+  job.set_submit_time_unix_ms(NowMs());
+  job.set_parameter_count(ParameterCount(job.spec().model()));
+  job.set_output_dir(
+      (std::filesystem::path(options_.data_dir) / "jobs" / job.id()).string());
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("the coordinator is shutting down");
+  RETURN_IF_ERROR(store_->PutJob(job));
+  jobs_[job.id()] = job;
+  queue_.push_back(job.id());
+  UpdateStateGauges();
+  LOG(INFO) << job.id() << " (" << job.spec().name() << ", " << job.parameter_count()
+            << " parameters) queued at position " << queue_.size();
+  return job;
+}
+
+std::vector<Job> JobManager::List() {
+  absl::MutexLock lock(&mu_);
+  std::vector<Job> jobs;
+  for (const auto& [id, job] : jobs_) jobs.push_back(job);
+  return jobs;
+}
+
+absl::StatusOr<Job> JobManager::Get(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  return it->second;
+}
+
+absl::StatusOr<Job> JobManager::Cancel(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  Job& job = it->second;
+  if (job.state() == QUEUED) {
+    queue_.erase(std::remove(queue_.begin(), queue_.end(), job_id), queue_.end());
+    FinishJob(job_id, CANCELLED, "cancelled while queued");
+  } else if (job.state() == RUNNING) {
+    cancel_requested_[job_id] = true;
+    if (running_worker_ != nullptr && running_job_ == job_id) {
+      running_worker_->CancelTask(job_id);
+    }
+  }
+  return jobs_[job_id];
+}
+
+std::map<std::string, int64_t> JobManager::JobsByState() {
+  absl::MutexLock lock(&mu_);
+  std::map<std::string, int64_t> counts;
+  for (JobState s : {QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED}) counts[JobState_Name(s)] = 0;
+  for (const auto& [id, job] : jobs_) ++counts[JobState_Name(job.state())];
+  return counts;
+}
+
+absl::StatusOr<int64_t> JobManager::Watch(const std::string& job_id, bool follow,
+                                          WatchCallback callback) {
+  absl::MutexLock lock(&mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("no job ", job_id));
+  ASSIGN_OR_RETURN(std::vector<StepRecord> steps, store_->Steps(job_id));
+  WatchJobEvent event;
+  *event.mutable_job() = it->second;
+  for (StepRecord& step : steps) *event.add_steps() = std::move(step);
+  const bool done = !follow || IsTerminal(it->second.state());
+  callback(event, done);
+  if (done) return 0;
+  const int64_t handle = next_watch_++;
+  watchers_[handle] = Watcher{job_id, std::move(callback)};
+  return handle;
+}
+
+void JobManager::Unwatch(int64_t handle) {
+  absl::MutexLock lock(&mu_);
+  watchers_.erase(handle);
+}
+
+void JobManager::DispatchLoop() {
+  while (true) {
+    std::string job_id;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stopping_ || !queue_.empty();
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (stopping_) return;
+      job_id = queue_.front();
+      queue_.pop_front();
+    }
+    // One running job per node for now: the first worker runs it.
+    RunJob(job_id, workers_.front());
+  }
+}
+
+void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
+  RunTaskRequest request;
+  {
+    absl::MutexLock lock(&mu_);
+    Job& job = jobs_[job_id];
+    job.set_state(RUNNING);
+    job.set_start_time_unix_ms(NowMs());
+    job.set_worker(worker->name());
+    running_job_ = job_id;
+    running_worker_ = worker;
+    Publish(job, {});
+    request.set_job_id(job_id);
+    *request.mutable_spec() = job.spec();
+    request.set_output_dir(job.output_dir());
+    LOG(INFO) << job_id << " running on " << worker->name();
+  }
+  absl::Status status = worker->RunTask(
+      request, [this, &job_id](const TaskEvent& event) { OnTaskEvent(job_id, event); });
+  absl::MutexLock lock(&mu_);
+  running_job_.clear();
+  running_worker_ = nullptr;
+  if (cancel_requested_[job_id]) {
+    FinishJob(job_id, CANCELLED, "cancelled while running");
+  } else if (stopping_) {
+    FinishJob(job_id, FAILED,
+              absl::StrCat("the coordinator stopped while the job was running on ",
+                           worker->name(), "; resuming a job is not supported yet"));
+  } else if (status.ok()) {
+    FinishJob(job_id, SUCCEEDED, "");
+  } else {
+    FinishJob(job_id, FAILED, std::string(status.message()).find(worker->name()) == 0
+                                  ? std::string(status.message())
+                                  : absl::StrCat(worker->name(), ": ", status.ToString()));
+  }
+}
+
+void JobManager::OnTaskEvent(const std::string& job_id, const TaskEvent& event) {
+  absl::MutexLock lock(&mu_);
+  Job& job = jobs_[job_id];
+  if (event.has_step()) {
+    *job.mutable_latest_step() = event.step();
+    const prometheus::Labels labels{{"job", job_id}};
+    step_gauge_.Add(labels).Set(event.step().step());
+    loss_gauge_.Add(labels).Set(event.step().loss());
+    tokens_per_s_gauge_.Add(labels).Set(event.step().tokens_per_s());
+    step_time_gauge_.Add(labels).Set(event.step().step_time_s());
+    tokens_counter_.Add(labels).Increment(event.step().tokens());
+    if (absl::Status s = store_->PutStep(job, event.step()); !s.ok()) {
+      LOG(ERROR) << job_id << ": cannot store step " << event.step().step() << ": " << s;
+    }
+    Publish(job, {event.step()});
+  } else if (!event.checkpoint().empty()) {
+    job.set_final_checkpoint(event.checkpoint());
+    Publish(job, {});
+  }
+}
+
+void JobManager::FinishJob(const std::string& job_id, JobState state, const std::string& reason) {
+  Job& job = jobs_[job_id];
+  job.set_state(state);
+  job.set_end_time_unix_ms(NowMs());
+  job.set_failure_reason(reason);
+  cancel_requested_.erase(job_id);
+  LOG(INFO) << job_id << " " << JobState_Name(state) << (reason.empty() ? "" : ": ") << reason;
+  Publish(job, {});
+}
+
+void JobManager::Publish(const Job& job, const std::vector<StepRecord>& steps) {
+  if (steps.empty()) {
+    if (absl::Status s = store_->PutJob(job); !s.ok()) {
+      LOG(ERROR) << job.id() << ": cannot store the job: " << s;
+    }
+  }
+  UpdateStateGauges();
+  WatchJobEvent event;
+  *event.mutable_job() = job;
+  for (const StepRecord& step : steps) *event.add_steps() = step;
+  const bool done = IsTerminal(job.state());
+  for (auto it = watchers_.begin(); it != watchers_.end();) {
+    if (it->second.job_id != job.id()) {
+      ++it;
+      continue;
+    }
+    it->second.callback(event, done);
+    it = done ? watchers_.erase(it) : std::next(it);
+  }
+}
+
+void JobManager::UpdateStateGauges() {
+  std::map<JobState, int64_t> counts;
+  for (const auto& [id, job] : jobs_) ++counts[job.state()];
+  for (JobState s : {QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED}) {
+    jobs_gauge_.Add({{"state", JobState_Name(s)}}).Set(counts[s]);
+  }
+}
+
+}  // namespace lumen

@@ -1,0 +1,105 @@
+// Owns the job queue: validation at submit, FIFO dispatch to the workers (one running job per
+// node for now), state transitions with their history in a JobStore, and watchers.
+// Thread-safe.
+#ifndef LUMEN_COORDINATOR_JOB_MANAGER_H_
+#define LUMEN_COORDINATOR_JOB_MANAGER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "coordinator/job_spec.h"
+#include "coordinator/job_store.h"
+#include "coordinator/worker_client.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
+#include "proto/lumen.pb.h"
+
+namespace lumen {
+
+struct JobManagerOptions {
+  // Jobs write their checkpoints under <data_dir>/jobs/<job id>/.
+  std::string data_dir;
+  NodeLimits limits;
+};
+
+class JobManager {
+ public:
+  // Called with each event of a watch; `done` is true on the last one. Called with the
+  // manager's lock held: it must not block or call back into the manager.
+  using WatchCallback = std::function<void(const WatchJobEvent& event, bool done)>;
+
+  // `store` and `workers` must outlive the manager. `registry` receives the job metrics.
+  JobManager(JobStore* store, std::vector<WorkerClient*> workers, JobManagerOptions options,
+             prometheus::Registry& registry);
+  ~JobManager();
+
+  // Loads the stored jobs (a job that was RUNNING becomes FAILED: its process is gone), queues
+  // the QUEUED ones in order, and starts dispatching.
+  absl::Status Start();
+  // Cancels the running task and stops dispatching. Idempotent.
+  void Stop();
+
+  absl::StatusOr<Job> Submit(const std::string& spec_yaml, const std::string& base_dir);
+  std::vector<Job> List();
+  absl::StatusOr<Job> Get(const std::string& job_id);
+  absl::StatusOr<Job> Cancel(const std::string& job_id);
+  std::map<std::string, int64_t> JobsByState();
+
+  // Sends the job with its step history now; with `follow`, then every change until the job
+  // ends. Returns a handle for Unwatch (0 when the watch already ended).
+  absl::StatusOr<int64_t> Watch(const std::string& job_id, bool follow, WatchCallback callback);
+  // After Unwatch returns, the callback is not called again.
+  void Unwatch(int64_t handle);
+
+ private:
+  struct Watcher {
+    std::string job_id;
+    WatchCallback callback;
+  };
+
+  void DispatchLoop();
+  void RunJob(const std::string& job_id, WorkerClient* worker);
+  void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
+  void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stores `job`, updates metrics and tells watchers (with `steps`, if any).
+  void Publish(const Job& job, const std::vector<StepRecord>& steps)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UpdateStateGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Constant after construction.
+  JobStore* const store_;
+  const std::vector<WorkerClient*> workers_;
+  const JobManagerOptions options_;
+  prometheus::Family<prometheus::Gauge>& jobs_gauge_;
+  prometheus::Family<prometheus::Gauge>& step_gauge_;
+  prometheus::Family<prometheus::Gauge>& loss_gauge_;
+  prometheus::Family<prometheus::Gauge>& tokens_per_s_gauge_;
+  prometheus::Family<prometheus::Gauge>& step_time_gauge_;
+  prometheus::Family<prometheus::Counter>& tokens_counter_;
+
+  absl::Mutex mu_;
+  std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, bool> cancel_requested_ ABSL_GUARDED_BY(mu_);
+  std::map<int64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);
+  int64_t next_watch_ ABSL_GUARDED_BY(mu_) = 1;
+  std::string running_job_ ABSL_GUARDED_BY(mu_);
+  WorkerClient* running_worker_ ABSL_GUARDED_BY(mu_) = nullptr;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread dispatcher_;
+};
+
+}  // namespace lumen
+
+#endif  // LUMEN_COORDINATOR_JOB_MANAGER_H_

@@ -1,0 +1,169 @@
+#include "coordinator/job_manager.h"
+
+#include <fstream>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace lumen {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Emits one step event per train step; can be told to fail or to block until cancelled.
+class FakeWorker : public WorkerClient {
+ public:
+  const std::string& name() const override { return name_; }
+  absl::Status RunTask(const RunTaskRequest& request,
+                       const std::function<void(const TaskEvent&)>& on_event) override {
+    {
+      absl::MutexLock lock(&mu_);
+      order_.push_back(request.job_id());
+    }
+    for (int64_t s = 1; s <= request.spec().train().steps(); ++s) {
+      TaskEvent event;
+      event.mutable_step()->set_step(s);
+      event.mutable_step()->set_loss(5.0 / s);
+      event.mutable_step()->set_tokens(100);
+      on_event(event);
+    }
+    if (block_) {
+      absl::MutexLock lock(&mu_);
+      started_.Notify();
+      auto cancelled = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return cancelled_; };
+      mu_.Await(absl::Condition(&cancelled));
+      return absl::CancelledError("cancelled");
+    }
+    if (fail_) return absl::UnavailableError("worker-0: Socket closed");
+    return absl::OkStatus();
+  }
+  void CancelTask(const std::string& job_id) override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+  absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
+
+  std::vector<std::string> order() {
+    absl::MutexLock lock(&mu_);
+    return order_;
+  }
+
+  bool fail_ = false;
+  bool block_ = false;
+  absl::Notification started_;
+
+ private:
+  const std::string name_ = "worker-0";
+  absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::string> order_ ABSL_GUARDED_BY(mu_);
+};
+
+class JobManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp";
+    std::vector<uint16_t> tokens(1000, 7);
+    std::ofstream(dir_ + "/t.bin", std::ios::binary)
+        .write(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 2);
+  }
+  std::string Spec(int steps) {
+    return "model: {preset: tiny}\ndata: {path: t.bin, token_dtype: uint16}\n"
+           "train: {steps: " +
+           std::to_string(steps) + ", seq_len: 8, micro_batch_size: 1}\noptimizer: {lr: 0.01}\n";
+  }
+  Job WaitForEnd(JobManager& manager, const std::string& id) {
+    absl::Notification done;
+    Job last;
+    auto handle = manager.Watch(id, true, [&](const WatchJobEvent& e, bool end) {
+      last = e.job();
+      if (end) done.Notify();
+    });
+    EXPECT_TRUE(handle.ok());
+    done.WaitForNotification();
+    return last;
+  }
+
+  std::string dir_;
+  MemoryJobStore store_;
+  FakeWorker worker_;
+  prometheus::Registry registry_;
+};
+
+TEST_F(JobManagerTest, RunsJobsInFifoOrderWithStepHistory) {
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  std::vector<std::string> ids;
+  for (int i = 0; i < 3; ++i) {
+    auto job = manager.Submit(Spec(4 + i), dir_);
+    ASSERT_TRUE(job.ok()) << job.status();
+    EXPECT_EQ(job->state(), QUEUED);
+    ids.push_back(job->id());
+  }
+  ASSERT_TRUE(manager.Start().ok());
+  for (const std::string& id : ids) EXPECT_EQ(WaitForEnd(manager, id).state(), SUCCEEDED);
+  EXPECT_EQ(worker_.order(), ids);
+  // A watch of an ended job sends its whole history at once.
+  std::vector<StepRecord> steps;
+  ASSERT_TRUE(manager
+                  .Watch(ids[2], false,
+                         [&](const WatchJobEvent& e, bool) {
+                           steps.assign(e.steps().begin(), e.steps().end());
+                         })
+                  .ok());
+  ASSERT_EQ(steps.size(), 6u);
+  EXPECT_EQ(steps.back().step(), 6);
+  EXPECT_EQ(manager.JobsByState()["SUCCEEDED"], 3);
+}
+
+TEST_F(JobManagerTest, WorkerFailureFailsTheJobNamingTheWorker) {
+  worker_.fail_ = true;
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  auto job = manager.Submit(Spec(2), dir_);
+  ASSERT_TRUE(job.ok());
+  Job end = WaitForEnd(manager, job->id());
+  EXPECT_EQ(end.state(), FAILED);
+  EXPECT_THAT(end.failure_reason(), HasSubstr("worker-0"));
+}
+
+TEST_F(JobManagerTest, CancelStopsARunningJobAndDropsAQueuedOne) {
+  worker_.block_ = true;
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  auto running = manager.Submit(Spec(2), dir_);
+  auto queued = manager.Submit(Spec(2), dir_);
+  ASSERT_TRUE(running.ok() && queued.ok());
+  worker_.started_.WaitForNotification();
+  EXPECT_EQ(manager.Cancel(queued->id())->state(), CANCELLED);
+  ASSERT_TRUE(manager.Cancel(running->id()).ok());
+  EXPECT_EQ(WaitForEnd(manager, running->id()).state(), CANCELLED);
+  EXPECT_THAT(manager.Cancel("job-999999").status().message(), HasSubstr("no job job-999999"));
+}
+
+TEST_F(JobManagerTest, RestartFailsTheJobThatWasRunning) {
+  Job job;
+  job.set_id("job-000001");
+  job.set_state(RUNNING);
+  job.set_worker("worker-0");
+  ASSERT_TRUE(store_.PutJob(job).ok());
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  auto loaded = manager.Get("job-000001");
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_EQ(loaded->state(), FAILED);
+  EXPECT_THAT(loaded->failure_reason(), HasSubstr("coordinator stopped"));
+}
+
+TEST_F(JobManagerTest, InvalidSpecIsRejectedAndNothingIsQueued) {
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  auto job = manager.Submit("model: {preset: tiny, num_attention_heads: 3}\n", dir_);
+  ASSERT_FALSE(job.ok());
+  EXPECT_THAT(std::string(job.status().message()), HasSubstr("model.num_attention_heads: 3"));
+  EXPECT_TRUE(manager.List().empty());
+}
+
+}  // namespace
+}  // namespace lumen

@@ -1,0 +1,82 @@
+#include "coordinator/worker_client.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_util.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "proto/lumen.grpc.pb.h"
+
+namespace lumen {
+
+GrpcWorkerClient::GrpcWorkerClient(std::string name, const std::string& socket,
+                                   absl::Duration connect_timeout)
+    : name_(std::move(name)), socket_(socket), connect_timeout_(connect_timeout) {
+  channel_ = *LocalChannel(UnixTarget(socket));  // Unix targets are always accepted.
+}
+
+GrpcWorkerClient::~GrpcWorkerClient() = default;
+
+absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
+                                       const std::function<void(const TaskEvent&)>& on_event) {
+  if (!channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + connect_timeout_))) {
+    return absl::UnavailableError(absl::StrCat(name_, " did not accept connections at ", socket_,
+                                               " within ", absl::FormatDuration(connect_timeout_)));
+  }
+  // A worker still stopping a cancelled task (for example one whose coordinator died) refuses
+  // with ABORTED before starting anything; retry that until the connect timeout.
+  const absl::Time give_up = absl::Now() + connect_timeout_;
+  grpc::Status status;
+  while (true) {
+    grpc::ClientContext context;
+    {
+      absl::MutexLock lock(&mu_);
+      if (cancelled_job_ == request.job_id()) return absl::CancelledError("cancelled");
+      running_ = &context;
+      running_job_ = request.job_id();
+    }
+    auto stub = Worker::NewStub(channel_);
+    std::unique_ptr<grpc::ClientReader<TaskEvent>> reader = stub->RunTask(&context, request);
+    TaskEvent event;
+    int64_t events = 0;
+    while (reader->Read(&event)) {
+      ++events;
+      on_event(event);
+    }
+    status = reader->Finish();
+    {
+      absl::MutexLock lock(&mu_);
+      running_ = nullptr;
+      running_job_.clear();
+    }
+    if (status.error_code() != grpc::StatusCode::ABORTED || events > 0 || absl::Now() > give_up) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  bool cancelled;
+  {
+    absl::MutexLock lock(&mu_);
+    cancelled = cancelled_job_ == request.job_id();
+  }
+  if (cancelled) return absl::CancelledError("cancelled");
+  if (status.ok()) return absl::OkStatus();
+  absl::Status result = FromGrpcStatus(status);
+  return absl::Status(result.code(), absl::StrCat(name_, " failed: ", result.message()));
+}
+
+void GrpcWorkerClient::CancelTask(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  cancelled_job_ = job_id;
+  if (running_ != nullptr && running_job_ == job_id) running_->TryCancel();
+}
+
+absl::StatusOr<WorkerInfo> GrpcWorkerClient::GetInfo(absl::Duration timeout) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  WorkerInfo info;
+  grpc::Status status = Worker::NewStub(channel_)->GetWorkerInfo(&context, {}, &info);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return info;
+}
+
+}  // namespace lumen

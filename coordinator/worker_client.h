@@ -1,0 +1,66 @@
+// The coordinator's view of one worker process. Implementations are thread-safe; at most one
+// RunTask call is in flight per client.
+#ifndef LUMEN_COORDINATOR_WORKER_CLIENT_H_
+#define LUMEN_COORDINATOR_WORKER_CLIENT_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/lumen.pb.h"
+
+namespace grpc {
+class Channel;
+class ClientContext;
+}  // namespace grpc
+
+namespace lumen {
+
+class WorkerClient {
+ public:
+  virtual ~WorkerClient() = default;
+  // "worker-0".
+  virtual const std::string& name() const = 0;
+  // Runs the task to its end, calling `on_event` (on the calling thread) for every event.
+  // Returns OK when the job finished, CANCELLED after CancelTask, else the failure.
+  virtual absl::Status RunTask(const RunTaskRequest& request,
+                               const std::function<void(const TaskEvent&)>& on_event) = 0;
+  // Stops the RunTask of `job_id`, whether it is in flight or about to start. Safe from any
+  // thread.
+  virtual void CancelTask(const std::string& job_id) = 0;
+  virtual absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) = 0;
+};
+
+// A worker reached over gRPC at a Unix socket.
+class GrpcWorkerClient : public WorkerClient {
+ public:
+  // `connect_timeout` bounds how long RunTask waits for a (re)starting worker to accept calls.
+  GrpcWorkerClient(std::string name, const std::string& socket, absl::Duration connect_timeout);
+  ~GrpcWorkerClient() override;
+
+  const std::string& name() const override { return name_; }
+  absl::Status RunTask(const RunTaskRequest& request,
+                       const std::function<void(const TaskEvent&)>& on_event) override;
+  void CancelTask(const std::string& job_id) override;
+  absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) override;
+
+ private:
+  // Constant after construction.
+  const std::string name_;
+  const std::string socket_;
+  const absl::Duration connect_timeout_;
+  std::shared_ptr<grpc::Channel> channel_;
+
+  absl::Mutex mu_;
+  grpc::ClientContext* running_ ABSL_GUARDED_BY(mu_) = nullptr;
+  std::string running_job_ ABSL_GUARDED_BY(mu_);
+  std::string cancelled_job_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace lumen
+
+#endif  // LUMEN_COORDINATOR_WORKER_CLIENT_H_

@@ -1,0 +1,189 @@
+"""Starts a real lumend (with its coordinator, memstore and workers) in a temporary data
+directory for integration tests, and runs lumenctl against it. Standard library only."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+WORKSPACE = "lumen"
+
+
+def runfile(path):
+    """Absolute path of a runfile such as 'lumend/lumend'."""
+    for root in (os.environ.get("RUNFILES_DIR"), os.environ.get("TEST_SRCDIR")):
+        if root:
+            candidate = os.path.join(root, WORKSPACE, path)
+            if os.path.exists(candidate):
+                return candidate
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidate = os.path.join(here, "..", "..", "bazel-bin", path)
+    if os.path.exists(candidate):
+        return os.path.abspath(candidate)
+    raise FileNotFoundError(path)
+
+
+def bin_dir(tmp):
+    """A folder with the daemon binaries side by side, as an installed node has them."""
+    d = os.path.join(tmp, "bin")
+    os.makedirs(d, exist_ok=True)
+    for name, path in (("coordinator", "coordinator/coordinator"), ("worker", "worker/worker"),
+                       ("memstore", "memstore/memstore")):
+        link = os.path.join(d, name)
+        if not os.path.exists(link):
+            os.symlink(runfile(path), link)
+    return d
+
+
+def write_tokens(path, n, vocab=256, seed=1):
+    """A uint16 token file with a learnable pattern."""
+    import random
+    import struct
+    rng = random.Random(seed)
+    text = b"the quick brown fox jumps over the lazy dog. " * (n // 45 + 1)
+    tokens = [b % vocab for b in text[:n]]
+    for i in range(0, n, 97):
+        tokens[i] = rng.randrange(vocab)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<%dH" % n, *tokens))
+
+
+def job_yaml(data_path, name="t", steps=5, seq_len=32, batch=2, extra=""):
+    return f"""name: {name}
+model: {{preset: tiny}}
+data: {{path: {data_path}, token_dtype: uint16}}
+train: {{steps: {steps}, seq_len: {seq_len}, micro_batch_size: {batch}, grad_accum_steps: 1, seed: 1}}
+optimizer: {{lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.1, grad_clip: 1.0}}
+{extra}"""
+
+
+class Node:
+    """A running lumend. Use as a context manager."""
+
+    def __init__(self, workers=1, extra_args=()):
+        # Under /tmp, not $TEST_TMPDIR: Bazel's temporary paths are too long for a Unix socket
+        # in the data directory.
+        self.tmp = tempfile.mkdtemp(prefix="lumen-", dir="/tmp")
+        self.data_dir = os.path.join(self.tmp, "data")
+        self.socket = os.path.join(self.data_dir, "lumend.sock")
+        self.workers = workers
+        self.extra_args = list(extra_args)
+        self.proc = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self, timeout=30):
+        args = [runfile("lumend/lumend"), "--data-dir", self.data_dir, "--workers",
+                str(self.workers), "--device-memory", "256MiB", "--host-memory", "64MiB",
+                "--bin-dir", bin_dir(self.tmp)] + self.extra_args
+        self.log = open(os.path.join(self.tmp, "lumend.out"), "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("lumend exited with %s:\n%s" % (self.proc.returncode,
+                                                                    self.output()))
+            if os.path.exists(self.socket):
+                r = self.ctl("jobs", check=False)
+                if r.returncode == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("lumend did not serve within %ss:\n%s" % (timeout, self.output()))
+
+    def output(self):
+        with open(os.path.join(self.tmp, "lumend.out"), "rb") as f:
+            out = f.read().decode(errors="replace")
+        logs = os.path.join(self.data_dir, "logs")
+        if os.path.isdir(logs):
+            for name in sorted(os.listdir(logs)):
+                with open(os.path.join(logs, name), "rb") as f:
+                    out += "\n--- %s ---\n%s" % (name, f.read().decode(errors="replace")[-4000:])
+        return out
+
+    def stop(self, timeout=15):
+        try:
+            self._stop(timeout)
+        finally:
+            if not os.environ.get("LUMEN_KEEP_TEST_DIRS"):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _stop(self, timeout):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def ctl(self, *args, check=True, timeout=300):
+        cmd = [runfile("client/lumenctl"), "--socket", self.socket] + [str(a) for a in args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError("lumenctl %s failed (%d):\n%s\n%s\n%s" % (
+                " ".join(map(str, args)), r.returncode, r.stdout, r.stderr, self.output()))
+        return r
+
+    def ctl_json(self, *args):
+        out = self.ctl(*args, "--json").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def node_status(self):
+        with open(os.path.join(self.data_dir, "node.json")) as f:
+            return json.load(f)
+
+    def process(self, name):
+        for p in self.node_status()["processes"]:
+            if p["name"] == name:
+                return p
+        raise KeyError(name)
+
+    def submit(self, yaml_text, name="job.yaml"):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as f:
+            f.write(yaml_text)
+        out = self.ctl("submit", path, "--json").stdout
+        return json.loads(out.splitlines()[0])
+
+    def job(self, job_id):
+        return self.ctl_json("status", job_id)[0]
+
+    def wait_job(self, job_id, states=("SUCCEEDED", "FAILED", "CANCELLED"), timeout=300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.job(job_id)
+            if job["state"] in states:
+                return job
+            time.sleep(0.2)
+        raise AssertionError("job %s not in %s after %ss: %s\n%s" % (
+            job_id, states, timeout, job, self.output()))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def main():
+    unittest.main(argv=[sys.argv[0]], verbosity=2)

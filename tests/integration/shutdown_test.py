@@ -1,0 +1,48 @@
+"""SIGTERM to lumend leaves no process, socket or shared-memory segment behind within 10 s, also
+while a job runs; a second lumend on the same data directory is refused."""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+import unittest
+
+import lumen_node
+
+
+class ShutdownTest(unittest.TestCase):
+    def test_sigterm_cleans_up_everything(self):
+        shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        node = lumen_node.Node(workers=2)
+        node.start()
+        try:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 20000)
+            job = node.submit(lumen_node.job_yaml(data, steps=100000))
+            node.wait_job(job["id"], states=("RUNNING",))
+            # A second lumend on the same data directory is refused.
+            second = subprocess.run([lumen_node.runfile("lumend/lumend"), "--data-dir",
+                                     node.data_dir, "--bin-dir", lumen_node.bin_dir(node.tmp)],
+                                    capture_output=True, text=True, timeout=30)
+            self.assertNotEqual(second.returncode, 0)
+            self.assertIn("another lumend", second.stdout + second.stderr)
+            pids = [int(p["pid"]) for p in node.node_status()["processes"]]
+            self.assertEqual(len(pids), 4)  # coordinator, memstore, 2 workers
+            sockets = glob.glob(os.path.join(node.data_dir, "run", "*.sock")) + [node.socket]
+            start = time.time()
+            node.proc.send_signal(signal.SIGTERM)
+            node.proc.wait(timeout=10)
+            elapsed = time.time() - start
+        finally:
+            node.stop()
+        self.assertLess(elapsed, 10)
+        self.assertEqual(node.proc.returncode, 0)
+        self.assertEqual([p for p in pids if lumen_node.pid_alive(p)], [])
+        self.assertEqual([s for s in sockets if os.path.exists(s)], [])
+        shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        self.assertEqual(shm_after - shm_before, set())
+
+
+if __name__ == "__main__":
+    lumen_node.main()

@@ -1,0 +1,28 @@
+"""Detects the CUDA toolkit at /usr/local/cuda (or $CUDA_PATH). Without it the build is CPU-only."""
+
+def _cuda_configure_impl(ctx):
+    cuda = ctx.os.environ.get("CUDA_PATH", "/usr/local/cuda")
+    nvcc = ctx.path(cuda + "/bin/nvcc")
+    available = nvcc.exists
+    ctx.file("defs.bzl", "CUDA_AVAILABLE = %s\nCUDA_PATH = %r\n" % (available, cuda))
+    build = ['package(default_visibility = ["//visibility:public"])']
+    if available:
+        ctx.symlink(cuda + "/include", "include")
+        ctx.symlink(cuda + "/lib64", "lib64")
+        build.append("""
+cc_library(
+    name = "cudart_static",
+    hdrs = glob(["include/**/*.h", "include/**/*.hpp"]),
+    includes = ["include"],
+    srcs = ["lib64/libcudart_static.a"],
+    linkopts = ["-ldl", "-lpthread", "-lrt"],
+    linkstatic = True,
+)
+""")
+    ctx.file("BUILD.bazel", "\n".join(build) + "\n")
+
+cuda_configure = repository_rule(
+    implementation = _cuda_configure_impl,
+    environ = ["CUDA_PATH"],
+    local = True,
+)

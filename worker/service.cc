@@ -1,0 +1,126 @@
+#include "worker/service.h"
+
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/grpc_util.h"
+#include "common/stream_reactor.h"
+#include "glog/logging.h"
+
+namespace lumen {
+
+// Runs the task on its own thread and streams its events.
+class RunTaskReactor : public StreamReactor<TaskEvent> {
+ public:
+  RunTaskReactor(const RunTaskRequest& request, WorkerService* service) : service_(service) {
+    std::shared_ptr<Outlet> out = outlet();
+    service_->busy_gauge_.Set(1);
+    thread_ = std::thread([request, service, out] {
+      LOG(INFO) << request.job_id() << ": started";
+      absl::Status status = lumen::RunTask(
+          request, service->options_.runner,
+          [&out, service](const TaskEvent& event) {
+            service->Observe(event);
+            out->Push(event);
+          },
+          [&out, service] { return out->cancelled() || service->shutting_down_.load(); });
+      LOG(INFO) << request.job_id() << ": " << (status.ok() ? "finished" : status.ToString());
+      out->Close(ToGrpcStatus(status));
+    });
+  }
+
+ private:
+  void OnStreamDone() override {
+    // The task sees the cancellation between steps.
+    if (thread_.joinable()) thread_.join();
+    service_->busy_gauge_.Set(0);
+    service_->busy_.store(false);
+  }
+
+  WorkerService* const service_;
+  std::thread thread_;
+};
+
+namespace {
+
+class RefusedReactor : public grpc::ServerWriteReactor<TaskEvent> {
+ public:
+  explicit RefusedReactor(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+WorkerService::WorkerService(WorkerServiceOptions options, prometheus::Registry& registry)
+    : options_(std::move(options)),
+      busy_gauge_(prometheus::BuildGauge()
+                      .Name("lumen_worker_busy")
+                      .Help("1 while the worker runs a task")
+                      .Register(registry)
+                      .Add({{"worker", options_.name}})),
+      steps_counter_(prometheus::BuildCounter()
+                         .Name("lumen_worker_steps_total")
+                         .Help("Optimizer steps completed by the worker")
+                         .Register(registry)
+                         .Add({{"worker", options_.name}})),
+      tokens_counter_(prometheus::BuildCounter()
+                          .Name("lumen_worker_tokens_total")
+                          .Help("Tokens trained by the worker")
+                          .Register(registry)
+                          .Add({{"worker", options_.name}})),
+      step_time_gauge_(prometheus::BuildGauge()
+                           .Name("lumen_worker_step_time_seconds")
+                           .Help("Wall time of the worker's last step")
+                           .Register(registry)
+                           .Add({{"worker", options_.name}})) {
+  prometheus::BuildGauge()
+      .Name("lumen_worker_device_memory_budget_bytes")
+      .Help("Device memory the worker may use")
+      .Register(registry)
+      .Add({{"worker", options_.name}, {"device", options_.device}})
+      .Set(static_cast<double>(options_.runner.device_memory_budget_bytes));
+}
+
+void WorkerService::Observe(const TaskEvent& event) {
+  if (!event.has_step()) return;
+  steps_counter_.Increment();
+  tokens_counter_.Increment(static_cast<double>(event.step().tokens()));
+  step_time_gauge_.Set(event.step().step_time_s());
+}
+
+WorkerService::~WorkerService() { Shutdown(); }
+
+grpc::ServerWriteReactor<TaskEvent>* WorkerService::RunTask(grpc::CallbackServerContext* context,
+                                                            const RunTaskRequest* request) {
+  if (shutting_down_.load()) {
+    return new RefusedReactor(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                           absl::StrCat(options_.name, " is shutting down")));
+  }
+  bool expected = false;
+  if (!busy_.compare_exchange_strong(expected, true)) {
+    // ABORTED: nothing was started, the caller may retry once the running task has stopped.
+    return new RefusedReactor(grpc::Status(grpc::StatusCode::ABORTED,
+                                           absl::StrCat(options_.name, " is busy with a task")));
+  }
+  return new RunTaskReactor(*request, this);
+}
+
+grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerContext* context,
+                                                       const GetWorkerInfoRequest* request,
+                                                       WorkerInfo* reply) {
+  reply->set_name(options_.name);
+  reply->set_device(options_.device);
+  reply->set_device_memory_budget_bytes(options_.runner.device_memory_budget_bytes);
+  reply->set_num_threads(options_.runner.num_threads);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void WorkerService::Shutdown() {
+  shutting_down_.store(true);
+  while (busy_.load()) absl::SleepFor(absl::Milliseconds(10));
+}
+
+}  // namespace lumen

@@ -1,0 +1,144 @@
+#include "worker/task_runner.h"
+
+#include <filesystem>
+#include <system_error>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+
+namespace lumen {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The sidecar `lumenctl data prepare` writes next to a token file, naming its tokenizer.
+std::string TokenizerSidecar(const std::string& data_path) {
+  return data_path + ".tokenizer.json";
+}
+
+absl::Status WriteCheckpoint(engine::Trainer& trainer, const RunTaskRequest& request,
+                             int64_t step, const std::function<void(const TaskEvent&)>& emit) {
+  const fs::path final_dir = fs::path(request.output_dir()) / absl::StrCat("step-", step);
+  const fs::path tmp_dir = fs::path(request.output_dir()) / absl::StrCat(".step-", step, ".tmp");
+  std::error_code ec;
+  fs::remove_all(tmp_dir, ec);
+  fs::create_directories(tmp_dir, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot create ", tmp_dir.string(), ": ",
+                                            ec.message()));
+  }
+  RETURN_IF_ERROR(trainer.Export(tmp_dir.string()));
+  const std::string sidecar = TokenizerSidecar(request.spec().data().path());
+  if (fs::exists(sidecar)) {
+    fs::copy_file(sidecar, tmp_dir / "lumen_tokenizer.json", fs::copy_options::overwrite_existing,
+                  ec);
+    if (ec) {
+      return absl::InternalError(absl::StrCat("cannot copy ", sidecar, ": ", ec.message()));
+    }
+  }
+  fs::remove_all(final_dir, ec);
+  fs::rename(tmp_dir, final_dir, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot rename ", tmp_dir.string(), " to ",
+                                            final_dir.string(), ": ", ec.message()));
+  }
+  TaskEvent event;
+  event.set_checkpoint(final_dir.string());
+  emit(event);
+  LOG(INFO) << request.job_id() << ": checkpoint " << final_dir.string();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spec,
+                                                              int num_threads) {
+  engine::TrainerOptions o;
+  const ModelSpec& m = spec.model();
+  o.model.hidden_size = m.hidden_size();
+  o.model.intermediate_size = m.intermediate_size();
+  o.model.num_hidden_layers = m.num_hidden_layers();
+  o.model.num_attention_heads = m.num_attention_heads();
+  o.model.num_key_value_heads = m.num_key_value_heads();
+  o.model.vocab_size = m.vocab_size();
+  o.model.max_position_embeddings = m.max_position_embeddings();
+  o.model.rope_theta = m.rope_theta();
+  o.model.rms_norm_eps = m.rms_norm_eps();
+  o.model.tie_word_embeddings = m.tie_word_embeddings();
+  o.model.init_std = m.init_std();
+  const OptimizerSpec& opt = spec.optimizer();
+  if (opt.betas_size() != 2) {
+    return absl::InvalidArgumentError("optimizer.betas: needs exactly 2 values");
+  }
+  o.optimizer.lr = opt.lr();
+  o.optimizer.beta1 = opt.betas(0);
+  o.optimizer.beta2 = opt.betas(1);
+  o.optimizer.eps = opt.eps();
+  o.optimizer.weight_decay = opt.weight_decay();
+  o.optimizer.grad_clip = opt.grad_clip();
+  o.optimizer.schedule = opt.schedule().kind() == SCHEDULE_KIND_COSINE
+                             ? engine::ScheduleKind::kCosine
+                             : engine::ScheduleKind::kConstant;
+  o.optimizer.warmup_steps = opt.schedule().warmup_steps();
+  o.optimizer.min_lr = opt.schedule().min_lr();
+  const TrainSpec& t = spec.train();
+  o.train.steps = t.steps();
+  o.train.seq_len = t.seq_len();
+  o.train.micro_batch_size = t.micro_batch_size();
+  o.train.grad_accum_steps = t.grad_accum_steps();
+  o.train.seed = t.seed();
+  const DataSpec& d = spec.data();
+  o.data.path = d.path();
+  o.data.token_dtype = d.token_dtype() == TOKEN_DTYPE_UINT32 ? engine::TokenDtype::kUint32
+                                                       : engine::TokenDtype::kUint16;
+  o.data.order = d.order() == DATA_ORDER_SHUFFLED ? engine::DataOrder::kShuffled
+                                                  : engine::DataOrder::kSequential;
+  o.data.seed = d.seed();
+  o.init_from = spec.init_from();
+  o.num_threads = num_threads > 0 ? num_threads
+                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return o;
+}
+
+absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
+                     const std::function<void(const TaskEvent&)>& emit,
+                     const std::function<bool()>& cancelled) {
+  const JobSpec& spec = request.spec();
+  ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
+                   TrainerOptionsFromSpec(spec, options.num_threads));
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::Trainer> trainer,
+                   engine::Trainer::Create(trainer_options));
+  LOG(INFO) << request.job_id() << ": training " << spec.train().steps() << " steps with "
+            << trainer_options.num_threads << " threads";
+  if (spec.checkpoint().save_initial()) {
+    RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, 0, emit));
+  }
+  const int64_t every = spec.checkpoint().every_steps();
+  for (int64_t step = 0; step < spec.train().steps(); ++step) {
+    if (cancelled()) return absl::CancelledError("cancelled");
+    ASSIGN_OR_RETURN(engine::StepResult result, trainer->Step());
+    TaskEvent event;
+    StepRecord* record = event.mutable_step();
+    record->set_step(result.step + 1);  // Steps completed, 1 for the first.
+
+    record->set_loss(result.loss);
+    record->set_lr(result.lr);
+    record->set_grad_norm(result.grad_norm);
+    record->set_tokens(result.tokens);
+    record->set_step_time_s(result.step_time_s);
+    record->set_tokens_per_s(result.step_time_s > 0 ? result.tokens / result.step_time_s : 0);
+    record->set_device_memory_budget_bytes(options.device_memory_budget_bytes);
+    record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
+    emit(event);
+    const int64_t done = step + 1;
+    if (done == spec.train().steps() || (every > 0 && done % every == 0)) {
+      RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, done, emit));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lumen

@@ -1,0 +1,41 @@
+// Runs one job's training on this worker's device: converts the JobSpec into engine options,
+// steps the trainer, reports each step and writes checkpoints. Thread-compatible: one Run at a
+// time per instance.
+#ifndef LUMEN_WORKER_TASK_RUNNER_H_
+#define LUMEN_WORKER_TASK_RUNNER_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "proto/lumen.pb.h"
+#include "worker/engine/trainer.h"
+
+namespace lumen {
+
+struct TaskRunnerOptions {
+  // "worker-0", for messages.
+  std::string worker_name = "worker-0";
+  // Threads for the CPU kernels; 0 uses every core.
+  int num_threads = 0;
+  // The device memory budget reported in each step record.
+  int64_t device_memory_budget_bytes = 0;
+};
+
+// Engine options for a validated spec.
+absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spec,
+                                                              int num_threads);
+
+// Trains `request.spec()` to the end. `emit` receives every step record and every completed
+// checkpoint; `cancelled` is polled between steps. Returns CANCELLED when it saw
+// cancellation, the engine's error otherwise. Checkpoints go to
+// <output_dir>/step-<N> (written to a temporary name first, then renamed).
+absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
+                     const std::function<void(const TaskEvent&)>& emit,
+                     const std::function<bool()>& cancelled);
+
+}  // namespace lumen
+
+#endif  // LUMEN_WORKER_TASK_RUNNER_H_
