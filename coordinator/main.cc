@@ -1,4 +1,5 @@
 // coordinator: the job queue, job state in RocksDB and the client service. Started by lumend.
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -31,6 +32,8 @@ int main(int argc, char** argv) {
 
   auto metrics = lumen::MetricsServer::Create(metrics_address);
   if (!metrics.ok()) LOG(FATAL) << metrics.status();
+  std::error_code ec;
+  std::filesystem::create_directories(data_dir + "/db", ec);
   auto store = lumen::RocksDbJobStore::Open(data_dir + "/db/coordinator");
   if (!store.ok()) LOG(FATAL) << store.status();
 

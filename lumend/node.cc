@@ -17,7 +17,6 @@
 #include <set>
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
 
@@ -97,11 +96,6 @@ std::string JsonString(absl::string_view s) {
   }
   out += "\"";
   return out;
-}
-
-std::string JoinHostPort(const std::string& host, int port) {
-  if (host.find(':') != std::string::npos) return absl::StrCat("[", host, "]:", port);
-  return absl::StrCat(host, ":", port);
 }
 
 }  // namespace
@@ -434,33 +428,21 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Create(const NodeOptions& options,
   }
   ASSIGN_OR_RETURN(ports.coordinator, pick());
 
-  std::string host;
-  int port = 0;
-  RETURN_IF_ERROR(SplitHostPort("metrics-address", options.metrics_address, &host, &port));
-  node->registry_ = std::make_shared<prometheus::Registry>();
-  node->metrics_ = std::make_unique<Metrics>(*node->registry_);
-  try {
-    node->exposer_ = std::make_unique<prometheus::Exposer>(JoinHostPort(host, port));
-  } catch (const std::exception& e) {
+  absl::StatusOr<std::unique_ptr<MetricsServer>> metrics_server =
+      MetricsServer::Create(options.metrics_address);
+  if (!metrics_server.ok()) {
     return absl::UnavailableError(absl::StrCat("--metrics-address ", options.metrics_address,
-                                               ": cannot serve metrics: ", e.what()));
+                                               ": ", metrics_server.status().message()));
   }
-  std::vector<int> listening = node->exposer_->GetListeningPorts();
-  if (listening.empty()) {
-    return absl::UnavailableError(absl::StrCat("--metrics-address ", options.metrics_address,
-                                               ": the metrics server is not listening"));
-  }
-  node->exposer_->RegisterCollectable(node->registry_);
-  node->info_.metrics_address = JoinHostPort(host, listening[0]);
+  node->metrics_server_ = std::move(*metrics_server);
+  node->metrics_ = std::make_unique<Metrics>(node->metrics_server_->registry());
+  node->info_.metrics_address = node->metrics_server_->address();
 
   Node* raw = node.get();
   auto user_on_change = std::move(supervisor_options.on_change);
   supervisor_options.on_change = [raw, user_on_change](const std::vector<ProcessStatus>& p) {
     raw->OnChange(p);
     if (user_on_change) user_on_change(p);
-  };
-  supervisor_options.on_stopping = [raw] {
-    raw->exposer_stopper_ = std::thread([raw] { raw->exposer_.reset(); });
   };
   ASSIGN_OR_RETURN(node->supervisor_,
                    Supervisor::Create(BuildChildSpecs(options, bins, ports),
@@ -470,9 +452,7 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Create(const NodeOptions& options,
   return node;
 }
 
-Node::~Node() {
-  if (exposer_stopper_.joinable()) exposer_stopper_.join();
-}
+Node::~Node() = default;
 
 void Node::OnChange(const std::vector<ProcessStatus>& procs) {
   metrics_->Update("lumend", true, 0, absl::Now());
@@ -490,7 +470,7 @@ absl::Status Node::Start() {
 
 absl::Status Node::Run() {
   absl::Status s = supervisor_->Run();
-  if (exposer_stopper_.joinable()) exposer_stopper_.join();
+  metrics_server_.reset();
   lock_.reset();
   LOG(INFO) << "lumend stopped";
   return s;

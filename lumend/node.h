@@ -13,13 +13,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/metrics.h"
 #include "common/node_options.h"
 #include "lumend/supervisor.h"
 
-namespace prometheus {
-class Exposer;
-class Registry;
-}  // namespace prometheus
 
 namespace lumen {
 
@@ -133,12 +130,9 @@ class Node {
   NodeOptions options_;
   LumendInfo info_;
   std::unique_ptr<DataDirLock> lock_;
-  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<MetricsServer> metrics_server_;
   std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<Supervisor> supervisor_;
-  // Stops exposer_ (civetweb takes up to 2 s) while the children are being stopped.
-  std::thread exposer_stopper_;
 };
 
 // Makes SIGTERM and SIGINT call node->RequestStop() (the handler only writes to a pipe) and

@@ -1,0 +1,143 @@
+#include "worker/engine/trainer.h"
+
+#include <cblas.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "worker/engine/checkpoint.h"
+
+namespace lumen::engine {
+
+void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params) {
+  *params = AllocateParams<float>(config);
+  std::mt19937_64 rng(seed);
+  bool has_spare = false;
+  double spare = 0;
+  auto normal = [&]() {
+    if (has_spare) {
+      has_spare = false;
+      return spare;
+    }
+    const double u1 = static_cast<double>((rng() >> 11) + 1) * 0x1.0p-53;
+    const double u2 = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    spare = r * std::sin(2.0 * M_PI * u2);
+    has_spare = true;
+    return r * std::cos(2.0 * M_PI * u2);
+  };
+  for (NamedTensor<float>& t : NamedTensors(config, params)) {
+    if (t.shape.size() == 1) {
+      std::fill(t.data->begin(), t.data->end(), 1.0f);
+    } else {
+      for (float& x : *t.data) x = static_cast<float>(config.init_std * normal());
+    }
+  }
+}
+
+Trainer::Trainer(const TrainerOptions& options) : options_(options) {}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options) {
+  RETURN_IF_ERROR(CheckModelConfig(options.model));
+  const TrainConfig& t = options.train;
+  if (t.seq_len <= 0 || t.micro_batch_size <= 0 || t.grad_accum_steps <= 0 || t.steps < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "train: seq_len ", t.seq_len, ", micro_batch_size ", t.micro_batch_size,
+        ", grad_accum_steps ", t.grad_accum_steps, " must be > 0 and steps ", t.steps, " >= 0"));
+  }
+  if (t.seq_len > options.model.max_position_embeddings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("train.seq_len ", t.seq_len, " exceeds max_position_embeddings ",
+                     options.model.max_position_embeddings));
+  }
+  if (options.optimizer.warmup_steps < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("optimizer.warmup_steps ",
+                                                   options.optimizer.warmup_steps, " < 0"));
+  }
+  std::unique_ptr<Trainer> tr(new Trainer(options));
+  const int threads = std::max(1, options.num_threads);
+  openblas_set_num_threads(threads);
+  tr->pool_ = std::make_unique<ThreadPool>(threads);
+  ASSIGN_OR_RETURN(tr->data_,
+                   TokenDataset::Open(options.data, t.seq_len, options.model.vocab_size));
+  tr->model_ = std::make_unique<LlamaModel>(options.model, options.activation_checkpointing,
+                                            tr->pool_.get());
+  if (!options.init_from.empty()) {
+    RETURN_IF_ERROR(LoadWeights(options.init_from, options.model, &tr->model_->params()));
+  } else {
+    InitParams(options.model, t.seed, &tr->model_->params());
+  }
+  tr->exp_avg_ = AllocateParams<float>(options.model);
+  tr->exp_avg_sq_ = AllocateParams<float>(options.model);
+  tr->inputs_.resize(t.micro_batch_size * t.seq_len);
+  tr->targets_.resize(t.micro_batch_size * t.seq_len);
+  return tr;
+}
+
+absl::StatusOr<StepResult> Trainer::Step() {
+  const auto start = std::chrono::steady_clock::now();
+  const TrainConfig& t = options_.train;
+  const ModelConfig& c = options_.model;
+  const int64_t A = t.grad_accum_steps, B = t.micro_batch_size, T = t.seq_len;
+  model_->ZeroGrads();
+  double loss_sum = 0;
+  for (int64_t a = 0; a < A; ++a) {
+    RETURN_IF_ERROR(data_->ReadBatch(step_, a, A, B, inputs_.data(), targets_.data()));
+    ASSIGN_OR_RETURN(const double loss,
+                     model_->ForwardBackward(inputs_.data(), targets_.data(), B, T,
+                                             static_cast<float>(1.0 / static_cast<double>(A))));
+    loss_sum += loss;
+  }
+  auto grads = NamedTensors(c, &model_->grads());
+  auto params = NamedTensors(c, &model_->params());
+  auto ms = NamedTensors(c, &exp_avg_);
+  auto vs = NamedTensors(c, &exp_avg_sq_);
+  std::vector<std::pair<float*, int64_t>> gviews;
+  for (auto& g : grads) gviews.emplace_back(g.data->data(), static_cast<int64_t>(g.data->size()));
+  const double grad_norm = ClipGradNorm(gviews, options_.optimizer.grad_clip);
+  const double lr = LearningRate(options_.optimizer, step_, t.steps);
+  for (size_t i = 0; i < params.size(); ++i) {
+    AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = options_.optimizer.beta1;
+    h.beta2 = options_.optimizer.beta2;
+    h.eps = options_.optimizer.eps;
+    h.weight_decay = params[i].shape.size() >= 2 ? options_.optimizer.weight_decay : 0.0;
+    float* p = params[i].data->data();
+    const float* g = grads[i].data->data();
+    float* m = ms[i].data->data();
+    float* v = vs[i].data->data();
+    pool_->ParallelFor(static_cast<int64_t>(params[i].data->size()), 1 << 14,
+                       [&](int64_t b, int64_t e) {
+                         AdamWUpdate(p + b, g + b, m + b, v + b, e - b, h, step_ + 1);
+                       });
+  }
+  StepResult r;
+  r.step = step_;
+  r.loss = loss_sum / static_cast<double>(A);
+  r.lr = lr;
+  r.grad_norm = grad_norm;
+  r.tokens = A * B * T;
+  r.step_time_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++step_;
+  return r;
+}
+
+absl::Status Trainer::Export(const std::string& dir) const {
+  RETURN_IF_ERROR(ExportHfDirectory(dir, options_.model, model_->params()));
+  return SaveOptimizerState(dir + "/" + kOptimizerFile, options_.model, exp_avg_, exp_avg_sq_,
+                            step_);
+}
+
+absl::Status Trainer::LoadOptimizerState(const std::string& path) {
+  int64_t step = 0;
+  RETURN_IF_ERROR(
+      engine::LoadOptimizerState(path, options_.model, &exp_avg_, &exp_avg_sq_, &step));
+  step_ = step;
+  return absl::OkStatus();
+}
+
+}  // namespace lumen::engine

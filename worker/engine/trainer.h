@@ -1,0 +1,97 @@
+// Single-process CPU training loop: data → forward/backward over grad_accum_steps
+// micro-batches → global-norm clipping → AdamW, following DESIGN.md §7.
+// Thread-compatible: one thread drives a Trainer; it uses num_threads threads internally.
+#ifndef LUMEN_WORKER_ENGINE_TRAINER_H_
+#define LUMEN_WORKER_ENGINE_TRAINER_H_
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/engine/data.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optimizer.h"
+#include "worker/engine/thread_pool.h"
+
+namespace lumen::engine {
+
+struct TrainConfig {
+  // Total optimizer steps S (the cosine schedule's horizon).
+  int64_t steps = 1000;
+  int64_t seq_len = 256;
+  int64_t micro_batch_size = 8;
+  // Micro-batches per optimizer step; the step loss is the mean over all of them.
+  int64_t grad_accum_steps = 1;
+  // Seeds the weight initialisation (see InitParams).
+  uint64_t seed = 1234;
+};
+
+struct TrainerOptions {
+  ModelConfig model;
+  OptimizerConfig optimizer;
+  TrainConfig train;
+  DataConfig data;
+  // Optional safetensors file or exported HF directory to start from instead of random init.
+  std::string init_from;
+  // Keep only layer inputs during the forward and recompute each layer in the backward: less
+  // memory, ~1/3 more compute; results are bit-identical either way.
+  bool activation_checkpointing = false;
+  // Threads for our kernels and for OpenBLAS (a process-wide OpenBLAS setting).
+  int num_threads = 1;
+};
+
+struct StepResult {
+  int64_t step = 0;          // 0-based index of the step just done
+  double loss = 0;           // mean token cross-entropy over the whole step
+  double lr = 0;             // learning rate used
+  double grad_norm = 0;      // global gradient norm before clipping
+  int64_t tokens = 0;        // tokens processed (A * B * T)
+  double step_time_s = 0;    // wall time of the step
+};
+
+// Random initialisation: one std::mt19937_64(seed) stream over the tensors in NamedTensors
+// order (HF named_parameters order); each element of a 2-D tensor is init_std * z with z from
+// Box–Muller on that stream (u1 = ((x1 >> 11) + 1) * 2^-53, u2 = (x2 >> 11) * 2^-53,
+// z0 = sqrt(-2 ln u1) cos(2 pi u2) used first, then z1 = ... sin(2 pi u2); the pair spans
+// tensors). Norm weights are 1 and draw nothing.
+void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params);
+
+class Trainer {
+ public:
+  // INVALID_ARGUMENT for a bad config (naming the field); data/init_from errors as returned by
+  // TokenDataset::Open and LoadWeights.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainerOptions& options);
+
+  // Runs one optimizer step. On error (e.g. a token >= vocab_size in the data) the parameters,
+  // optimizer state and step counter are unchanged.
+  absl::StatusOr<StepResult> Step();
+
+  // Writes config.json, model.safetensors and optimizer.safetensors into `dir`.
+  absl::Status Export(const std::string& dir) const;
+
+  // Restores AdamW moments and the step counter from an optimizer.safetensors file.
+  absl::Status LoadOptimizerState(const std::string& path);
+
+  int64_t step() const { return step_; }
+  const TrainerOptions& options() const { return options_; }
+  LlamaModel& model() { return *model_; }
+  const ModelParams& params() const { return model_->params(); }
+
+ private:
+  explicit Trainer(const TrainerOptions& options);
+
+  const TrainerOptions options_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<TokenDataset> data_;
+  ModelParams exp_avg_, exp_avg_sq_;
+  std::vector<int32_t> inputs_, targets_;
+  int64_t step_ = 0;
+};
+
+}  // namespace lumen::engine
+
+#endif  // LUMEN_WORKER_ENGINE_TRAINER_H_

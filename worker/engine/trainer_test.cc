@@ -1,0 +1,241 @@
+#include "worker/engine/trainer.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/engine/checkpoint.h"
+#include "worker/engine/safetensors.h"
+
+namespace lumen::engine {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempPath(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
+}
+
+std::string WriteTokens(const std::string& name, int64_t n, int64_t vocab) {
+  std::mt19937_64 rng(77);
+  std::vector<uint16_t> toks(n);
+  // A learnable pattern with noise.
+  for (int64_t i = 0; i < n; ++i) {
+    toks[i] = static_cast<uint16_t>(rng() % 4 == 0 ? rng() % vocab : (i * 7) % vocab);
+  }
+  const std::string path = TempPath(name);
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(toks.data(), 2, toks.size(), f);
+  std::fclose(f);
+  return path;
+}
+
+TrainerOptions SmallOptions(bool tied) {
+  TrainerOptions o;
+  o.model.hidden_size = 32;
+  o.model.intermediate_size = 48;
+  o.model.num_hidden_layers = 2;
+  o.model.num_attention_heads = 4;
+  o.model.num_key_value_heads = 2;
+  o.model.vocab_size = 64;
+  o.model.max_position_embeddings = 32;
+  o.model.tie_word_embeddings = tied;
+  o.model.init_std = 0.05;
+  o.optimizer.lr = 3e-3;
+  o.optimizer.warmup_steps = 2;
+  o.optimizer.min_lr = 3e-4;
+  o.optimizer.weight_decay = 0.1;
+  o.optimizer.grad_clip = 1.0;
+  o.train.steps = 6;
+  o.train.seq_len = 16;
+  o.train.micro_batch_size = 3;
+  o.train.grad_accum_steps = 2;
+  o.train.seed = 5;
+  o.data.path = WriteTokens("train.bin", 5000, 64);
+  o.num_threads = 2;
+  return o;
+}
+
+std::vector<double> RunSteps(Trainer* t, int n) {
+  std::vector<double> losses;
+  for (int i = 0; i < n; ++i) {
+    auto r = t->Step();
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) break;
+    EXPECT_EQ(r->step, i);
+    EXPECT_EQ(r->tokens, 2 * 3 * 16);
+    EXPECT_TRUE(std::isfinite(r->grad_norm));
+    losses.push_back(r->loss);
+  }
+  return losses;
+}
+
+bool SameWeights(const ModelConfig& c, const ModelParams& a, const ModelParams& b) {
+  auto ta = NamedTensors(c, const_cast<ModelParams*>(&a));
+  auto tb = NamedTensors(c, const_cast<ModelParams*>(&b));
+  for (size_t i = 0; i < ta.size(); ++i) {
+    if (ta[i].data->size() != tb[i].data->size() ||
+        std::memcmp(ta[i].data->data(), tb[i].data->data(), 4 * ta[i].data->size()) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+TEST(TrainerTest, DeterministicAcrossRunsAndCheckpointing) {
+  for (bool tied : {false, true}) {
+    TrainerOptions o = SmallOptions(tied);
+    auto a = Trainer::Create(o);
+    auto b = Trainer::Create(o);
+    o.activation_checkpointing = true;
+    auto c = Trainer::Create(o);
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok()) << a.status() << b.status() << c.status();
+    const auto la = RunSteps(a->get(), 6), lb = RunSteps(b->get(), 6), lc = RunSteps(c->get(), 6);
+    EXPECT_EQ(la, lb);
+    EXPECT_EQ(la, lc);
+    EXPECT_TRUE(SameWeights(o.model, (*a)->params(), (*b)->params()));
+    EXPECT_TRUE(SameWeights(o.model, (*a)->params(), (*c)->params()));
+    EXPECT_LT(la.back(), la.front());  // it learns something
+    EXPECT_NEAR(la.front(), std::log(64.0), 0.2);
+  }
+}
+
+TEST(TrainerTest, StepReportsScheduleAndInitialLoss) {
+  TrainerOptions o = SmallOptions(false);
+  auto t = Trainer::Create(o);
+  ASSERT_TRUE(t.ok());
+  auto r0 = (*t)->Step();
+  ASSERT_TRUE(r0.ok());
+  EXPECT_DOUBLE_EQ(r0->lr, 3e-3 * 1 / 2);
+  auto r1 = (*t)->Step();
+  EXPECT_DOUBLE_EQ(r1->lr, 3e-3);
+  EXPECT_GT(r1->step_time_s, 0);
+}
+
+TEST(TrainerTest, ExportAndReload) {
+  TrainerOptions o = SmallOptions(false);
+  auto t = Trainer::Create(o);
+  ASSERT_TRUE(t.ok());
+  RunSteps(t->get(), 3);
+  const std::string dir = TempPath("export1");
+  ASSERT_TRUE((*t)->Export(dir).ok());
+  auto cfg = ReadHfConfig(dir + "/config.json");
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->hidden_size, 32);
+  EXPECT_EQ(cfg->num_key_value_heads, 2);
+  EXPECT_FALSE(cfg->tie_word_embeddings);
+  EXPECT_EQ(cfg->rms_norm_eps, o.model.rms_norm_eps);
+
+  auto st = ReadSafetensors(dir + "/model.safetensors");
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->metadata.at("format"), "pt");
+  EXPECT_EQ(st->tensors.count("lm_head.weight"), 1u);
+  EXPECT_EQ(st->tensors.at("model.layers.1.self_attn.k_proj.weight").shape,
+            (std::vector<int64_t>{16, 32}));
+
+  // Resume: a trainer initialised from the export + optimizer state continues identically.
+  TrainerOptions o2 = o;
+  o2.init_from = dir;
+  auto t2 = Trainer::Create(o2);
+  ASSERT_TRUE(t2.ok()) << t2.status();
+  EXPECT_TRUE(SameWeights(o.model, (*t)->params(), (*t2)->params()));
+  ASSERT_TRUE((*t2)->LoadOptimizerState(dir + "/optimizer.safetensors").ok());
+  EXPECT_EQ((*t2)->step(), 3);
+  auto ra = (*t)->Step();
+  auto rb = (*t2)->Step();
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  EXPECT_EQ(ra->loss, rb->loss);
+  EXPECT_TRUE(SameWeights(o.model, (*t)->params(), (*t2)->params()));
+
+  // init_from a single file works too.
+  o2.init_from = dir + "/model.safetensors";
+  EXPECT_TRUE(Trainer::Create(o2).ok());
+}
+
+TEST(TrainerTest, LoadErrorsNameTensorAndShapes) {
+  TrainerOptions o = SmallOptions(false);
+  auto t = Trainer::Create(o);
+  ASSERT_TRUE(t.ok());
+  const std::string dir = TempPath("export2");
+  ASSERT_TRUE((*t)->Export(dir).ok());
+  // Bigger model: mis-shaped tensor.
+  ModelConfig big = o.model;
+  big.intermediate_size = 64;
+  ModelParams p;
+  absl::Status s = LoadWeights(dir, big, &p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("model.layers.0.mlp.gate_proj.weight has shape [48, 32], the model "
+                        "needs [64, 32]"));
+  // Tied export lacks lm_head: loading it as untied fails naming lm_head.weight.
+  TrainerOptions ot = SmallOptions(true);
+  auto tt = Trainer::Create(ot);
+  ASSERT_TRUE(tt.ok());
+  ASSERT_TRUE((*tt)->Export(TempPath("export3")).ok());
+  s = LoadWeights(TempPath("export3"), o.model, &p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("lm_head.weight (shape [64, 32]) is missing"));
+  // Untied export loads as tied (lm_head ignored).
+  EXPECT_TRUE(LoadWeights(dir, ot.model, &p).ok());
+}
+
+TEST(TrainerTest, CreateErrors) {
+  TrainerOptions o = SmallOptions(false);
+  o.model.num_key_value_heads = 3;
+  EXPECT_THAT(std::string(Trainer::Create(o).status().message()),
+              HasSubstr("num_key_value_heads 3"));
+  o = SmallOptions(false);
+  o.train.seq_len = 64;
+  EXPECT_THAT(std::string(Trainer::Create(o).status().message()),
+              HasSubstr("exceeds max_position_embeddings 32"));
+  o = SmallOptions(false);
+  o.data.path = TempPath("nope.bin");
+  EXPECT_EQ(Trainer::Create(o).status().code(), absl::StatusCode::kNotFound);
+  o = SmallOptions(false);
+  o.init_from = TempPath("nope.safetensors");
+  EXPECT_EQ(Trainer::Create(o).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(TrainerTest, BadTokenFailsStepWithoutChangingWeights) {
+  TrainerOptions o = SmallOptions(false);
+  o.data.path = WriteTokens("bad.bin", 5000, 200);  // ids up to 199 >= vocab 64
+  auto t = Trainer::Create(o);
+  ASSERT_TRUE(t.ok());
+  const ModelParams before = (*t)->params();
+  auto r = (*t)->Step();
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("bad.bin"));
+  EXPECT_EQ((*t)->step(), 0);
+  EXPECT_TRUE(SameWeights(o.model, before, (*t)->params()));
+}
+
+TEST(InitTest, NormalInitStatistics) {
+  ModelConfig c = SmallOptions(false).model;
+  c.hidden_size = 64;
+  c.vocab_size = 1000;
+  ModelParams p;
+  InitParams(c, 1, &p);
+  double s = 0, s2 = 0;
+  for (float x : p.embed_tokens) {
+    s += x;
+    s2 += x * x;
+  }
+  const double n = static_cast<double>(p.embed_tokens.size());
+  EXPECT_NEAR(s / n, 0.0, 0.002);
+  EXPECT_NEAR(std::sqrt(s2 / n), 0.05, 0.002);
+  EXPECT_EQ(p.norm[0], 1.0f);
+  EXPECT_EQ(p.layers[1].input_layernorm[3], 1.0f);
+  ModelParams q;
+  InitParams(c, 1, &q);
+  EXPECT_TRUE(SameWeights(c, p, q));
+}
+
+}  // namespace
+}  // namespace lumen::engine
