@@ -50,28 +50,71 @@ int Fail(std::ostream& err, const absl::Status& status) {
 
 int ExitCodeOf(const Job& job) { return job.state() == SUCCEEDED ? 0 : 1; }
 
-// Shows a job's progress until it ends: a line per step at most once a second, then the end.
-int Follow(LumenClient& client, const std::string& job_id, std::ostream& out, std::ostream& err) {
+std::string Duration(double seconds) {
+  if (!(seconds >= 0) || seconds > 1e7) return "--:--";
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  return s >= 3600 ? absl::StrFormat("%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60)
+                   : absl::StrFormat("%d:%02d", s / 60, s % 60);
+}
+
+// A one-line progress bar: "[#####.....] 120/600  loss 2.3100  12345 tok/s  ETA 0:45".
+std::string ProgressBar(const Job& job, const StepRecord& s, double seconds_per_step) {
+  constexpr int kWidth = 30;
+  const int64_t total = std::max<int64_t>(1, job.spec().train().steps());
+  const int filled = static_cast<int>(kWidth * std::min<int64_t>(s.step(), total) / total);
+  return absl::StrFormat("%s [%s%s] %d/%d  loss %.4f  %.0f tok/s  ETA %s", job.id(),
+                         std::string(filled, '#'), std::string(kWidth - filled, '.'), s.step(),
+                         total, s.loss(), s.tokens_per_s(),
+                         Duration(seconds_per_step * (total - s.step())));
+}
+
+bool IsEnded(JobState state) { return state == SUCCEEDED || state == FAILED || state == CANCELLED; }
+
+// Shows a job's progress until it ends. On a terminal: a progress bar redrawn in place; else
+// (or with `json`) one line per step. Returns 0 only if the job succeeded.
+int Follow(LumenClient& client, const std::string& job_id, bool json, std::ostream& out,
+           std::ostream& err) {
+  const bool tty = !json && &out == &std::cout && isatty(STDOUT_FILENO);
   Job last;
-  absl::Time last_print = absl::InfinitePast();
   JobState shown_state = JOB_STATE_UNSPECIFIED;
+  bool bar_drawn = false;
+  double seconds_per_step = -1;  // exponential average of the step time
+  absl::Time last_print = absl::InfinitePast();
   absl::Status status = client.Watch(job_id, /*follow=*/true, [&](const WatchJobEvent& event) {
     last = event.job();
-    if (last.state() != shown_state && last.state() != SUCCEEDED && last.state() != FAILED &&
-        last.state() != CANCELLED) {
+    if (!json && last.state() != shown_state && !IsEnded(last.state())) {
       shown_state = last.state();
+      if (bar_drawn) out << "\n";
+      bar_drawn = false;
       out << last.id() << " " << JobState_Name(last.state())
           << (last.worker().empty() ? "" : absl::StrCat(" on ", last.worker())) << std::endl;
     }
-    if (event.steps_size() == 0) return;
-    const StepRecord& step = event.steps(event.steps_size() - 1);
-    const bool final_step = step.step() >= last.spec().train().steps();
-    if (final_step || absl::Now() - last_print >= absl::Seconds(1)) {
-      out << StepLine(last, step) << std::endl;
-      last_print = absl::Now();
+    for (const StepRecord& step : event.steps()) {
+      seconds_per_step = seconds_per_step < 0
+                             ? step.step_time_s()
+                             : 0.9 * seconds_per_step + 0.1 * step.step_time_s();
+      if (json) {
+        out << Json(step) << "\n";
+        continue;
+      }
+      const bool final_step = step.step() >= last.spec().train().steps();
+      const bool history = event.steps_size() > 1 && &step != &event.steps(event.steps_size() - 1);
+      if (history) continue;  // The first event carries the whole history; show its end only.
+      if (tty) {
+        out << "\r" << ProgressBar(last, step, seconds_per_step) << std::flush;
+        bar_drawn = true;
+      } else if (final_step || absl::Now() - last_print >= absl::Seconds(1)) {
+        out << StepLine(last, step) << std::endl;
+        last_print = absl::Now();
+      }
     }
   });
+  if (bar_drawn) out << "\n";
   if (!status.ok()) return Fail(err, status);
+  if (json) {
+    out << Json(last) << std::endl;
+    return ExitCodeOf(last);
+  }
   out << last.id() << " " << JobState_Name(last.state());
   if (!last.failure_reason().empty()) out << ": " << last.failure_reason();
   out << std::endl;
@@ -143,14 +186,18 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   app.add_option("--socket", socket, "lumend's Unix socket (default: found from --data-dir)");
   app.add_option("--data-dir", data_dir,
                  "The node's data directory (default: $LUMEN_HOME or ~/.local/share/lumen)");
-  app.add_option("--address", address, "lumend's loopback TCP address, instead of the socket");
+  app.add_option("--address", address,
+                 "The node: a Unix socket path or a loopback host:port (default: $LUMEN_ADDRESS, "
+                 "else the socket found from --data-dir)")
+      ->envname("LUMEN_ADDRESS");
   bool json = false;
 
   std::string spec_file;
   bool watch = false;
   auto* submit = app.add_subcommand("submit", "Submit a job spec (YAML)");
   submit->add_option("spec", spec_file, "Job spec file")->required();
-  submit->add_flag("--watch,-w", watch, "Show progress until the job ends");
+  submit->add_flag("--wait,--watch,-w", watch,
+                   "Show progress until the job ends; exit 0 only if it succeeded");
   submit->add_flag("--json", json, "Print the job as JSON");
 
   auto* jobs = app.add_subcommand("jobs", "List jobs");
@@ -161,12 +208,16 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   status->add_option("job", job_id, "Job id")->required();
   status->add_flag("--json", json, "Print the job as JSON");
 
-  auto* watch_cmd = app.add_subcommand("watch", "Show a job's progress until it ends");
+  auto* watch_cmd = app.add_subcommand(
+      "watch", "Show a job's progress until it ends; exit 0 only if it succeeded");
   watch_cmd->add_option("job", job_id, "Job id")->required();
+  watch_cmd->add_flag("--json", json, "One JSON step record per line, then the job");
 
   auto* logs = app.add_subcommand("logs", "Print a job's per-step records");
   logs->add_option("job", job_id, "Job id")->required();
   logs->add_flag("--json", json, "One JSON object per line");
+  bool follow = false;
+  logs->add_flag("--follow,-f", follow, "Keep printing new steps until the job ends");
 
   auto* cancel = app.add_subcommand("cancel", "Cancel a job");
   cancel->add_option("job", job_id, "Job id")->required();
@@ -216,11 +267,8 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 0;
   }
 
-  std::string target = address;
-  if (target.empty()) {
-    target = !socket.empty() ? socket
-                             : DefaultSocketPath(data_dir.empty() ? DefaultDataDir() : data_dir);
-  }
+  std::string target = !socket.empty() ? socket : address;
+  if (target.empty()) target = DefaultSocketPath(data_dir.empty() ? DefaultDataDir() : data_dir);
   auto client_or = LumenClient::Connect(target);
   if (!client_or.ok()) return Fail(err, client_or.status());
   LumenClient& client = **client_or;
@@ -240,7 +288,7 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
       out << "submitted " << job->id() << " (" << job->spec().name() << ", "
           << job->parameter_count() << " parameters)\n";
     }
-    return watch ? Follow(client, job->id(), out, err) : 0;
+    return watch ? Follow(client, job->id(), json, out, err) : 0;
   }
   if (jobs->parsed()) {
     auto list = client.List();
@@ -262,17 +310,17 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     }
     return 0;
   }
-  if (watch_cmd->parsed()) return Follow(client, job_id, out, err);
+  if (watch_cmd->parsed()) return Follow(client, job_id, json, out, err);
   if (logs->parsed()) {
     Job job;
-    absl::Status s = client.Watch(job_id, /*follow=*/false, [&](const WatchJobEvent& event) {
+    absl::Status s = client.Watch(job_id, follow, [&](const WatchJobEvent& event) {
       job = event.job();
       for (const StepRecord& step : event.steps()) {
         out << (json ? Json(step) : StepLine(job, step)) << "\n";
       }
     });
     if (!s.ok()) return Fail(err, s);
-    return 0;
+    return follow ? ExitCodeOf(job) : 0;
   }
   if (cancel->parsed()) {
     auto job = client.Cancel(job_id);

@@ -3,6 +3,7 @@ clear reason, nothing hangs, and the job history survives."""
 
 import os
 import signal
+import subprocess
 import time
 import unittest
 
@@ -21,11 +22,17 @@ class CrashTest(unittest.TestCase):
                 if j["state"] == "RUNNING" and int(j.get("latest_step", {}).get("step", 0)) >= 2:
                     break
                 time.sleep(0.1)
+            watcher = subprocess.Popen([lumen_node.runfile("client/lumenctl"), "--socket",
+                                        node.socket, "watch", job["id"]],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             worker = node.process("worker-0")
             os.kill(int(worker["pid"]), signal.SIGKILL)
             ended = node.wait_job(job["id"], timeout=60)
             self.assertEqual(ended["state"], "FAILED")
             self.assertIn("worker-0", ended["failure_reason"])
+            out, _ = watcher.communicate(timeout=60)
+            self.assertEqual(watcher.returncode, 1, out)  # watch exits 0 only on success
+            self.assertIn("FAILED: worker-0", out)
             # lumend restarts the worker and reports it.
             deadline = time.time() + 30
             while time.time() < deadline:
