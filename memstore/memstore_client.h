@@ -1,12 +1,17 @@
-// How other processes reach the memstore's control service. Implementations are thread-safe.
+// How other processes use the memstore: control over gRPC, tensor bytes over UCX (never
+// through gRPC). An interface, so code that uses the memstore is tested with the fake.
+// Implementations are thread-safe.
 #ifndef LUMEN_MEMSTORE_MEMSTORE_CLIENT_H_
 #define LUMEN_MEMSTORE_MEMSTORE_CLIENT_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "proto/lumen.pb.h"
 
@@ -16,19 +21,58 @@ class Channel;
 
 namespace lumen {
 
+class UcxClient;
+
 class MemstoreClient {
  public:
   virtual ~MemstoreClient() = default;
   virtual absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) = 0;
+  // Creates or replaces tensor `id` with `size` bytes from `data` in `tier`.
+  virtual absl::Status Write(const std::string& id, const void* data, int64_t size,
+                             const std::string& dtype, Tier tier) = 0;
+  // Copies tensor `id` into `dst` and returns its size (errors as TensorStore::Read).
+  virtual absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) = 0;
+  virtual absl::Status Move(const std::string& id, Tier tier) = 0;
+  virtual absl::Status Free(const std::string& id) = 0;
 };
 
+// The memstore process at a Unix socket; the UCX connection is made on first use.
 class GrpcMemstoreClient : public MemstoreClient {
  public:
   explicit GrpcMemstoreClient(const std::string& socket);
+  ~GrpcMemstoreClient() override;
   absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) override;
+  absl::Status Write(const std::string& id, const void* data, int64_t size,
+                     const std::string& dtype, Tier tier) override;
+  absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;
+  absl::Status Move(const std::string& id, Tier tier) override;
+  absl::Status Free(const std::string& id) override;
 
  private:
+  absl::Status EnsureDataPlane() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
+
   std::shared_ptr<grpc::Channel> channel_;
+  absl::Mutex ucx_mu_;  // UcxClient is not thread-safe.
+  std::unique_ptr<UcxClient> ucx_ ABSL_GUARDED_BY(ucx_mu_);
+};
+
+// In-memory stand-in with the same semantics (tiers are recorded, not simulated).
+class FakeMemstoreClient : public MemstoreClient {
+ public:
+  absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) override;
+  absl::Status Write(const std::string& id, const void* data, int64_t size,
+                     const std::string& dtype, Tier tier) override;
+  absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;
+  absl::Status Move(const std::string& id, Tier tier) override;
+  absl::Status Free(const std::string& id) override;
+
+ private:
+  struct Tensor {
+    std::string bytes;
+    Tier tier;
+  };
+  absl::Mutex mu_;
+  std::map<std::string, Tensor> tensors_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lumen

@@ -1,36 +1,99 @@
-// The memstore's control service. This version reports the tiers it was given (host RAM budget
-// and NVMe directories); storing pages in them is the memstore issue's work. Thread-safe.
+// The memstore's control service: a thin gRPC layer over TensorStore. Disk work runs on an
+// executor, never on gRPC's threads; tier moves run with bounded bytes in flight. Exports the
+// store's figures as Prometheus metrics. Thread-safe.
 #ifndef LUMEN_MEMSTORE_SERVICE_H_
 #define LUMEN_MEMSTORE_SERVICE_H_
 
+#include <functional>
+#include <map>
+#include <memory>
 #include <string>
-#include <vector>
+#include <thread>
 
-#include "absl/status/statusor.h"
-#include "common/node_options.h"
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "common/executor.h"
+#include "memstore/tensor_store.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
 #include "prometheus/registry.h"
 #include "proto/lumen.grpc.pb.h"
 
 namespace lumen {
 
-struct MemstoreOptions {
-  int64_t host_memory_bytes = 0;
-  std::vector<NvmeDir> nvme_dirs;
+struct MemstoreServiceOptions {
+  // Threads doing disk I/O for the RPCs.
+  int io_threads = 4;
+  // Bytes of tier moves in flight at once; more queue behind them.
+  int64_t move_bytes_in_flight = 256 << 20;
+  // io_uring queue depth of the NVMe I/O, reported as a metric.
+  int io_queue_depth = 16;
 };
 
 class MemstoreService final : public Memstore::CallbackService {
  public:
-  // Exports lumen_memstore_capacity_bytes / lumen_memstore_used_bytes{tier} into `registry`.
-  MemstoreService(MemstoreOptions options, prometheus::Registry& registry);
+  // `store` must outlive the service. `data_plane` describes the UCX endpoint of the arena.
+  MemstoreService(TensorStore* store, DataPlaneInfo data_plane, MemstoreServiceOptions options,
+                  prometheus::Registry& registry);
+  ~MemstoreService() override;
 
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* context,
                                      const GetMemstoreStatsRequest* request,
                                      GetMemstoreStatsReply* reply) override;
+  grpc::ServerUnaryReactor* GetDataPlane(grpc::CallbackServerContext* context,
+                                         const GetDataPlaneRequest* request,
+                                         DataPlaneInfo* reply) override;
+  grpc::ServerUnaryReactor* BeginWrite(grpc::CallbackServerContext* context,
+                                       const BeginWriteRequest* request,
+                                       BeginWriteReply* reply) override;
+  grpc::ServerUnaryReactor* CommitWrite(grpc::CallbackServerContext* context,
+                                        const CommitWriteRequest* request,
+                                        CommitWriteReply* reply) override;
+  grpc::ServerUnaryReactor* AbortWrite(grpc::CallbackServerContext* context,
+                                       const AbortWriteRequest* request,
+                                       AbortWriteReply* reply) override;
+  grpc::ServerUnaryReactor* Pin(grpc::CallbackServerContext* context, const PinRequest* request,
+                                PinReply* reply) override;
+  grpc::ServerUnaryReactor* Unpin(grpc::CallbackServerContext* context,
+                                  const UnpinRequest* request, UnpinReply* reply) override;
+  grpc::ServerUnaryReactor* MoveTensor(grpc::CallbackServerContext* context,
+                                       const MoveTensorRequest* request,
+                                       MoveTensorReply* reply) override;
+  grpc::ServerUnaryReactor* FreeTensor(grpc::CallbackServerContext* context,
+                                       const FreeTensorRequest* request,
+                                       FreeTensorReply* reply) override;
 
-  std::vector<TierInfo> Tiers() const;
+  // Refreshes the metrics from the store (also done once a second).
+  void UpdateMetrics();
 
  private:
-  const MemstoreOptions options_;
+  // Runs `work` on the executor and finishes the RPC with its status.
+  grpc::ServerUnaryReactor* OnExecutor(grpc::CallbackServerContext* context,
+                                       std::function<absl::Status()> work);
+
+  TensorStore* const store_;
+  const DataPlaneInfo data_plane_;
+  const MemstoreServiceOptions options_;
+  Executor executor_;
+
+  absl::Mutex mu_;
+  int64_t next_pin_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<int64_t, std::pair<std::string, PinnedTensor>> pins_ ABSL_GUARDED_BY(mu_);
+  int64_t move_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+
+  prometheus::Family<prometheus::Gauge>& capacity_;
+  prometheus::Family<prometheus::Gauge>& used_;
+  prometheus::Family<prometheus::Counter>& io_bytes_;
+  prometheus::Counter& checksum_failures_;
+  prometheus::Gauge& tensors_;
+  prometheus::Gauge& lost_tensors_;
+  prometheus::Gauge& fragmentation_;
+  prometheus::Gauge& buffered_io_;
+  prometheus::Gauge& moves_in_flight_bytes_;
+  prometheus::Gauge& pins_gauge_;
+  StoreCounters reported_ ABSL_GUARDED_BY(mu_);
+  std::thread metrics_thread_;
 };
 
 }  // namespace lumen

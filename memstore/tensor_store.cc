@@ -368,13 +368,32 @@ void TensorStore::ReleaseEntry(const std::string& id) {
   if (it != entries_.end()) it->second.busy = false;
 }
 
-absl::Status TensorStore::Write(const std::string& id, const void* data, int64_t size,
-                                const std::string& dtype, Tier tier) {
+absl::StatusOr<int64_t> TensorStore::BeginWrite(const std::string& id, int64_t size) {
   if (id.empty()) return absl::InvalidArgumentError("tensor id is empty");
   if (size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("tensor ", id, ": size ", size));
   }
+  absl::StatusOr<int64_t> offset = arena_->Allocate(size);
+  if (!offset.ok()) {
+    return absl::Status(offset.status().code(),
+                        absl::StrCat("tensor ", id, ": ", offset.status().message()));
+  }
+  return *offset;
+}
+
+void TensorStore::AbortWrite(int64_t staging_offset) { (void)arena_->Free(staging_offset); }
+
+absl::Status TensorStore::Write(const std::string& id, const void* data, int64_t size,
+                                const std::string& dtype, Tier tier) {
+  ASSIGN_OR_RETURN(int64_t offset, BeginWrite(id, size));
+  memcpy(arena_->data() + offset, data, size);
+  return CommitWrite(id, offset, size, dtype, tier);
+}
+
+absl::Status TensorStore::CommitWrite(const std::string& id, int64_t staging_offset,
+                                      int64_t size, const std::string& dtype, Tier tier) {
   if (tier != TIER_HOST && tier != TIER_NVME) {
+    AbortWrite(staging_offset);
     return absl::InvalidArgumentError(absl::StrCat("tensor ", id, ": no tier given"));
   }
   TensorRecord old;
@@ -382,8 +401,12 @@ absl::Status TensorStore::Write(const std::string& id, const void* data, int64_t
   {
     absl::MutexLock lock(&mu_);
     existed = entries_.count(id) > 0;
-    ASSIGN_OR_RETURN(Entry * entry, Acquire(id, /*create=*/true));
-    old = entry->record;
+    absl::StatusOr<Entry*> entry = Acquire(id, /*create=*/true);
+    if (!entry.ok()) {
+      AbortWrite(staging_offset);
+      return entry.status();
+    }
+    old = (*entry)->record;
   }
   TensorRecord record;
   record.set_id(id);
@@ -392,30 +415,19 @@ absl::Status TensorStore::Write(const std::string& id, const void* data, int64_t
   record.set_tier(tier);
   record.set_generation(old.generation() + 1);
   absl::Status status;
-  int64_t new_offset = -1;
   std::vector<PageRecord> pages;
   if (tier == TIER_HOST) {
-    absl::StatusOr<int64_t> offset = arena_->Allocate(size);
-    if (offset.ok()) {
-      new_offset = *offset;
-      memcpy(arena_->data() + new_offset, data, size);
-      record.set_host_offset(new_offset);
-      host_write_ += size;
-    } else {
-      status = absl::Status(offset.status().code(),
-                            absl::StrCat("tensor ", id, ": ", offset.status().message()));
-    }
+    record.set_host_offset(staging_offset);  // The staging extent becomes the tensor's home.
+    host_write_ += size;
   } else {
-    status = WritePages(id, record.generation(), static_cast<const uint8_t*>(data), size, &pages);
+    status = WritePages(id, record.generation(), arena_->data() + staging_offset, size, &pages);
     for (const PageRecord& page : pages) *record.add_pages() = page;
   }
   if (status.ok()) {
     status = Persist(record);
-    if (!status.ok()) {
-      if (new_offset >= 0) (void)arena_->Free(new_offset);
-      RemovePages(pages);
-    }
+    if (!status.ok()) RemovePages(pages);
   }
+  if (!status.ok() || tier == TIER_NVME) AbortWrite(staging_offset);
   absl::MutexLock lock(&mu_);
   if (!status.ok()) {
     if (existed) {
@@ -436,6 +448,59 @@ absl::Status TensorStore::Write(const std::string& id, const void* data, int64_t
   entries_[id].record = record;
   ReleaseEntry(id);
   return absl::OkStatus();
+}
+
+absl::StatusOr<PinnedTensor> TensorStore::Pin(const std::string& id) {
+  TensorRecord record;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = entries_.find(id);
+    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
+    Entry* entry = &it->second;
+    auto readable = [entry]() { return !entry->busy; };
+    mu_.Await(absl::Condition(&readable));
+    it = entries_.find(id);
+    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
+    record = it->second.record;
+    if (record.lost()) {
+      return absl::DataLossError(absl::StrCat(
+          "tensor ", id, " was in host memory when the memstore restarted and is lost"));
+    }
+    ++it->second.readers;
+  }
+  PinnedTensor pinned;
+  pinned.size = record.size();
+  pinned.generation = record.generation();
+  pinned.dtype = record.dtype();
+  absl::Status status;
+  if (record.tier() == TIER_HOST) {
+    pinned.offset = record.host_offset();
+  } else {
+    // NVMe-resident: verify the pages into a staging extent that lives until Unpin.
+    absl::StatusOr<int64_t> offset = arena_->Allocate(record.size());
+    if (!offset.ok()) {
+      status = absl::Status(offset.status().code(),
+                            absl::StrCat("staging tensor ", id, ": ", offset.status().message()));
+    } else {
+      pinned.offset = *offset;
+      pinned.staged = true;
+      status = ReadPages(record, arena_->data() + pinned.offset);
+      if (!status.ok()) (void)arena_->Free(pinned.offset);
+    }
+  }
+  if (!status.ok()) {
+    absl::MutexLock lock(&mu_);
+    --entries_[id].readers;
+    return status;
+  }
+  return pinned;
+}
+
+void TensorStore::Unpin(const std::string& id, const PinnedTensor& pinned) {
+  if (pinned.staged) (void)arena_->Free(pinned.offset);
+  absl::MutexLock lock(&mu_);
+  auto it = entries_.find(id);
+  if (it != entries_.end() && it->second.readers > 0) --it->second.readers;
 }
 
 absl::StatusOr<int64_t> TensorStore::Read(const std::string& id, void* dst, int64_t capacity) {

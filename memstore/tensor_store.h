@@ -55,6 +55,16 @@ struct StoreCounters {
   int64_t lost_tensors = 0;
 };
 
+// A tensor held for a reader: its bytes stay at `offset` in the host arena, unchanged, until
+// Unpin. NVMe-resident tensors are verified into a staging extent (`staged`).
+struct PinnedTensor {
+  int64_t offset = 0;
+  int64_t size = 0;
+  int64_t generation = 0;
+  std::string dtype;
+  bool staged = false;
+};
+
 class TensorStore {
  public:
   // Opens (or creates) the store. Tensors that were in the host tier before a restart are kept
@@ -67,6 +77,17 @@ class TensorStore {
   // counts when it is full; the previous contents survive any failure.
   absl::Status Write(const std::string& id, const void* data, int64_t size,
                      const std::string& dtype, Tier tier);
+  // Two-phase write for clients that fill the bytes themselves (over UCX): BeginWrite reserves
+  // a staging extent of `size` bytes in the host arena; CommitWrite makes its contents tensor
+  // `id` in `tier` (the extent becomes the tensor's home, or is written to NVMe and released).
+  // CommitWrite always takes the extent, also on failure; AbortWrite releases an uncommitted one.
+  absl::StatusOr<int64_t> BeginWrite(const std::string& id, int64_t size);
+  absl::Status CommitWrite(const std::string& id, int64_t staging_offset, int64_t size,
+                           const std::string& dtype, Tier tier);
+  void AbortWrite(int64_t staging_offset);
+  // Holds tensor `id` readable in the host arena until Unpin; writers, movers and Free wait.
+  absl::StatusOr<PinnedTensor> Pin(const std::string& id);
+  void Unpin(const std::string& id, const PinnedTensor& pinned);
   // Copies tensor `id` into `dst` (capacity bytes) and returns its size. DATA_LOSS naming the
   // tensor and file when a page fails its checksum or is truncated, or the tensor was lost in
   // a restart; NOT_FOUND when there is no such tensor.

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -212,6 +213,41 @@ TEST_F(TensorStoreTest, FullNvmeDirectoryIsResourceExhaustedAndNothingIsDamaged)
   ASSERT_TRUE(store->Free("f0").ok());
   auto bytes = Bytes(30000, 9);
   EXPECT_TRUE(store->Write("again", bytes.data(), bytes.size(), "u8", TIER_NVME).ok());
+}
+
+TEST_F(TensorStoreTest, PinHoldsBytesInTheArenaAndBlocksMoves) {
+  auto store = Open();
+  const auto n = Bytes(50000, 11);
+  ASSERT_TRUE(store->Write("n", n.data(), n.size(), "f32", TIER_NVME).ok());
+  auto pinned = store->Pin("n");
+  ASSERT_TRUE(pinned.ok()) << pinned.status();
+  EXPECT_TRUE(pinned->staged);
+  EXPECT_EQ(pinned->size, 50000);
+  EXPECT_TRUE(std::equal(n.begin(), n.end(), store->arena().data() + pinned->offset));
+  std::atomic<bool> moved{false};
+  std::thread mover([&] {
+    EXPECT_TRUE(store->Move("n", TIER_HOST).ok());
+    moved = true;
+  });
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_FALSE(moved);  // waits for the pin
+  store->Unpin("n", *pinned);
+  mover.join();
+  EXPECT_TRUE(moved);
+  auto host = store->Pin("n");
+  ASSERT_TRUE(host.ok());
+  EXPECT_FALSE(host->staged);
+  EXPECT_TRUE(std::equal(n.begin(), n.end(), store->arena().data() + host->offset));
+  store->Unpin("n", *host);
+  // A two-phase write: the caller fills the staging extent itself.
+  auto offset = store->BeginWrite("w", 1000);
+  ASSERT_TRUE(offset.ok());
+  memset(store->arena().data() + *offset, 7, 1000);
+  ASSERT_TRUE(store->CommitWrite("w", *offset, 1000, "u8", TIER_NVME).ok());
+  std::vector<uint8_t> out(1000);
+  ASSERT_TRUE(store->Read("w", out.data(), out.size()).ok());
+  EXPECT_EQ(out, std::vector<uint8_t>(1000, 7));
+  EXPECT_EQ(store->HostStats().used_bytes, 50000 + 4096 - 50000 % 4096);  // only "n"
 }
 
 TEST_F(TensorStoreTest, ConcurrentReadersWritersAndMovers) {
