@@ -2,8 +2,11 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <set>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -41,6 +44,19 @@ absl::Status CopyTensors(const std::string& path, const SafetensorsFile& file,
     *t.data = it->second.data;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadText(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::string text;
+  char buf[4096];
+  size_t r;
+  while ((r = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, r);
+  const bool error = std::ferror(f) != 0;
+  std::fclose(f);
+  if (error) return absl::DataLossError(absl::StrCat("read error on ", path));
+  return text;
 }
 
 absl::Status WriteText(const std::string& path, const std::string& text) {
@@ -137,29 +153,152 @@ absl::StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
 }
 
 absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config,
-                               const ModelParams& params) {
+                               const ModelParams& params, int64_t max_shard_bytes) {
+  if (max_shard_bytes <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("export to ", dir, ": max_shard_bytes ", max_shard_bytes, " must be > 0"));
+  }
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) {
     return absl::PermissionDeniedError(
         absl::StrCat("cannot create directory ", dir, ": ", ec.message()));
   }
-  std::vector<TensorView> views;
+  // Split into shards exactly like huggingface_hub's split_state_dict_into_shards.
+  std::vector<std::vector<TensorView>> shards(1);
+  int64_t shard_bytes = 0, total_bytes = 0;
   for (const NamedTensor<float>& t : Tensors(config, params)) {
-    views.push_back({t.name, t.shape, t.data->data()});
+    const int64_t bytes = static_cast<int64_t>(t.data->size() * sizeof(float));
+    if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
+      shards.emplace_back();
+      shard_bytes = 0;
+    }
+    shards.back().push_back({t.name, t.shape, t.data->data()});
+    shard_bytes += bytes;
+    total_bytes += bytes;
   }
-  RETURN_IF_ERROR(WriteSafetensors(dir + "/" + kModelFile, views, {{"format", "pt"}}));
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  const std::string index_path = dir + "/" + kModelIndexFile;
+  const std::string single_path = dir + "/" + kModelFile;
+  // Removes the weight files of the layout not written now (a stale index or
+  // model.safetensors would shadow or contradict the new files).
+  auto remove_stale = [&](const std::set<std::string>& keep) -> absl::Status {
+    std::error_code dir_ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, dir_ec)) {
+      const std::string name = entry.path().filename().string();
+      const bool weights = name == kModelFile || name == kModelIndexFile ||
+                           (absl::StartsWith(name, "model-") &&
+                            absl::EndsWith(name, ".safetensors") &&
+                            absl::StrContains(name, "-of-"));
+      if (!weights || keep.count(name) != 0) continue;
+      std::error_code rm_ec;
+      std::filesystem::remove(entry.path(), rm_ec);
+      if (rm_ec) {
+        return absl::PermissionDeniedError(absl::StrCat("cannot remove stale weight file ",
+                                                        entry.path().string(), ": ",
+                                                        rm_ec.message()));
+      }
+    }
+    if (dir_ec) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("cannot list directory ", dir, ": ", dir_ec.message()));
+    }
+    return absl::OkStatus();
+  };
+  if (shards.size() == 1) {
+    RETURN_IF_ERROR(WriteSafetensors(single_path, shards[0], metadata));
+    RETURN_IF_ERROR(remove_stale({kModelFile}));
+  } else {
+    const int n = static_cast<int>(shards.size());
+    std::set<std::string> files = {kModelIndexFile};
+    std::string weight_map;
+    std::map<std::string, std::string> sorted_map;  // HF writes the map with sorted keys
+    for (int i = 0; i < n; ++i) {
+      const std::string file = absl::StrFormat("model-%05d-of-%05d.safetensors", i + 1, n);
+      RETURN_IF_ERROR(WriteSafetensors(dir + "/" + file, shards[i], metadata));
+      files.insert(file);
+      for (const TensorView& v : shards[i]) sorted_map[v.name] = file;
+    }
+    for (const auto& [name, file] : sorted_map) {
+      absl::StrAppend(&weight_map, weight_map.empty() ? "" : ",\n", "    ", JsonQuote(name),
+                      ": ", JsonQuote(file));
+    }
+    RETURN_IF_ERROR(WriteText(index_path, absl::StrCat("{\n  \"metadata\": {\n    \"total_size\": ",
+                                                       total_bytes, "\n  },\n  \"weight_map\": {\n",
+                                                       weight_map, "\n  }\n}\n")));
+    RETURN_IF_ERROR(remove_stale(files));
+  }
   return WriteText(dir + "/" + kConfigFile, HfConfigJson(config));
 }
 
 absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
                          ModelParams* params) {
-  std::string file = path;
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) file = path + "/" + kModelFile;
-  ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(file));
   ModelParams loaded = AllocateParams<float>(config);
-  RETURN_IF_ERROR(CopyTensors(file, st, config, "", &loaded));
+  if (!std::filesystem::is_directory(path, ec) ||
+      std::filesystem::exists(path + "/" + kModelFile, ec)) {
+    const std::string file =
+        std::filesystem::is_directory(path, ec) ? path + "/" + kModelFile : path;
+    ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(file));
+    RETURN_IF_ERROR(CopyTensors(file, st, config, "", &loaded));
+    *params = std::move(loaded);
+    return absl::OkStatus();
+  }
+  const std::string index_path = path + "/" + kModelIndexFile;
+  if (!std::filesystem::exists(index_path, ec)) {
+    return absl::NotFoundError(absl::StrCat("directory ", path, " holds neither ", kModelFile,
+                                            " nor ", kModelIndexFile));
+  }
+  ASSIGN_OR_RETURN(const std::string text, ReadText(index_path));
+  auto json = ParseJson(text);
+  if (!json.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(index_path, ": ", json.status().message()));
+  }
+  const JsonValue* map = json->Find("weight_map");
+  if (map == nullptr || map->type != JsonValue::Type::kObject) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(index_path, ": \"weight_map\" is missing or not an object"));
+  }
+  // Group the tensors the model needs by shard, then read one shard at a time.
+  std::map<std::string, std::vector<NamedTensor<float>>> by_file;
+  for (NamedTensor<float>& t : NamedTensors(config, &loaded)) {
+    const JsonValue* file = map->Find(t.name);
+    if (file == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map has no entry for "
+                                                     "tensor ", t.name, " (shape ",
+                                                     ShapeString(t.shape), ")"));
+    }
+    if (file->type != JsonValue::Type::kString || file->text.empty() ||
+        file->text.find('/') != std::string::npos || file->text == "." || file->text == "..") {
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path, ": weight_map entry of tensor ", t.name,
+                       " is not a file name in the directory"));
+    }
+    by_file[file->text].push_back(t);
+  }
+  for (auto& [file, tensors] : by_file) {
+    const std::string shard_path = path + "/" + file;
+    auto st = ReadSafetensors(shard_path);
+    if (!st.ok()) {
+      return absl::Status(st.status().code(),
+                          absl::StrCat(st.status().message(), " (", index_path,
+                                       " places tensor ", tensors[0].name, " there)"));
+    }
+    for (NamedTensor<float>& t : tensors) {
+      auto it = st->tensors.find(t.name);
+      if (it == st->tensors.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(shard_path, ": tensor ", t.name,
+                                                       " is missing (", index_path,
+                                                       " places it in this shard)"));
+      }
+      if (it->second.shape != t.shape) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            shard_path, ": tensor ", t.name, " has shape ", ShapeString(it->second.shape),
+            ", the model needs ", ShapeString(t.shape)));
+      }
+      *t.data = std::move(it->second.data);
+    }
+  }
   *params = std::move(loaded);
   return absl::OkStatus();
 }

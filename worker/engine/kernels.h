@@ -297,6 +297,50 @@ void SwiGluBackward(const T* dm, const T* g, const T* u, int64_t n, T* dg, T* du
 }
 
 // ---- Cross-entropy ----
+// Row max and sum of exp(row - max) with kLanes independent accumulators, combined in a fixed
+// order: the dependency chain of one running sum made these loops latency-bound at large
+// vocabularies. The result depends only on the row, so it stays bit-deterministic.
+inline constexpr int64_t kCrossEntropyLanes = 8;
+
+template <typename T>
+T RowMax(const T* row, int64_t n) {
+  T lanes[kCrossEntropyLanes];
+  for (int64_t l = 0; l < kCrossEntropyLanes; ++l) lanes[l] = row[0];
+  int64_t j = 0;
+  for (; j + kCrossEntropyLanes <= n; j += kCrossEntropyLanes) {
+    for (int64_t l = 0; l < kCrossEntropyLanes; ++l) {
+      lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
+    }
+  }
+  T mx = lanes[0];
+  for (int64_t l = 1; l < kCrossEntropyLanes; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
+}
+
+// Returns sum_j exp(row[j] - mx) in double; when `out` is not null also stores each
+// exp(row[j] - mx) (in T) there (out may equal row).
+template <typename T>
+double SumExp(const T* row, int64_t n, T mx, T* out) {
+  double lanes[kCrossEntropyLanes] = {};
+  int64_t j = 0;
+  for (; j + kCrossEntropyLanes <= n; j += kCrossEntropyLanes) {
+    for (int64_t l = 0; l < kCrossEntropyLanes; ++l) {
+      const T e = std::exp(row[j + l] - mx);
+      if (out != nullptr) out[j + l] = e;
+      lanes[l] += e;
+    }
+  }
+  double sum = 0;
+  for (int64_t l = 0; l < kCrossEntropyLanes; ++l) sum += lanes[l];
+  for (; j < n; ++j) {
+    const T e = std::exp(row[j] - mx);
+    if (out != nullptr) out[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
 // losses[r] = logsumexp(logits[r]) - logits[r, targets[r]]. When grad_scale != 0, logits are
 // overwritten with grad_scale * (softmax(logits[r]) - onehot(targets[r])).
 template <typename T>
@@ -306,23 +350,14 @@ void CrossEntropy(T* logits, const int32_t* targets, int64_t n, int64_t vocab, T
     for (int64_t r = b; r < e; ++r) {
       T* row = logits + r * vocab;
       const int64_t t = targets[r];
-      T mx = row[0];
-      for (int64_t j = 1; j < vocab; ++j) mx = std::max(mx, row[j]);
+      const T mx = RowMax(row, vocab);
       const T target_logit = row[t];
-      if (grad_scale == T(0)) {
-        double sum = 0;
-        for (int64_t j = 0; j < vocab; ++j) sum += std::exp(row[j] - mx);
-        losses[r] = static_cast<double>(mx) + std::log(sum) - static_cast<double>(target_logit);
-        continue;
-      }
-      double sum = 0;
-      for (int64_t j = 0; j < vocab; ++j) {
-        row[j] = std::exp(row[j] - mx);
-        sum += row[j];
-      }
+      const bool grad = grad_scale != T(0);
+      const double sum = SumExp(row, vocab, mx, grad ? row : nullptr);
       losses[r] = static_cast<double>(mx) + std::log(sum) - static_cast<double>(target_logit);
-      const T inv = static_cast<T>(1.0 / sum);
-      for (int64_t j = 0; j < vocab; ++j) row[j] = row[j] * inv * grad_scale;
+      if (!grad) continue;
+      const T scale = static_cast<T>(1.0 / sum) * grad_scale;
+      for (int64_t j = 0; j < vocab; ++j) row[j] *= scale;
       row[t] -= grad_scale;
     }
   });

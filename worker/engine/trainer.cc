@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -10,6 +11,33 @@
 #include "worker/engine/checkpoint.h"
 
 namespace lumen::engine {
+
+namespace {
+
+// "nan", "inf" or "-inf" for a non-finite value.
+const char* FiniteName(double x) {
+  if (std::isnan(x)) return "nan";
+  return x > 0 ? "inf" : "-inf";
+}
+
+}  // namespace
+
+absl::Status CheckGradNormFinite(int64_t step, double grad_norm, double loss,
+                                 const std::vector<NamedTensor<float>>& grads) {
+  if (std::isfinite(grad_norm)) return absl::OkStatus();
+  std::string culprit = "(none: the sum of squares overflowed)";
+  for (const NamedTensor<float>& g : grads) {
+    if (!std::all_of(g.data->begin(), g.data->end(), [](float x) { return std::isfinite(x); })) {
+      culprit = g.name;
+      break;
+    }
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "step ", step, ": gradient norm is ", FiniteName(grad_norm), " (loss ", loss,
+      "; first non-finite gradient in ", culprit,
+      "); training diverged. Parameters and optimizer state are unchanged; lower optimizer.lr "
+      "or set optimizer.grad_clip"));
+}
 
 void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params) {
   *params = AllocateParams<float>(config);
@@ -88,6 +116,12 @@ absl::StatusOr<StepResult> Trainer::Step() {
     ASSIGN_OR_RETURN(const double loss,
                      model_->ForwardBackward(inputs_.data(), targets_.data(), B, T,
                                              static_cast<float>(1.0 / static_cast<double>(A))));
+    if (!std::isfinite(loss)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step_, ": loss is ", FiniteName(loss), " (micro-batch ", a + 1, " of ", A,
+          "); training diverged or the weights hold non-finite values. Parameters and "
+          "optimizer state are unchanged; lower optimizer.lr or check init_from"));
+    }
     loss_sum += loss;
   }
   auto grads = NamedTensors(c, &model_->grads());
@@ -97,6 +131,8 @@ absl::StatusOr<StepResult> Trainer::Step() {
   std::vector<std::pair<float*, int64_t>> gviews;
   for (auto& g : grads) gviews.emplace_back(g.data->data(), static_cast<int64_t>(g.data->size()));
   const double grad_norm = ClipGradNorm(gviews, options_.optimizer.grad_clip);
+  RETURN_IF_ERROR(
+      CheckGradNormFinite(step_, grad_norm, loss_sum / static_cast<double>(A), grads));
   const double lr = LearningRate(options_.optimizer, step_, t.steps);
   for (size_t i = 0; i < params.size(); ++i) {
     AdamWHyper h;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,17 +60,29 @@ struct StepResult {
 // tensors). Norm weights are 1 and draw nothing.
 void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params);
 
+// Step()'s check of the global gradient norm, exposed for tests: OK when `grad_norm` is
+// finite, else FAILED_PRECONDITION "step S: gradient norm is nan (loss L; first non-finite
+// gradient in NAME) ..." naming the first of `grads` holding a non-finite element.
+absl::Status CheckGradNormFinite(int64_t step, double grad_norm, double loss,
+                                 const std::vector<NamedTensor<float>>& grads);
+
 class Trainer {
  public:
   // INVALID_ARGUMENT for a bad config (naming the field); data/init_from errors as returned by
   // TokenDataset::Open and LoadWeights.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainerOptions& options);
 
-  // Runs one optimizer step. On error (e.g. a token >= vocab_size in the data) the parameters,
-  // optimizer state and step counter are unchanged.
+  // Runs one optimizer step. On error the parameters, optimizer state and step counter are
+  // unchanged (gradients are scratch and may hold anything). Errors: INVALID_ARGUMENT for a
+  // token >= vocab_size in the data; FAILED_PRECONDITION when a micro-batch loss is not
+  // finite ("step 17: loss is nan (micro-batch 1 of 2) ...", micro-batches counted from 1) or
+  // the global gradient norm is not finite (naming the first tensor with a non-finite
+  // gradient). Steps are 0-based, as in StepResult::step.
   absl::StatusOr<StepResult> Step();
 
-  // Writes config.json, model.safetensors and optimizer.safetensors into `dir`.
+  // Writes config.json, the weights (model.safetensors, or shards and
+  // model.safetensors.index.json past 2 GB: see ExportHfDirectory) and
+  // optimizer.safetensors into `dir`.
   absl::Status Export(const std::string& dir) const;
 
   // Restores AdamW moments and the step counter from an optimizer.safetensors file.
