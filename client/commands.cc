@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "client/data_prepare.h"
+#include "client/export.h"
 #include "client/generate.h"
 #include "common/paths.h"
 #include "common/units.h"
@@ -231,8 +232,24 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   auto* prepare = data->add_subcommand("prepare", "Tokenize a text file into a token file");
   prepare->add_option("--input", prepare_options.input, "Text file")->required();
   prepare->add_option("--out", prepare_options.output, "Token file to write (.bin)")->required();
-  prepare->add_option("--tokenizer", prepare_options.tokenizer, "Tokenizer: byte")
-      ->default_val("byte");
+  prepare->add_option("--tokenizer", prepare_options.tokenizer,
+                      "byte (default), or spm:MODEL to encode with a SentencePiece .model file");
+  prepare->add_option("--train-spm", prepare_options.train_spm_vocab,
+                      "Train a SentencePiece model with this vocabulary on the input, write it "
+                      "to OUT.spm.model and encode with it");
+  prepare->add_option("--spm-type", prepare_options.spm_type,
+                      "SentencePiece model type for --train-spm: unigram or bpe")
+      ->default_val("unigram");
+
+  ExportOptions export_options;
+  auto* export_cmd = app.add_subcommand(
+      "export", "Copy a job's checkpoint directory (on the node's machine) to --out");
+  export_cmd->add_option("job", job_id, "Job id")->required();
+  export_cmd->add_option("--step", export_options.step,
+                         "Checkpoint step (default: the latest complete checkpoint)");
+  export_cmd->add_option("--out", export_options.out,
+                         "Destination directory; must not exist or be empty")
+      ->required();
 
   GenerateOptions generate_options;
   auto* generate = app.add_subcommand("generate", "Sample text from a checkpoint directory");
@@ -254,10 +271,15 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
 
   // Commands that need no node.
   if (prepare->parsed()) {
+    prepare_options.progress = &out;
     auto result = PrepareData(prepare_options);
     if (!result.ok()) return Fail(err, result.status());
+    if (!result->spm_model.empty()) out << "tokenizer: " << result->spm_model << "\n";
     out << "wrote " << result->tokens << " tokens (" << result->dtype << ", vocab "
-        << result->vocab_size << ") to " << prepare_options.output << "\n";
+        << result->vocab_size << ") to " << prepare_options.output << "\n"
+        << "in the job spec: data: {path: " << prepare_options.output
+        << ", token_dtype: " << result->dtype << "}; model.vocab_size >= "
+        << result->vocab_size << "\n";
     return 0;
   }
   if (generate->parsed()) {
@@ -321,6 +343,23 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     });
     if (!s.ok()) return Fail(err, s);
     return follow ? ExitCodeOf(job) : 0;
+  }
+  if (export_cmd->parsed()) {
+    auto job = client.Get(job_id);
+    if (!job.ok()) return Fail(err, job.status());
+    if (job->output_dir().empty()) {
+      return Fail(err, absl::FailedPreconditionError(absl::StrCat(
+                           job_id, " has no output directory yet (", JobState_Name(job->state()),
+                           ")")));
+    }
+    export_options.output_dir = job->output_dir();
+    auto source = ExportCheckpoint(export_options);
+    if (!source.ok()) {
+      return Fail(err, absl::Status(source.status().code(),
+                                    absl::StrCat(job_id, ": ", source.status().message())));
+    }
+    out << "exported " << *source << " to " << export_options.out << "\n";
+    return 0;
   }
   if (cancel->parsed()) {
     auto job = client.Cancel(job_id);

@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/tokenizer.h"
+#include "client/tokenizer_info.h"
 #include "common/status_macros.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/generate.h"
@@ -18,28 +20,29 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The checkpoint's tokenizer. Only the byte tokenizer exists so far; a checkpoint without a
-// lumen_tokenizer.json and a 256-token vocabulary is taken to be byte-level.
-absl::Status CheckByteTokenizer(const fs::path& dir, const engine::ModelConfig& config) {
-  const fs::path file = dir / "lumen_tokenizer.json";
-  std::ifstream in(file);
-  if (in) {
-    std::stringstream text;
-    text << in.rdbuf();
-    if (text.str().find("\"byte\"") == std::string::npos) {
-      return absl::UnimplementedError(
-          absl::StrCat(file.string(), ": only the byte tokenizer can decode so far"));
-    }
-  } else if (config.vocab_size != 256) {
+// The checkpoint's tokenizer from lumen_tokenizer.json. A checkpoint without one and with a
+// 256-token vocabulary is taken to be byte-level.
+absl::StatusOr<std::unique_ptr<Tokenizer>> CheckpointTokenizer(
+    const fs::path& dir, const engine::ModelConfig& config) {
+  const fs::path file = dir / kCheckpointTokenizerInfo;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::error_code ec;
+  if (fs::exists(file, ec)) {
+    ASSIGN_OR_RETURN(TokenizerInfo info, ReadTokenizerInfo(file.string()));
+    ASSIGN_OR_RETURN(tokenizer, LoadTokenizer(info));
+  } else if (config.vocab_size == 256) {
+    tokenizer = MakeByteTokenizer();
+  } else {
     return absl::FailedPreconditionError(
-        absl::StrCat(dir.string(), " has no lumen_tokenizer.json and vocab_size ",
+        absl::StrCat(dir.string(), " has no ", kCheckpointTokenizerInfo, " and vocab_size ",
                      config.vocab_size, " is not the byte tokenizer's 256"));
   }
-  if (config.vocab_size < 256) {
+  if (tokenizer->vocab_size() > config.vocab_size) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "vocab_size ", config.vocab_size, " is smaller than the byte tokenizer's 256"));
+        file.string(), ": the tokenizer's ", tokenizer->vocab_size(),
+        " tokens do not fit the model's vocab_size ", config.vocab_size));
   }
-  return absl::OkStatus();
+  return tokenizer;
 }
 
 }  // namespace
@@ -48,7 +51,7 @@ absl::StatusOr<std::string> Generate(const GenerateOptions& options) {
   const fs::path dir = options.checkpoint;
   ASSIGN_OR_RETURN(engine::ModelConfig config,
                    engine::ReadHfConfig((dir / engine::kConfigFile).string()));
-  RETURN_IF_ERROR(CheckByteTokenizer(dir, config));
+  ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, CheckpointTokenizer(dir, config));
   engine::ModelParams params = engine::AllocateParams<float>(config);
   RETURN_IF_ERROR(engine::LoadWeights(dir.string(), config, &params));
   if (options.prompt.empty()) return absl::InvalidArgumentError("--prompt is empty");
@@ -61,8 +64,8 @@ absl::StatusOr<std::string> Generate(const GenerateOptions& options) {
                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   engine::ThreadPool pool(threads);
 
-  std::vector<int32_t> tokens;
-  for (unsigned char c : options.prompt) tokens.push_back(c);
+  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, tokenizer->Encode(options.prompt));
+  if (tokens.empty()) return absl::InvalidArgumentError("--prompt encodes to no tokens");
   const int64_t window = config.max_position_embeddings;
   int64_t remaining = options.max_tokens;
   uint64_t seed = options.seed;
@@ -80,9 +83,7 @@ absl::StatusOr<std::string> Generate(const GenerateOptions& options) {
     tokens.insert(tokens.end(), produced.begin(), produced.end());
     remaining -= produced.size();
   }
-  std::string text;
-  for (int32_t t : tokens) text.push_back(static_cast<char>(t < 256 ? t : '?'));
-  return text;
+  return tokenizer->Decode(tokens);
 }
 
 }  // namespace lumen

@@ -10,7 +10,8 @@
 namespace lumen {
 
 struct GenerateOptions {
-  // A directory with config.json and model.safetensors (and lumen_tokenizer.json).
+  // A directory with config.json and model.safetensors, and lumen_tokenizer.json (byte or
+  // SentencePiece; without it the model must have the byte tokenizer's 256 tokens).
   std::string checkpoint;
   std::string prompt;
   int64_t max_tokens = 200;
@@ -23,7 +24,8 @@ struct GenerateOptions {
   int num_threads = 0;
 };
 
-// Returns the prompt followed by the generated text. When prompt plus output would exceed the
+// Encodes the prompt with the checkpoint's tokenizer and returns the decoded prompt followed by
+// the generated text. When prompt plus output would exceed the
 // model's max_position_embeddings, the context slides: generation continues from the last half
 // window of tokens. Errors name the checkpoint file at fault.
 absl::StatusOr<std::string> Generate(const GenerateOptions& options);

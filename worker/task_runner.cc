@@ -1,11 +1,13 @@
 #include "worker/task_runner.h"
 
 #include <filesystem>
+#include <optional>
 #include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "client/tokenizer_info.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 
@@ -14,13 +16,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The sidecar `lumenctl data prepare` writes next to a token file, naming its tokenizer.
-std::string TokenizerSidecar(const std::string& data_path) {
-  return data_path + ".tokenizer.json";
-}
-
+// `tokenizer` (read when the task started; null when the token file has none) goes into the
+// checkpoint beside the weights.
 absl::Status WriteCheckpoint(engine::Trainer& trainer, const RunTaskRequest& request,
-                             int64_t step, const std::function<void(const TaskEvent&)>& emit) {
+                             const TokenizerFiles* tokenizer, int64_t step,
+                             const std::function<void(const TaskEvent&)>& emit) {
   const fs::path final_dir = fs::path(request.output_dir()) / absl::StrCat("step-", step);
   const fs::path tmp_dir = fs::path(request.output_dir()) / absl::StrCat(".step-", step, ".tmp");
   std::error_code ec;
@@ -31,13 +31,9 @@ absl::Status WriteCheckpoint(engine::Trainer& trainer, const RunTaskRequest& req
                                             ec.message()));
   }
   RETURN_IF_ERROR(trainer.Export(tmp_dir.string()));
-  const std::string sidecar = TokenizerSidecar(request.spec().data().path());
-  if (fs::exists(sidecar)) {
-    fs::copy_file(sidecar, tmp_dir / "lumen_tokenizer.json", fs::copy_options::overwrite_existing,
-                  ec);
-    if (ec) {
-      return absl::InternalError(absl::StrCat("cannot copy ", sidecar, ": ", ec.message()));
-    }
+  if (tokenizer != nullptr) {
+    RETURN_IF_ERROR(WriteCheckpointTokenizer(*tokenizer, tmp_dir.string(),
+                                             request.spec().model().max_position_embeddings()));
   }
   fs::remove_all(final_dir, ec);
   fs::rename(tmp_dir, final_dir, ec);
@@ -111,10 +107,19 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                    TrainerOptionsFromSpec(spec, options.num_threads));
   ASSIGN_OR_RETURN(std::unique_ptr<engine::Trainer> trainer,
                    engine::Trainer::Create(trainer_options));
+  // Read once, so every checkpoint of the job carries the tokenizer the job started with.
+  ASSIGN_OR_RETURN(std::optional<TokenizerFiles> tokenizer,
+                   ReadTokenizerFiles(spec.data().path()));
+  if (tokenizer.has_value() && tokenizer->info.vocab_size > spec.model().vocab_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.vocab_size ", spec.model().vocab_size(), " is smaller than the tokenizer's ",
+        tokenizer->info.vocab_size, " (", TokenizerSidecarPath(spec.data().path()), ")"));
+  }
+  const TokenizerFiles* tokenizer_files = tokenizer.has_value() ? &*tokenizer : nullptr;
   LOG(INFO) << request.job_id() << ": training " << spec.train().steps() << " steps with "
             << trainer_options.num_threads << " threads";
   if (spec.checkpoint().save_initial()) {
-    RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, 0, emit));
+    RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, 0, emit));
   }
   const int64_t every = spec.checkpoint().every_steps();
   for (int64_t step = 0; step < spec.train().steps(); ++step) {
@@ -135,7 +140,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     emit(event);
     const int64_t done = step + 1;
     if (done == spec.train().steps() || (every > 0 && done % every == 0)) {
-      RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, done, emit));
+      RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, done, emit));
     }
   }
   return absl::OkStatus();

@@ -31,7 +31,8 @@ absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spe
 // Trains `request.spec()` to the end. `emit` receives every step record and every completed
 // checkpoint; `cancelled` is polled between steps. Returns CANCELLED when it saw
 // cancellation, the engine's error otherwise. Checkpoints go to
-// <output_dir>/step-<N> (written to a temporary name first, then renamed).
+// <output_dir>/step-<N> (written to a temporary name first, then renamed), each with the token
+// file's tokenizer (client/tokenizer_info.h) when its sidecar names one.
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
                      const std::function<void(const TaskEvent&)>& emit,
                      const std::function<bool()>& cancelled);
