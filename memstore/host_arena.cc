@@ -38,15 +38,33 @@ absl::StatusOr<std::unique_ptr<HostArena>> HostArena::Create(int64_t capacity_by
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot map the host arena of ", capacity, " bytes: ", strerror(err)));
   }
-  return std::unique_ptr<HostArena>(new HostArena(static_cast<uint8_t*>(base), capacity, fd));
+  return std::unique_ptr<HostArena>(
+      new HostArena(static_cast<uint8_t*>(base), capacity, fd, /*owned=*/true));
 }
 
-HostArena::HostArena(uint8_t* base, int64_t capacity, int fd)
-    : base_(base), capacity_(capacity), fd_(fd) {
+absl::StatusOr<std::unique_ptr<HostArena>> HostArena::CreateOver(void* base, int64_t capacity) {
+  if (base == nullptr || capacity < kAlignment) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("host arena over ", capacity, " bytes: too small or no memory"));
+  }
+  if (reinterpret_cast<uintptr_t>(base) % kAlignment != 0) {
+    return absl::InvalidArgumentError("host arena memory is not page-aligned");
+  }
+  const int64_t usable = capacity / kAlignment * kAlignment;
+  // Fault every page in now, writing so that copy-on-write or lazily backed pages are real.
+  volatile uint8_t* p = static_cast<uint8_t*>(base);
+  for (int64_t off = 0; off < usable; off += kAlignment) p[off] = 0;
+  return std::unique_ptr<HostArena>(
+      new HostArena(static_cast<uint8_t*>(base), usable, -1, /*owned=*/false));
+}
+
+HostArena::HostArena(uint8_t* base, int64_t capacity, int fd, bool owned)
+    : base_(base), capacity_(capacity), fd_(fd), owned_(owned) {
   free_[0] = capacity;
 }
 
 HostArena::~HostArena() {
+  if (!owned_) return;
   munmap(base_, capacity_);
   close(fd_);
 }

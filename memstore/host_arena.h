@@ -1,6 +1,6 @@
-// The memstore's host-RAM tier: one shared-memory region (memfd), pre-faulted at creation so
-// the hot path never takes a first-touch fault, carved into extents by a first-fit allocator
-// with coalescing. Thread-safe.
+// The memstore's host-RAM tier: one shared-memory region (a memfd of its own, or memory UCX
+// allocated for sharing), pre-faulted at creation so the hot path never takes a first-touch
+// fault, carved into extents by a first-fit allocator with coalescing. Thread-safe.
 #ifndef LUMEN_MEMSTORE_HOST_ARENA_H_
 #define LUMEN_MEMSTORE_HOST_ARENA_H_
 
@@ -34,6 +34,10 @@ class HostArena {
   // RESOURCE_EXHAUSTED when the memory cannot be had.
   static absl::StatusOr<std::unique_ptr<HostArena>> Create(int64_t capacity_bytes,
                                                            const std::string& name);
+  // An arena over memory someone else owns (e.g. a region UCX allocated so that other
+  // processes can map it), which must outlive the arena. Touches every page now. `base` must
+  // be kAlignment-aligned. fd() is -1.
+  static absl::StatusOr<std::unique_ptr<HostArena>> CreateOver(void* base, int64_t capacity);
   ~HostArena();
 
   // An extent of at least `bytes`. RESOURCE_EXHAUSTED naming the sizes when none is free.
@@ -48,11 +52,12 @@ class HostArena {
   ArenaStats Stats() const;
 
  private:
-  HostArena(uint8_t* base, int64_t capacity, int fd);
+  HostArena(uint8_t* base, int64_t capacity, int fd, bool owned);
 
   uint8_t* const base_;
   const int64_t capacity_;
   const int fd_;
+  const bool owned_;
 
   mutable absl::Mutex mu_;
   std::map<int64_t, int64_t> free_ ABSL_GUARDED_BY(mu_);  // offset -> size

@@ -38,13 +38,16 @@ int main(int argc, char** argv) {
   lumen::MemstoreServiceOptions service_options;
   auto io = lumen::UringNvmeIo::Create({service_options.io_queue_depth, 1 << 20});
   if (!io.ok()) LOG(FATAL) << io.status();
+  // UCX allocates the host tier's memory: on one node, workers can then map it (ucp_rkey_ptr)
+  // and copy at memory speed; UCX 1.13 cannot share memory it did not allocate.
+  auto ucx = lumen::UcxServer::CreateWithAllocatedRegion(host_memory);
+  if (!ucx.ok()) LOG(FATAL) << ucx.status();
+  options.host_region = (*ucx)->region();
   auto store = lumen::TensorStore::Open(options, std::move(*io));
   if (!store.ok()) LOG(FATAL) << store.status();
   for (const std::string& id : (*store)->LostTensors()) {
     LOG(WARNING) << "tensor " << id << " was in host memory at the last stop and is lost";
   }
-  auto ucx = lumen::UcxServer::Create((*store)->arena().data(), (*store)->arena().capacity());
-  if (!ucx.ok()) LOG(FATAL) << ucx.status();
   const lumen::UcxEndpointInfo endpoint = (*ucx)->info();
   lumen::DataPlaneInfo data_plane;
   data_plane.set_worker_address(endpoint.worker_address);

@@ -58,18 +58,21 @@ int UringNvmeIo::Open(const std::string& path, bool write, bool* direct) {
   return fd;
 }
 
-absl::Status UringNvmeIo::Transfer(int fd, const std::string& path,
-                                   const std::vector<IoSegment>& segments, bool write) {
+absl::Status UringNvmeIo::Transfer(const std::vector<int>& fds, const std::vector<FileIo>& files,
+                                   bool write) {
   struct Chunk {
+    size_t file;
     int64_t offset;
     uint8_t* data;
     int64_t length;
   };
   std::vector<Chunk> chunks;
-  for (const IoSegment& s : segments) {
-    for (int64_t done = 0; done < s.length; done += options_.chunk_bytes) {
-      chunks.push_back({s.offset + done, static_cast<uint8_t*>(s.data) + done,
-                        std::min(options_.chunk_bytes, s.length - done)});
+  for (size_t f = 0; f < files.size(); ++f) {
+    for (const IoSegment& s : files[f].segments) {
+      for (int64_t done = 0; done < s.length; done += options_.chunk_bytes) {
+        chunks.push_back({f, s.offset + done, static_cast<uint8_t*>(s.data) + done,
+                          std::min(options_.chunk_bytes, s.length - done)});
+      }
     }
   }
   io_uring ring;
@@ -83,9 +86,9 @@ absl::Status UringNvmeIo::Transfer(int fd, const std::string& path,
       io_uring_sqe* sqe = io_uring_get_sqe(&ring);
       const Chunk& c = chunks[next];
       if (write) {
-        io_uring_prep_write(sqe, fd, c.data, c.length, c.offset);
+        io_uring_prep_write(sqe, fds[c.file], c.data, c.length, c.offset);
       } else {
-        io_uring_prep_read(sqe, fd, c.data, c.length, c.offset);
+        io_uring_prep_read(sqe, fds[c.file], c.data, c.length, c.offset);
       }
       io_uring_sqe_set_data64(sqe, next);
       ++next;
@@ -95,17 +98,20 @@ absl::Status UringNvmeIo::Transfer(int fd, const std::string& path,
     io_uring_cqe* cqe = nullptr;
     rc = io_uring_wait_cqe(&ring, &cqe);
     if (rc < 0) {
-      status = absl::InternalError(absl::StrCat(path, ": io_uring wait: ", strerror(-rc)));
+      status = absl::InternalError(absl::StrCat("io_uring wait: ", strerror(-rc)));
       break;
     }
     const Chunk& c = chunks[io_uring_cqe_get_data64(cqe)];
+    const std::string& path = files[c.file].path;
     const int res = cqe->res;
     io_uring_cqe_seen(&ring, cqe);
     --in_flight;
     ++completed;
     if (res < 0) {
-      status = absl::InternalError(absl::StrCat(path, ": ", write ? "write" : "read", " at ",
-                                                c.offset, ": ", strerror(-res)));
+      status = (write && res == -ENOSPC)
+                   ? absl::ResourceExhaustedError(absl::StrCat(path, ": ", strerror(-res)))
+                   : absl::InternalError(absl::StrCat(path, ": ", write ? "write" : "read",
+                                                      " at ", c.offset, ": ", strerror(-res)));
     } else if (res != c.length) {
       // Short read: the file was truncated. (A short write would mean a full disk.)
       status = write ? absl::ResourceExhaustedError(absl::StrCat(
@@ -127,34 +133,61 @@ absl::Status UringNvmeIo::Transfer(int fd, const std::string& path,
   return status;
 }
 
-absl::Status UringNvmeIo::Write(const std::string& path, const std::vector<IoSegment>& segments) {
-  bool direct = false;
-  const int fd = Open(path, /*write=*/true, &direct);
-  if (fd < 0) {
-    const int err = errno;
-    return (err == ENOSPC ? absl::ResourceExhaustedError(absl::StrCat(path, ": ", strerror(err)))
-                          : absl::InternalError(absl::StrCat("cannot create ", path, ": ",
-                                                             strerror(err))));
+absl::Status UringNvmeIo::WriteFiles(const std::vector<FileIo>& files) {
+  std::vector<int> fds;
+  absl::Status status;
+  for (const FileIo& file : files) {
+    bool direct = false;
+    const int fd = Open(file.path, /*write=*/true, &direct);
+    if (fd < 0) {
+      const int err = errno;
+      status = err == ENOSPC
+                   ? absl::ResourceExhaustedError(absl::StrCat(file.path, ": ", strerror(err)))
+                   : absl::InternalError(
+                         absl::StrCat("cannot create ", file.path, ": ", strerror(err)));
+      break;
+    }
+    fds.push_back(fd);
+    // Allocate the blocks up front (as fio does by default): O_DIRECT writes into allocated
+    // extents avoid block allocation and unwritten-extent conversion on the write path.
+    int64_t length = 0;
+    for (const IoSegment& seg : file.segments) length = std::max(length, seg.offset + seg.length);
+    if (fallocate(fd, 0, 0, length) != 0 && errno == ENOSPC) {
+      status = absl::ResourceExhaustedError(absl::StrCat(file.path, ": ", strerror(ENOSPC)));
+      break;
+    }
   }
-  absl::Status status = Transfer(fd, path, segments, /*write=*/true);
-  if (status.ok() && fdatasync(fd) != 0) {
-    status = absl::InternalError(absl::StrCat(path, ": fdatasync: ", strerror(errno)));
+  if (status.ok()) status = Transfer(fds, files, /*write=*/true);
+  for (size_t i = 0; i < fds.size(); ++i) {
+    if (status.ok() && fdatasync(fds[i]) != 0) {
+      status = absl::InternalError(absl::StrCat(files[i].path, ": fdatasync: ", strerror(errno)));
+    }
   }
-  close(fd);
-  if (!status.ok()) unlink(path.c_str());
+  for (int fd : fds) close(fd);
+  if (!status.ok()) {
+    for (size_t i = 0; i < fds.size(); ++i) unlink(files[i].path.c_str());
+  }
   return status;
 }
 
-absl::Status UringNvmeIo::Read(const std::string& path, const std::vector<IoSegment>& segments) {
-  bool direct = false;
-  const int fd = Open(path, /*write=*/false, &direct);
-  if (fd < 0) {
-    const int err = errno;
-    if (err == ENOENT) return absl::DataLossError(absl::StrCat("page file ", path, " is missing"));
-    return absl::InternalError(absl::StrCat("cannot open ", path, ": ", strerror(err)));
+absl::Status UringNvmeIo::ReadFiles(const std::vector<FileIo>& files) {
+  std::vector<int> fds;
+  absl::Status status;
+  for (const FileIo& file : files) {
+    bool direct = false;
+    const int fd = Open(file.path, /*write=*/false, &direct);
+    if (fd < 0) {
+      const int err = errno;
+      status = err == ENOENT
+                   ? absl::DataLossError(absl::StrCat("page file ", file.path, " is missing"))
+                   : absl::InternalError(
+                         absl::StrCat("cannot open ", file.path, ": ", strerror(err)));
+      break;
+    }
+    fds.push_back(fd);
   }
-  absl::Status status = Transfer(fd, path, segments, /*write=*/false);
-  close(fd);
+  if (status.ok()) status = Transfer(fds, files, /*write=*/false);
+  for (int fd : fds) close(fd);
   return status;
 }
 

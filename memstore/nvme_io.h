@@ -23,13 +23,26 @@ struct IoSegment {
   int64_t length = 0;
 };
 
+// The segments of one file.
+struct FileIo {
+  std::string path;
+  std::vector<IoSegment> segments;
+};
+
 class NvmeIo {
  public:
   virtual ~NvmeIo() = default;
-  // Creates (or replaces) `path` with the segments and makes it durable (fdatasync).
-  virtual absl::Status Write(const std::string& path, const std::vector<IoSegment>& segments) = 0;
-  // Reads the segments of `path`; DATA_LOSS naming the file when it is shorter.
-  virtual absl::Status Read(const std::string& path, const std::vector<IoSegment>& segments) = 0;
+  // Creates (or replaces) each file with its segments, all in one stream of requests, and
+  // makes them durable (fdatasync) at the end. On error no file of the batch is left.
+  virtual absl::Status WriteFiles(const std::vector<FileIo>& files) = 0;
+  // Reads the segments of each file; DATA_LOSS naming the file when one is shorter or missing.
+  virtual absl::Status ReadFiles(const std::vector<FileIo>& files) = 0;
+  absl::Status Write(const std::string& path, const std::vector<IoSegment>& segments) {
+    return WriteFiles({{path, segments}});
+  }
+  absl::Status Read(const std::string& path, const std::vector<IoSegment>& segments) {
+    return ReadFiles({{path, segments}});
+  }
   virtual absl::Status Remove(const std::string& path) = 0;
   // Buffer and offset alignment needed by files in `dir`.
   virtual int64_t Alignment(const std::string& dir) = 0;
@@ -46,17 +59,17 @@ struct UringNvmeIoOptions {
 class UringNvmeIo : public NvmeIo {
  public:
   static absl::StatusOr<std::unique_ptr<UringNvmeIo>> Create(UringNvmeIoOptions options);
-  absl::Status Write(const std::string& path, const std::vector<IoSegment>& segments) override;
-  absl::Status Read(const std::string& path, const std::vector<IoSegment>& segments) override;
+  absl::Status WriteFiles(const std::vector<FileIo>& files) override;
+  absl::Status ReadFiles(const std::vector<FileIo>& files) override;
   absl::Status Remove(const std::string& path) override;
   int64_t Alignment(const std::string& dir) override;
   bool used_buffered_io() const override;
 
  private:
   explicit UringNvmeIo(UringNvmeIoOptions options) : options_(options) {}
-  // Runs reads or writes of `segments` on `fd` through a ring of this call's own.
-  absl::Status Transfer(int fd, const std::string& path, const std::vector<IoSegment>& segments,
-                        bool write);
+  // Runs the reads or writes of every file's segments (fds[i] is files[i] opened) through one
+  // ring of this call's own, queue_depth requests in flight.
+  absl::Status Transfer(const std::vector<int>& fds, const std::vector<FileIo>& files, bool write);
   int Open(const std::string& path, bool write, bool* direct);
 
   const UringNvmeIoOptions options_;

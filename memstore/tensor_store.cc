@@ -82,7 +82,9 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(TensorStoreOption
     }
   }
   ASSIGN_OR_RETURN(std::unique_ptr<HostArena> arena,
-                   HostArena::Create(options.host_bytes, options.arena_name));
+                   options.host_region != nullptr
+                       ? HostArena::CreateOver(options.host_region, options.host_bytes)
+                       : HostArena::Create(options.host_bytes, options.arena_name));
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(options.db_path).parent_path(), ec);
   rocksdb::Options db_options;
@@ -220,9 +222,14 @@ absl::Status TensorStore::WritePages(const std::string& id, int64_t generation,
     return absl::FailedPreconditionError("the NVMe tier has no directories (--nvme-dir)");
   }
   const int first_dir = static_cast<int>(XXH3_64bits(id.data(), id.size()) % ndirs);
-  const int64_t count = std::max<int64_t>(1, (size + options_.page_bytes - 1) / options_.page_bytes);
+  const int64_t count =
+      std::max<int64_t>(1, (size + options_.page_bytes - 1) / options_.page_bytes);
+  // Every page of the tensor goes out in one stream of requests, synced at the end.
+  std::vector<std::unique_ptr<AlignedBuffer>> buffers;
+  std::vector<FileIo> files;
+  std::vector<PageRecord> planned;
   absl::Status status;
-  for (int64_t p = 0; p < count && status.ok(); ++p) {
+  for (int64_t p = 0; p < count; ++p) {
     const int dir = static_cast<int>((first_dir + p) % ndirs);
     const int64_t align = alignment_[dir];
     const int64_t offset = p * options_.page_bytes;
@@ -235,12 +242,9 @@ absl::Status TensorStore::WritePages(const std::string& id, int64_t generation,
     page.set_checksum(PageChecksum(id, p, generation, src, len));
     status = Reserve(dir, FileBytes(dir, len));
     if (!status.ok()) break;
-    AlignedBuffer header(align, align);
-    if (header.ptr == nullptr) {
-      Release(dir, FileBytes(dir, len));
-      status = absl::ResourceExhaustedError("cannot allocate an aligned page header");
-      break;
-    }
+    planned.push_back(page);
+    buffers.push_back(std::make_unique<AlignedBuffer>(align, align));
+    uint8_t* header = buffers.back()->data();
     PageHeader h{};
     memcpy(h.magic, kMagic, sizeof(kMagic));
     h.generation = generation;
@@ -248,38 +252,42 @@ absl::Status TensorStore::WritePages(const std::string& id, int64_t generation,
     h.size = len;
     h.checksum = page.checksum();
     h.id_length = static_cast<uint32_t>(std::min<size_t>(id.size(), align - sizeof(h)));
-    memcpy(header.data(), &h, sizeof(h));
-    memcpy(header.data() + sizeof(h), id.data(), h.id_length);
-    std::vector<IoSegment> segments = {{0, header.data(), align}};
-    std::unique_ptr<AlignedBuffer> staging;
+    FileIo file{PagePath(page), {}};
+    if (header == nullptr) {
+      status = absl::ResourceExhaustedError("cannot allocate an aligned page header");
+      break;
+    }
+    memcpy(header, &h, sizeof(h));
+    memcpy(header + sizeof(h), id.data(), h.id_length);
+    file.segments.push_back({0, header, align});
     const int64_t padded = RoundUp(len, align);
     if (padded == len && Aligned(src, align)) {
-      segments.push_back({align, const_cast<uint8_t*>(src), len});
+      file.segments.push_back({align, const_cast<uint8_t*>(src), len});
     } else {
-      staging = std::make_unique<AlignedBuffer>(align, padded);
-      if (staging->ptr == nullptr) {
-        Release(dir, FileBytes(dir, len));
+      buffers.push_back(std::make_unique<AlignedBuffer>(align, padded));
+      if (buffers.back()->ptr == nullptr) {
         status = absl::ResourceExhaustedError("cannot allocate a staging buffer");
         break;
       }
-      memcpy(staging->data(), src, len);
-      segments.push_back({align, staging->data(), padded});
+      memcpy(buffers.back()->data(), src, len);
+      file.segments.push_back({align, buffers.back()->data(), padded});
     }
-    status = io_->Write(PagePath(page), segments);
+    files.push_back(std::move(file));
+  }
+  if (status.ok()) {
+    status = io_->WriteFiles(files);
     if (!status.ok()) {
-      Release(dir, FileBytes(dir, len));
       status = absl::Status(status.code(),
                             absl::StrCat("writing tensor ", id, ": ", status.message()));
-      break;
     }
-    nvme_write_ += len;
-    pages->push_back(page);
   }
   if (!status.ok()) {
-    RemovePages(*pages);
-    pages->clear();
+    for (const PageRecord& page : planned) Release(page.dir(), FileBytes(page.dir(), page.size()));
+    return status;
   }
-  return status;
+  nvme_write_ += size;
+  *pages = std::move(planned);
+  return absl::OkStatus();
 }
 
 void TensorStore::RemovePages(const std::vector<PageRecord>& pages) {
@@ -290,36 +298,45 @@ void TensorStore::RemovePages(const std::vector<PageRecord>& pages) {
 }
 
 absl::Status TensorStore::ReadPages(const TensorRecord& record, uint8_t* dst) {
+  // All pages in one stream of requests; then each is verified.
+  std::vector<std::unique_ptr<AlignedBuffer>> headers;
+  std::vector<std::unique_ptr<AlignedBuffer>> staging(record.pages_size());
+  std::vector<FileIo> files;
   int64_t offset = 0;
   for (int p = 0; p < record.pages_size(); ++p) {
     const PageRecord& page = record.pages(p);
     const int64_t align = alignment_[page.dir()];
     const int64_t len = page.size();
     const int64_t padded = RoundUp(len, align);
-    const std::string path = PagePath(page);
-    AlignedBuffer header(align, align);
-    std::unique_ptr<AlignedBuffer> staging;
+    headers.push_back(std::make_unique<AlignedBuffer>(align, align));
     uint8_t* target = dst + offset;
-    std::vector<IoSegment> segments = {{0, header.data(), align}};
+    FileIo file{PagePath(page), {{0, headers.back()->data(), align}}};
     if (padded == len && Aligned(target, align)) {
-      segments.push_back({align, target, len});
+      file.segments.push_back({align, target, len});
     } else {
-      staging = std::make_unique<AlignedBuffer>(align, padded);
-      segments.push_back({align, staging->data(), padded});
+      staging[p] = std::make_unique<AlignedBuffer>(align, padded);
+      file.segments.push_back({align, staging[p]->data(), padded});
     }
-    if (header.ptr == nullptr || (staging && staging->ptr == nullptr)) {
+    if (headers.back()->ptr == nullptr || (staging[p] && staging[p]->ptr == nullptr)) {
       return absl::ResourceExhaustedError("cannot allocate an aligned read buffer");
     }
-    absl::Status status = io_->Read(path, segments);
-    if (!status.ok()) {
-      if (status.code() == absl::StatusCode::kDataLoss) ++checksum_failures_;
-      return absl::Status(status.code(),
-                          absl::StrCat("tensor ", record.id(), " page ", p, ": ",
-                                       status.message()));
-    }
-    if (staging) memcpy(target, staging->data(), len);
+    files.push_back(std::move(file));
+    offset += len;
+  }
+  absl::Status status = io_->ReadFiles(files);
+  if (!status.ok()) {
+    if (status.code() == absl::StatusCode::kDataLoss) ++checksum_failures_;
+    return absl::Status(status.code(),
+                        absl::StrCat("tensor ", record.id(), ": ", status.message()));
+  }
+  offset = 0;
+  for (int p = 0; p < record.pages_size(); ++p) {
+    const PageRecord& page = record.pages(p);
+    const int64_t len = page.size();
+    uint8_t* target = dst + offset;
+    if (staging[p]) memcpy(target, staging[p]->data(), len);
     PageHeader h;
-    memcpy(&h, header.data(), sizeof(h));
+    memcpy(&h, headers[p]->data(), sizeof(h));
     const uint64_t sum = PageChecksum(record.id(), p, record.generation(), target, len);
     std::string problem;
     if (memcmp(h.magic, kMagic, sizeof(kMagic)) != 0) {
@@ -334,12 +351,12 @@ absl::Status TensorStore::ReadPages(const TensorRecord& record, uint8_t* dst) {
     }
     if (!problem.empty()) {
       ++checksum_failures_;
-      return absl::DataLossError(absl::StrCat("tensor ", record.id(), " page ", p, " in ", path,
-                                              ": ", problem));
+      return absl::DataLossError(absl::StrCat("tensor ", record.id(), " page ", p, " in ",
+                                              PagePath(page), ": ", problem));
     }
-    nvme_read_ += len;
     offset += len;
   }
+  nvme_read_ += offset;
   return absl::OkStatus();
 }
 

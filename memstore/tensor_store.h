@@ -37,6 +37,9 @@ struct TensorStoreOptions {
   int64_t page_bytes = 64 << 20;
   // Name of the host arena's memfd.
   std::string arena_name = "lumen-memstore";
+  // When set, the host tier lives in this memory (host_bytes long, owned by the caller, e.g. a
+  // region UCX allocated so workers can map it) instead of a memfd of its own.
+  void* host_region = nullptr;
 };
 
 struct TierUsage {

@@ -96,7 +96,7 @@ absl::StatusOr<std::unique_ptr<UcxServer>> UcxServer::CreateMapped(void* region,
                                                                    bool allocate) {
   std::unique_ptr<UcxServer> server(new UcxServer());
   // WAKEUP lets the progress thread sleep on the worker's event fd instead of spinning.
-  ASSIGN_OR_RETURN(server->context_, InitContext(UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP | (getenv("LUMEN_UCX_AM") ? UCP_FEATURE_AM : 0)));
+  ASSIGN_OR_RETURN(server->context_, InitContext(UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP));
   ASSIGN_OR_RETURN(server->worker_, CreateWorker(server->context_));
 
   ucp_mem_map_params_t map = {};
@@ -205,7 +205,7 @@ UcxServer::~UcxServer() {
 
 absl::StatusOr<std::unique_ptr<UcxClient>> UcxClient::Create(UcxClientOptions options) {
   std::unique_ptr<UcxClient> client(new UcxClient(options));
-  ASSIGN_OR_RETURN(client->context_, InitContext(UCP_FEATURE_RMA | (getenv("LUMEN_UCX_AM") ? UCP_FEATURE_AM : 0)));
+  ASSIGN_OR_RETURN(client->context_, InitContext(UCP_FEATURE_RMA));
   ASSIGN_OR_RETURN(client->worker_, CreateWorker(client->context_));
   return client;
 }
