@@ -172,6 +172,16 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
     out << absl::StrFormat("%-30s used %s of %s\n", t.name(), FormatBytes(t.used_bytes()),
                            FormatBytes(t.capacity_bytes()));
   }
+  out << absl::StrFormat("memstore: %d tensors, %d checksum failures\n", info.memstore_tensors(),
+                         info.memstore_checksum_failures());
+  if (info.lost_tensors_size() > 0) {
+    out << absl::StrFormat("LOST: %d tensors were in host memory when the memstore restarted:",
+                           info.lost_tensors_size());
+    for (int i = 0; i < std::min(info.lost_tensors_size(), 10); ++i) {
+      out << " " << info.lost_tensors(i);
+    }
+    out << (info.lost_tensors_size() > 10 ? " ...\n" : "\n");
+  }
   out << "\nJOBS\n";
   for (const auto& [state, count] : info.jobs_by_state()) {
     out << absl::StrFormat("%-10s %d\n", state, count);

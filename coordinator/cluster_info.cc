@@ -48,11 +48,14 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
     }
   }
   if (memstore_ != nullptr) {
-    auto tiers = memstore_->GetStats(absl::Seconds(2));
-    if (tiers.ok()) {
-      for (const TierInfo& tier : *tiers) *reply.add_tiers() = tier;
+    auto stats = memstore_->GetStats(absl::Seconds(2));
+    if (stats.ok()) {
+      *reply.mutable_tiers() = stats->tiers();
+      *reply.mutable_lost_tensors() = stats->lost_tensors();
+      reply.set_memstore_tensors(stats->tensors());
+      reply.set_memstore_checksum_failures(stats->checksum_failures());
     } else {
-      LOG(WARNING) << "memstore: " << tiers.status();
+      LOG(WARNING) << "memstore: " << stats.status();
     }
   }
   for (const auto& [state, count] : jobs_->JobsByState()) {

@@ -24,13 +24,13 @@ GrpcMemstoreClient::GrpcMemstoreClient(const std::string& socket)
 
 GrpcMemstoreClient::~GrpcMemstoreClient() = default;
 
-absl::StatusOr<std::vector<TierInfo>> GrpcMemstoreClient::GetStats(absl::Duration timeout) {
+absl::StatusOr<GetMemstoreStatsReply> GrpcMemstoreClient::GetStats(absl::Duration timeout) {
   grpc::ClientContext context;
   SetDeadline(&context, timeout);
   GetMemstoreStatsReply reply;
   grpc::Status status = Memstore::NewStub(channel_)->GetStats(&context, {}, &reply);
   if (!status.ok()) return FromGrpcStatus(status);
-  return std::vector<TierInfo>(reply.tiers().begin(), reply.tiers().end());
+  return reply;
 }
 
 absl::Status GrpcMemstoreClient::EnsureDataPlane() {
@@ -143,16 +143,19 @@ absl::Status GrpcMemstoreClient::Free(const std::string& id) {
   return FromGrpcStatus(Memstore::NewStub(channel_)->FreeTensor(&context, request, &reply));
 }
 
-absl::StatusOr<std::vector<TierInfo>> FakeMemstoreClient::GetStats(absl::Duration) {
+absl::StatusOr<GetMemstoreStatsReply> FakeMemstoreClient::GetStats(absl::Duration) {
   absl::MutexLock lock(&mu_);
-  TierInfo host, nvme;
-  host.set_name("host");
-  nvme.set_name("nvme:fake");
+  GetMemstoreStatsReply reply;
+  TierInfo* host = reply.add_tiers();
+  TierInfo* nvme = reply.add_tiers();
+  host->set_name("host");
+  nvme->set_name("nvme:fake");
   for (const auto& [id, t] : tensors_) {
-    TierInfo& tier = t.tier == TIER_HOST ? host : nvme;
-    tier.set_used_bytes(tier.used_bytes() + t.bytes.size());
+    TierInfo* tier = t.tier == TIER_HOST ? host : nvme;
+    tier->set_used_bytes(tier->used_bytes() + t.bytes.size());
   }
-  return std::vector<TierInfo>{host, nvme};
+  reply.set_tensors(static_cast<int64_t>(tensors_.size()));
+  return reply;
 }
 
 absl::Status FakeMemstoreClient::Write(const std::string& id, const void* data, int64_t size,

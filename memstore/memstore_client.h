@@ -26,7 +26,8 @@ class UcxClient;
 class MemstoreClient {
  public:
   virtual ~MemstoreClient() = default;
-  virtual absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) = 0;
+  // Tiers, tensor counts and the tensors lost in a restart.
+  virtual absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration timeout) = 0;
   // Creates or replaces tensor `id` with `size` bytes from `data` in `tier`.
   virtual absl::Status Write(const std::string& id, const void* data, int64_t size,
                              const std::string& dtype, Tier tier) = 0;
@@ -41,7 +42,7 @@ class GrpcMemstoreClient : public MemstoreClient {
  public:
   explicit GrpcMemstoreClient(const std::string& socket);
   ~GrpcMemstoreClient() override;
-  absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) override;
+  absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration timeout) override;
   absl::Status Write(const std::string& id, const void* data, int64_t size,
                      const std::string& dtype, Tier tier) override;
   absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;
@@ -59,7 +60,7 @@ class GrpcMemstoreClient : public MemstoreClient {
 // In-memory stand-in with the same semantics (tiers are recorded, not simulated).
 class FakeMemstoreClient : public MemstoreClient {
  public:
-  absl::StatusOr<std::vector<TierInfo>> GetStats(absl::Duration timeout) override;
+  absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration timeout) override;
   absl::Status Write(const std::string& id, const void* data, int64_t size,
                      const std::string& dtype, Tier tier) override;
   absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;

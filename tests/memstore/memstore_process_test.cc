@@ -107,6 +107,10 @@ TEST(MemstoreProcessTest, KillNineKeepsNvmeTensorsAndReportsHostOnesLost) {
   memstore.Kill(SIGKILL);
   memstore.Start();
   GrpcMemstoreClient client(memstore.socket());
+  auto stats = client.GetStats(absl::Seconds(10));
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->lost_tensors_size(), kEach);  // reported in status, not served as garbage
+  EXPECT_EQ(stats->tensors(), 2 * kEach);
   std::vector<uint8_t> buf(kTensor);
   for (int i = 0; i < 2 * kEach; ++i) {
     const std::string id = absl::StrCat("t", i);
