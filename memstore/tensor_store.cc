@@ -150,7 +150,8 @@ absl::Status TensorStore::Recover() {
         referenced.insert(PagePath(page));
         dir_used_[page.dir()] += FileBytes(page.dir(), page.size());
       }
-      entries_[record.id()].record = record;
+      entries_[record.id()] = std::make_shared<Entry>();
+      entries_[record.id()]->record = record;
     }
   }
   for (const TensorRecord& record : lost) RETURN_IF_ERROR(Persist(record));
@@ -361,28 +362,60 @@ absl::Status TensorStore::ReadPages(const TensorRecord& record, uint8_t* dst) {
 }
 
 absl::StatusOr<TensorStore::Entry*> TensorStore::Acquire(const std::string& id, bool create) {
+  while (true) {
+    auto it = entries_.find(id);
+    if (it == entries_.end()) {
+      if (!create) return absl::NotFoundError(absl::StrCat("no tensor ", id));
+      it = entries_.emplace(id, std::make_shared<Entry>()).first;
+      it->second->busy = true;
+      return it->second.get();
+    }
+    // Holding the shared_ptr keeps the entry alive if it is freed while we wait.
+    std::shared_ptr<Entry> entry = it->second;
+    auto idle = [&entry]() { return entry->removed || (!entry->busy && entry->readers == 0); };
+    mu_.Await(absl::Condition(&idle));
+    it = entries_.find(id);
+    if (it != entries_.end() && it->second == entry) {
+      entry->busy = true;
+      return entry.get();
+    }
+    // Freed (and maybe recreated) while we waited: look again.
+  }
+}
+
+absl::StatusOr<TensorRecord> TensorStore::AddReader(const std::string& id) {
+  while (true) {
+    auto it = entries_.find(id);
+    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
+    std::shared_ptr<Entry> entry = it->second;
+    auto readable = [&entry]() { return entry->removed || !entry->busy; };
+    mu_.Await(absl::Condition(&readable));
+    it = entries_.find(id);
+    if (it == entries_.end() || it->second != entry) continue;
+    if (entry->record.lost()) {
+      return absl::DataLossError(absl::StrCat(
+          "tensor ", id, " was in host memory when the memstore restarted and is lost"));
+    }
+    ++entry->readers;
+    return entry->record;
+  }
+}
+
+void TensorStore::RemoveReader(const std::string& id) {
   auto it = entries_.find(id);
-  if (it == entries_.end()) {
-    if (!create) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-    it = entries_.emplace(id, Entry{}).first;
-    it->second.busy = true;
-    return &it->second;
-  }
-  Entry* entry = &it->second;
-  auto idle = [entry]() { return !entry->busy && entry->readers == 0; };
-  mu_.Await(absl::Condition(&idle));
-  // The entry may have been freed while we waited.
-  it = entries_.find(id);
-  if (it == entries_.end() || &it->second != entry) {
-    return Acquire(id, create);
-  }
-  entry->busy = true;
-  return entry;
+  if (it != entries_.end() && it->second->readers > 0) --it->second->readers;
+}
+
+void TensorStore::RemoveEntry(const std::string& id) {
+  auto it = entries_.find(id);
+  if (it == entries_.end()) return;
+  it->second->removed = true;
+  entries_.erase(it);
 }
 
 void TensorStore::ReleaseEntry(const std::string& id) {
   auto it = entries_.find(id);
-  if (it != entries_.end()) it->second.busy = false;
+  if (it != entries_.end()) it->second->busy = false;
 }
 
 absl::StatusOr<int64_t> TensorStore::BeginWrite(const std::string& id, int64_t size) {
@@ -450,7 +483,7 @@ absl::Status TensorStore::CommitWrite(const std::string& id, int64_t staging_off
     if (existed) {
       ReleaseEntry(id);
     } else {
-      entries_.erase(id);
+      RemoveEntry(id);
     }
     return status;
   }
@@ -462,7 +495,7 @@ absl::Status TensorStore::CommitWrite(const std::string& id, int64_t staging_off
     RemovePages(old_pages);
     mu_.Lock();
   }
-  entries_[id].record = record;
+  entries_[id]->record = record;
   ReleaseEntry(id);
   return absl::OkStatus();
 }
@@ -471,19 +504,7 @@ absl::StatusOr<PinnedTensor> TensorStore::Pin(const std::string& id) {
   TensorRecord record;
   {
     absl::MutexLock lock(&mu_);
-    auto it = entries_.find(id);
-    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-    Entry* entry = &it->second;
-    auto readable = [entry]() { return !entry->busy; };
-    mu_.Await(absl::Condition(&readable));
-    it = entries_.find(id);
-    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-    record = it->second.record;
-    if (record.lost()) {
-      return absl::DataLossError(absl::StrCat(
-          "tensor ", id, " was in host memory when the memstore restarted and is lost"));
-    }
-    ++it->second.readers;
+    ASSIGN_OR_RETURN(record, AddReader(id));
   }
   PinnedTensor pinned;
   pinned.size = record.size();
@@ -507,7 +528,7 @@ absl::StatusOr<PinnedTensor> TensorStore::Pin(const std::string& id) {
   }
   if (!status.ok()) {
     absl::MutexLock lock(&mu_);
-    --entries_[id].readers;
+    RemoveReader(id);
     return status;
   }
   return pinned;
@@ -516,31 +537,19 @@ absl::StatusOr<PinnedTensor> TensorStore::Pin(const std::string& id) {
 void TensorStore::Unpin(const std::string& id, const PinnedTensor& pinned) {
   if (pinned.staged) (void)arena_->Free(pinned.offset);
   absl::MutexLock lock(&mu_);
-  auto it = entries_.find(id);
-  if (it != entries_.end() && it->second.readers > 0) --it->second.readers;
+  RemoveReader(id);
 }
 
 absl::StatusOr<int64_t> TensorStore::Read(const std::string& id, void* dst, int64_t capacity) {
   TensorRecord record;
   {
     absl::MutexLock lock(&mu_);
-    auto it = entries_.find(id);
-    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-    Entry* entry = &it->second;
-    auto readable = [entry]() { return !entry->busy; };
-    mu_.Await(absl::Condition(&readable));
-    it = entries_.find(id);
-    if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-    record = it->second.record;
-    if (record.lost()) {
-      return absl::DataLossError(absl::StrCat(
-          "tensor ", id, " was in host memory when the memstore restarted and is lost"));
-    }
+    ASSIGN_OR_RETURN(record, AddReader(id));
     if (record.size() > capacity) {
+      RemoveReader(id);
       return absl::InvalidArgumentError(absl::StrCat("tensor ", id, " has ", record.size(),
                                                      " bytes; the buffer holds ", capacity));
     }
-    ++it->second.readers;
   }
   absl::Status status;
   if (record.tier() == TIER_HOST) {
@@ -550,7 +559,7 @@ absl::StatusOr<int64_t> TensorStore::Read(const std::string& id, void* dst, int6
     status = ReadPages(record, static_cast<uint8_t*>(dst));
   }
   absl::MutexLock lock(&mu_);
-  --entries_[id].readers;
+  RemoveReader(id);
   if (!status.ok()) return status;
   return record.size();
 }
@@ -610,7 +619,7 @@ absl::Status TensorStore::Move(const std::string& id, Tier tier) {
     }
   }
   absl::MutexLock lock(&mu_);
-  if (status.ok()) entries_[id].record = record;
+  if (status.ok()) entries_[id]->record = record;
   ReleaseEntry(id);
   return status;
 }
@@ -632,7 +641,7 @@ absl::Status TensorStore::Free(const std::string& id) {
   }
   absl::MutexLock lock(&mu_);
   if (status.ok()) {
-    entries_.erase(id);
+    RemoveEntry(id);
   } else {
     ReleaseEntry(id);
   }
@@ -643,14 +652,14 @@ absl::StatusOr<TensorRecord> TensorStore::Lookup(const std::string& id) {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(id);
   if (it == entries_.end()) return absl::NotFoundError(absl::StrCat("no tensor ", id));
-  return it->second.record;
+  return it->second->record;
 }
 
 std::vector<std::string> TensorStore::LostTensors() {
   absl::MutexLock lock(&mu_);
   std::vector<std::string> lost;
   for (const auto& [id, entry] : entries_) {
-    if (entry.record.lost()) lost.push_back(id);
+    if (entry->record.lost()) lost.push_back(id);
   }
   return lost;
 }
@@ -683,7 +692,7 @@ StoreCounters TensorStore::Counters() {
   c.checksum_failures = checksum_failures_;
   absl::MutexLock lock(&mu_);
   c.tensors = static_cast<int64_t>(entries_.size());
-  for (const auto& [id, entry] : entries_) c.lost_tensors += entry.record.lost() ? 1 : 0;
+  for (const auto& [id, entry] : entries_) c.lost_tensors += entry->record.lost() ? 1 : 0;
   return c;
 }
 

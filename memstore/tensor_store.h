@@ -112,6 +112,7 @@ class TensorStore {
     TensorRecord record;
     int readers = 0;
     bool busy = false;  // being written, moved or freed
+    bool removed = false;  // erased from entries_; waiters must look again
   };
 
   TensorStore(TensorStoreOptions options, std::unique_ptr<NvmeIo> io,
@@ -135,6 +136,11 @@ class TensorStore {
   absl::StatusOr<Entry*> Acquire(const std::string& id, bool create)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseEntry(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Erases `id`, waking whoever waits on it.
+  void RemoveEntry(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Waits until `id` is not busy, counts a reader and returns its record; DATA_LOSS if lost.
+  absl::StatusOr<TensorRecord> AddReader(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RemoveReader(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
   const TensorStoreOptions options_;
@@ -144,7 +150,8 @@ class TensorStore {
   std::vector<int64_t> alignment_;  // per NVMe directory
 
   absl::Mutex mu_;
-  std::map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
+  // shared_ptr: a thread waiting on an entry keeps it alive if another frees it meanwhile.
+  std::map<std::string, std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
   std::vector<int64_t> dir_used_ ABSL_GUARDED_BY(mu_);
 
   std::atomic<int64_t> host_read_{0}, host_write_{0}, nvme_read_{0}, nvme_write_{0};

@@ -250,6 +250,27 @@ TEST_F(TensorStoreTest, PinHoldsBytesInTheArenaAndBlocksMoves) {
   EXPECT_EQ(store->HostStats().used_bytes, 50000 + 4096 - 50000 % 4096);  // only "n"
 }
 
+TEST_F(TensorStoreTest, FreeWhileOthersWaitLeavesThemNotFound) {
+  auto store = Open();
+  const auto x = Bytes(8192, 12);
+  ASSERT_TRUE(store->Write("x", x.data(), x.size(), "u8", TIER_HOST).ok());
+  auto pinned = store->Pin("x");
+  ASSERT_TRUE(pinned.ok());
+  absl::Status freed, moved;
+  std::thread freer([&] { freed = store->Free("x"); });
+  absl::SleepFor(absl::Milliseconds(50));  // the freer now waits for the pin
+  std::thread mover([&] { moved = store->Move("x", TIER_NVME); });
+  absl::SleepFor(absl::Milliseconds(50));
+  store->Unpin("x", *pinned);
+  freer.join();
+  mover.join();
+  EXPECT_TRUE(freed.ok()) << freed;
+  EXPECT_EQ(moved.code(), absl::StatusCode::kNotFound) << moved;
+  std::vector<uint8_t> out(8192);
+  EXPECT_EQ(store->Read("x", out.data(), out.size()).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
 TEST_F(TensorStoreTest, ConcurrentReadersWritersAndMovers) {
   auto store = Open();
   constexpr int kShared = 4;
