@@ -172,8 +172,12 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
     out << absl::StrFormat("%-30s used %s of %s\n", t.name(), FormatBytes(t.used_bytes()),
                            FormatBytes(t.capacity_bytes()));
   }
-  out << absl::StrFormat("memstore: %d tensors, %d checksum failures\n", info.memstore_tensors(),
-                         info.memstore_checksum_failures());
+  if (!info.memstore_error().empty()) {
+    out << "memstore unreachable: " << info.memstore_error() << "\n";
+  } else {
+    out << absl::StrFormat("memstore: %d tensors, %d checksum failures\n",
+                           info.memstore_tensors(), info.memstore_checksum_failures());
+  }
   if (info.lost_tensors_size() > 0) {
     out << absl::StrFormat("LOST: %d tensors were in host memory when the memstore restarted:",
                            info.lost_tensors_size());

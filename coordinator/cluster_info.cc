@@ -55,7 +55,7 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
       reply.set_memstore_tensors(stats->tensors());
       reply.set_memstore_checksum_failures(stats->checksum_failures());
     } else {
-      LOG(WARNING) << "memstore: " << stats.status();
+      reply.set_memstore_error(stats.status().ToString());
     }
   }
   for (const auto& [state, count] : jobs_->JobsByState()) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -191,8 +192,11 @@ absl::StatusOr<SimResult> Simulate(const Schedule& schedule, const HardwareProfi
   std::vector<double> max_demand(n, 0);
   std::vector<int> deps_left(n, 0);
   std::vector<std::vector<int>> dependents(n);
-  std::map<std::string, std::vector<int>> lanes;  // key → op ids in order
-  std::vector<std::string> lane_of(n);
+  // Lanes: (worker, lane) → op ids in schedule order.
+  std::map<std::string, int> lane_index;
+  std::vector<std::string> lane_names;
+  std::vector<std::vector<int>> lanes;
+  std::vector<int> lane_of(n);
   for (const Op& op : schedule.ops) {
     auto d = DemandOf(op, res, hw, bf16, workers);
     if (!d.ok()) return d.status();
@@ -206,11 +210,17 @@ absl::StatusOr<SimResult> Simulate(const Schedule& schedule, const HardwareProfi
       ++deps_left[op.id];
       dependents[dep].push_back(op.id);
     }
-    lane_of[op.id] = StreamKey(op);
-    lanes[lane_of[op.id]].push_back(op.id);
+    const std::string key = StreamKey(op);
+    auto [it, inserted] = lane_index.emplace(key, static_cast<int>(lanes.size()));
+    if (inserted) {
+      lanes.emplace_back();
+      lane_names.push_back(key);
+    }
+    lane_of[op.id] = it->second;
+    lanes[it->second].push_back(op.id);
   }
-  std::map<std::string, size_t> lane_head;  // index of the next op to start in each lane
-  std::map<std::string, bool> lane_busy;
+  std::vector<size_t> lane_head(lanes.size(), 0);  // next op to start in each lane
+  std::vector<bool> lane_busy(lanes.size(), false);
 
   SimResult out;
   out.op_start_s.assign(n, -1);
@@ -221,27 +231,33 @@ absl::StatusOr<SimResult> Simulate(const Schedule& schedule, const HardwareProfi
   int done = 0;
   double now = 0;
 
+  // Lanes whose head may have become startable.
+  std::vector<int> dirty(lanes.size());
+  std::iota(dirty.begin(), dirty.end(), 0);
+  auto finish = [&](int id) {
+    out.op_end_s[id] = now;
+    ++done;
+    lane_busy[lane_of[id]] = false;
+    dirty.push_back(lane_of[id]);
+    for (int d : dependents[id]) {
+      if (--deps_left[d] == 0) dirty.push_back(lane_of[d]);
+    }
+  };
   // Starts every startable op; zero-work ops finish at once (which may unblock others).
   auto start_ready = [&]() {
-    bool changed = true;
-    while (changed) {
-      changed = false;
-      for (auto& [key, ids] : lanes) {
-        size_t& head = lane_head[key];
-        if (lane_busy[key] || head >= ids.size()) continue;
-        const int id = ids[head];
-        if (deps_left[id] > 0) continue;
-        ++head;
-        out.op_start_s[id] = now;
-        if (max_demand[id] <= 0) {
-          out.op_end_s[id] = now;
-          ++done;
-          for (int d : dependents[id]) --deps_left[d];
-        } else {
-          lane_busy[key] = true;
-          active.push_back(id);
-        }
-        changed = true;
+    while (!dirty.empty()) {
+      const int lane = dirty.back();
+      dirty.pop_back();
+      if (lane_busy[lane] || lane_head[lane] >= lanes[lane].size()) continue;
+      const int id = lanes[lane][lane_head[lane]];
+      if (deps_left[id] > 0) continue;
+      ++lane_head[lane];
+      out.op_start_s[id] = now;
+      lane_busy[lane] = true;
+      if (max_demand[id] <= 0) {
+        finish(id);
+      } else {
+        active.push_back(id);
       }
     }
   };
@@ -306,10 +322,7 @@ absl::StatusOr<SimResult> Simulate(const Schedule& schedule, const HardwareProfi
       progress[id] += rate * dt;
       for (const auto& [r, s] : demand[id]) busy[r] += s * rate * dt;
       if (progress[id] >= 1.0 - 1e-9) {
-        out.op_end_s[id] = now;
-        ++done;
-        lane_busy[lane_of[id]] = false;
-        for (int d : dependents[id]) --deps_left[d];
+        finish(id);
       } else {
         still.push_back(id);
       }
@@ -317,8 +330,10 @@ absl::StatusOr<SimResult> Simulate(const Schedule& schedule, const HardwareProfi
     active.swap(still);
   }
   if (done < n) {
-    for (const auto& [key, ids] : lanes) {
-      const size_t head = lane_head[key];
+    for (size_t lane = 0; lane < lanes.size(); ++lane) {
+      const std::vector<int>& ids = lanes[lane];
+      const size_t head = lane_head[lane];
+      const std::string& key = lane_names[lane];
       if (head >= ids.size()) continue;
       const Op& op = schedule.ops[ids[head]];
       std::string waiting;
