@@ -16,6 +16,7 @@
 #include "client/data_prepare.h"
 #include "client/export.h"
 #include "client/generate.h"
+#include "client/plan_command.h"
 #include "common/paths.h"
 #include "common/units.h"
 #include "google/protobuf/util/json_util.h"
@@ -265,6 +266,19 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
                          "Destination directory; must not exist or be empty")
       ->required();
 
+  PlanCommandOptions plan_options;
+  auto* plan = app.add_subcommand(
+      "plan", "Predict where a job's tensors live and how fast it trains on a hardware profile "
+              "(no node needed); exit 0 if it fits, 3 if not");
+  plan->add_option("spec", plan_options.job_file, "Job spec file")->required();
+  plan->add_option("--hardware", plan_options.hardware,
+                   "Profile file or built-in name (1x-rtx4090, 1x-h100, 8x-rtx4090)")
+      ->default_val("1x-rtx4090");
+  plan->add_option("--workers", plan_options.workers, "Workers to plan for (default: the job's)");
+  plan->add_option("--device-memory", plan_options.device_memory,
+                   "Per-worker device budget, e.g. 8GiB (default: the profile's)");
+  plan->add_flag("--json", plan_options.json, "One JSON object");
+
   GenerateOptions generate_options;
   auto* generate = app.add_subcommand("generate", "Sample text from a checkpoint directory");
   generate->add_option("--checkpoint", generate_options.checkpoint, "Exported directory")
@@ -284,6 +298,7 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
 
   // Commands that need no node.
+  if (plan->parsed()) return RunPlanCommand(plan_options, out, err);
   if (prepare->parsed()) {
     prepare_options.progress = &out;
     auto result = PrepareData(prepare_options);

@@ -326,6 +326,7 @@ class ScheduleBuilder {
       Op read;
       read.kind = OpKind::kTransfer;
       read.lane = Lane::kNvmeParams;
+      read.worker = w;  // the worker's own host queue
       read.layer = l;
       read.tensor = TensorClass::kParams;
       read.src = Tier::kNvme;
@@ -416,7 +417,9 @@ class ScheduleBuilder {
           if (l + 1 < layers && p_.home[kActs][l + 1] == Tier::kNvme) {
             Op write;
             write.kind = OpKind::kTransfer;
-            write.lane = Lane::kNvmeWriteBack;
+            write.lane = Lane::kNvmeActivations;
+            // One host queue per stage, so stages never wait in each other's queue.
+            write.worker = layout().Worker(st, 0);
             write.layer = l + 1;
             write.group = g;
             write.tensor = TensorClass::kActivations;
@@ -438,8 +441,10 @@ class ScheduleBuilder {
   void Backward() {
     int max_groups = 0;
     for (int r = 0; r < layout().par.replicas; ++r) max_groups = std::max(max_groups, Groups(r));
-    std::vector<int32_t> ckpt_reads;
-    std::vector<int32_t> ckpt_consumers;  // the compute op that consumed each read
+    // Per stage: checkpoint reads in order and the compute op that consumed each (two host
+    // staging slots per stage).
+    std::vector<std::vector<int32_t>> reads(layout().par.stages);
+    std::vector<std::vector<int32_t>> consumers(layout().par.stages);
     for (int g = max_groups - 1; g >= 0; --g) {
       for (int st = layout().par.stages - 1; st >= 0; --st) {
         const std::vector<int>& sl = layout().stage_layers[st];
@@ -450,6 +455,7 @@ class ScheduleBuilder {
             Op op;
             op.kind = OpKind::kTransfer;
             op.lane = Lane::kNvmeActivations;
+            op.worker = layout().Worker(st, 0);  // the stage's host queue
             op.layer = l;
             op.group = g;
             op.tensor = TensorClass::kActivations;
@@ -459,7 +465,8 @@ class ScheduleBuilder {
               if (g < Groups(r)) op.bytes += Act(l, layout().group_sizes[r][g]);
             }
             if (ckpt_write_[l][g] >= 0) op.deps.push_back(ckpt_write_[l][g]);
-            // Two host staging slots for checkpoints.
+            std::vector<int32_t>& ckpt_reads = reads[st];
+            std::vector<int32_t>& ckpt_consumers = consumers[st];
             if (ckpt_reads.size() >= 2 && ckpt_consumers[ckpt_reads.size() - 2] >= 0) {
               op.deps.push_back(ckpt_consumers[ckpt_reads.size() - 2]);
             }
@@ -527,7 +534,7 @@ class ScheduleBuilder {
               gp.push_back(out_id);
             }
           }
-          if (read >= 0) ckpt_consumers[ckpt_reads.size() - 1] = last_compute;
+          if (read >= 0) consumers[st].back() = last_compute;
           if (g == 0 && !p_.optimizer_on_device) optimizer_order_.push_back(l);
         }
       }
@@ -798,6 +805,10 @@ absl::StatusOr<Plan> PlanJob(const ModelDesc& m, const HardwareProfile& hw,
   const int base_prefetch = opt.prefetch_distances.empty() ? 1 : opt.prefetch_distances.front();
   std::optional<Evaluated> best;
   for (const Parallelism& par : Parallelisms(m, opt.workers)) {
+    if ((opt.stages > 0 && par.stages != opt.stages) ||
+        (opt.groups > 0 && par.groups != opt.groups)) {
+      continue;
+    }
     Candidate cand;
     cand.parallelism = par;
     const Layout layout = MakeLayout(m, par);

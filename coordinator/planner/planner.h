@@ -32,6 +32,10 @@ struct PlannerOptions {
   // Layers of optimizer state read ahead from NVMe into host staging buffers. More keeps the
   // drives busy through the forward pass at a cost of one layer's master+m+v of host RAM each.
   int optimizer_read_ahead = 4;
+  // Restrict the parallelisms evaluated: pipeline stages and micro-batch groups per replica;
+  // 0 = evaluate every choice (the default: the planner picks by simulated step time).
+  int stages = 0;
+  int groups = 0;
   // Micro-batch ring buffers per activation stream on the device when activations live off it.
   int activation_ring = 2;
 };

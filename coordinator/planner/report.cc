@@ -96,8 +96,10 @@ std::string PlanText(const std::string& job_name, const ModelDesc& m, const Hard
                         "  tokens per step   %d (micro_batch_size %d x seq_len %d x "
                         "grad_accum_steps %d)\n",
                         plan.tokens_per_step, m.micro_batch_size, m.seq_len, m.micro_batches);
-  absl::StrAppendFormat(&s, "  training state    %s (%.1f B/param), activation checkpoints %s\n",
-                        FormatBytes(plan.state_bytes),
+  absl::StrAppendFormat(&s,
+                        "  training state    %s = %.3g TB (%.1f B/param), activation "
+                        "checkpoints %s\n",
+                        FormatBytes(plan.state_bytes), plan.state_bytes / 1e12,
                         static_cast<double>(plan.state_bytes) / plan.parameters,
                         FormatBytes(plan.activation_bytes));
   if (!plan.fits) {
@@ -124,7 +126,7 @@ std::string PlanText(const std::string& job_name, const ModelDesc& m, const Hard
   row("capacity", [](const TierUse& t) { return t.capacity; });
   const SimResult& sim = plan.sim;
   absl::StrAppendFormat(&s,
-                        "  predicted step    %.2f s, %.0f tokens/s, device busy %.1f%%, "
+                        "  predicted step    %.4g s, %.0f tokens/s, device busy %.1f%%, "
                         "%.1f%% of peak FLOP/s\n",
                         sim.step_time_s, plan.tokens_per_s, 100 * sim.device_busy_fraction,
                         100 * plan.flops_utilization);

@@ -52,7 +52,10 @@ const char* LaneName(Lane l);
 struct Op {
   int32_t id = 0;  // index in Schedule::ops
   OpKind kind = OpKind::kWait;
-  int32_t worker = -1;  // -1: the host (memstore)
+  // The worker whose device the op uses; -1 for host ops. Host-side NVMe ops done on behalf of
+  // one worker (its parameter reads) or one pipeline stage (checkpoints: the stage's first
+  // worker) carry that worker, which only picks their queue.
+  int32_t worker = -1;
   Lane lane = Lane::kControl;
   int32_t layer = -1;  // index into ModelDesc::layers; -1 when none
   int32_t group = -1;  // micro-batch group; -1 when none
