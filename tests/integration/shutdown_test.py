@@ -11,9 +11,19 @@ import unittest
 import lumen_node
 
 
+def sysv_segments():
+    """Keys of the System V shared-memory segments (UCX allocates the memstore's arena there)."""
+    try:
+        with open("/proc/sysvipc/shm") as f:
+            return {line.split()[1] for line in f.readlines()[1:] if line.strip()}
+    except FileNotFoundError:
+        return set()
+
+
 class ShutdownTest(unittest.TestCase):
     def test_sigterm_cleans_up_everything(self):
         shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        sysv_before = sysv_segments()
         node = lumen_node.Node(workers=2)
         node.start()
         try:
@@ -42,6 +52,7 @@ class ShutdownTest(unittest.TestCase):
         self.assertEqual([s for s in sockets if os.path.exists(s)], [])
         shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         self.assertEqual(shm_after - shm_before, set())
+        self.assertEqual(sysv_segments() - sysv_before, set())
 
 
 if __name__ == "__main__":
