@@ -162,8 +162,14 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
   out << "\nWORKERS\n";
   for (const WorkerInfo& w : info.workers()) {
     if (w.reachable()) {
-      out << absl::StrFormat("%-12s %-6s budget %s\n", w.name(), w.device(),
+      out << absl::StrFormat("%-12s %-6s budget %s", w.name(), w.device(),
                              FormatBytes(w.device_memory_budget_bytes()));
+      const auto& p = w.profile();
+      if (p.count("fp32_gemm_flops")) {
+        out << absl::StrFormat("  measured: %.1f GFLOP/s fp32 GEMM, %.1f GB/s copies",
+                               p.at("fp32_gemm_flops") / 1e9, p.at("copy_bytes_per_s") / 1e9);
+      }
+      out << "\n";
     } else {
       out << absl::StrFormat("%-12s unreachable: %s\n", w.name(), w.error());
     }
@@ -178,6 +184,10 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
   } else {
     out << absl::StrFormat("memstore: %d tensors, %d checksum failures\n",
                            info.memstore_tensors(), info.memstore_checksum_failures());
+    for (const auto& [key, value] : info.memstore_profile()) {
+      if (key == "measured_unix_s") continue;
+      out << absl::StrFormat("  measured %-26s %.3g\n", key, value);
+    }
   }
   if (info.lost_tensors_size() > 0) {
     out << absl::StrFormat("LOST: %d tensors were in host memory when the memstore restarted:",

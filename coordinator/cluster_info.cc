@@ -54,6 +54,7 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
       *reply.mutable_lost_tensors() = stats->lost_tensors();
       reply.set_memstore_tensors(stats->tensors());
       reply.set_memstore_checksum_failures(stats->checksum_failures());
+      *reply.mutable_memstore_profile() = stats->profile();
     } else {
       reply.set_memstore_error(stats.status().ToString());
     }

@@ -8,6 +8,8 @@
 #include "glog/logging.h"
 #include "memstore/service.h"
 #include "memstore/tensor_store.h"
+#include "memstore/tier_profile.h"
+#include "common/profile_cache.h"
 #include "memstore/ucx_transport.h"
 
 int main(int argc, char** argv) {
@@ -23,6 +25,8 @@ int main(int argc, char** argv) {
   app.add_option("--host-memory", host_memory, "Host RAM arena in bytes");
   app.add_option("--nvme-dir", nvme_dirs, "DIR[:CAPACITY], repeatable");
   app.add_option("--page-bytes", page_bytes, "NVMe page size in bytes");
+  bool reprofile = false;
+  app.add_flag("--reprofile", reprofile, "Measure the tiers again instead of using the cache");
   CLI11_PARSE(app, argc, argv);
 
   lumen::TensorStoreOptions options;
@@ -55,6 +59,16 @@ int main(int argc, char** argv) {
   data_plane.set_base_address(endpoint.base_address);
   data_plane.set_length(endpoint.length);
 
+  auto profile_io = lumen::UringNvmeIo::Create({service_options.io_queue_depth, 1 << 20});
+  if (!profile_io.ok()) LOG(FATAL) << profile_io.status();
+  auto profile = lumen::CachedProfile(data_dir, "memstore", reprofile, [&] {
+    return lumen::MeasureTiers(options.nvme_dirs, **profile_io);
+  });
+  if (profile.ok()) {
+    service_options.profile = *profile;
+  } else {
+    LOG(WARNING) << "cannot measure the tiers: " << profile.status();
+  }
   auto metrics = lumen::MetricsServer::Create(metrics_address);
   if (!metrics.ok()) LOG(FATAL) << metrics.status();
   lumen::MemstoreService service(store->get(), data_plane, service_options,

@@ -143,6 +143,7 @@ grpc::ServerUnaryReactor* MemstoreService::GetStats(grpc::CallbackServerContext*
   reply->set_checksum_failures(counters.checksum_failures);
   reply->set_buffered_io(store_->used_buffered_io());
   for (const std::string& id : store_->LostTensors()) reply->add_lost_tensors(id);
+  for (const auto& [key, value] : options_.profile) (*reply->mutable_profile())[key] = value;
   return Done(context, absl::OkStatus());
 }
 

@@ -28,6 +28,8 @@ struct MemstoreServiceOptions {
   int64_t move_bytes_in_flight = 256 << 20;
   // io_uring queue depth of the NVMe I/O, reported as a metric.
   int io_queue_depth = 16;
+  // Measured tier figures, reported by GetStats.
+  std::map<std::string, double> profile;
 };
 
 class MemstoreService final : public Memstore::CallbackService {

@@ -1,12 +1,15 @@
 // worker: drives one device and runs the training tasks the coordinator sends. Started by lumend.
 #include <string>
+#include <thread>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "common/metrics.h"
 #include "common/process.h"
 #include "glog/logging.h"
+#include "worker/device_profile.h"
 #include "worker/service.h"
+#include "common/profile_cache.h"
 
 int main(int argc, char** argv) {
   lumen::InitProcess(argv[0]);
@@ -22,6 +25,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--device-memory", device_memory, "Device memory budget in bytes");
   app.add_option("--threads", threads, "CPU kernel threads (0 = all cores)");
+  bool reprofile = false;
+  app.add_flag("--reprofile", reprofile, "Measure the device again instead of using the cache");
   CLI11_PARSE(app, argc, argv);
 
   if (device == "cuda") {
@@ -37,6 +42,17 @@ int main(int argc, char** argv) {
   options.runner.worker_name = options.name;
   options.runner.num_threads = threads;
   options.runner.device_memory_budget_bytes = device_memory;
+  auto profile = lumen::CachedProfile(data_dir, options.name, reprofile, [threads] {
+    return lumen::MeasureCpuDevice(threads > 0 ? threads
+                                               : static_cast<int>(std::thread::hardware_concurrency()));
+  });
+  if (profile.ok()) {
+    options.profile = *profile;
+    LOG(INFO) << "device: " << (*profile)["fp32_gemm_flops"] / 1e9 << " GFLOP/s fp32 GEMM, "
+              << (*profile)["copy_bytes_per_s"] / 1e9 << " GB/s copies";
+  } else {
+    LOG(WARNING) << "cannot measure the device: " << profile.status();
+  }
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();

@@ -113,6 +113,7 @@ grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerConte
   reply->set_device(options_.device);
   reply->set_device_memory_budget_bytes(options_.runner.device_memory_budget_bytes);
   reply->set_num_threads(options_.runner.num_threads);
+  for (const auto& [key, value] : options_.profile) (*reply->mutable_profile())[key] = value;
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -4,6 +4,7 @@
 #define LUMEN_WORKER_SERVICE_H_
 
 #include <atomic>
+#include <map>
 #include <string>
 
 #include "prometheus/counter.h"
@@ -17,6 +18,8 @@ namespace lumen {
 struct WorkerServiceOptions {
   std::string name = "worker-0";
   std::string device = "cpu";
+  // Measured device figures, reported by GetWorkerInfo.
+  std::map<std::string, double> profile;
   TaskRunnerOptions runner;
 };
 

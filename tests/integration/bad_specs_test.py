@@ -90,6 +90,12 @@ class BadSpecsTest(unittest.TestCase):
             self.assertEqual(node.ctl_json("jobs"), [])
             job = node.submit(spec(data=data))
             self.assertEqual(node.wait_job(job["id"])["state"], "SUCCEEDED", node.output())
+            # The node measured its hardware (cached in the data dir) and reports it.
+            cluster = node.ctl_json("cluster")[0]
+            self.assertGreater(cluster["workers"][0]["profile"]["fp32_gemm_flops"], 1e9)
+            self.assertGreater(cluster["memstore_profile"]["host_copy_bytes_per_s"], 1e8)
+            self.assertGreater(cluster["memstore_profile"]["optimizer_params_per_s"], 1e6)
+            self.assertTrue(os.path.exists(os.path.join(node.data_dir, "profile", "worker-0.json")))
 
 
 if __name__ == "__main__":
