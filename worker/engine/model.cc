@@ -1,5 +1,7 @@
 #include "worker/engine/model.h"
 
+#include <cblas.h>
+
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -117,7 +119,11 @@ LlamaModelT<T>::LlamaModelT(const ModelConfig& config, bool activation_checkpoin
       pool_(pool),
       params_(AllocateParams<T>(config)),
       grads_(AllocateParams<T>(config)),
-      buf_(std::make_unique<Buffers>()) {}
+      buf_(std::make_unique<Buffers>()) {
+  // The kernels split matrix products over the pool themselves; a multi-threaded OpenBLAS
+  // inside those chunks would oversubscribe the cores (its idle threads spin-yield).
+  if (pool_ != nullptr && pool_->num_threads() > 1) openblas_set_num_threads(1);
+}
 
 template <typename T>
 LlamaModelT<T>::~LlamaModelT() = default;
@@ -201,24 +207,25 @@ void LlamaModelT<T>::LayerForward(int layer, const T* x, T* out, int64_t batch, 
   const int64_t H = c.num_attention_heads, KV = c.num_key_value_heads;
   const double eps = c.rms_norm_eps;
   RmsNormForward(x, p.input_layernorm.data(), n, h, eps, a.h1.data(), a.rstd1.data(), pool_);
-  LinearForward(a.h1.data(), p.q_proj.data(), n, h, H * d, a.q.data());
-  LinearForward(a.h1.data(), p.k_proj.data(), n, h, KV * d, a.k.data());
-  LinearForward(a.h1.data(), p.v_proj.data(), n, h, KV * d, a.v.data());
+  LinearForward(a.h1.data(), p.q_proj.data(), n, h, H * d, a.q.data(), pool_);
+  LinearForward(a.h1.data(), p.k_proj.data(), n, h, KV * d, a.k.data(), pool_);
+  LinearForward(a.h1.data(), p.v_proj.data(), n, h, KV * d, a.v.data(), pool_);
   Rope(a.q.data(), n, seq, H, d, 0, buf_->rope_cos.data(), buf_->rope_sin.data(), false, pool_);
   Rope(a.k.data(), n, seq, KV, d, 0, buf_->rope_cos.data(), buf_->rope_sin.data(), false, pool_);
   AttentionForward(a.q.data(), a.k.data(), a.v.data(), batch, seq, H, KV, d, a.probs.data(),
                    a.att.data(), pool_);
   // x2 = x + att W_o^T
   std::memcpy(a.x2.data(), x, sizeof(T) * n * h);
-  Gemm(false, true, n, h, H * d, T(1), a.att.data(), H * d, p.o_proj.data(), H * d, T(1),
-       a.x2.data(), h);
+  ParallelGemm(pool_, false, true, n, h, H * d, T(1), a.att.data(), H * d, p.o_proj.data(),
+               H * d, T(1), a.x2.data(), h);
   RmsNormForward(a.x2.data(), p.post_attention_layernorm.data(), n, h, eps, a.h2.data(),
                  a.rstd2.data(), pool_);
-  LinearForward(a.h2.data(), p.gate_proj.data(), n, h, I, a.g.data());
-  LinearForward(a.h2.data(), p.up_proj.data(), n, h, I, a.u.data());
+  LinearForward(a.h2.data(), p.gate_proj.data(), n, h, I, a.g.data(), pool_);
+  LinearForward(a.h2.data(), p.up_proj.data(), n, h, I, a.u.data(), pool_);
   SwiGluForward(a.g.data(), a.u.data(), n * I, a.m.data(), pool_);
   std::memcpy(out, a.x2.data(), sizeof(T) * n * h);
-  Gemm(false, true, n, h, I, T(1), a.m.data(), I, p.down_proj.data(), I, T(1), out, h);
+  ParallelGemm(pool_, false, true, n, h, I, T(1), a.m.data(), I, p.down_proj.data(), I, T(1),
+               out, h);
 }
 
 template <typename T>
@@ -236,28 +243,28 @@ void LlamaModelT<T>::LayerBackward(int layer, const T* x, T* dy, T* dx, int64_t 
   // becomes dx2 in place.
   // MLP: out = x2 + down(m)
   LinearBackward(dy, a.m.data(), p.down_proj.data(), n, I, h, b.dm.data(), false,
-                 gp.down_proj.data());
+                 gp.down_proj.data(), pool_);
   SwiGluBackward(b.dm.data(), a.g.data(), a.u.data(), n * I, b.dg.data(), b.du.data(), pool_);
   LinearBackward(b.dg.data(), a.h2.data(), p.gate_proj.data(), n, h, I, b.dh.data(), false,
-                 gp.gate_proj.data());
+                 gp.gate_proj.data(), pool_);
   LinearBackward(b.du.data(), a.h2.data(), p.up_proj.data(), n, h, I, b.dh.data(), true,
-                 gp.up_proj.data());
+                 gp.up_proj.data(), pool_);
   RmsNormBackward(b.dh.data(), a.x2.data(), p.post_attention_layernorm.data(), a.rstd2.data(),
                   n, h, dy, true, gp.post_attention_layernorm.data(), pool_);
   T* dx2 = dy;
   // Attention: x2 = x + o(att)
   LinearBackward(dx2, a.att.data(), p.o_proj.data(), n, H * d, h, b.datt.data(), false,
-                 gp.o_proj.data());
+                 gp.o_proj.data(), pool_);
   AttentionBackward(b.datt.data(), a.q.data(), a.k.data(), a.v.data(), a.probs.data(), batch,
                     seq, H, KV, d, b.dprobs.data(), b.dq.data(), b.dk.data(), b.dv.data(), pool_);
   Rope(b.dq.data(), n, seq, H, d, 0, b.rope_cos.data(), b.rope_sin.data(), true, pool_);
   Rope(b.dk.data(), n, seq, KV, d, 0, b.rope_cos.data(), b.rope_sin.data(), true, pool_);
   LinearBackward(b.dq.data(), a.h1.data(), p.q_proj.data(), n, h, H * d, b.dh.data(), false,
-                 gp.q_proj.data());
+                 gp.q_proj.data(), pool_);
   LinearBackward(b.dk.data(), a.h1.data(), p.k_proj.data(), n, h, KV * d, b.dh.data(), true,
-                 gp.k_proj.data());
+                 gp.k_proj.data(), pool_);
   LinearBackward(b.dv.data(), a.h1.data(), p.v_proj.data(), n, h, KV * d, b.dh.data(), true,
-                 gp.v_proj.data());
+                 gp.v_proj.data(), pool_);
   std::memcpy(dx, dx2, sizeof(T) * n * h);
   RmsNormBackward(b.dh.data(), x, p.input_layernorm.data(), a.rstd1.data(), n, h, dx, true,
                   gp.input_layernorm.data(), pool_);
@@ -277,7 +284,7 @@ void LlamaModelT<T>::RunForward(const int32_t* inputs, int64_t batch, int64_t se
   RmsNormForward(b.xs[c.num_hidden_layers].data(), params_.norm.data(), n, h, c.rms_norm_eps,
                  b.hn.data(), b.rstdn.data(), pool_);
   const T* head = c.tie_word_embeddings ? params_.embed_tokens.data() : params_.lm_head.data();
-  LinearForward(b.hn.data(), head, n, h, c.vocab_size, b.logits.data());
+  LinearForward(b.hn.data(), head, n, h, c.vocab_size, b.logits.data(), pool_);
 }
 
 template <typename T>
@@ -338,7 +345,7 @@ absl::StatusOr<double> LlamaModelT<T>::ForwardBackward(const int32_t* inputs,
   const T* head = c.tie_word_embeddings ? params_.embed_tokens.data() : params_.lm_head.data();
   T* dhead = c.tie_word_embeddings ? grads_.embed_tokens.data() : grads_.lm_head.data();
   LinearBackward(b.logits.data(), b.hn.data(), head, n, h, c.vocab_size, b.dh.data(), false,
-                 dhead);
+                 dhead, pool_);
   T* dy = b.dxa.data();
   T* dx = b.dxb.data();
   RmsNormBackward(b.dh.data(), b.xs[L].data(), params_.norm.data(), b.rstdn.data(), n, h, dy,

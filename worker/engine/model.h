@@ -92,9 +92,12 @@ std::vector<NamedTensor<T>> NamedTensors(const ModelConfig& config, ModelParamsT
 template <typename T>
 class LlamaModelT {
  public:
-  // `pool` must outlive the model; nullptr runs single-threaded. With activation_checkpointing
-  // only each layer's input is kept during the forward and the layer is recomputed during the
-  // backward; results are bit-identical to the non-checkpointed path.
+  // `pool` must outlive the model; nullptr runs the loops on the calling thread (OpenBLAS
+  // then threads the matrix products as configured). A pool of more than one thread sets
+  // OpenBLAS to one thread, process-wide: the model splits its products over the pool itself.
+  // With activation_checkpointing only each layer's input is kept during the forward and the
+  // layer is recomputed during the backward; results are bit-identical to the non-checkpointed
+  // path.
   LlamaModelT(const ModelConfig& config, bool activation_checkpointing, ThreadPool* pool);
   ~LlamaModelT();
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -228,6 +229,187 @@ TEST(CrossEntropyKernelTest, MatchesPlainReferenceOnRandomFloatRows) {
       const double g = 0.5 * (p - (j == targets[r] ? 1.0 : 0.0));
       ASSERT_NEAR(grad[r * v + j], g, 1e-6) << r << "," << j;
     }
+  }
+}
+
+// Plain causal attention in double: full T x T scores per (batch, head), no tiling.
+void ReferenceAttention(const std::vector<double>& q, const std::vector<double>& k,
+                        const std::vector<double>& v, const std::vector<double>& dout,
+                        int64_t batch, int64_t seq, int64_t heads, int64_t kv, int64_t d,
+                        std::vector<double>* out, std::vector<double>* dq,
+                        std::vector<double>* dk, std::vector<double>* dv) {
+  const int64_t group = heads / kv, qs = heads * d, ks = kv * d;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  out->assign(q.size(), 0.0);
+  dq->assign(q.size(), 0.0);
+  dk->assign(k.size(), 0.0);
+  dv->assign(v.size(), 0.0);
+  std::vector<double> p(seq), dp(seq);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t g = h / group;
+      for (int64_t i = 0; i < seq; ++i) {
+        const double* qi = &q[(b * seq + i) * qs + h * d];
+        double mx = -1e300, sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t e = 0; e < d; ++e) s += qi[e] * k[(b * seq + j) * ks + g * d + e];
+          p[j] = s * scale;
+          mx = std::max(mx, p[j]);
+        }
+        for (int64_t j = 0; j <= i; ++j) sum += (p[j] = std::exp(p[j] - mx));
+        const double* doi = &dout[(b * seq + i) * qs + h * d];
+        double dot = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          p[j] /= sum;
+          dp[j] = 0;
+          for (int64_t e = 0; e < d; ++e) {
+            (*out)[(b * seq + i) * qs + h * d + e] += p[j] * v[(b * seq + j) * ks + g * d + e];
+            dp[j] += doi[e] * v[(b * seq + j) * ks + g * d + e];
+            (*dv)[(b * seq + j) * ks + g * d + e] += p[j] * doi[e];
+          }
+          dot += p[j] * dp[j];
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          const double ds = p[j] * (dp[j] - dot) * scale;
+          for (int64_t e = 0; e < d; ++e) {
+            (*dq)[(b * seq + i) * qs + h * d + e] += ds * k[(b * seq + j) * ks + g * d + e];
+            (*dk)[(b * seq + j) * ks + g * d + e] += ds * qi[e];
+          }
+        }
+      }
+    }
+  }
+}
+
+// The tiled kernels against the plain reference at a length of several query tiles plus a
+// partial one, with grouped-query heads; and bit-identical with and without the pool.
+TEST(AttentionKernelTest, TiledMatchesFullReference) {
+  const int64_t batch = 2, seq = 2 * kernels::kAttentionTile + 23, heads = 4, kv = 2, d = 8;
+  const int64_t n = batch * seq;
+  std::mt19937_64 rng(21);
+  auto q = RandomVec(n * heads * d, &rng), k = RandomVec(n * kv * d, &rng),
+       v = RandomVec(n * kv * d, &rng), dout = RandomVec(n * heads * d, &rng);
+  std::vector<double> want_out, want_dq, want_dk, want_dv;
+  ReferenceAttention(q, k, v, dout, batch, seq, heads, kv, d, &want_out, &want_dq, &want_dk,
+                     &want_dv);
+  ThreadPool pool(2);
+  std::vector<double> outs[2], dqs[2], dks[2], dvs[2];
+  for (int run = 0; run < 2; ++run) {
+    ThreadPool* p = run == 0 ? &pool : nullptr;
+    std::vector<double> probs(batch * heads * seq * seq), dprobs(probs.size());
+    outs[run].assign(q.size(), 7.0);
+    dqs[run].assign(q.size(), 7.0);
+    dks[run].assign(k.size(), 7.0);
+    dvs[run].assign(v.size(), 7.0);
+    kernels::AttentionForward(q.data(), k.data(), v.data(), batch, seq, heads, kv, d,
+                              probs.data(), outs[run].data(), p);
+    kernels::AttentionBackward(dout.data(), q.data(), k.data(), v.data(), probs.data(), batch,
+                               seq, heads, kv, d, dprobs.data(), dqs[run].data(),
+                               dks[run].data(), dvs[run].data(), p);
+  }
+  auto expect_near = [](const char* what, const std::vector<double>& got,
+                        const std::vector<double>& want) {
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_NEAR(got[i], want[i], 1e-10 * std::max(1.0, std::abs(want[i]))) << what << " " << i;
+    }
+  };
+  expect_near("out", outs[0], want_out);
+  expect_near("dq", dqs[0], want_dq);
+  expect_near("dk", dks[0], want_dk);
+  expect_near("dv", dvs[0], want_dv);
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(dqs[0], dqs[1]);
+  EXPECT_EQ(dks[0], dks[1]);
+  EXPECT_EQ(dvs[0], dvs[1]);
+}
+
+// Every transpose combination, split by rows (tall C) and by columns (short C), accumulating
+// into C, against a plain triple loop; and the same bits on every call.
+TEST(ParallelGemmTest, MatchesPlainProductForAllLayouts) {
+  std::mt19937_64 rng(5);
+  ThreadPool pool(2);
+  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{203, 67, 45}, {7, 301, 150},
+                         {64, 64, 64}}) {
+    for (int layout = 0; layout < 4; ++layout) {
+      const bool ta = layout & 1, tb = layout & 2;
+      std::vector<float> a(m * k), b(k * n), c0(m * n);
+      std::normal_distribution<float> dist;
+      for (float& x : a) x = dist(rng);
+      for (float& x : b) x = dist(rng);
+      for (float& x : c0) x = dist(rng);
+      const int64_t lda = ta ? m : k, ldb = tb ? k : n;
+      std::vector<float> c = c0, again = c0;
+      kernels::ParallelGemm(&pool, ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 2.0f,
+                            c.data(), n);
+      kernels::ParallelGemm(&pool, ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 2.0f,
+                            again.data(), n);
+      EXPECT_EQ(c, again);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0;
+          for (int64_t e = 0; e < k; ++e) {
+            s += static_cast<double>(ta ? a[e * lda + i] : a[i * lda + e]) *
+                 (tb ? b[j * ldb + e] : b[e * ldb + j]);
+          }
+          const double want = 0.5 * s + 2.0 * c0[i * n + j];
+          ASSERT_NEAR(c[i * n + j], want, 1e-4 * (1 + std::abs(want)))
+              << m << "x" << n << "x" << k << " layout " << layout << " at " << i << "," << j;
+        }
+      }
+    }
+  }
+}
+
+TEST(SimdExpTest, MatchesStdExpAndHandlesSpecialValues) {
+  std::vector<float> xs;
+  for (float x = -87.0f; x < 88.0f; x += 0.0137f) xs.push_back(x);
+  const size_t body = xs.size();
+  for (float x : {0.0f, -0.0f, -87.5f, -1e30f, 88.5f, 1e30f, -INFINITY, INFINITY, NAN}) {
+    xs.push_back(x);
+  }
+  std::vector<float> ys(xs.size());
+  kernels::simd::Map(xs.data(), static_cast<int64_t>(xs.size()), 0.0f, ys.data(),
+                     [](kernels::simd::F4 v) { return kernels::simd::Exp(v); });
+  for (size_t i = 0; i < body; ++i) {
+    const double want = std::exp(static_cast<double>(xs[i]));
+    ASSERT_NEAR(ys[i], want, 2e-7 * want) << xs[i];
+  }
+  const float* s = ys.data() + body;
+  EXPECT_EQ(s[0], 1.0f);
+  EXPECT_EQ(s[1], 1.0f);
+  EXPECT_EQ(s[2], 0.0f);
+  EXPECT_EQ(s[3], 0.0f);
+  EXPECT_EQ(s[4], INFINITY);
+  EXPECT_EQ(s[5], INFINITY);
+  EXPECT_EQ(s[6], 0.0f);
+  EXPECT_EQ(s[7], INFINITY);
+  EXPECT_TRUE(std::isnan(s[8]));
+}
+
+// The vectorised float SwiGLU against the double formulas, at a length with a partial vector.
+TEST(SwiGluKernelTest, FloatMatchesDoubleReference) {
+  const int64_t n = 1003;
+  std::mt19937_64 rng(8);
+  std::normal_distribution<float> dist(0.0f, 4.0f);
+  std::vector<float> g(n), u(n), dm(n), m(n), dg(n), du(n);
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = dist(rng);
+    u[i] = dist(rng);
+    dm[i] = dist(rng);
+  }
+  ThreadPool pool(2);
+  kernels::SwiGluForward(g.data(), u.data(), n, m.data(), &pool);
+  kernels::SwiGluBackward(dm.data(), g.data(), u.data(), n, dg.data(), du.data(), &pool);
+  for (int64_t i = 0; i < n; ++i) {
+    const double s = 1.0 / (1.0 + std::exp(-static_cast<double>(g[i])));
+    const double want_m = g[i] * s * u[i];
+    const double want_du = dm[i] * g[i] * s;
+    const double want_dg = dm[i] * u[i] * s * (1 + g[i] * (1 - s));
+    ASSERT_NEAR(m[i], want_m, 1e-6 * (1 + std::abs(want_m))) << i;
+    ASSERT_NEAR(du[i], want_du, 1e-6 * (1 + std::abs(want_du))) << i;
+    ASSERT_NEAR(dg[i], want_dg, 1e-6 * (1 + std::abs(want_dg))) << i;
   }
 }
 

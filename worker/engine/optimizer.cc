@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "worker/engine/kernels.h"
+
 namespace lumen::engine {
 
 void AdamWUpdate(float* param, const float* grad, float* exp_avg, float* exp_avg_sq, int64_t size,
@@ -49,9 +51,8 @@ double LearningRate(const OptimizerConfig& c, int64_t step, int64_t total_steps)
 double GlobalGradNorm(const std::vector<std::pair<const float*, int64_t>>& grads) {
   double total = 0;
   for (const auto& [g, n] : grads) {
-    double s = 0;
-    for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
-    total += s;
+    const float* t = g;
+    total += kernels::LaneSum(n, [t](int64_t i) { return static_cast<double>(t[i]) * t[i]; });
   }
   return std::sqrt(total);
 }

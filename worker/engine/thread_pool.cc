@@ -13,7 +13,7 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true, std::memory_order_relaxed);
   }
   work_cv_.notify_all();
   for (auto& t : workers_) t.join();
@@ -25,6 +25,25 @@ inline void ChunkBounds(int64_t n, int chunks, int index, int64_t* begin, int64_
   const int64_t rem = n % chunks;
   *begin = index * base + std::min<int64_t>(index, rem);
   *end = *begin + base + (index < rem ? 1 : 0);
+}
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Polls done() for up to `limit`; returns its last value.
+template <typename Done>
+bool SpinUntil(const Done& done, std::chrono::microseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (true) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+      CpuRelax();
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return done();
+  }
 }
 }  // namespace
 
@@ -43,29 +62,40 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     n_ = n;
     fn_ = &fn;
     active_chunks_ = chunks;
-    pending_ = chunks - 1;
-    ++generation_;
+    pending_.store(chunks - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   work_cv_.notify_all();
   int64_t begin, end;
   ChunkBounds(n, chunks, 0, &begin, &end);
   fn(begin, end);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [this] { return pending_ == 0; });
-  fn_ = nullptr;
+  auto done = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+  if (!SpinUntil(done, kSpin)) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, done);
+  }
 }
 
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
+  auto has_work = [&] {
+    return stop_.load(std::memory_order_relaxed) ||
+           generation_.load(std::memory_order_acquire) != seen;
+  };
   while (true) {
+    if (!SpinUntil(has_work, kSpin)) {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, has_work);
+    }
+    if (stop_.load(std::memory_order_relaxed)) return;
     int64_t n;
     int chunks;
     const std::function<void(int64_t, int64_t)>* fn;
     {
-      std::unique_lock<std::mutex> lock(mu_);
-      work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      // Taking mu_ orders these reads after ParallelFor's writes even when the new generation
+      // was seen by polling.
+      std::lock_guard<std::mutex> lock(mu_);
+      seen = generation_.load(std::memory_order_relaxed);
       n = n_;
       chunks = active_chunks_;
       fn = fn_;
@@ -74,8 +104,10 @@ void ThreadPool::WorkerLoop(int index) {
       int64_t begin, end;
       ChunkBounds(n, chunks, index, &begin, &end);
       (*fn)(begin, end);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(mu_);
+        done_cv_.notify_one();
+      }
     }
   }
 }

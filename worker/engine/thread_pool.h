@@ -5,6 +5,8 @@
 #ifndef LUMEN_WORKER_ENGINE_THREAD_POOL_H_
 #define LUMEN_WORKER_ENGINE_THREAD_POOL_H_
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -34,18 +36,25 @@ class ThreadPool {
  private:
   void WorkerLoop(int index);
 
+  // Waiting threads poll for this long before blocking on a condition variable: a training step
+  // runs hundreds of short loops back to back, and a futex wake-up per loop cost tens of
+  // microseconds. Bounded so that an idle pool does not hold a core.
+  static constexpr std::chrono::microseconds kSpin{50};
+
   const int num_threads_;
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;
-  // Guarded by mu_.
-  uint64_t generation_ = 0;
-  int pending_ = 0;
+  // Written by ParallelFor under mu_ before generation_ is bumped (release); read by workers
+  // after they observe the new generation_ (acquire).
   int active_chunks_ = 0;
   int64_t n_ = 0;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  bool stop_ = false;
+  // Changed under mu_ (so blocked waiters cannot miss a notify); polled without it.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace lumen::engine

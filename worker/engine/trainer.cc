@@ -86,7 +86,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
   }
   std::unique_ptr<Trainer> tr(new Trainer(options));
   const int threads = std::max(1, options.num_threads);
-  openblas_set_num_threads(threads);
+  // Matrix products are split over pool_ by the model, each chunk a single-threaded OpenBLAS
+  // call; OpenBLAS's own threads would compete with the pool for the same cores.
+  openblas_set_num_threads(1);
   tr->pool_ = std::make_unique<ThreadPool>(threads);
   ASSIGN_OR_RETURN(tr->data_,
                    TokenDataset::Open(options.data, t.seq_len, options.model.vocab_size));
