@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <cstring>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "worker/engine/kernels.h"
@@ -197,12 +198,12 @@ void LlamaModelT<T>::EnsureBuffers(int64_t batch, int64_t seq) {
 }
 
 template <typename T>
-void LlamaModelT<T>::LayerForward(int layer, const T* x, T* out, int64_t batch, int64_t seq,
-                                  int acts_index) {
+void LlamaModelT<T>::LayerForward(Buffers& b, int layer, const T* x, T* out, int64_t batch,
+                                  int64_t seq, int acts_index) {
   using namespace kernels;
   const ModelConfig& c = config_;
   const LayerParamsT<T>& p = params_.layers[layer];
-  LayerActs<T>& a = buf_->acts[acts_index];
+  LayerActs<T>& a = b.acts[acts_index];
   const int64_t n = batch * seq, h = c.hidden_size, d = c.head_dim(), I = c.intermediate_size;
   const int64_t H = c.num_attention_heads, KV = c.num_key_value_heads;
   const double eps = c.rms_norm_eps;
@@ -210,8 +211,8 @@ void LlamaModelT<T>::LayerForward(int layer, const T* x, T* out, int64_t batch, 
   LinearForward(a.h1.data(), p.q_proj.data(), n, h, H * d, a.q.data(), pool_);
   LinearForward(a.h1.data(), p.k_proj.data(), n, h, KV * d, a.k.data(), pool_);
   LinearForward(a.h1.data(), p.v_proj.data(), n, h, KV * d, a.v.data(), pool_);
-  Rope(a.q.data(), n, seq, H, d, 0, buf_->rope_cos.data(), buf_->rope_sin.data(), false, pool_);
-  Rope(a.k.data(), n, seq, KV, d, 0, buf_->rope_cos.data(), buf_->rope_sin.data(), false, pool_);
+  Rope(a.q.data(), n, seq, H, d, 0, b.rope_cos.data(), b.rope_sin.data(), false, pool_);
+  Rope(a.k.data(), n, seq, KV, d, 0, b.rope_cos.data(), b.rope_sin.data(), false, pool_);
   AttentionForward(a.q.data(), a.k.data(), a.v.data(), batch, seq, H, KV, d, a.probs.data(),
                    a.att.data(), pool_);
   // x2 = x + att W_o^T
@@ -229,14 +230,13 @@ void LlamaModelT<T>::LayerForward(int layer, const T* x, T* out, int64_t batch, 
 }
 
 template <typename T>
-void LlamaModelT<T>::LayerBackward(int layer, const T* x, T* dy, T* dx, int64_t batch,
-                                   int64_t seq, int acts_index) {
+void LlamaModelT<T>::LayerBackward(Buffers& b, int layer, const T* x, T* dy, T* dx,
+                                   int64_t batch, int64_t seq, int acts_index) {
   using namespace kernels;
   const ModelConfig& c = config_;
   const LayerParamsT<T>& p = params_.layers[layer];
   LayerParamsT<T>& gp = grads_.layers[layer];
-  LayerActs<T>& a = buf_->acts[acts_index];
-  Buffers& b = *buf_;
+  LayerActs<T>& a = b.acts[acts_index];
   const int64_t n = batch * seq, h = c.hidden_size, d = c.head_dim(), I = c.intermediate_size;
   const int64_t H = c.num_attention_heads, KV = c.num_key_value_heads;
   // dy is the gradient w.r.t. the layer output; it also flows through the MLP residual, so it
@@ -279,7 +279,7 @@ void LlamaModelT<T>::RunForward(const int32_t* inputs, int64_t batch, int64_t se
   const int64_t n = batch * seq, h = c.hidden_size;
   EmbeddingForward(params_.embed_tokens.data(), inputs, n, h, b.xs[0].data(), pool_);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    LayerForward(l, b.xs[l].data(), b.xs[l + 1].data(), batch, seq, checkpointing_ ? 0 : l);
+    LayerForward(b, l, b.xs[l].data(), b.xs[l + 1].data(), batch, seq, checkpointing_ ? 0 : l);
   }
   RmsNormForward(b.xs[c.num_hidden_layers].data(), params_.norm.data(), n, h, c.rms_norm_eps,
                  b.hn.data(), b.rstdn.data(), pool_);
@@ -354,12 +354,273 @@ absl::StatusOr<double> LlamaModelT<T>::ForwardBackward(const int32_t* inputs,
     int acts_index = static_cast<int>(l);
     if (checkpointing_) {
       acts_index = 0;
-      LayerForward(static_cast<int>(l), b.xs[l].data(), b.recompute_out.data(), batch, seq, 0);
+      LayerForward(b, static_cast<int>(l), b.xs[l].data(), b.recompute_out.data(), batch, seq,
+                   0);
     }
-    LayerBackward(static_cast<int>(l), b.xs[l].data(), dy, dx, batch, seq, acts_index);
+    LayerBackward(b, static_cast<int>(l), b.xs[l].data(), dy, dx, batch, seq, acts_index);
     std::swap(dy, dx);
   }
   EmbeddingBackward(dy, inputs, n, h, grads_.embed_tokens.data(), pool_);
+  return sum / n;
+}
+
+// ---- Layer-wise execution ----
+
+template <typename T>
+LlamaModelT<T>::LlamaModelT(const ModelConfig& config, ThreadPool* pool, UnallocatedTag)
+    : config_(config), checkpointing_(true), pool_(pool), buf_(std::make_unique<Buffers>()) {
+  params_.layers.resize(config.num_hidden_layers);
+  grads_.layers.resize(config.num_hidden_layers);
+  if (pool_ != nullptr && pool_->num_threads() > 1) openblas_set_num_threads(1);
+}
+
+template <typename T>
+std::unique_ptr<LlamaModelT<T>> LlamaModelT<T>::CreateUnallocated(const ModelConfig& config,
+                                                                  ThreadPool* pool) {
+  return std::unique_ptr<LlamaModelT<T>>(new LlamaModelT<T>(config, pool, UnallocatedTag{}));
+}
+
+namespace {
+
+// Element counts of the layer-wise scratch;
+// EnsureLayerScratch/EnsureHeadScratch allocate exactly these.
+struct ScratchShape {
+  int64_t n, h, d, I, qd, kd, pp, vocab;
+  ScratchShape(const ModelConfig& c, int64_t batch, int64_t seq)
+      : n(batch * seq),
+        h(c.hidden_size),
+        d(c.head_dim()),
+        I(c.intermediate_size),
+        qd(c.num_attention_heads * c.head_dim()),
+        kd(c.num_key_value_heads * c.head_dim()),
+        pp(batch * c.num_attention_heads * seq * seq),
+        vocab(c.vocab_size) {}
+};
+
+}  // namespace
+
+template <typename T>
+int64_t LlamaModelT<T>::LayerScratchBytes(int64_t batch, int64_t seq) const {
+  const ScratchShape s(config_, batch, seq);
+  // Activations of one layer (h1 rstd1 q k v probs att x2 h2 rstd2 g u m),
+  // backward scratch (dh dq dk dv datt dprobs dm dg du recompute_out) and the
+  // RoPE tables.
+  const int64_t acts =
+      3 * s.n * s.h + 2 * s.n + 2 * s.n * s.qd + 2 * s.n * s.kd + s.pp + 3 * s.n * s.I;
+  const int64_t back = 2 * s.n * s.h + 2 * s.n * s.qd + 2 * s.n * s.kd + s.pp + 3 * s.n * s.I;
+  return static_cast<int64_t>(sizeof(T)) * (acts + back + seq * s.d);
+}
+
+template <typename T>
+int64_t LlamaModelT<T>::HeadScratchBytes(int64_t batch, int64_t seq) const {
+  const ScratchShape s(config_, batch, seq);
+  // hn, rstdn, logits, the head's input gradient (dxa) and the per-token losses
+  // (double).
+  return static_cast<int64_t>(sizeof(T)) * (2 * s.n * s.h + s.n + s.n * s.vocab) +
+         static_cast<int64_t>(sizeof(double)) * s.n;
+}
+
+template <typename T>
+void LlamaModelT<T>::EnsureLayerScratch(int64_t batch, int64_t seq) {
+  if (layer_buf_ != nullptr && layer_buf_->batch == batch && layer_buf_->seq == seq) return;
+  const ScratchShape s(config_, batch, seq);
+  layer_buf_ = std::make_unique<Buffers>();
+  Buffers& b = *layer_buf_;
+  b.batch = batch;
+  b.seq = seq;
+  b.acts.resize(1);
+  LayerActs<T>& a = b.acts[0];
+  a.h1.resize(s.n * s.h);
+  a.rstd1.resize(s.n);
+  a.q.resize(s.n * s.qd);
+  a.k.resize(s.n * s.kd);
+  a.v.resize(s.n * s.kd);
+  a.probs.resize(s.pp);
+  a.att.resize(s.n * s.qd);
+  a.x2.resize(s.n * s.h);
+  a.h2.resize(s.n * s.h);
+  a.rstd2.resize(s.n);
+  a.g.resize(s.n * s.I);
+  a.u.resize(s.n * s.I);
+  a.m.resize(s.n * s.I);
+  b.rope_cos.resize(seq * s.d / 2);
+  b.rope_sin.resize(seq * s.d / 2);
+  kernels::RopeTables<T>(seq, s.d, config_.rope_theta, b.rope_cos.data(), b.rope_sin.data());
+  b.dh.resize(s.n * s.h);
+  b.dq.resize(s.n * s.qd);
+  b.dk.resize(s.n * s.kd);
+  b.dv.resize(s.n * s.kd);
+  b.datt.resize(s.n * s.qd);
+  b.dprobs.resize(s.pp);
+  b.dm.resize(s.n * s.I);
+  b.dg.resize(s.n * s.I);
+  b.du.resize(s.n * s.I);
+  b.recompute_out.resize(s.n * s.h);
+}
+
+template <typename T>
+void LlamaModelT<T>::EnsureHeadScratch(int64_t batch, int64_t seq) {
+  if (head_buf_ != nullptr && head_buf_->batch == batch && head_buf_->seq == seq) return;
+  const ScratchShape s(config_, batch, seq);
+  head_buf_ = std::make_unique<Buffers>();
+  Buffers& b = *head_buf_;
+  b.batch = batch;
+  b.seq = seq;
+  b.hn.resize(s.n * s.h);
+  b.rstdn.resize(s.n);
+  b.logits.resize(s.n * s.vocab);
+  b.dxa.resize(s.n * s.h);
+  b.losses.resize(s.n);
+}
+
+template <typename T>
+void LlamaModelT<T>::ReleaseLayerScratch() {
+  layer_buf_.reset();
+}
+
+template <typename T>
+void LlamaModelT<T>::ReleaseHeadScratch() {
+  head_buf_.reset();
+}
+
+template <typename T>
+absl::Status LlamaModelT<T>::CheckShape(int64_t batch, int64_t seq) const {
+  if (seq > config_.max_position_embeddings || seq <= 0 || batch <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("batch ", batch, " x seq ", seq,
+                                                   " invalid (max_position_embeddings ",
+                                                   config_.max_position_embeddings, ")"));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+template <typename T>
+absl::Status CheckLoaded(const std::vector<T>& v, int64_t want, const std::string& what) {
+  if (static_cast<int64_t>(v.size()) != want) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " holds ", v.size(), " of ", want, " elements (not loaded)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+template <typename T>
+absl::Status LlamaModelT<T>::CheckLayerLoaded(int layer, bool with_grads) const {
+  if (layer < 0 || layer >= config_.num_hidden_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " outside [0, ", config_.num_hidden_layers, ")"));
+  }
+  const ModelConfig& c = config_;
+  const int64_t h = c.hidden_size, I = c.intermediate_size;
+  const int64_t qd = c.num_attention_heads * c.head_dim(),
+                kd = c.num_key_value_heads * c.head_dim();
+  for (int g = 0; g < (with_grads ? 2 : 1); ++g) {
+    const LayerParamsT<T>& p = g == 0 ? params_.layers[layer] : grads_.layers[layer];
+    const std::string pre = absl::StrCat(g == 0 ? "params" : "grads", " of layer ", layer, ": ");
+    for (auto [v, want, name] : {std::tuple<const std::vector<T>*, int64_t, const char*>{
+                                     &p.input_layernorm, h, "input_layernorm"},
+                                 {&p.q_proj, qd * h, "q_proj"},
+                                 {&p.k_proj, kd * h, "k_proj"},
+                                 {&p.v_proj, kd * h, "v_proj"},
+                                 {&p.o_proj, h * qd, "o_proj"},
+                                 {&p.post_attention_layernorm, h, "post_attention_layernorm"},
+                                 {&p.gate_proj, I * h, "gate_proj"},
+                                 {&p.up_proj, I * h, "up_proj"},
+                                 {&p.down_proj, h * I, "down_proj"}}) {
+      if (absl::Status s = CheckLoaded(*v, want, pre + name); !s.ok()) return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status LlamaModelT<T>::EmbedForward(const int32_t* inputs, int64_t batch, int64_t seq, T* x) {
+  if (absl::Status s = CheckShape(batch, seq); !s.ok()) return s;
+  const int64_t n = batch * seq, h = config_.hidden_size;
+  if (absl::Status s = CheckIds(inputs, n, "inputs"); !s.ok()) return s;
+  if (absl::Status s =
+          CheckLoaded(params_.embed_tokens, config_.vocab_size * h, "params: embed_tokens");
+      !s.ok()) {
+    return s;
+  }
+  kernels::EmbeddingForward(params_.embed_tokens.data(), inputs, n, h, x, pool_);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status LlamaModelT<T>::EmbedBackward(const int32_t* inputs, int64_t batch, int64_t seq,
+                                           const T* dx) {
+  if (absl::Status s = CheckShape(batch, seq); !s.ok()) return s;
+  const int64_t n = batch * seq, h = config_.hidden_size;
+  if (absl::Status s = CheckIds(inputs, n, "inputs"); !s.ok()) return s;
+  if (absl::Status s =
+          CheckLoaded(grads_.embed_tokens, config_.vocab_size * h, "grads: embed_tokens");
+      !s.ok()) {
+    return s;
+  }
+  kernels::EmbeddingBackward(dx, inputs, n, h, grads_.embed_tokens.data(), pool_);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status LlamaModelT<T>::DecoderLayerForward(int layer, const T* x, T* out, int64_t batch,
+                                                 int64_t seq) {
+  if (absl::Status s = CheckShape(batch, seq); !s.ok()) return s;
+  if (absl::Status s = CheckLayerLoaded(layer, false); !s.ok()) return s;
+  EnsureLayerScratch(batch, seq);
+  LayerForward(*layer_buf_, layer, x, out, batch, seq, 0);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status LlamaModelT<T>::DecoderLayerBackward(int layer, const T* x, T* dy, T* dx,
+                                                  int64_t batch, int64_t seq) {
+  if (absl::Status s = CheckShape(batch, seq); !s.ok()) return s;
+  if (absl::Status s = CheckLayerLoaded(layer, true); !s.ok()) return s;
+  EnsureLayerScratch(batch, seq);
+  Buffers& b = *layer_buf_;
+  // The checkpointed path of ForwardBackward: recompute, then backward.
+  LayerForward(b, layer, x, b.recompute_out.data(), batch, seq, 0);
+  LayerBackward(b, layer, x, dy, dx, batch, seq, 0);
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::StatusOr<double> LlamaModelT<T>::HeadForwardBackward(const T* x, const int32_t* targets,
+                                                           int64_t batch, int64_t seq, T grad_scale,
+                                                           T* dx) {
+  using namespace kernels;
+  if (absl::Status s = CheckShape(batch, seq); !s.ok()) return s;
+  const ModelConfig& c = config_;
+  const int64_t n = batch * seq, h = c.hidden_size;
+  if (absl::Status s = CheckIds(targets, n, "targets"); !s.ok()) return s;
+  const bool tied = c.tie_word_embeddings;
+  for (auto [v, want, what] :
+       {std::tuple<const std::vector<T>*, int64_t, const char*>{&params_.norm, h, "params: norm"},
+        {&grads_.norm, h, "grads: norm"},
+        {tied ? &params_.embed_tokens : &params_.lm_head, c.vocab_size * h,
+         tied ? "params: embed_tokens" : "params: lm_head"},
+        {tied ? &grads_.embed_tokens : &grads_.lm_head, c.vocab_size * h,
+         tied ? "grads: embed_tokens" : "grads: lm_head"}}) {
+    if (absl::Status s = CheckLoaded(*v, want, what); !s.ok()) return s;
+  }
+  EnsureHeadScratch(batch, seq);
+  Buffers& b = *head_buf_;
+  // As ForwardBackward, operation for operation.
+  RmsNormForward(x, params_.norm.data(), n, h, c.rms_norm_eps, b.hn.data(), b.rstdn.data(), pool_);
+  const T* head = tied ? params_.embed_tokens.data() : params_.lm_head.data();
+  LinearForward(b.hn.data(), head, n, h, c.vocab_size, b.logits.data(), pool_);
+  CrossEntropy(b.logits.data(), targets, n, c.vocab_size,
+               static_cast<T>(grad_scale / static_cast<T>(n)), b.losses.data(), pool_);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += b.losses[i];
+  T* dhead = tied ? grads_.embed_tokens.data() : grads_.lm_head.data();
+  LinearBackward(b.logits.data(), b.hn.data(), head, n, h, c.vocab_size, b.dxa.data(), false, dhead,
+                 pool_);
+  RmsNormBackward(b.dxa.data(), x, params_.norm.data(), b.rstdn.data(), n, h, dx, false,
+                  grads_.norm.data(), pool_);
   return sum / n;
 }
 

@@ -119,15 +119,68 @@ class LlamaModelT {
   // Logits [batch*seq, vocab] for the inputs.
   absl::Status Logits(const int32_t* inputs, int64_t batch, int64_t seq, std::vector<T>* logits);
 
+  // ---- Layer-wise execution (used by OffloadTrainer) ----
+  // Each call below runs one piece of the network for ONE micro-batch of batch x seq tokens
+  // and reads/writes only the parameter and gradient buffers it names, so the caller may load
+  // e.g. params().layers[l] and grads().layers[l] just before a call and release them (swap
+  // with an empty vector) just after. Activations live in caller-owned arrays of
+  // batch*seq*hidden_size elements; the decoder-layer and head calls use internal scratch
+  // (LayerScratchBytes / HeadScratchBytes, allocated on first use, freed by Release*Scratch).
+  // Running EmbedForward, DecoderLayerForward for every layer, HeadForwardBackward,
+  // DecoderLayerBackward in reverse and EmbedBackward gives bit-identically the losses and
+  // gradient contributions of ForwardBackward (the checkpointed backward is the same code).
+  // Shape errors: INVALID_ARGUMENT; a needed buffer with the wrong size (not loaded):
+  // FAILED_PRECONDITION naming the tensor.
+
+  // A model whose parameters and gradients are all empty (layers holds num_hidden_layers
+  // empty entries): nothing of the model's size is allocated. `pool` as for the constructor.
+  static std::unique_ptr<LlamaModelT> CreateUnallocated(const ModelConfig& config,
+                                                        ThreadPool* pool);
+
+  // Bytes of internal scratch a decoder-layer call (forward or backward with recompute)
+  // holds for one micro-batch of batch x seq, and that HeadForwardBackward holds (logits
+  // included).
+  int64_t LayerScratchBytes(int64_t batch, int64_t seq) const;
+  int64_t HeadScratchBytes(int64_t batch, int64_t seq) const;
+  // Frees the scratch; the next call reallocates it.
+  void ReleaseLayerScratch();
+  void ReleaseHeadScratch();
+
+  // x[batch*seq, hidden] = embed_tokens[inputs]. Needs params().embed_tokens.
+  absl::Status EmbedForward(const int32_t* inputs, int64_t batch, int64_t seq, T* x);
+  // grads().embed_tokens[inputs[r]] += dx[r], rows in order. Needs grads().embed_tokens.
+  absl::Status EmbedBackward(const int32_t* inputs, int64_t batch, int64_t seq, const T* dx);
+  // out = decoder layer `layer` applied to x, keeping nothing (the backward recomputes).
+  // Needs params().layers[layer].
+  absl::Status DecoderLayerForward(int layer, const T* x, T* out, int64_t batch, int64_t seq);
+  // Recomputes the layer's forward from its input x, adds its parameter gradients (for the
+  // output gradient dy) to grads().layers[layer] and writes the input gradient to dx. dy is
+  // clobbered. Needs params().layers[layer] and grads().layers[layer].
+  absl::Status DecoderLayerBackward(int layer, const T* x, T* dy, T* dx, int64_t batch,
+                                    int64_t seq);
+  // Final norm + LM head + cross-entropy on the last layer's output x: returns the mean token
+  // loss, adds grad_scale * d(mean loss)/d(param) to grads().norm and to grads().lm_head (or
+  // grads().embed_tokens when tied), and writes d(grad_scale * mean loss)/dx to dx. Needs
+  // params().norm, the head weight and those gradients.
+  absl::StatusOr<double> HeadForwardBackward(const T* x, const int32_t* targets, int64_t batch,
+                                             int64_t seq, T grad_scale, T* dx);
+
  private:
   struct Buffers;
+  struct UnallocatedTag {};
+  LlamaModelT(const ModelConfig& config, ThreadPool* pool, UnallocatedTag);
   absl::Status CheckIds(const int32_t* ids, int64_t n, const char* what) const;
   void EnsureBuffers(int64_t batch, int64_t seq);
   // Runs embedding + layers + final norm + lm_head; fills buffers' logits.
   void RunForward(const int32_t* inputs, int64_t batch, int64_t seq);
-  void LayerForward(int layer, const T* x, T* out, int64_t batch, int64_t seq, int acts_index);
-  void LayerBackward(int layer, const T* x, T* dy, T* dx, int64_t batch, int64_t seq,
-                     int acts_index);
+  void LayerForward(Buffers& b, int layer, const T* x, T* out, int64_t batch, int64_t seq,
+                    int acts_index);
+  void LayerBackward(Buffers& b, int layer, const T* x, T* dy, T* dx, int64_t batch,
+                     int64_t seq, int acts_index);
+  absl::Status CheckShape(int64_t batch, int64_t seq) const;
+  absl::Status CheckLayerLoaded(int layer, bool with_grads) const;
+  void EnsureLayerScratch(int64_t batch, int64_t seq);
+  void EnsureHeadScratch(int64_t batch, int64_t seq);
 
   const ModelConfig config_;
   const bool checkpointing_;
@@ -135,6 +188,10 @@ class LlamaModelT {
   ModelParamsT<T> params_;
   ModelParamsT<T> grads_;
   std::unique_ptr<Buffers> buf_;
+  // Scratch of the layer-wise calls, apart from buf_ so that the whole-model path keeps its
+  // buffers.
+  std::unique_ptr<Buffers> layer_buf_;
+  std::unique_ptr<Buffers> head_buf_;
 };
 
 using LlamaModel = LlamaModelT<float>;

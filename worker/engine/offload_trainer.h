@@ -1,0 +1,216 @@
+// Trains a model whose training state (parameters, gradients, AdamW moments,
+// activation checkpoints) is larger than the device memory budget: everything
+// lives in a TensorHome and moves to the device layer by layer, with layer-wise
+// batching (DESIGN.md §2). Same options, data order and numerics contract as
+// Trainer. Thread-compatible: one thread drives an OffloadTrainer; it uses
+// num_threads threads internally. DeviceMemory is thread-safe.
+#ifndef LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_
+#define LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "worker/engine/data.h"
+#include "worker/engine/model.h"
+#include "worker/engine/tensor_home.h"
+#include "worker/engine/thread_pool.h"
+#include "worker/engine/trainer.h"
+
+namespace lumen::engine {
+
+// "1.50 MiB (1572864 bytes)".
+std::string FormatBytes(int64_t bytes);
+
+// Accounts for every byte that is "on the device" against a fixed budget.
+// Allocate never exceeds the budget: it fails with RESOURCE_EXHAUSTED naming
+// the op and the numbers. Thread-safe; an Allocation may be released from any
+// thread but must not outlive its DeviceMemory.
+class DeviceMemory {
+ public:
+  // A reservation of bytes; released when destroyed or Release()d. Movable, not
+  // copyable.
+  class Allocation {
+   public:
+    Allocation() = default;
+    Allocation(Allocation &&other) noexcept { *this = std::move(other); }
+    Allocation &operator=(Allocation &&other) noexcept;
+    Allocation(const Allocation &) = delete;
+    Allocation &operator=(const Allocation &) = delete;
+    ~Allocation() { Release(); }
+    void Release();
+    int64_t bytes() const { return bytes_; }
+
+   private:
+    friend class DeviceMemory;
+    DeviceMemory *owner_ = nullptr;
+    int64_t bytes_ = 0;
+  };
+
+  explicit DeviceMemory(int64_t budget_bytes) : budget_(budget_bytes) {}
+
+  // Reserves `bytes` for `op` (e.g. "forward of layer 3: parameters").
+  // RESOURCE_EXHAUSTED "forward of layer 3: parameters needs 1.20 MiB (...)
+  // more; device budget 4.00 MiB (...), in use 3.50 MiB (...)" when in_use +
+  // bytes > budget; nothing is reserved then.
+  absl::StatusOr<Allocation> Allocate(int64_t bytes, const std::string &op);
+
+  int64_t budget() const { return budget_; }
+  int64_t in_use() const;
+  int64_t peak() const;
+  // Sets the peak to the bytes in use now.
+  void ResetPeak();
+
+ private:
+  void Free(int64_t bytes);
+
+  const int64_t budget_;
+  mutable absl::Mutex mu_;
+  int64_t in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t peak_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+struct OffloadOptions {
+  // Device memory the trainer may use at once (parameters and gradients of the
+  // layer being run, one micro-batch's activation scratch including logits,
+  // resident checkpoints, optimizer working tensors, token ids). When the whole
+  // training state fits with room for the largest op, everything stays resident
+  // and the home is not used; otherwise tensors stream through the home and
+  // checkpoints use whatever the largest op leaves free.
+  int64_t device_budget_bytes = int64_t{1} << 30;
+  // The home tier of each tensor class. Optimizer state (AdamW m and v) is the
+  // usual candidate for NVMe: read and written once per step, by the optimizer
+  // only.
+  HomeTier parameters_tier = HomeTier::kHost;
+  HomeTier gradients_tier = HomeTier::kHost;
+  HomeTier optimizer_state_tier = HomeTier::kHost;
+  HomeTier activations_tier = HomeTier::kHost;
+  // Where tensors live off the device; not owned, must outlive the trainer. May
+  // be null only when everything fits on the device.
+  TensorHome *home = nullptr;
+};
+
+// StepResult plus what the step did with device memory and the home.
+struct OffloadStepResult : StepResult {
+  int64_t device_memory_budget_bytes = 0;
+  // Most bytes allocated on the device at once during the step (<= the budget).
+  int64_t device_memory_peak_bytes = 0;
+  int64_t bytes_home_to_device = 0;
+  int64_t bytes_device_to_home = 0;
+  int64_t bytes_moved() const { return bytes_home_to_device + bytes_device_to_home; }
+};
+
+class OffloadTrainer {
+ public:
+  // INVALID_ARGUMENT for a bad config (as Trainer::Create) or a null home when
+  // the state does not fit the budget; data/init_from errors as
+  // Trainer::Create; errors of the home. Initialises exactly as Trainer
+  // (InitParams or LoadWeights), then moves everything home.
+  static absl::StatusOr<std::unique_ptr<OffloadTrainer>> Create(const TrainerOptions &options,
+                                                                const OffloadOptions &offload);
+  ~OffloadTrainer();
+
+  // One optimizer step: forward layer by layer over all micro-batches, head,
+  // backward layer by layer in reverse with recompute, global-norm clipping,
+  // AdamW per tensor. Losses and weights are bit-identical whatever the budget.
+  // Errors as Trainer::Step, plus RESOURCE_EXHAUSTED (before any work) when one
+  // op's working set exceeds the budget, naming the op and the bytes, and
+  // errors of the home. Errors before the optimizer phase leave parameters,
+  // optimizer state and the step counter unchanged; an error of the home during
+  // the optimizer phase may leave them partly updated.
+  absl::StatusOr<OffloadStepResult> Step();
+
+  // Writes the same directory as Trainer::Export (config.json, weights,
+  // optimizer.safetensors), reading the tensors from wherever they live.
+  absl::Status Export(const std::string &dir);
+
+  // Copies of the current parameters / AdamW moments, gathered from the device
+  // and the home.
+  absl::StatusOr<ModelParams> GatherParams();
+  absl::Status GatherOptimizerState(ModelParams *exp_avg, ModelParams *exp_avg_sq);
+
+  // Bytes of parameters + gradients + m + v (fp32) + activation checkpoints
+  // (every layer's input and the last layer's output, for every micro-batch of
+  // a step).
+  int64_t TrainingStateBytes() const;
+  // The largest working set of one op (the least budget that can run a step),
+  // and its name.
+  int64_t MinDeviceBytes() const;
+  std::string LargestOp() const;
+  // True when everything stays on the device (no home traffic).
+  bool resident() const { return resident_; }
+  // Activation checkpoints that may stay on the device (the rest go home).
+  int64_t max_resident_activations() const { return max_resident_acts_; }
+
+  int64_t step() const { return step_; }
+  const TrainerOptions &options() const { return options_; }
+  const DeviceMemory &device_memory() const { return mem_; }
+
+ private:
+  // A float buffer on the device. `resident`: it lives on the device between
+  // uses (its home copy, if any, is stale), so it returns to the device map
+  // after use.
+  struct DeviceBuffer {
+    std::vector<float> data;
+    DeviceMemory::Allocation alloc;
+    bool resident = false;
+  };
+  class Binding;
+  struct OpSize {
+    std::string op;
+    int64_t bytes;
+  };
+
+  OffloadTrainer(const TrainerOptions &options, const OffloadOptions &offload);
+  absl::Status Init();
+  std::vector<OpSize> OpWorkingSets() const;
+
+  absl::StatusOr<DeviceBuffer> NewBuffer(int64_t n, bool resident, const std::string &op);
+  // Takes tensor `id` from the device map, or reads it from the home into a new
+  // buffer.
+  absl::StatusOr<DeviceBuffer> Fetch(const std::string &id, int64_t n, const std::string &op);
+  // As Fetch, but zero-filled and never read from the home.
+  absl::StatusOr<DeviceBuffer> FetchZeroed(const std::string &id, int64_t n, bool resident,
+                                           const std::string &op);
+  // After use: resident buffers go back to the device map; others are written
+  // home when `dirty` and dropped.
+  absl::Status Return(const std::string &id, DeviceBuffer buf, HomeTier tier, bool dirty);
+  // A new activation: kept on the device while a checkpoint slot is free, else
+  // sent home.
+  absl::Status StoreActivation(const std::string &id, DeviceBuffer buf);
+  // An activation used for the last time.
+  absl::Status DropActivation(const std::string &id, DeviceBuffer buf);
+  void DropResidentActivations();
+  int64_t ResidentActivations() const;
+  absl::Status GatherClass(const std::string &prefix, ModelParams *out);
+  absl::StatusOr<OffloadStepResult> RunStep();
+
+  // Constant after construction.
+  const TrainerOptions options_;
+  const OffloadOptions offload_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<TokenDataset> data_;
+  // The model's parameter / gradient vectors, NamedTensors order; empty between
+  // uses.
+  std::vector<NamedTensor<float>> param_slots_, grad_slots_;
+  bool resident_ = false;
+  int64_t max_resident_acts_ = 0;
+
+  DeviceMemory mem_;
+  std::map<std::string, DeviceBuffer> device_;  // tensors resident between uses
+  std::vector<int32_t> inputs_, targets_;       // all micro-batches of a step
+  int64_t bytes_in_ = 0, bytes_out_ = 0;        // this step's home traffic
+  int64_t step_ = 0;
+};
+
+}  // namespace lumen::engine
+
+#endif  // LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_

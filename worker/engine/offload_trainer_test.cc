@@ -1,0 +1,395 @@
+#include "worker/engine/offload_trainer.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/engine/checkpoint.h"
+#include "worker/engine/trainer.h"
+
+namespace lumen::engine {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TempPath(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
+}
+
+std::string WriteTokens(const std::string& name, int64_t n, int64_t vocab) {
+  std::mt19937_64 rng(77);
+  std::vector<uint16_t> toks(n);
+  for (int64_t i = 0; i < n; ++i) {
+    toks[i] = static_cast<uint16_t>(rng() % 4 == 0 ? rng() % vocab : (i * 7) % vocab);
+  }
+  const std::string path = TempPath(name);
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(toks.data(), 2, toks.size(), f);
+  std::fclose(f);
+  return path;
+}
+
+std::string FileBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// 16 thin layers: parameters dominate a layer's working set, so the training state is many
+// times the least budget that can run a step.
+TrainerOptions DeepOptions(bool tied) {
+  TrainerOptions o;
+  o.model.hidden_size = 64;
+  o.model.intermediate_size = 128;
+  o.model.num_hidden_layers = 16;
+  o.model.num_attention_heads = 4;
+  o.model.num_key_value_heads = 2;
+  o.model.vocab_size = 128;
+  o.model.max_position_embeddings = 16;
+  o.model.tie_word_embeddings = tied;
+  o.model.init_std = 0.05;
+  o.optimizer.lr = 3e-3;
+  o.optimizer.warmup_steps = 1;
+  o.optimizer.min_lr = 3e-4;
+  o.optimizer.weight_decay = 0.1;
+  // Small enough that every step clips.
+  o.optimizer.grad_clip = 0.5;
+  o.train.steps = 4;
+  o.train.seq_len = 8;
+  o.train.micro_batch_size = 1;
+  o.train.grad_accum_steps = 2;
+  o.train.seed = 9;
+  o.data.path = WriteTokens(tied ? "deep_tied.bin" : "deep.bin", 4000, 128);
+  o.num_threads = 2;
+  return o;
+}
+
+OffloadOptions Resident() {
+  OffloadOptions off;
+  off.device_budget_bytes = int64_t{1} << 30;
+  return off;
+}
+
+struct TrainRun {
+  std::vector<OffloadStepResult> steps;
+  ModelParams params, m, v;
+};
+
+TrainRun Train(OffloadTrainer* t, int n) {
+  TrainRun r;
+  for (int i = 0; i < n; ++i) {
+    auto s = t->Step();
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return r;
+    r.steps.push_back(*s);
+  }
+  auto p = t->GatherParams();
+  EXPECT_TRUE(p.ok()) << p.status();
+  if (p.ok()) r.params = *std::move(p);
+  EXPECT_TRUE(t->GatherOptimizerState(&r.m, &r.v).ok());
+  return r;
+}
+
+void ExpectBitIdentical(const ModelConfig& c, ModelParams* a, ModelParams* b, const char* what) {
+  auto ta = NamedTensors(c, a);
+  auto tb = NamedTensors(c, b);
+  ASSERT_EQ(ta.size(), tb.size());
+  for (size_t i = 0; i < ta.size(); ++i) {
+    ASSERT_EQ(ta[i].data->size(), tb[i].data->size());
+    EXPECT_EQ(
+        0, std::memcmp(ta[i].data->data(), tb[i].data->data(), sizeof(float) * ta[i].data->size()))
+        << what << " " << ta[i].name;
+  }
+}
+
+// (tied embeddings, optimizer state on the "nvme" tier, extra checkpoint slots on the device)
+class OffloadParity : public ::testing::TestWithParam<std::tuple<bool, bool, int>> {};
+
+TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
+  const auto [tied, nvme, slots] = GetParam();
+  const TrainerOptions o = DeepOptions(tied);
+  const int kSteps = 3;
+
+  auto resident = OffloadTrainer::Create(o, Resident());
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  ASSERT_TRUE((*resident)->resident());
+  const int64_t least = (*resident)->MinDeviceBytes();
+  const int64_t act_bytes = 4 * o.train.micro_batch_size * o.train.seq_len * o.model.hidden_size;
+
+  MemoryTensorHome home;
+  OffloadOptions off;
+  off.device_budget_bytes = least + slots * act_bytes;
+  off.optimizer_state_tier = nvme ? HomeTier::kNvme : HomeTier::kHost;
+  off.home = &home;
+  auto offloaded = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(offloaded.ok()) << offloaded.status();
+  OffloadTrainer& t = **offloaded;
+  ASSERT_FALSE(t.resident());
+  EXPECT_EQ(t.max_resident_activations(), slots);
+  const int64_t state = t.TrainingStateBytes();
+  const double ratio = static_cast<double>(state) / off.device_budget_bytes;
+  std::printf("tied=%d nvme=%d: state %s, budget %s, ratio %.1f, largest op %s\n", tied, nvme,
+              FormatBytes(state).c_str(), FormatBytes(off.device_budget_bytes).c_str(), ratio,
+              t.LargestOp().c_str());
+  ASSERT_GE(ratio, 20.0);
+
+  TrainRun a = Train(resident->get(), kSteps);
+  TrainRun b = Train(&t, kSteps);
+  ASSERT_EQ(a.steps.size(), kSteps);
+  ASSERT_EQ(b.steps.size(), kSteps);
+  for (int s = 0; s < kSteps; ++s) {
+    const OffloadStepResult& ra = a.steps[s];
+    const OffloadStepResult& rb = b.steps[s];
+    EXPECT_EQ(0, std::memcmp(&ra.loss, &rb.loss, sizeof(double))) << "step " << s;
+    EXPECT_EQ(0, std::memcmp(&ra.grad_norm, &rb.grad_norm, sizeof(double))) << "step " << s;
+    EXPECT_GT(ra.grad_norm, o.optimizer.grad_clip);  // clipping is on
+    EXPECT_LE(rb.device_memory_peak_bytes, off.device_budget_bytes);
+    EXPECT_LE(ra.device_memory_peak_bytes, ra.device_memory_budget_bytes);
+    EXPECT_EQ(ra.bytes_moved(), 0);
+    // Parameters move twice (forward, backward) plus once for the optimizer; grads, m, v once
+    // each way at least.
+    EXPECT_GT(rb.bytes_home_to_device, 3 * 4 * ParameterCount(o.model));
+    EXPECT_GT(rb.bytes_device_to_home, 3 * 4 * ParameterCount(o.model));
+    std::printf("  step %d: loss %.9f peak %s moved in %s out %s\n", s, rb.loss,
+                FormatBytes(rb.device_memory_peak_bytes).c_str(),
+                FormatBytes(rb.bytes_home_to_device).c_str(),
+                FormatBytes(rb.bytes_device_to_home).c_str());
+  }
+  ExpectBitIdentical(o.model, &a.params, &b.params, "param");
+  ExpectBitIdentical(o.model, &a.m, &b.m, "exp_avg");
+  ExpectBitIdentical(o.model, &a.v, &b.v, "exp_avg_sq");
+
+  // Optimizer state sits in the tier asked for; no activation is left behind in the home.
+  const int64_t moments = 2 * 4 * ParameterCount(o.model);
+  EXPECT_EQ(home.bytes_stored(HomeTier::kNvme), nvme ? moments : 0);
+  HomeTier tier;
+  ASSERT_TRUE(home.TierOf("exp_avg/model.norm.weight", &tier).ok());
+  EXPECT_EQ(tier, nvme ? HomeTier::kNvme : HomeTier::kHost);
+  EXPECT_EQ(home.num_tensors(), 4 * static_cast<int64_t>(NamedTensors(o.model, &a.params).size()));
+}
+
+INSTANTIATE_TEST_SUITE_P(TiedNvmeSlots, OffloadParity,
+                         ::testing::Values(std::make_tuple(false, false, 0),
+                                           std::make_tuple(false, true, 6),
+                                           std::make_tuple(true, false, 6),
+                                           std::make_tuple(true, true, 0)));
+
+TEST(OffloadTrainerTest, MatchesTrainer) {
+  for (bool tied : {false, true}) {
+    TrainerOptions o = DeepOptions(tied);
+    auto ref = Trainer::Create(o);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    MemoryTensorHome home;
+    OffloadOptions off;
+    off.home = &home;
+    off.device_budget_bytes = 600 << 10;
+    auto t = OffloadTrainer::Create(o, off);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_FALSE((*t)->resident());
+    bool identical = true;
+    for (int s = 0; s < 3; ++s) {
+      auto a = (*ref)->Step();
+      auto b = (*t)->Step();
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      EXPECT_NEAR(a->loss, b->loss, 1e-6 * std::abs(a->loss)) << "step " << s;
+      EXPECT_NEAR(a->grad_norm, b->grad_norm, 1e-5 * a->grad_norm) << "step " << s;
+      EXPECT_EQ(a->lr, b->lr);
+      identical = identical && a->loss == b->loss && a->grad_norm == b->grad_norm;
+    }
+    auto p = (*t)->GatherParams();
+    ASSERT_TRUE(p.ok());
+    ModelParams q = (*ref)->params();
+    auto tp = NamedTensors(o.model, &*p);
+    auto tq = NamedTensors(o.model, &q);
+    double max_diff = 0;
+    bool weights_identical = true;
+    for (size_t i = 0; i < tp.size(); ++i) {
+      for (size_t j = 0; j < tp[i].data->size(); ++j) {
+        max_diff = std::max(max_diff, std::abs(double{(*tp[i].data)[j]} - (*tq[i].data)[j]));
+      }
+      weights_identical = weights_identical && std::memcmp(tp[i].data->data(), tq[i].data->data(),
+                                                           4 * tp[i].data->size()) == 0;
+    }
+    EXPECT_LT(max_diff, 1e-5);
+    if (!tied) {
+      // Untied: every gradient element gets its micro-batch contributions in the same order as
+      // Trainer, so the runs agree bit for bit. Tied: the LM head's and the embedding's
+      // contributions to embed_tokens are summed in a different order (head for all
+      // micro-batches first), so the last bits differ.
+      EXPECT_TRUE(identical);
+      EXPECT_TRUE(weights_identical);
+    }
+    std::printf(
+        "tied=%d: losses/grad norms bit-identical to Trainer: %s; weights: %s (max "
+        "|diff| %g)\n",
+        tied, identical ? "yes" : "no", weights_identical ? "yes" : "no", max_diff);
+  }
+}
+
+TEST(OffloadTrainerTest, BudgetBelowOneLayerFailsNamingTheLayer) {
+  TrainerOptions o = DeepOptions(false);
+  MemoryTensorHome home;
+  OffloadOptions off;
+  off.home = &home;
+  off.device_budget_bytes = 1;
+  auto probe = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(probe.ok()) << probe.status();
+  const int64_t least = (*probe)->MinDeviceBytes();
+  EXPECT_EQ((*probe)->LargestOp(), "backward of layer 15");
+  off.device_budget_bytes = least - 1;
+  auto t = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto r = (*t)->Step();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(r.status().message(), HasSubstr("step 0: backward of layer 15 needs "));
+  EXPECT_THAT(r.status().message(), HasSubstr(absl::StrCat("(", least, " bytes)")));
+  EXPECT_THAT(r.status().message(), HasSubstr(absl::StrCat("(", least - 1, " bytes)")));
+  EXPECT_EQ((*t)->step(), 0);
+  // Exactly the least budget works.
+  off.device_budget_bytes = least;
+  auto ok = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(ok.ok());
+  auto s = (*ok)->Step();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_LE(s->device_memory_peak_bytes, least);
+}
+
+TEST(OffloadTrainerTest, NullHomeNeedsEverythingToFit) {
+  TrainerOptions o = DeepOptions(false);
+  OffloadOptions off;
+  off.device_budget_bytes = 1 << 20;
+  auto t = OffloadTrainer::Create(o, off);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(t.status().message(), HasSubstr("offload.home is null"));
+}
+
+TEST(DeviceMemoryTest, RefusesOverBudgetNamingTheOp) {
+  DeviceMemory mem(4 << 20);
+  auto a = mem.Allocate(3 << 20, "forward of layer 2: parameters");
+  ASSERT_TRUE(a.ok());
+  auto b = mem.Allocate(2 << 20, "forward of layer 3: parameters");
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(b.status().message(),
+            "forward of layer 3: parameters needs 2.00 MiB (2097152 bytes) more; device budget "
+            "4.00 MiB (4194304 bytes), in use 3.00 MiB (3145728 bytes)");
+  EXPECT_EQ(mem.in_use(), 3 << 20);
+  a->Release();
+  EXPECT_EQ(mem.in_use(), 0);
+  EXPECT_EQ(mem.peak(), 3 << 20);
+  mem.ResetPeak();
+  EXPECT_EQ(mem.peak(), 0);
+}
+
+TEST(MemoryTensorHomeTest, PutGetFreeAndCounts) {
+  MemoryTensorHome home;
+  const std::vector<float> x = {1, 2, 3};
+  ASSERT_TRUE(home.Put("a", x.data(), 3, HomeTier::kNvme).ok());
+  std::vector<float> y(3);
+  ASSERT_TRUE(home.Get("a", y.data(), 3).ok());
+  EXPECT_EQ(x, y);
+  absl::Status s = home.Get("a", y.data(), 2);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("holds 3 floats"));
+  EXPECT_EQ(home.Get("b", y.data(), 3).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(home.bytes_stored(HomeTier::kNvme), 12);
+  EXPECT_EQ(home.bytes_in(), 12);
+  EXPECT_EQ(home.bytes_out(), 12);
+  ASSERT_TRUE(home.Free("a").ok());
+  EXPECT_EQ(home.bytes_stored(HomeTier::kNvme), 0);
+  EXPECT_EQ(home.Free("a").code(), absl::StatusCode::kNotFound);
+}
+
+TEST(OffloadTrainerTest, ExportWritesTheTrainerDirectory) {
+  TrainerOptions o = DeepOptions(true);
+  MemoryTensorHome home;
+  OffloadOptions off;
+  off.home = &home;
+  off.device_budget_bytes = 500 << 10;
+  auto t = OffloadTrainer::Create(o, off);
+  auto r = OffloadTrainer::Create(o, Resident());
+  ASSERT_TRUE(t.ok() && r.ok());
+  ASSERT_TRUE((*t)->Step().ok());
+  ASSERT_TRUE((*r)->Step().ok());
+  const std::string d1 = TempPath("offload_export"), d2 = TempPath("resident_export");
+  ASSERT_TRUE((*t)->Export(d1).ok());
+  ASSERT_TRUE((*r)->Export(d2).ok());
+  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors"}) {
+    const std::string a = FileBytes(d1 + "/" + f);
+    EXPECT_FALSE(a.empty()) << f;
+    EXPECT_EQ(a, FileBytes(d2 + "/" + f)) << f;
+  }
+  // Trainer reads it back: the weights and the optimizer state.
+  ModelParams loaded = AllocateParams<float>(o.model);
+  ASSERT_TRUE(LoadWeights(d1, o.model, &loaded).ok());
+  auto p = (*t)->GatherParams();
+  ASSERT_TRUE(p.ok());
+  ExpectBitIdentical(o.model, &loaded, &*p, "exported");
+  auto tr = Trainer::Create(o);
+  ASSERT_TRUE(tr.ok());
+  ASSERT_TRUE((*tr)->LoadOptimizerState(d1 + "/optimizer.safetensors").ok());
+  EXPECT_EQ((*tr)->step(), 1);
+}
+
+// The layer-wise model API reproduces ForwardBackward bit for bit with one micro-batch.
+TEST(LayerwiseModelTest, MatchesForwardBackward) {
+  for (bool tied : {false, true}) {
+    TrainerOptions o = DeepOptions(tied);
+    o.model.num_hidden_layers = 3;
+    const ModelConfig& c = o.model;
+    const int64_t B = 2, T = 8, n = B * T;
+    LlamaModel full(c, false, nullptr);
+    InitParams(c, 3, &full.params());
+    std::vector<int32_t> in(n), tg(n);
+    for (int64_t i = 0; i < n; ++i) {
+      in[i] = static_cast<int32_t>((i * 5) % c.vocab_size);
+      tg[i] = static_cast<int32_t>((i * 11 + 3) % c.vocab_size);
+    }
+    full.ZeroGrads();
+    auto ref = full.ForwardBackward(in.data(), tg.data(), B, T, 0.5f);
+    ASSERT_TRUE(ref.ok());
+
+    auto lw = LlamaModel::CreateUnallocated(c, nullptr);
+    // A layer that is not loaded is refused.
+    std::vector<float> x(n * c.hidden_size), y(n * c.hidden_size);
+    absl::Status s = lw->DecoderLayerForward(1, x.data(), y.data(), B, T);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(s.message(), HasSubstr("params of layer 1: input_layernorm holds 0 of 64"));
+
+    lw->params() = full.params();
+    lw->grads() = AllocateParams<float>(c);
+    std::vector<std::vector<float>> xs(c.num_hidden_layers + 1,
+                                       std::vector<float>(n * c.hidden_size));
+    ASSERT_TRUE(lw->EmbedForward(in.data(), B, T, xs[0].data()).ok());
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      ASSERT_TRUE(lw->DecoderLayerForward(l, xs[l].data(), xs[l + 1].data(), B, T).ok());
+    }
+    std::vector<float> dy(n * c.hidden_size), dx(n * c.hidden_size);
+    auto loss = lw->HeadForwardBackward(xs.back().data(), tg.data(), B, T, 0.5f, dy.data());
+    ASSERT_TRUE(loss.ok());
+    EXPECT_EQ(*loss, *ref);
+    for (int l = c.num_hidden_layers - 1; l >= 0; --l) {
+      ASSERT_TRUE(lw->DecoderLayerBackward(l, xs[l].data(), dy.data(), dx.data(), B, T).ok());
+      std::swap(dy, dx);
+    }
+    ASSERT_TRUE(lw->EmbedBackward(in.data(), B, T, dy.data()).ok());
+    ExpectBitIdentical(c, &full.grads(), &lw->grads(), "grad");
+  }
+}
+
+}  // namespace
+}  // namespace lumen::engine

@@ -1,0 +1,93 @@
+#include "worker/engine/tensor_home.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace lumen::engine {
+
+const char *HomeTierName(HomeTier tier) { return tier == HomeTier::kNvme ? "nvme" : "host"; }
+
+namespace {
+int TierIndex(HomeTier tier) { return tier == HomeTier::kNvme ? 1 : 0; }
+}  // namespace
+
+absl::Status MemoryTensorHome::Put(const std::string &id, const float *data, int64_t n,
+                                   HomeTier tier) {
+  if (n < 0) return absl::InvalidArgumentError(absl::StrCat("put ", id, ": size ", n, " < 0"));
+  absl::MutexLock lock(&mu_);
+  Tensor &t = tensors_[id];
+  stored_[TierIndex(t.tier)] -= static_cast<int64_t>(sizeof(float) * t.data.size());
+  t.data.assign(data, data + n);
+  t.tier = tier;
+  const int i = TierIndex(tier);
+  stored_[i] += static_cast<int64_t>(sizeof(float)) * n;
+  peak_stored_[i] = std::max(peak_stored_[i], stored_[i]);
+  bytes_in_ += static_cast<int64_t>(sizeof(float)) * n;
+  return absl::OkStatus();
+}
+
+absl::Status MemoryTensorHome::Get(const std::string &id, float *data, int64_t n) {
+  absl::MutexLock lock(&mu_);
+  auto it = tensors_.find(id);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor home has no tensor ", id));
+  }
+  if (static_cast<int64_t>(it->second.data.size()) != n) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "tensor ", id, " holds ", it->second.data.size(), " floats; the caller asked for ", n));
+  }
+  if (n > 0) std::memcpy(data, it->second.data.data(), sizeof(float) * n);
+  bytes_out_ += static_cast<int64_t>(sizeof(float)) * n;
+  return absl::OkStatus();
+}
+
+absl::Status MemoryTensorHome::Free(const std::string &id) {
+  absl::MutexLock lock(&mu_);
+  auto it = tensors_.find(id);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor home has no tensor ", id));
+  }
+  stored_[TierIndex(it->second.tier)] -=
+      static_cast<int64_t>(sizeof(float) * it->second.data.size());
+  tensors_.erase(it);
+  return absl::OkStatus();
+}
+
+int64_t MemoryTensorHome::bytes_in() const {
+  absl::MutexLock lock(&mu_);
+  return bytes_in_;
+}
+
+int64_t MemoryTensorHome::bytes_out() const {
+  absl::MutexLock lock(&mu_);
+  return bytes_out_;
+}
+
+int64_t MemoryTensorHome::bytes_stored(HomeTier tier) const {
+  absl::MutexLock lock(&mu_);
+  return stored_[TierIndex(tier)];
+}
+
+int64_t MemoryTensorHome::peak_bytes_stored(HomeTier tier) const {
+  absl::MutexLock lock(&mu_);
+  return peak_stored_[TierIndex(tier)];
+}
+
+int64_t MemoryTensorHome::num_tensors() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(tensors_.size());
+}
+
+absl::Status MemoryTensorHome::TierOf(const std::string &id, HomeTier *tier) const {
+  absl::MutexLock lock(&mu_);
+  auto it = tensors_.find(id);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat("tensor home has no tensor ", id));
+  }
+  *tier = it->second.tier;
+  return absl::OkStatus();
+}
+
+}  // namespace lumen::engine

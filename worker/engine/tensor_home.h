@@ -1,0 +1,71 @@
+// Where training tensors live off the device (host RAM, NVMe, a memstore): an
+// interface the offload trainer moves float tensors through, and an in-process
+// implementation for tests. Implementations are thread-safe.
+#ifndef LUMEN_WORKER_ENGINE_TENSOR_HOME_H_
+#define LUMEN_WORKER_ENGINE_TENSOR_HOME_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+
+namespace lumen::engine {
+
+// The off-device tier a tensor is kept in.
+enum class HomeTier { kHost, kNvme };
+
+// "host" or "nvme".
+const char *HomeTierName(HomeTier tier);
+
+class TensorHome {
+ public:
+  virtual ~TensorHome() = default;
+  // Creates or replaces tensor `id` with the n floats at `data`, kept in
+  // `tier`. On error the previous content of `id`, if any, may be lost.
+  virtual absl::Status Put(const std::string &id, const float *data, int64_t n, HomeTier tier) = 0;
+  // Copies tensor `id` into the n floats at `data`. NOT_FOUND when there is no
+  // such tensor; FAILED_PRECONDITION when it does not hold exactly n floats
+  // (nothing is copied then).
+  virtual absl::Status Get(const std::string &id, float *data, int64_t n) = 0;
+  // Deletes tensor `id`; NOT_FOUND when there is none.
+  virtual absl::Status Free(const std::string &id) = 0;
+};
+
+// Tensors in a map in this process; counts the bytes that cross its interface.
+class MemoryTensorHome : public TensorHome {
+ public:
+  absl::Status Put(const std::string &id, const float *data, int64_t n, HomeTier tier) override;
+  absl::Status Get(const std::string &id, float *data, int64_t n) override;
+  absl::Status Free(const std::string &id) override;
+
+  // Bytes written by Put / read by Get since construction.
+  int64_t bytes_in() const;
+  int64_t bytes_out() const;
+  // Bytes held now in `tier`, and the largest that ever was.
+  int64_t bytes_stored(HomeTier tier) const;
+  int64_t peak_bytes_stored(HomeTier tier) const;
+  // Number of tensors held now.
+  int64_t num_tensors() const;
+  // The tier of tensor `id`, or NOT_FOUND.
+  absl::Status TierOf(const std::string &id, HomeTier *tier) const;
+
+ private:
+  struct Tensor {
+    std::vector<float> data;
+    HomeTier tier = HomeTier::kHost;
+  };
+  mutable absl::Mutex mu_;
+  std::map<std::string, Tensor> tensors_ ABSL_GUARDED_BY(mu_);
+  int64_t bytes_in_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t bytes_out_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t stored_[2] ABSL_GUARDED_BY(mu_) = {0, 0};
+  int64_t peak_stored_[2] ABSL_GUARDED_BY(mu_) = {0, 0};
+};
+
+}  // namespace lumen::engine
+
+#endif  // LUMEN_WORKER_ENGINE_TENSOR_HOME_H_
