@@ -270,7 +270,9 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               "--device",
               std::string(DeviceKindName(o.device)),
               "--device-memory",
-              absl::StrCat(o.device_memory_bytes)};
+              absl::StrCat(o.device_memory_bytes),
+              "--memstore-socket",
+              memstore_socket};
     w.log_file = logs + w.name + ".log";
     w.sockets = {socket};
     w.metrics_address = metrics(port);

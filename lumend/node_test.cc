@@ -137,7 +137,8 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   EXPECT_THAT(specs[2].argv,
               ElementsAre("/b/worker", "--data-dir", "/d", "--id", "1", "--socket",
                           "/d/run/worker-1.sock", "--metrics-address", "127.0.0.1:9003",
-                          "--device", "cpu", "--device-memory", "67108864"));
+                          "--device", "cpu", "--device-memory", "67108864",
+                          "--memstore-socket", "/d/run/memstore.sock"));
   EXPECT_THAT(specs[2].sockets, ElementsAre("/d/run/worker-1.sock"));
   EXPECT_EQ(specs[3].name, "coordinator");
   EXPECT_THAT(specs[3].argv,

@@ -13,8 +13,11 @@ namespace {
 
 constexpr absl::Duration kCallTimeout = absl::Minutes(10);  // NVMe moves of large tensors
 
+// Calls wait (until the deadline) for a memstore that is starting or restarting, rather than
+// failing at once: lumend starts the processes together and restarts a crashed memstore.
 void SetDeadline(grpc::ClientContext* context, absl::Duration timeout) {
   context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  context->set_wait_for_ready(true);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include "glog/logging.h"
 #include "worker/device_profile.h"
 #include "worker/service.h"
+#include "memstore/memstore_client.h"
 #include "common/profile_cache.h"
 
 int main(int argc, char** argv) {
@@ -25,6 +26,12 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--device-memory", device_memory, "Device memory budget in bytes");
   app.add_option("--threads", threads, "CPU kernel threads (0 = all cores)");
+  std::string memstore_socket, optimizer_state_tier = "host";
+  app.add_option("--memstore-socket", memstore_socket,
+                 "The memstore, where jobs larger than --device-memory keep their tensors");
+  app.add_option("--optimizer-state-tier", optimizer_state_tier,
+                 "Memstore tier of offloaded Adam state")
+      ->check(CLI::IsMember({"host", "nvme"}));
   bool reprofile = false;
   app.add_flag("--reprofile", reprofile, "Measure the device again instead of using the cache");
   CLI11_PARSE(app, argc, argv);
@@ -53,6 +60,13 @@ int main(int argc, char** argv) {
   } else {
     LOG(WARNING) << "cannot measure the device: " << profile.status();
   }
+  std::unique_ptr<lumen::GrpcMemstoreClient> memstore;
+  if (!memstore_socket.empty()) {
+    memstore = std::make_unique<lumen::GrpcMemstoreClient>(memstore_socket);
+    options.runner.memstore = memstore.get();
+  }
+  options.runner.optimizer_state_tier =
+      optimizer_state_tier == "nvme" ? lumen::engine::HomeTier::kNvme : lumen::engine::HomeTier::kHost;
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();

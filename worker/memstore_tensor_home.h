@@ -5,7 +5,10 @@
 #define LUMEN_WORKER_MEMSTORE_TENSOR_HOME_H_
 
 #include <cstdint>
+#include <set>
 #include <string>
+
+#include "absl/synchronization/mutex.h"
 
 #include "absl/status/status.h"
 #include "memstore/memstore_client.h"
@@ -29,9 +32,14 @@ class MemstoreTensorHome : public engine::TensorHome {
 
   static Tier ToTier(engine::HomeTier tier);
 
+  // Frees every tensor this home put (a job's state when the job ends). Returns the first error.
+  absl::Status FreeAll();
+
  private:
   MemstoreClient* const client_;
   const std::string prefix_;
+  absl::Mutex mu_;
+  std::set<std::string> stored_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lumen

@@ -10,6 +10,7 @@
 #include "client/tokenizer_info.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
+#include "worker/memstore_tensor_home.h"
 
 namespace lumen {
 namespace {
@@ -18,7 +19,7 @@ namespace fs = std::filesystem;
 
 // `tokenizer` (read when the task started; null when the token file has none) goes into the
 // checkpoint beside the weights.
-absl::Status WriteCheckpoint(engine::Trainer& trainer, const RunTaskRequest& request,
+absl::Status WriteCheckpoint(engine::OffloadTrainer& trainer, const RunTaskRequest& request,
                              const TokenizerFiles* tokenizer, int64_t step,
                              const std::function<void(const TaskEvent&)>& emit) {
   const fs::path final_dir = fs::path(request.output_dir()) / absl::StrCat("step-", step);
@@ -105,8 +106,24 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   const JobSpec& spec = request.spec();
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
                    TrainerOptionsFromSpec(spec, options.num_threads));
-  ASSIGN_OR_RETURN(std::unique_ptr<engine::Trainer> trainer,
-                   engine::Trainer::Create(trainer_options));
+  // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
+  std::unique_ptr<MemstoreTensorHome> home;
+  if (options.memstore != nullptr) {
+    home = std::make_unique<MemstoreTensorHome>(options.memstore, request.job_id() + "/");
+  }
+  struct FreeHome {
+    MemstoreTensorHome* home;
+    ~FreeHome() {
+      if (home == nullptr) return;
+      if (absl::Status s = home->FreeAll(); !s.ok()) LOG(WARNING) << "freeing job tensors: " << s;
+    }
+  } free_home{home.get()};
+  engine::OffloadOptions offload;
+  offload.device_budget_bytes = options.device_memory_budget_bytes;
+  offload.optimizer_state_tier = options.optimizer_state_tier;
+  offload.home = home.get();
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> trainer,
+                   engine::OffloadTrainer::Create(trainer_options, offload));
   // Read once, so every checkpoint of the job carries the tokenizer the job started with.
   ASSIGN_OR_RETURN(std::optional<TokenizerFiles> tokenizer,
                    ReadTokenizerFiles(spec.data().path()));
@@ -117,14 +134,17 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   }
   const TokenizerFiles* tokenizer_files = tokenizer.has_value() ? &*tokenizer : nullptr;
   LOG(INFO) << request.job_id() << ": training " << spec.train().steps() << " steps with "
-            << trainer_options.num_threads << " threads";
+            << trainer_options.num_threads << " threads; training state "
+            << trainer->TrainingStateBytes() << " bytes, device budget "
+            << options.device_memory_budget_bytes << " bytes"
+            << (trainer->resident() ? " (resident)" : " (offloaded through the memstore)");
   if (spec.checkpoint().save_initial()) {
     RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, 0, emit));
   }
   const int64_t every = spec.checkpoint().every_steps();
   for (int64_t step = 0; step < spec.train().steps(); ++step) {
     if (cancelled()) return absl::CancelledError("cancelled");
-    ASSIGN_OR_RETURN(engine::StepResult result, trainer->Step());
+    ASSIGN_OR_RETURN(engine::OffloadStepResult result, trainer->Step());
     TaskEvent event;
     StepRecord* record = event.mutable_step();
     record->set_step(result.step + 1);  // Steps completed, 1 for the first.
@@ -135,7 +155,14 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     record->set_tokens(result.tokens);
     record->set_step_time_s(result.step_time_s);
     record->set_tokens_per_s(result.step_time_s > 0 ? result.tokens / result.step_time_s : 0);
-    record->set_device_memory_budget_bytes(options.device_memory_budget_bytes);
+    record->set_device_memory_budget_bytes(result.device_memory_budget_bytes);
+    record->set_device_memory_peak_bytes(result.device_memory_peak_bytes);
+    if (result.bytes_home_to_device > 0) {
+      (*record->mutable_bytes_moved())["host->device"] = result.bytes_home_to_device;
+    }
+    if (result.bytes_device_to_home > 0) {
+      (*record->mutable_bytes_moved())["device->host"] = result.bytes_device_to_home;
+    }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);
     const int64_t done = step + 1;

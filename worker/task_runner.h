@@ -11,6 +11,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "proto/lumen.pb.h"
+#include "memstore/memstore_client.h"
+#include "worker/engine/offload_trainer.h"
 #include "worker/engine/trainer.h"
 
 namespace lumen {
@@ -20,8 +22,14 @@ struct TaskRunnerOptions {
   std::string worker_name = "worker-0";
   // Threads for the CPU kernels; 0 uses every core.
   int num_threads = 0;
-  // The device memory budget reported in each step record.
+  // Device memory the training may use. A job whose training state does not fit streams its
+  // tensors through `memstore` layer by layer (engine::OffloadTrainer); losses and weights are
+  // the same bit for bit either way.
   int64_t device_memory_budget_bytes = 0;
+  // Where offloaded tensors live; null = nowhere, so a job that does not fit fails.
+  MemstoreClient* memstore = nullptr;
+  // The memstore tier of the Adam state when offloading (the other classes use host memory).
+  engine::HomeTier optimizer_state_tier = engine::HomeTier::kHost;
 };
 
 // Engine options for a validated spec.

@@ -1,0 +1,57 @@
+"""A job whose training state is over 20x the worker's device memory trains through the
+memstore, layer by layer, with every step's loss bit-identical to the same job with everything
+resident; the device memory peak never exceeds the budget, and the job's tensors are freed."""
+
+import os
+import unittest
+
+import lumen_node
+
+SPEC = """name: offload
+model: {preset: tiny, num_hidden_layers: 32, tie_word_embeddings: %s}
+data: {path: %s, token_dtype: uint16}
+train: {steps: 4, seq_len: 32, micro_batch_size: 2, grad_accum_steps: 2, seed: 3}
+optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 0.5, schedule: {kind: cosine, warmup_steps: 1}}
+"""
+
+BUDGET = 1024 * 1024
+
+
+def run(device_memory, tied):
+    with lumen_node.Node(device_memory=device_memory) as node:
+        data = os.path.join(node.tmp, "train.bin")
+        lumen_node.write_tokens(data, 30000)
+        job = node.submit(SPEC % ("true" if tied else "false", data))
+        ended = node.wait_job(job["id"], timeout=300)
+        assert ended["state"] == "SUCCEEDED", ended["failure_reason"]
+        steps = node.ctl_json("logs", job["id"])
+        cluster = node.ctl_json("cluster")[0]
+        return steps, cluster, int(job["parameter_count"])
+
+
+class OffloadTest(unittest.TestCase):
+    def check(self, tied):
+        resident, _, params = run("256MiB", tied)
+        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied)
+        state = params * 16  # params, grads, master-equivalent, Adam m and v: 16 B/param in fp32
+        self.assertGreaterEqual(state, 20 * BUDGET)
+        self.assertEqual([s["loss"] for s in offloaded], [s["loss"] for s in resident])
+        self.assertEqual([s["grad_norm"] for s in offloaded], [s["grad_norm"] for s in resident])
+        for s in offloaded:
+            self.assertEqual(int(s["device_memory_budget_bytes"]), BUDGET)
+            self.assertLessEqual(int(s["device_memory_peak_bytes"]), BUDGET)
+            self.assertGreater(int(s["bytes_moved"]["host->device"]), state // 4)
+        for s in resident:
+            self.assertEqual(s.get("bytes_moved", {}), {})
+        # The job's tensors left the memstore with the job.
+        self.assertEqual(int(cluster.get("memstore_tensors", 0)), 0)
+
+    def test_untied(self):
+        self.check(tied=False)
+
+    def test_tied(self):
+        self.check(tied=True)
+
+
+if __name__ == "__main__":
+    lumen_node.main()
