@@ -29,7 +29,7 @@ constexpr size_t kMaxUnixSocketPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
 const std::vector<std::string>& ScalarFlags() {
   static const auto* flags = new std::vector<std::string>{
       "data-dir",    "socket",          "listen",  "workers", "device", "device-memory",
-      "host-memory", "metrics-address", "bin-dir"};
+      "host-memory", "metrics-address", "bin-dir", "optimizer-state-tier"};
   return *flags;
 }
 constexpr const char kNvmeDirFlag[] = "nvme-dir";
@@ -194,6 +194,16 @@ absl::StatusOr<NodeOptions> Convert(const RawValues& values) {
   if (const std::string* v = get("bin-dir")) {
     if (!v->empty()) o.bin_dir = AbsolutePath(*v);
   }
+
+  if (const std::string* v = get("optimizer-state-tier")) {
+    if (*v != "host" && *v != "nvme") {
+      return Invalid("optimizer-state-tier", *v, "must be host or nvme");
+    }
+    if (*v == "nvme" && o.nvme_dirs.empty()) {
+      return Invalid("optimizer-state-tier", *v, "needs at least one --nvme-dir");
+    }
+    o.optimizer_state_tier = *v;
+  }
   return o;
 }
 
@@ -281,6 +291,9 @@ absl::StatusOr<NodeOptions> ParseNodeOptions(int argc, const char* const* argv) 
       {"bin-dir",
        "Directory with the memstore, worker and coordinator binaries (default: found next "
        "to lumend)"},
+      {"optimizer-state-tier",
+       "Memstore tier of the Adam state of jobs larger than --device-memory: host or nvme "
+       "(default host)"},
   };
   for (const std::string& name : ScalarFlags()) {
     options[name] = app.add_option("--" + name, bound[name], help.at(name));

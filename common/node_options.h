@@ -69,6 +69,10 @@ struct NodeOptions {
   // lumend (Bazel runfiles, then the install directory).
   std::string bin_dir;
 
+  // Where jobs larger than the device budget keep their Adam state in the memstore: "host" or
+  // "nvme" (needs --nvme-dir). NVMe saves host RAM at the price of drive writes every step.
+  std::string optimizer_state_tier = "host";
+
   // The node config file given with --config, or empty.
   std::string config_file;
 };

@@ -272,7 +272,9 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               "--device-memory",
               absl::StrCat(o.device_memory_bytes),
               "--memstore-socket",
-              memstore_socket};
+              memstore_socket,
+              "--optimizer-state-tier",
+              o.optimizer_state_tier};
     w.log_file = logs + w.name + ".log";
     w.sockets = {socket};
     w.metrics_address = metrics(port);

@@ -138,7 +138,8 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
               ElementsAre("/b/worker", "--data-dir", "/d", "--id", "1", "--socket",
                           "/d/run/worker-1.sock", "--metrics-address", "127.0.0.1:9003",
                           "--device", "cpu", "--device-memory", "67108864",
-                          "--memstore-socket", "/d/run/memstore.sock"));
+                          "--memstore-socket", "/d/run/memstore.sock",
+                          "--optimizer-state-tier", "host"));
   EXPECT_THAT(specs[2].sockets, ElementsAre("/d/run/worker-1.sock"));
   EXPECT_EQ(specs[3].name, "coordinator");
   EXPECT_THAT(specs[3].argv,

@@ -17,8 +17,12 @@ optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 0.5, schedule: {kind: cosi
 BUDGET = 1024 * 1024
 
 
-def run(device_memory, tied):
-    with lumen_node.Node(device_memory=device_memory) as node:
+def run(device_memory, tied, nvme=False):
+    extra = []
+    if nvme:
+        extra = ["--nvme-dir", "/tmp/lumen-offload-nvme-%d" % os.getpid(),
+                 "--optimizer-state-tier", "nvme"]
+    with lumen_node.Node(device_memory=device_memory, extra_args=extra) as node:
         data = os.path.join(node.tmp, "train.bin")
         lumen_node.write_tokens(data, 30000)
         job = node.submit(SPEC % ("true" if tied else "false", data))
@@ -26,13 +30,26 @@ def run(device_memory, tied):
         assert ended["state"] == "SUCCEEDED", ended["failure_reason"]
         steps = node.ctl_json("logs", job["id"])
         cluster = node.ctl_json("cluster")[0]
+        if nvme:
+            held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+            assert held == 0, cluster  # freed after the job
+            # The Adam state really went through the NVMe tier.
+            import urllib.request
+            url = "http://%s/metrics" % node.process("memstore")["metrics_address"]
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            nvme_written = [float(line.split()[-1]) for line in text.splitlines()
+                            if line.startswith("lumen_memstore_io_bytes_total") and
+                            'tier="nvme"' in line and 'direction="write"' in line]
+            assert nvme_written and nvme_written[0] > 0, text
+            import shutil
+            shutil.rmtree("/tmp/lumen-offload-nvme-%d" % os.getpid(), ignore_errors=True)
         return steps, cluster, int(job["parameter_count"])
 
 
 class OffloadTest(unittest.TestCase):
-    def check(self, tied):
+    def check(self, tied, nvme=False):
         resident, _, params = run("256MiB", tied)
-        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied)
+        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied, nvme)
         state = params * 16  # params, grads, master-equivalent, Adam m and v: 16 B/param in fp32
         self.assertGreaterEqual(state, 20 * BUDGET)
         self.assertEqual([s["loss"] for s in offloaded], [s["loss"] for s in resident])
@@ -51,6 +68,9 @@ class OffloadTest(unittest.TestCase):
 
     def test_tied(self):
         self.check(tied=True)
+
+    def test_optimizer_state_on_nvme(self):
+        self.check(tied=False, nvme=True)
 
 
 if __name__ == "__main__":
