@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
-#include "worker/engine/json.h"
+#include "common/json.h"
 
 namespace lumen {
 namespace {
@@ -35,10 +35,10 @@ absl::Status WriteFile(const fs::path& path, const std::string& data) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> StringField(const engine::JsonValue& root, const std::string& path,
+absl::StatusOr<std::string> StringField(const JsonValue& root, const std::string& path,
                                         const std::string& field) {
-  const engine::JsonValue* v = root.Find(field);
-  if (v == nullptr || v->type != engine::JsonValue::Type::kString) {
+  const JsonValue* v = root.Find(field);
+  if (v == nullptr || v->type != JsonValue::Type::kString) {
     return FieldError(path, field, "is missing or not a string");
   }
   return v->text;
@@ -51,10 +51,10 @@ std::string TokenizerSidecarPath(const std::string& token_file) {
 }
 
 std::string TokenizerInfoJson(const TokenizerInfo& info) {
-  std::string json = absl::StrCat("{\"type\": ", engine::JsonQuote(info.type));
-  if (info.type == "spm") absl::StrAppend(&json, ", \"model\": ", engine::JsonQuote(info.model));
+  std::string json = absl::StrCat("{\"type\": ", JsonQuote(info.type));
+  if (info.type == "spm") absl::StrAppend(&json, ", \"model\": ", JsonQuote(info.model));
   absl::StrAppend(&json, ", \"vocab_size\": ", info.vocab_size,
-                  ", \"token_dtype\": ", engine::JsonQuote(info.token_dtype), "}\n");
+                  ", \"token_dtype\": ", JsonQuote(info.token_dtype), "}\n");
   return json;
 }
 
@@ -64,7 +64,7 @@ std::string TokenDtypeForVocab(int64_t vocab_size) {
 
 absl::StatusOr<TokenizerInfo> ReadTokenizerInfo(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-  auto root = engine::ParseJson(text);
+  auto root = ParseJson(text);
   if (!root.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", root.status().message()));
   }
@@ -73,7 +73,7 @@ absl::StatusOr<TokenizerInfo> ReadTokenizerInfo(const std::string& path) {
   if (info.type != "byte" && info.type != "spm") {
     return FieldError(path, "type", absl::StrCat("is \"", info.type, "\"; expected byte or spm"));
   }
-  const engine::JsonValue* vocab = root->Find("vocab_size");
+  const JsonValue* vocab = root->Find("vocab_size");
   if (vocab == nullptr || !vocab->AsInt64(&info.vocab_size) || info.vocab_size <= 0) {
     return FieldError(path, "vocab_size", "is missing or not a positive integer");
   }

@@ -26,6 +26,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "common/json.h"
 #include "common/paths.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -70,33 +71,6 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-std::string JsonString(absl::string_view s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      default:
-        if (c < 0x20) {
-          out += absl::StrFormat("\\u%04x", c);
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  out += "\"";
-  return out;
-}
 
 }  // namespace
 
@@ -310,25 +284,25 @@ std::string NodeStatusJson(const LumendInfo& lumend, const std::vector<ProcessSt
                                  : absl::StrFormat("%.3f", absl::ToDoubleSeconds(
                                                                p.start_time - absl::UnixEpoch()));
     entries.push_back(absl::StrCat(
-        "    {\"name\":", JsonString(p.name), ",\"pid\":", p.pid,
+        "    {\"name\":", JsonQuote(p.name), ",\"pid\":", p.pid,
         ",\"up\":", p.up ? "true" : "false", ",\"restarts\":", p.restarts,
-        ",\"start_time\":", start_time, ",\"last_exit\":", JsonString(p.last_exit),
-        ",\"metrics_address\":", JsonString(p.metrics_address),
-        ",\"log_file\":", JsonString(p.log_file),
-        ",\"socket\":", JsonString(p.sockets.empty() ? "" : p.sockets[0]), "}"));
+        ",\"start_time\":", start_time, ",\"last_exit\":", JsonQuote(p.last_exit),
+        ",\"metrics_address\":", JsonQuote(p.metrics_address),
+        ",\"log_file\":", JsonQuote(p.log_file),
+        ",\"socket\":", JsonQuote(p.sockets.empty() ? "" : p.sockets[0]), "}"));
   }
-  return absl::StrCat("{\n  \"data_dir\":", JsonString(lumend.data_dir),
-                      ",\n  \"socket\":", JsonString(lumend.socket),
+  return absl::StrCat("{\n  \"data_dir\":", JsonQuote(lumend.data_dir),
+                      ",\n  \"socket\":", JsonQuote(lumend.socket),
                       ",\n  \"lumend_pid\":", lumend.pid,
-                      ",\n  \"lumend_metrics_address\":", JsonString(lumend.metrics_address),
+                      ",\n  \"lumend_metrics_address\":", JsonQuote(lumend.metrics_address),
                       ",\n  \"processes\":[\n", absl::StrJoin(entries, ",\n"), "\n  ]\n}\n");
 }
 
 std::string PrometheusTargetsJson(const LumendInfo& lumend,
                                   const std::vector<ProcessStatus>& procs) {
   auto entry = [](const std::string& address, const std::string& process) {
-    return absl::StrCat("  {\"targets\":[", JsonString(address), "],\"labels\":{\"process\":",
-                        JsonString(process), ",\"job\":\"lumen\"}}");
+    return absl::StrCat("  {\"targets\":[", JsonQuote(address), "],\"labels\":{\"process\":",
+                        JsonQuote(process), ",\"job\":\"lumen\"}}");
   };
   std::vector<std::string> entries = {entry(lumend.metrics_address, "lumend")};
   for (const ProcessStatus& p : procs) {

@@ -6,34 +6,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/json.h"
 #include "common/units.h"
 
 namespace lumen {
 namespace {
 
-std::string JsonString(absl::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += absl::StrFormat("\\u%04x", c);
-        } else {
-          out += c;
-        }
-    }
-  }
-  return out + "\"";
-}
 
 std::string Num(double v) { return absl::StrFormat("%.6g", v); }
 
@@ -161,13 +139,13 @@ std::string PlanText(const std::string& job_name, const ModelDesc& m, const Hard
 std::string PlanJson(const std::string& job_name, const ModelDesc& m, const HardwareProfile& hw,
                      const Plan& plan) {
   std::vector<std::string> f;
-  f.push_back(absl::StrCat("\"job\":", JsonString(job_name)));
-  f.push_back(absl::StrCat("\"hardware\":", JsonString(hw.name)));
+  f.push_back(absl::StrCat("\"job\":", JsonQuote(job_name)));
+  f.push_back(absl::StrCat("\"hardware\":", JsonQuote(hw.name)));
   f.push_back(absl::StrCat("\"workers\":", plan.workers));
   f.push_back(absl::StrCat("\"fits\":", plan.fits ? "true" : "false"));
-  if (!plan.fits) f.push_back(absl::StrCat("\"why_not\":", JsonString(plan.why_not)));
+  if (!plan.fits) f.push_back(absl::StrCat("\"why_not\":", JsonQuote(plan.why_not)));
   std::vector<std::string> sugg;
-  for (const std::string& t : plan.suggestions) sugg.push_back(JsonString(t));
+  for (const std::string& t : plan.suggestions) sugg.push_back(JsonQuote(t));
   f.push_back(absl::StrCat("\"suggestions\":[", absl::StrJoin(sugg, ","), "]"));
   f.push_back(absl::StrCat("\"parameters\":", plan.parameters));
   f.push_back(absl::StrCat("\"precision\":", m.bf16 ? "\"bf16\"" : "\"fp32\""));
@@ -179,7 +157,7 @@ std::string PlanJson(const std::string& job_name, const ModelDesc& m, const Hard
   f.push_back(absl::StrCat("\"device_budget_bytes\":", plan.device_budget_bytes));
   if (plan.fits) {
     const Placement& p = plan.placement;
-    f.push_back(absl::StrCat("\"parallelism\":{\"name\":", JsonString(plan.parallelism.Name()),
+    f.push_back(absl::StrCat("\"parallelism\":{\"name\":", JsonQuote(plan.parallelism.Name()),
                              ",\"stages\":", plan.parallelism.stages,
                              ",\"replicas\":", plan.parallelism.replicas,
                              ",\"groups\":", plan.parallelism.groups, "}"));
@@ -195,13 +173,13 @@ std::string PlanJson(const std::string& job_name, const ModelDesc& m, const Hard
     for (int t = 0; t < kNumTiers; ++t) {
       std::vector<std::string> cls;
       for (int c = 0; c < kNumTensorClasses; ++c) {
-        cls.push_back(absl::StrCat(JsonString(TensorClassName(static_cast<TensorClass>(c))), ":",
+        cls.push_back(absl::StrCat(JsonQuote(TensorClassName(static_cast<TensorClass>(c))), ":",
                                    plan.tiers[t].home[c]));
       }
       cls.push_back(absl::StrCat("\"buffers\":", plan.tiers[t].buffers));
       cls.push_back(absl::StrCat("\"total\":", plan.tiers[t].Total()));
       cls.push_back(absl::StrCat("\"capacity\":", plan.tiers[t].capacity));
-      tiers.push_back(absl::StrCat(JsonString(TierName(static_cast<Tier>(t))), ":{",
+      tiers.push_back(absl::StrCat(JsonQuote(TierName(static_cast<Tier>(t))), ":{",
                                    absl::StrJoin(cls, ","), "}"));
     }
     f.push_back(absl::StrCat("\"tier_bytes\":{", absl::StrJoin(tiers, ","), "}"));
@@ -211,13 +189,13 @@ std::string PlanJson(const std::string& job_name, const ModelDesc& m, const Hard
     f.push_back(absl::StrCat("\"tokens_per_s\":", Num(plan.tokens_per_s)));
     f.push_back(absl::StrCat("\"device_busy_fraction\":", Num(sim.device_busy_fraction)));
     f.push_back(absl::StrCat("\"flops_utilization\":", Num(plan.flops_utilization)));
-    f.push_back(absl::StrCat("\"binding_resource\":", JsonString(sim.binding_resource)));
+    f.push_back(absl::StrCat("\"binding_resource\":", JsonQuote(sim.binding_resource)));
     f.push_back(absl::StrCat("\"binding_busy_fraction\":", Num(sim.binding_busy_fraction)));
     std::vector<std::string> busy;
-    for (const auto& [g, v] : GroupBusy(sim)) busy.push_back(absl::StrCat(JsonString(g), ":", Num(v)));
+    for (const auto& [g, v] : GroupBusy(sim)) busy.push_back(absl::StrCat(JsonQuote(g), ":", Num(v)));
     f.push_back(absl::StrCat("\"resource_busy_fraction\":{", absl::StrJoin(busy, ","), "}"));
     std::vector<std::string> moved;
-    for (const auto& [k, v] : sim.bytes_moved) moved.push_back(absl::StrCat(JsonString(k), ":", v));
+    for (const auto& [k, v] : sim.bytes_moved) moved.push_back(absl::StrCat(JsonQuote(k), ":", v));
     f.push_back(absl::StrCat("\"bytes_moved\":{", absl::StrJoin(moved, ","), "}"));
     f.push_back(absl::StrCat("\"nvme_bytes_written_per_step\":", sim.nvme_bytes_written));
     f.push_back(absl::StrCat("\"nvme_bytes_written_per_day\":", plan.nvme_bytes_written_per_day));
@@ -226,15 +204,15 @@ std::string PlanJson(const std::string& job_name, const ModelDesc& m, const Hard
   }
   std::vector<std::string> cands;
   for (const Candidate& c : plan.candidates) {
-    std::string one = absl::StrCat("{\"parallelism\":", JsonString(c.parallelism.Name()),
+    std::string one = absl::StrCat("{\"parallelism\":", JsonQuote(c.parallelism.Name()),
                                    ",\"feasible\":", c.feasible ? "true" : "false");
     if (c.feasible) {
       absl::StrAppend(&one, ",\"step_time_s\":", Num(c.step_time_s),
                       ",\"tokens_per_s\":", Num(c.tokens_per_s),
-                      ",\"binding_resource\":", JsonString(c.binding_resource),
+                      ",\"binding_resource\":", JsonQuote(c.binding_resource),
                       ",\"link_bytes_per_param\":", Num(c.link_bytes_per_param));
     } else {
-      absl::StrAppend(&one, ",\"reason\":", JsonString(c.reason));
+      absl::StrAppend(&one, ",\"reason\":", JsonQuote(c.reason));
     }
     cands.push_back(one + "}");
   }

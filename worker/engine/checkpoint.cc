@@ -12,7 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
-#include "worker/engine/json.h"
+#include "common/json.h"
 #include "worker/engine/safetensors.h"
 
 namespace lumen::engine {

@@ -11,7 +11,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "worker/engine/json.h"
+#include "common/json.h"
 #include "worker/engine/safetensors.h"
 #include "worker/engine/trainer.h"
 

@@ -145,22 +145,7 @@ OffloadTrainer::~OffloadTrainer() {
 
 absl::StatusOr<std::unique_ptr<OffloadTrainer>> OffloadTrainer::Create(
     const TrainerOptions &options, const OffloadOptions &offload) {
-  RETURN_IF_ERROR(CheckModelConfig(options.model));
-  const TrainConfig &t = options.train;
-  if (t.seq_len <= 0 || t.micro_batch_size <= 0 || t.grad_accum_steps <= 0 || t.steps < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "train: seq_len ", t.seq_len, ", micro_batch_size ", t.micro_batch_size,
-        ", grad_accum_steps ", t.grad_accum_steps, " must be > 0 and steps ", t.steps, " >= 0"));
-  }
-  if (t.seq_len > options.model.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("train.seq_len ", t.seq_len,
-                                                   " exceeds max_position_embeddings ",
-                                                   options.model.max_position_embeddings));
-  }
-  if (options.optimizer.warmup_steps < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("optimizer.warmup_steps ", options.optimizer.warmup_steps, " < 0"));
-  }
+  RETURN_IF_ERROR(ValidateTrainerOptions(options));
   if (offload.device_budget_bytes <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("offload.device_budget_bytes ", offload.device_budget_bytes, " must be > 0"));

@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "worker/engine/json.h"
+#include "common/json.h"
 
 namespace lumen::engine {
 namespace {

@@ -7,7 +7,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "worker/engine/json.h"
+#include "common/json.h"
 
 namespace lumen::engine {
 namespace {

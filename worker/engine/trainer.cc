@@ -67,7 +67,7 @@ void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params) {
 
 Trainer::Trainer(const TrainerOptions& options) : options_(options) {}
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options) {
+absl::Status ValidateTrainerOptions(const TrainerOptions& options) {
   RETURN_IF_ERROR(CheckModelConfig(options.model));
   const TrainConfig& t = options.train;
   if (t.seq_len <= 0 || t.micro_batch_size <= 0 || t.grad_accum_steps <= 0 || t.steps < 0) {
@@ -84,6 +84,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
     return absl::InvalidArgumentError(absl::StrCat("optimizer.warmup_steps ",
                                                    options.optimizer.warmup_steps, " < 0"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& options) {
+  RETURN_IF_ERROR(ValidateTrainerOptions(options));
+  const TrainConfig& t = options.train;
   std::unique_ptr<Trainer> tr(new Trainer(options));
   const int threads = std::max(1, options.num_threads);
   // Matrix products are split over pool_ by the model, each chunk a single-threaded OpenBLAS

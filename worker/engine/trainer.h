@@ -58,6 +58,10 @@ struct StepResult {
 // Box–Muller on that stream (u1 = ((x1 >> 11) + 1) * 2^-53, u2 = (x2 >> 11) * 2^-53,
 // z0 = sqrt(-2 ln u1) cos(2 pi u2) used first, then z1 = ... sin(2 pi u2); the pair spans
 // tensors). Norm weights are 1 and draw nothing.
+// Checks the options both trainers share (model config, train geometry, warmup); errors are
+// INVALID_ARGUMENT naming the field.
+absl::Status ValidateTrainerOptions(const TrainerOptions& options);
+
 void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params);
 
 // Step()'s check of the global gradient norm, exposed for tests: OK when `grad_norm` is

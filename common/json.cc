@@ -1,4 +1,4 @@
-#include "worker/engine/json.h"
+#include "common/json.h"
 
 #include <cerrno>
 #include <cstdlib>
@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
-namespace lumen::engine {
+namespace lumen {
 
 const JsonValue* JsonValue::Find(std::string_view key) const {
   if (type != Type::kObject) return nullptr;
@@ -274,4 +274,4 @@ std::string JsonQuote(std::string_view s) {
   return out;
 }
 
-}  // namespace lumen::engine
+}  // namespace lumen

@@ -1,7 +1,7 @@
 // A minimal JSON reader/writer for safetensors headers and Hugging Face config.json.
 // Values are plain data (thread-compatible); parsing never crashes on malformed input.
-#ifndef LUMEN_WORKER_ENGINE_JSON_H_
-#define LUMEN_WORKER_ENGINE_JSON_H_
+#ifndef LUMEN_COMMON_JSON_H_
+#define LUMEN_COMMON_JSON_H_
 
 #include <cstdint>
 #include <string>
@@ -11,7 +11,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace lumen::engine {
+namespace lumen {
 
 struct JsonValue {
   enum class Type { kNull, kBool, kNumber, kString, kArray, kObject };
@@ -35,6 +35,6 @@ absl::StatusOr<JsonValue> ParseJson(std::string_view text);
 // `s` as a quoted JSON string with escapes.
 std::string JsonQuote(std::string_view s);
 
-}  // namespace lumen::engine
+}  // namespace lumen
 
-#endif  // LUMEN_WORKER_ENGINE_JSON_H_
+#endif  // LUMEN_COMMON_JSON_H_
