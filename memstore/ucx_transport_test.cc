@@ -2,6 +2,7 @@
 // (the test binary re-executes itself as the client, as a worker would be on a real node). Both
 // the direct-pointer path and the RMA get/put path are covered. UCX failing to initialise here
 // fails the tests with the UCX error; nothing is skipped.
+#include "memstore/ucx_endpoint_pipe.h"
 #include "memstore/ucx_transport.h"
 
 #include <sys/wait.h>
@@ -41,56 +42,6 @@ int64_t FirstMismatch(const uint8_t* data, uint64_t begin, size_t length, uint32
     if (data[i] != PatternByte(begin + i, seed)) return static_cast<int64_t>(i);
   }
   return -1;
-}
-
-// ---- Passing UcxEndpointInfo through a pipe (the control plane's job in production). -------
-
-bool WriteAll(int fd, const void* data, size_t length) {
-  const char* p = static_cast<const char*>(data);
-  while (length > 0) {
-    const ssize_t n = write(fd, p, length);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    p += n;
-    length -= n;
-  }
-  return true;
-}
-
-bool ReadAll(int fd, void* data, size_t length) {
-  char* p = static_cast<char*>(data);
-  while (length > 0) {
-    const ssize_t n = read(fd, p, length);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    p += n;
-    length -= n;
-  }
-  return true;
-}
-
-bool WriteString(int fd, const std::string& s) {
-  const uint64_t size = s.size();
-  return WriteAll(fd, &size, sizeof(size)) && WriteAll(fd, s.data(), s.size());
-}
-
-bool ReadString(int fd, std::string* s) {
-  uint64_t size = 0;
-  if (!ReadAll(fd, &size, sizeof(size)) || size > (1 << 20)) return false;
-  s->resize(size);
-  return ReadAll(fd, s->data(), size);
-}
-
-bool WriteInfo(int fd, const UcxEndpointInfo& info) {
-  return WriteString(fd, info.worker_address) && WriteString(fd, info.rkey) &&
-         WriteAll(fd, &info.base_address, sizeof(info.base_address)) &&
-         WriteAll(fd, &info.length, sizeof(info.length));
-}
-
-bool ReadInfo(int fd, UcxEndpointInfo* info) {
-  return ReadString(fd, &info->worker_address) && ReadString(fd, &info->rkey) &&
-         ReadAll(fd, &info->base_address, sizeof(info->base_address)) &&
-         ReadAll(fd, &info->length, sizeof(info->length));
 }
 
 // ---- Tests in one process. ------------------------------------------------------------------
@@ -275,7 +226,7 @@ TEST(UcxServerTest, AllocatedRegionRoundTripsInOneProcess) {
 // 7), writes seed 8 over it, reports "direct=<0|1>" on `result_fd`. Exit code 0 on success.
 int ChildMain(int info_fd, int result_fd, bool use_direct_pointer) {
   UcxEndpointInfo info;
-  if (!ReadInfo(info_fd, &info)) {
+  if (!ReadEndpointInfo(info_fd, &info)) {
     fprintf(stderr, "child: cannot read the endpoint info\n");
     return 2;
   }
@@ -311,7 +262,7 @@ int ChildMain(int info_fd, int result_fd, bool use_direct_pointer) {
     return 7;
   }
   const std::string result = absl::StrCat("direct=", (*client)->has_direct_pointer() ? 1 : 0);
-  if (!WriteString(result_fd, result)) return 8;
+  if (!WritePipeString(result_fd, result)) return 8;
   return 0;
 }
 
@@ -351,9 +302,9 @@ void RunTwoProcess(Region kind, bool use_direct_pointer, std::string* child_resu
   }
   close(info_pipe[0]);
   close(result_pipe[1]);
-  EXPECT_TRUE(WriteInfo(info_pipe[1], (*server)->info()));
+  EXPECT_TRUE(WriteEndpointInfo(info_pipe[1], (*server)->info()));
   close(info_pipe[1]);
-  const bool got_result = ReadString(result_pipe[0], child_result);
+  const bool got_result = ReadPipeString(result_pipe[0], child_result);
   close(result_pipe[0]);
   int wstatus = 0;
   ASSERT_EQ(waitpid(pid, &wstatus, 0), pid);

@@ -33,6 +33,7 @@
 #include "common/status_macros.h"
 #include "memstore/host_arena.h"
 #include "memstore/tensor_store.h"
+#include "memstore/ucx_endpoint_pipe.h"
 #include "memstore/ucx_transport.h"
 
 namespace lumen {
@@ -48,42 +49,6 @@ constexpr double kTargetRatio = 0.8;
 constexpr char kServeFlag[] = "--serve";
 
 // ---- Small helpers. -------------------------------------------------------------------------
-
-bool WriteAll(int fd, const void* data, size_t length) {
-  const char* p = static_cast<const char*>(data);
-  while (length > 0) {
-    const ssize_t n = write(fd, p, length);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    p += n;
-    length -= n;
-  }
-  return true;
-}
-
-bool ReadAll(int fd, void* data, size_t length) {
-  char* p = static_cast<char*>(data);
-  while (length > 0) {
-    const ssize_t n = read(fd, p, length);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    p += n;
-    length -= n;
-  }
-  return true;
-}
-
-bool WriteBlob(int fd, const std::string& s) {
-  const uint64_t size = s.size();
-  return WriteAll(fd, &size, sizeof(size)) && WriteAll(fd, s.data(), s.size());
-}
-
-bool ReadBlob(int fd, std::string* s) {
-  uint64_t size = 0;
-  if (!ReadAll(fd, &size, sizeof(size)) || size > (1 << 20)) return false;
-  s->resize(size);
-  return ReadAll(fd, s->data(), size);
-}
 
 // A pre-faulted, page-aligned buffer (first touch here costs ~1 GB/s; we measure copies).
 struct Buffer {
@@ -153,9 +118,7 @@ int ServeMain(RegionKind kind, int info_fd, int stop_fd) {
   }
   memset((*server)->region(), 0x5A, bytes);  // Pre-fault (the arena is already, UCX's maybe not).
   const UcxEndpointInfo& info = (*server)->info();
-  if (!WriteBlob(info_fd, info.worker_address) || !WriteBlob(info_fd, info.rkey) ||
-      !WriteAll(info_fd, &info.base_address, sizeof(info.base_address)) ||
-      !WriteAll(info_fd, &info.length, sizeof(info.length))) {
+  if (!WriteEndpointInfo(info_fd, info)) {
     return 1;
   }
   close(info_fd);
@@ -190,10 +153,7 @@ class ServerProcess {
     close(stop_pipe[0]);
     auto process = std::unique_ptr<ServerProcess>(new ServerProcess(pid, stop_pipe[1]));
     UcxEndpointInfo& info = process->info_;
-    const bool ok = ReadBlob(info_pipe[0], &info.worker_address) &&
-                    ReadBlob(info_pipe[0], &info.rkey) &&
-                    ReadAll(info_pipe[0], &info.base_address, sizeof(info.base_address)) &&
-                    ReadAll(info_pipe[0], &info.length, sizeof(info.length));
+    const bool ok = ReadEndpointInfo(info_pipe[0], &info);
     close(info_pipe[0]);
     if (!ok) {
       return absl::InternalError("the serving process exited before sending its endpoint info");
