@@ -73,7 +73,20 @@ WorkerService::WorkerService(WorkerServiceOptions options, prometheus::Registry&
                            .Name("lumen_worker_step_time_seconds")
                            .Help("Wall time of the worker's last step")
                            .Register(registry)
-                           .Add({{"worker", options_.name}})) {
+                           .Add({{"worker", options_.name}})),
+      memory_peak_gauge_(prometheus::BuildGauge()
+                             .Name("lumen_worker_device_memory_peak_bytes")
+                             .Help("Most device memory the worker's last step held at once")
+                             .Register(registry)
+                             .Add({{"worker", options_.name}})),
+      bytes_moved_(prometheus::BuildCounter()
+                       .Name("lumen_worker_bytes_moved_total")
+                       .Help("Bytes moved between the device and the memstore, by direction")
+                       .Register(registry)) {
+  // Both directions exist from the start, so dashboards show 0 rather than no data.
+  for (const char* pair : {"host->device", "device->host"}) {
+    bytes_moved_.Add({{"worker", options_.name}, {"pair", pair}});
+  }
   prometheus::BuildGauge()
       .Name("lumen_worker_device_memory_budget_bytes")
       .Help("Device memory the worker may use")
@@ -87,6 +100,11 @@ void WorkerService::Observe(const TaskEvent& event) {
   steps_counter_.Increment();
   tokens_counter_.Increment(static_cast<double>(event.step().tokens()));
   step_time_gauge_.Set(event.step().step_time_s());
+  memory_peak_gauge_.Set(static_cast<double>(event.step().device_memory_peak_bytes()));
+  for (const auto& [pair, bytes] : event.step().bytes_moved()) {
+    bytes_moved_.Add({{"worker", options_.name}, {"pair", pair}})
+        .Increment(static_cast<double>(bytes));
+  }
 }
 
 WorkerService::~WorkerService() { Shutdown(); }

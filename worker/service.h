@@ -47,6 +47,8 @@ class WorkerService final : public Worker::CallbackService {
   prometheus::Counter& steps_counter_;
   prometheus::Counter& tokens_counter_;
   prometheus::Gauge& step_time_gauge_;
+  prometheus::Gauge& memory_peak_gauge_;
+  prometheus::Family<prometheus::Counter>& bytes_moved_;
   // True while a task runs; RunTask refuses a second one.
   std::atomic<bool> busy_{false};
   std::atomic<bool> shutting_down_{false};
