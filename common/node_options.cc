@@ -1,5 +1,7 @@
 #include "common/node_options.h"
 
+#include <cmath>
+
 #include <exception>
 #include <iostream>
 #include <map>
@@ -29,7 +31,7 @@ constexpr size_t kMaxUnixSocketPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
 const std::vector<std::string>& ScalarFlags() {
   static const auto* flags = new std::vector<std::string>{
       "data-dir",    "socket",          "listen",  "workers", "device", "device-memory",
-      "host-memory", "metrics-address", "bin-dir", "optimizer-state-tier"};
+      "host-memory", "metrics-address", "bin-dir", "optimizer-state-tier", "link-gbps"};
   return *flags;
 }
 constexpr const char kNvmeDirFlag[] = "nvme-dir";
@@ -204,6 +206,14 @@ absl::StatusOr<NodeOptions> Convert(const RawValues& values) {
     }
     o.optimizer_state_tier = *v;
   }
+
+  if (const std::string* v = get("link-gbps")) {
+    double gbps = 0;
+    if (!absl::SimpleAtod(*v, &gbps) || !(gbps >= 0) || !std::isfinite(gbps)) {
+      return Invalid("link-gbps", *v, "must be a number of GB/s >= 0 (0 = off)");
+    }
+    o.link_gbps = gbps;
+  }
   return o;
 }
 
@@ -291,6 +301,8 @@ absl::StatusOr<NodeOptions> ParseNodeOptions(int argc, const char* const* argv) 
       {"bin-dir",
        "Directory with the memstore, worker and coordinator binaries (default: found next "
        "to lumend)"},
+      {"link-gbps",
+       "Link model: host<->device GB/s per direction for offloaded tensors (default 0 = off)"},
       {"optimizer-state-tier",
        "Memstore tier of the Adam state of jobs larger than --device-memory: host or nvme "
        "(default host)"},

@@ -73,6 +73,10 @@ struct NodeOptions {
   // "nvme" (needs --nvme-dir). NVMe saves host RAM at the price of drive writes every step.
   std::string optimizer_state_tier = "host";
 
+  // The link model: host<->device GB/s per direction for offloaded tensors; 0 = off. Set it to
+  // device FLOP/s / 6,600 to run the CPU device at an RTX 4090's FLOPs-per-PCIe-byte ratio.
+  double link_gbps = 0;
+
   // The node config file given with --config, or empty.
   std::string config_file;
 };

@@ -248,7 +248,9 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               "--memstore-socket",
               memstore_socket,
               "--optimizer-state-tier",
-              o.optimizer_state_tier};
+              o.optimizer_state_tier,
+              "--link-gbps",
+              absl::StrCat(o.link_gbps)};
     w.log_file = logs + w.name + ".log";
     w.sockets = {socket};
     w.metrics_address = metrics(port);

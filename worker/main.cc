@@ -32,6 +32,10 @@ int main(int argc, char** argv) {
   app.add_option("--optimizer-state-tier", optimizer_state_tier,
                  "Memstore tier of offloaded Adam state")
       ->check(CLI::IsMember({"host", "nvme"}));
+  double link_gbps = 0;
+  app.add_option("--link-gbps", link_gbps,
+                 "Link model: host<->device GB/s per direction for offloaded tensors (0 = off)")
+      ->check(CLI::NonNegativeNumber);
   bool reprofile = false;
   app.add_flag("--reprofile", reprofile, "Measure the device again instead of using the cache");
   CLI11_PARSE(app, argc, argv);
@@ -67,6 +71,7 @@ int main(int argc, char** argv) {
   }
   options.runner.optimizer_state_tier =
       optimizer_state_tier == "nvme" ? lumen::engine::HomeTier::kNvme : lumen::engine::HomeTier::kHost;
+  options.runner.link_bytes_per_s = link_gbps * 1e9;
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();

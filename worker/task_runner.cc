@@ -118,10 +118,14 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
       if (absl::Status s = home->FreeAll(); !s.ok()) LOG(WARNING) << "freeing job tensors: " << s;
     }
   } free_home{home.get()};
+  std::unique_ptr<engine::ThrottledTensorHome> link;
+  if (home != nullptr && options.link_bytes_per_s > 0) {
+    link = std::make_unique<engine::ThrottledTensorHome>(home.get(), options.link_bytes_per_s);
+  }
   engine::OffloadOptions offload;
   offload.device_budget_bytes = options.device_memory_budget_bytes;
   offload.optimizer_state_tier = options.optimizer_state_tier;
-  offload.home = home.get();
+  offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();
   ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> trainer,
                    engine::OffloadTrainer::Create(trainer_options, offload));
   // Read once, so every checkpoint of the job carries the tokenizer the job started with.

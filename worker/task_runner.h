@@ -30,6 +30,9 @@ struct TaskRunnerOptions {
   MemstoreClient* memstore = nullptr;
   // The memstore tier of the Adam state when offloading (the other classes use host memory).
   engine::HomeTier optimizer_state_tier = engine::HomeTier::kHost;
+  // The link model: host<->device bytes/s per direction for offloaded tensors; 0 = as fast as
+  // the memstore serves them. Lets the CPU device run at a GPU node's FLOPs-per-byte ratio.
+  double link_bytes_per_s = 0;
 };
 
 // Engine options for a validated spec.

@@ -17,11 +17,11 @@ optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 0.5, schedule: {kind: cosi
 BUDGET = 1024 * 1024
 
 
-def run(device_memory, tied, nvme=False):
-    extra = []
+def run(device_memory, tied, nvme=False, link_gbps=0):
+    extra = ["--link-gbps", str(link_gbps)] if link_gbps else []
     if nvme:
-        extra = ["--nvme-dir", "/tmp/lumen-offload-nvme-%d" % os.getpid(),
-                 "--optimizer-state-tier", "nvme"]
+        extra += ["--nvme-dir", "/tmp/lumen-offload-nvme-%d" % os.getpid(),
+                  "--optimizer-state-tier", "nvme"]
     with lumen_node.Node(device_memory=device_memory, extra_args=extra) as node:
         data = os.path.join(node.tmp, "train.bin")
         lumen_node.write_tokens(data, 30000)
@@ -71,6 +71,17 @@ class OffloadTest(unittest.TestCase):
 
     def test_optimizer_state_on_nvme(self):
         self.check(tied=False, nvme=True)
+
+    def test_link_model(self):
+        # The link model throttles offloaded transfers without changing the arithmetic: every
+        # step takes at least its bytes over the modelled link (a guaranteed lower bound).
+        resident, _, _ = run("256MiB", False)
+        gbps = 0.05
+        linked, _, _ = run("%dKiB" % (BUDGET // 1024), False, link_gbps=gbps)
+        self.assertEqual([s["loss"] for s in linked], [s["loss"] for s in resident])
+        for s in linked:
+            moved = sum(int(v) for v in s["bytes_moved"].values())
+            self.assertGreaterEqual(float(s["step_time_s"]), 0.99 * moved / (gbps * 1e9))
 
 
 if __name__ == "__main__":

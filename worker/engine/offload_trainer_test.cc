@@ -314,6 +314,24 @@ TEST(MemoryTensorHomeTest, PutGetFreeAndCounts) {
   EXPECT_EQ(home.Free("a").code(), absl::StatusCode::kNotFound);
 }
 
+TEST(ThrottledTensorHomeTest, PassesBytesThroughAndAccountsTheLink) {
+  MemoryTensorHome inner;
+  ThrottledTensorHome link(&inner, /*bytes_per_s=*/4e6);  // 4 MB/s: 1000 floats take 1 ms
+  std::vector<float> in(1000), out(1000, 0.0f);
+  for (int i = 0; i < 1000; ++i) in[i] = 0.5f * i - 7.0f;
+  ASSERT_TRUE(link.Put("t", in.data(), 1000, HomeTier::kNvme).ok());
+  ASSERT_TRUE(link.Get("t", out.data(), 1000).ok());
+  EXPECT_EQ(in, out);
+  HomeTier tier;
+  ASSERT_TRUE(inner.TierOf("t", &tier).ok());
+  EXPECT_EQ(tier, HomeTier::kNvme);
+  EXPECT_DOUBLE_EQ(link.device_to_home_seconds(), 4000 / 4e6);
+  EXPECT_DOUBLE_EQ(link.home_to_device_seconds(), 4000 / 4e6);
+  EXPECT_EQ(link.Get("missing", out.data(), 1).code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(link.Free("t").ok());
+  EXPECT_EQ(inner.num_tensors(), 0);
+}
+
 TEST(OffloadTrainerTest, ExportWritesTheTrainerDirectory) {
   TrainerOptions o = DeepOptions(true);
   MemoryTensorHome home;

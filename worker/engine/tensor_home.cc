@@ -1,5 +1,9 @@
 #include "worker/engine/tensor_home.h"
 
+#include <functional>
+
+#include "absl/time/clock.h"
+
 #include <algorithm>
 #include <cstring>
 
@@ -88,6 +92,50 @@ absl::Status MemoryTensorHome::TierOf(const std::string &id, HomeTier *tier) con
   }
   *tier = it->second.tier;
   return absl::OkStatus();
+}
+
+namespace {
+
+// Runs `transfer`, then sleeps until `bytes` would have crossed a link of `bytes_per_s`.
+absl::Status Throttled(double bytes_per_s, int64_t bytes, double *busy_seconds,
+                       const std::function<absl::Status()> &transfer) {
+  const absl::Time start = absl::Now();
+  absl::Status s = transfer();
+  const absl::Duration link = absl::Seconds(static_cast<double>(bytes) / bytes_per_s);
+  const absl::Duration left = link - (absl::Now() - start);
+  if (left > absl::ZeroDuration()) absl::SleepFor(left);
+  *busy_seconds += absl::ToDoubleSeconds(link);
+  return s;
+}
+
+}  // namespace
+
+ThrottledTensorHome::ThrottledTensorHome(TensorHome *inner, double bytes_per_s)
+    : inner_(inner), bytes_per_s_(bytes_per_s) {}
+
+absl::Status ThrottledTensorHome::Put(const std::string &id, const float *data, int64_t n,
+                                      HomeTier tier) {
+  absl::MutexLock lock(&put_mu_);
+  return Throttled(bytes_per_s_, n * static_cast<int64_t>(sizeof(float)), &put_seconds_,
+                   [&] { return inner_->Put(id, data, n, tier); });
+}
+
+absl::Status ThrottledTensorHome::Get(const std::string &id, float *data, int64_t n) {
+  absl::MutexLock lock(&get_mu_);
+  return Throttled(bytes_per_s_, n * static_cast<int64_t>(sizeof(float)), &get_seconds_,
+                   [&] { return inner_->Get(id, data, n); });
+}
+
+absl::Status ThrottledTensorHome::Free(const std::string &id) { return inner_->Free(id); }
+
+double ThrottledTensorHome::device_to_home_seconds() const {
+  absl::MutexLock lock(&put_mu_);
+  return put_seconds_;
+}
+
+double ThrottledTensorHome::home_to_device_seconds() const {
+  absl::MutexLock lock(&get_mu_);
+  return get_seconds_;
 }
 
 }  // namespace lumen::engine

@@ -66,6 +66,30 @@ class MemoryTensorHome : public TensorHome {
   int64_t peak_stored_[2] ABSL_GUARDED_BY(mu_) = {0, 0};
 };
 
+// The link model (DESIGN §6): another home seen through a host<->device link of
+// `bytes_per_s` per direction. Each transfer takes at least bytes / bytes_per_s
+// (it sleeps for the rest), so the CPU device can run schedules at a GPU
+// node's FLOPs-per-byte ratio. Thread-safe if `inner` is; transfers in the
+// same direction are serialised, as on one link.
+class ThrottledTensorHome : public TensorHome {
+ public:
+  // `inner` must outlive this; bytes_per_s > 0.
+  ThrottledTensorHome(TensorHome *inner, double bytes_per_s);
+  absl::Status Put(const std::string &id, const float *data, int64_t n, HomeTier tier) override;
+  absl::Status Get(const std::string &id, float *data, int64_t n) override;
+  absl::Status Free(const std::string &id) override;
+  // Seconds the modelled link was busy, per direction.
+  double device_to_home_seconds() const;
+  double home_to_device_seconds() const;
+
+ private:
+  TensorHome *const inner_;
+  const double bytes_per_s_;
+  mutable absl::Mutex put_mu_, get_mu_;
+  double put_seconds_ ABSL_GUARDED_BY(put_mu_) = 0;
+  double get_seconds_ ABSL_GUARDED_BY(get_mu_) = 0;
+};
+
 }  // namespace lumen::engine
 
 #endif  // LUMEN_WORKER_ENGINE_TENSOR_HOME_H_
