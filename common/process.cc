@@ -1,8 +1,10 @@
 #include "common/process.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
@@ -13,26 +15,40 @@
 
 namespace lumen {
 
+namespace {
+
+// Written by the signal handler, read by WaitForTerminationSignal. A handler (rather than
+// blocking the signals and sigwait) works whichever thread the kernel picks, including threads
+// that libraries such as UCX start with their own signal masks.
+int signal_pipe[2] = {-1, -1};
+
+void OnTerminationSignal(int sig) {
+  const int saved = errno;
+  const char byte = static_cast<char>(sig);
+  (void)!write(signal_pipe[1], &byte, 1);
+  errno = saved;
+}
+
+}  // namespace
+
 void InitProcess(const char* argv0) {
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv0);
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  if (pipe2(signal_pipe, O_CLOEXEC) != 0) PLOG(FATAL) << "pipe2";
+  struct sigaction action = {};
+  action.sa_handler = OnTerminationSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
 }
 
 int WaitForTerminationSignal() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  int sig = 0;
-  while (sigwait(&set, &sig) != 0) {
+  char byte = 0;
+  while (read(signal_pipe[0], &byte, 1) != 1) {
   }
-  return sig;
+  return byte;
 }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(

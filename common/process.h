@@ -14,9 +14,8 @@
 
 namespace lumen {
 
-// glog to stderr (lumend appends each child's stderr to <data_dir>/logs/<name>.log).
-// Blocks SIGTERM and SIGINT in this and every later thread, for WaitForTerminationSignal.
-// Call first in main().
+// glog to stderr (lumend appends each child's stderr to <data_dir>/logs/<name>.log), and
+// SIGTERM/SIGINT handlers that wake WaitForTerminationSignal. Call first in main().
 void InitProcess(const char* argv0);
 
 // Waits for SIGTERM or SIGINT and returns its number.

@@ -1,5 +1,7 @@
 #include "coordinator/worker_client.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 #include "grpcpp/client_context.h"
@@ -18,9 +20,20 @@ GrpcWorkerClient::~GrpcWorkerClient() = default;
 
 absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
                                        const std::function<void(const TaskEvent&)>& on_event) {
-  if (!channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + connect_timeout_))) {
-    return absl::UnavailableError(absl::StrCat(name_, " did not accept connections at ", socket_,
-                                               " within ", absl::FormatDuration(connect_timeout_)));
+  // Wait for a (re)starting worker in short slices, so that a cancellation (or the coordinator
+  // stopping) is noticed at once rather than after the whole connect timeout.
+  const absl::Time connect_deadline = absl::Now() + connect_timeout_;
+  while (!channel_->WaitForConnected(absl::ToChronoTime(
+      std::min(connect_deadline, absl::Now() + absl::Milliseconds(100))))) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (cancelled_job_ == request.job_id()) return absl::CancelledError("cancelled");
+    }
+    if (absl::Now() >= connect_deadline) {
+      return absl::UnavailableError(absl::StrCat(name_, " did not accept connections at ",
+                                                 socket_, " within ",
+                                                 absl::FormatDuration(connect_timeout_)));
+    }
   }
   // A worker still stopping a cancelled task (for example one whose coordinator died) refuses
   // with ABORTED before starting anything; retry that until the connect timeout.
@@ -50,6 +63,10 @@ absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
     }
     if (status.error_code() != grpc::StatusCode::ABORTED || events > 0 || absl::Now() > give_up) {
       break;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (cancelled_job_ == request.job_id()) break;
     }
     absl::SleepFor(absl::Milliseconds(200));
   }

@@ -44,9 +44,14 @@ class ShutdownTest(unittest.TestCase):
             node.proc.send_signal(signal.SIGTERM)
             node.proc.wait(timeout=10)
             elapsed = time.time() - start
+            with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
+                lumend_log = f.read()
         finally:
             node.stop()
         self.assertLess(elapsed, 10)
+        # Every child stopped on SIGTERM by itself; none needed SIGKILL.
+        self.assertNotIn("sending SIGKILL", lumend_log)
+        self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
         self.assertEqual(node.proc.returncode, 0)
         self.assertEqual([p for p in pids if lumen_node.pid_alive(p)], [])
         self.assertEqual([s for s in sockets if os.path.exists(s)], [])
