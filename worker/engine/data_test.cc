@@ -8,16 +8,12 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/engine/test_util.h"
 
 namespace lumen::engine {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
-}
 
 std::string WriteBytes(const std::string& name, const std::vector<uint8_t>& bytes) {
   const std::string path = TempPath(name);

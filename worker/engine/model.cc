@@ -100,6 +100,42 @@ struct LayerActs {
   std::vector<T> h1, rstd1, q, k, v, probs, att, x2, h2, rstd2, g, u, m;
 };
 
+namespace {
+
+// Element counts of one micro-batch's scratch; EnsureBuffers, EnsureLayerScratch and
+// EnsureHeadScratch allocate exactly these.
+struct ScratchShape {
+  int64_t n, h, d, I, qd, kd, pp, vocab;
+  ScratchShape(const ModelConfig& c, int64_t batch, int64_t seq)
+      : n(batch * seq),
+        h(c.hidden_size),
+        d(c.head_dim()),
+        I(c.intermediate_size),
+        qd(c.num_attention_heads * c.head_dim()),
+        kd(c.num_key_value_heads * c.head_dim()),
+        pp(batch * c.num_attention_heads * seq * seq),
+        vocab(c.vocab_size) {}
+};
+
+template <typename T>
+void ResizeLayerActs(const ScratchShape& s, LayerActs<T>* a) {
+  a->h1.resize(s.n * s.h);
+  a->rstd1.resize(s.n);
+  a->q.resize(s.n * s.qd);
+  a->k.resize(s.n * s.kd);
+  a->v.resize(s.n * s.kd);
+  a->probs.resize(s.pp);
+  a->att.resize(s.n * s.qd);
+  a->x2.resize(s.n * s.h);
+  a->h2.resize(s.n * s.h);
+  a->rstd2.resize(s.n);
+  a->g.resize(s.n * s.I);
+  a->u.resize(s.n * s.I);
+  a->m.resize(s.n * s.I);
+}
+
+}  // namespace
+
 template <typename T>
 struct LlamaModelT<T>::Buffers {
   int64_t batch = 0, seq = 0;
@@ -161,21 +197,8 @@ void LlamaModelT<T>::EnsureBuffers(int64_t batch, int64_t seq) {
   b.xs.assign(c.num_hidden_layers + 1, std::vector<T>(n * h));
   b.acts.clear();
   b.acts.resize(checkpointing_ ? 1 : c.num_hidden_layers);
-  for (LayerActs<T>& a : b.acts) {
-    a.h1.resize(n * h);
-    a.rstd1.resize(n);
-    a.q.resize(n * qd);
-    a.k.resize(n * kd);
-    a.v.resize(n * kd);
-    a.probs.resize(pp);
-    a.att.resize(n * qd);
-    a.x2.resize(n * h);
-    a.h2.resize(n * h);
-    a.rstd2.resize(n);
-    a.g.resize(n * I);
-    a.u.resize(n * I);
-    a.m.resize(n * I);
-  }
+  const ScratchShape shape(c, batch, seq);
+  for (LayerActs<T>& a : b.acts) ResizeLayerActs(shape, &a);
   b.hn.resize(n * h);
   b.rstdn.resize(n);
   b.logits.resize(n * c.vocab_size);
@@ -380,25 +403,6 @@ std::unique_ptr<LlamaModelT<T>> LlamaModelT<T>::CreateUnallocated(const ModelCon
   return std::unique_ptr<LlamaModelT<T>>(new LlamaModelT<T>(config, pool, UnallocatedTag{}));
 }
 
-namespace {
-
-// Element counts of the layer-wise scratch;
-// EnsureLayerScratch/EnsureHeadScratch allocate exactly these.
-struct ScratchShape {
-  int64_t n, h, d, I, qd, kd, pp, vocab;
-  ScratchShape(const ModelConfig& c, int64_t batch, int64_t seq)
-      : n(batch * seq),
-        h(c.hidden_size),
-        d(c.head_dim()),
-        I(c.intermediate_size),
-        qd(c.num_attention_heads * c.head_dim()),
-        kd(c.num_key_value_heads * c.head_dim()),
-        pp(batch * c.num_attention_heads * seq * seq),
-        vocab(c.vocab_size) {}
-};
-
-}  // namespace
-
 template <typename T>
 int64_t LlamaModelT<T>::LayerScratchBytes(int64_t batch, int64_t seq) const {
   const ScratchShape s(config_, batch, seq);
@@ -429,20 +433,7 @@ void LlamaModelT<T>::EnsureLayerScratch(int64_t batch, int64_t seq) {
   b.batch = batch;
   b.seq = seq;
   b.acts.resize(1);
-  LayerActs<T>& a = b.acts[0];
-  a.h1.resize(s.n * s.h);
-  a.rstd1.resize(s.n);
-  a.q.resize(s.n * s.qd);
-  a.k.resize(s.n * s.kd);
-  a.v.resize(s.n * s.kd);
-  a.probs.resize(s.pp);
-  a.att.resize(s.n * s.qd);
-  a.x2.resize(s.n * s.h);
-  a.h2.resize(s.n * s.h);
-  a.rstd2.resize(s.n);
-  a.g.resize(s.n * s.I);
-  a.u.resize(s.n * s.I);
-  a.m.resize(s.n * s.I);
+  ResizeLayerActs(s, &b.acts[0]);
   b.rope_cos.resize(seq * s.d / 2);
   b.rope_sin.resize(seq * s.d / 2);
   kernels::RopeTables<T>(seq, s.d, config_.rope_theta, b.rope_cos.data(), b.rope_sin.data());

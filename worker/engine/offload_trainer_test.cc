@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/engine/test_util.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/trainer.h"
 
@@ -20,24 +21,6 @@ namespace lumen::engine {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string TempPath(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  return std::string(dir != nullptr ? dir : "/tmp") + "/" + name;
-}
-
-std::string WriteTokens(const std::string& name, int64_t n, int64_t vocab) {
-  std::mt19937_64 rng(77);
-  std::vector<uint16_t> toks(n);
-  for (int64_t i = 0; i < n; ++i) {
-    toks[i] = static_cast<uint16_t>(rng() % 4 == 0 ? rng() % vocab : (i * 7) % vocab);
-  }
-  const std::string path = TempPath(name);
-  FILE* f = std::fopen(path.c_str(), "wb");
-  std::fwrite(toks.data(), 2, toks.size(), f);
-  std::fclose(f);
-  return path;
-}
 
 std::string FileBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
