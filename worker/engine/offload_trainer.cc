@@ -104,6 +104,22 @@ int64_t Numel(const NamedTensor<float> &t) {
   return n;
 }
 
+// Adds the wall time of its scope to *seconds.
+class Timer {
+ public:
+  explicit Timer(double *seconds) : seconds_(seconds), start_(std::chrono::steady_clock::now()) {}
+  ~Timer() {
+    *seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+
+ private:
+  double *seconds_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+// Reads further ahead than this many trace entries are not matched to a fetch.
+constexpr size_t kCursorSearch = 256;
+
 }  // namespace
 
 // Device buffers swapped into the model's parameter/gradient vectors for the
@@ -140,6 +156,8 @@ OffloadTrainer::OffloadTrainer(const TrainerOptions &options, const OffloadOptio
 
 OffloadTrainer::~OffloadTrainer() {
   // Device buffers release their accounting into mem_; drop them first.
+  DropPrefetches();
+  transfers_.reset();
   device_.clear();
 }
 
@@ -174,15 +192,31 @@ absl::Status OffloadTrainer::Init() {
   const int64_t act_bytes = kF * t.micro_batch_size * t.seq_len * c.hidden_size;
   const int64_t max_acts = (c.num_hidden_layers + 2) * t.grad_accum_steps;
   const int64_t ws = MinDeviceBytes();
-  resident_ =
-      4 * kF * ParameterCount(c) + ws + max_acts * act_bytes <= offload_.device_budget_bytes;
+  const int64_t budget = offload_.device_budget_bytes;
+  resident_ = 4 * kF * ParameterCount(c) + ws + max_acts * act_bytes <= budget;
+  // Off the device, memory beyond the largest op holds the next op's
+  // parameters and a few activations being prefetched, about as much again
+  // being written home behind compute, and then activation checkpoints.
+  int64_t group = kF * (c.vocab_size * c.hidden_size + c.hidden_size);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    int64_t layer = 0;
+    for (int i = 0; i < kLayerTensors; ++i) layer += Numel(param_slots_[1 + kLayerTensors * l + i]);
+    group = std::max(group, kF * layer);
+  }
+  const int64_t spare = std::max<int64_t>(0, budget - ws);
+  prefetch_window_ = offload_.prefetch ? std::min(spare / 2, group + 4 * act_bytes) : 0;
+  const int64_t behind = std::min(spare - prefetch_window_, group);
   max_resident_acts_ =
       resident_ ? max_acts
-                : std::clamp<int64_t>((offload_.device_budget_bytes - ws) / act_bytes, 0, max_acts);
+                : std::clamp<int64_t>((spare - prefetch_window_ - behind) / act_bytes, 0, max_acts);
   if (!resident_ && offload_.home == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "offload.home is null but the training state (", FormatBytes(TrainingStateBytes()),
         ") does not fit the device budget ", FormatBytes(offload_.device_budget_bytes)));
+  }
+  if (!resident_) {
+    transfers_ = std::make_unique<Transfers>(
+        offload_.home, offload_.host_home != nullptr ? offload_.host_home : offload_.home);
   }
 
   // Initialise exactly as Trainer, then move every tensor to where it lives.
@@ -208,6 +242,7 @@ absl::Status OffloadTrainer::Init() {
         device_[id] = std::move(buf);
       } else {
         RETURN_IF_ERROR(offload_.home->Put(id, src, size, tier));
+        at_home_.insert(id);
       }
     }
     std::vector<float>().swap(*p.data);
@@ -268,25 +303,116 @@ std::string OffloadTrainer::LargestOp() const {
   return best.op;
 }
 
+absl::StatusOr<DeviceMemory::Allocation> OffloadTrainer::Allocate(int64_t bytes,
+                                                                  const std::string &op) {
+  while (true) {
+    const int64_t writes_before = transfers_ != nullptr ? transfers_->writes_completed() : 0;
+    absl::StatusOr<DeviceMemory::Allocation> a = mem_.Allocate(bytes, op);
+    if (a.ok() || transfers_ == nullptr) return a;
+    Timer wait(&stats_.stall_memory_seconds);
+    if (transfers_->WaitForWrite(writes_before)) continue;
+    // Prefetched reads are the only other holders; give their memory back
+    // (the tensors are read again when needed).
+    if (prefetched_.empty()) return a;
+    DropPrefetches();
+  }
+}
+
 absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::NewBuffer(int64_t n, bool resident,
                                                                        const std::string &op) {
   DeviceBuffer buf;
-  ASSIGN_OR_RETURN(buf.alloc, mem_.Allocate(kF * n, op));
+  ASSIGN_OR_RETURN(buf.alloc, Allocate(kF * n, op));
   buf.data.assign(n, 0.0f);
   buf.resident = resident;
   return buf;
 }
 
+int64_t OffloadTrainer::StepVersion(const std::string &id) const {
+  auto it = step_writes_.find(id);
+  return it == step_writes_.end() ? 0 : it->second;
+}
+
+void OffloadTrainer::IssuePrefetches() {
+  if (!traced_ || prefetch_window_ <= 0 || transfers_ == nullptr) return;
+  size_t j = std::max(issue_cursor_, cursor_);
+  for (; j < trace_.size(); ++j) {
+    const TraceEntry &e = trace_[j];
+    // Not written yet in this step as far as the traced read needs, or a
+    // read of it already in flight: wait.
+    if (StepVersion(e.id) != e.version || prefetched_.count(e.id) > 0) break;
+    if (device_.count(e.id) > 0) continue;
+    if (at_home_.count(e.id) == 0) break;
+    const int64_t bytes = kF * e.n;
+    if (prefetched_bytes_ + bytes > prefetch_window_) break;
+    absl::StatusOr<DeviceMemory::Allocation> alloc = mem_.Allocate(bytes, "prefetch of " + e.id);
+    if (!alloc.ok()) break;
+    Prefetch p;
+    p.buf.alloc = *std::move(alloc);
+    p.buf.data.resize(e.n);
+    p.ticket = transfers_->Read(e.id, p.buf.data.data(), e.n);
+    prefetched_bytes_ += bytes;
+    prefetched_.emplace(e.id, std::move(p));
+  }
+  issue_cursor_ = j;
+}
+
+void OffloadTrainer::DropPrefetch(const std::string &id) {
+  auto it = prefetched_.find(id);
+  if (it == prefetched_.end()) return;
+  it->second.ticket->Wait().IgnoreError();  // its buffer must not be freed mid-read
+  prefetched_bytes_ -= it->second.buf.alloc.bytes();
+  prefetched_.erase(it);
+}
+
+void OffloadTrainer::DropPrefetches() {
+  for (auto &[id, p] : prefetched_) p.ticket->Wait().IgnoreError();
+  prefetched_.clear();
+  prefetched_bytes_ = 0;
+  issue_cursor_ = cursor_;
+}
+
 absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::Fetch(const std::string &id, int64_t n,
                                                                    const std::string &op) {
+  if (recording_) {
+    trace_.push_back({id, n, StepVersion(id)});
+  } else if (traced_) {
+    for (size_t j = cursor_; j < std::min(trace_.size(), cursor_ + kCursorSearch); ++j) {
+      if (trace_[j].id == id) {
+        cursor_ = j + 1;
+        break;
+      }
+    }
+  }
   auto it = device_.find(id);
   if (it != device_.end()) {
     DeviceBuffer buf = std::move(it->second);
     device_.erase(it);
+    IssuePrefetches();
     return buf;
   }
-  ASSIGN_OR_RETURN(DeviceBuffer buf, NewBuffer(n, false, absl::StrCat(op, ": ", id)));
-  RETURN_IF_ERROR(offload_.home->Get(id, buf.data.data(), n));
+  ++stats_.home_reads;
+  DeviceBuffer buf;
+  auto pit = prefetched_.find(id);
+  std::shared_ptr<const Transfers::Ticket> ticket;
+  if (pit != prefetched_.end() && static_cast<int64_t>(pit->second.buf.data.size()) == n) {
+    buf = std::move(pit->second.buf);
+    ticket = std::move(pit->second.ticket);
+    prefetched_.erase(pit);
+    prefetched_bytes_ -= kF * n;
+    if (ticket->done()) ++stats_.prefetch_hits;
+  } else {
+    DropPrefetch(id);
+    ASSIGN_OR_RETURN(buf, NewBuffer(n, false, absl::StrCat(op, ": ", id)));
+    ticket = transfers_->Read(id, buf.data.data(), n);
+  }
+  // Start the next reads before standing still for this one.
+  IssuePrefetches();
+  if (!ticket->done()) {
+    Timer wait(transfers_->HostJobWrites(id) ? &stats_.stall_optimizer_seconds
+                                             : &stats_.stall_transfer_seconds);
+    RETURN_IF_ERROR(ticket->Wait());
+  }
+  RETURN_IF_ERROR(ticket->Wait());
   bytes_in_ += kF * n;
   return buf;
 }
@@ -301,7 +427,25 @@ absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::FetchZeroed(const s
     std::fill(buf.data.begin(), buf.data.end(), 0.0f);
     return buf;
   }
+  DropPrefetch(id);
   return NewBuffer(n, resident, absl::StrCat(op, ": ", id));
+}
+
+void OffloadTrainer::WriteHome(const std::string &id, DeviceBuffer buf, HomeTier tier) {
+  DropPrefetch(id);
+  ++step_writes_[id];
+  at_home_.insert(id);
+  const int64_t n = static_cast<int64_t>(buf.data.size());
+  bytes_out_ += kF * n;
+  auto holder = std::make_shared<DeviceBuffer>(std::move(buf));
+  const float *data = holder->data.data();
+  transfers_->Write(id, data, n, tier, std::move(holder));
+}
+
+void OffloadTrainer::FreeHome(const std::string &id) {
+  DropPrefetch(id);
+  at_home_.erase(id);
+  transfers_->Free(id);
 }
 
 absl::Status OffloadTrainer::Return(const std::string &id, DeviceBuffer buf, HomeTier tier,
@@ -310,12 +454,8 @@ absl::Status OffloadTrainer::Return(const std::string &id, DeviceBuffer buf, Hom
     device_[id] = std::move(buf);
     return absl::OkStatus();
   }
-  if (dirty) {
-    RETURN_IF_ERROR(
-        offload_.home->Put(id, buf.data.data(), static_cast<int64_t>(buf.data.size()), tier));
-    bytes_out_ += kF * static_cast<int64_t>(buf.data.size());
-  }
-  return absl::OkStatus();
+  if (dirty) WriteHome(id, std::move(buf), tier);
+  return transfers_->status();
 }
 
 int64_t OffloadTrainer::ResidentActivations() const {
@@ -333,7 +473,7 @@ absl::Status OffloadTrainer::StoreActivation(const std::string &id, DeviceBuffer
 }
 
 absl::Status OffloadTrainer::DropActivation(const std::string &id, DeviceBuffer buf) {
-  if (!buf.resident) RETURN_IF_ERROR(offload_.home->Free(id));
+  if (!buf.resident) FreeHome(id);
   return absl::OkStatus();
 }
 
@@ -344,13 +484,35 @@ void OffloadTrainer::DropResidentActivations() {
   }
 }
 
+absl::Status OffloadTrainer::Flush() {
+  return transfers_ != nullptr ? transfers_->Drain() : absl::OkStatus();
+}
+
 absl::StatusOr<OffloadStepResult> OffloadTrainer::Step() {
+  if (transfers_ != nullptr) RETURN_IF_ERROR(transfers_->status());
   bytes_in_ = bytes_out_ = 0;
+  stats_ = OffloadStepResult();
+  grad_sq_.assign(param_slots_.size(), 0.0);
   mem_.ResetPeak();
+  recording_ = offload_.prefetch && !traced_ && !resident_;
+  if (recording_) trace_.clear();
   absl::StatusOr<OffloadStepResult> r = RunStep();
-  // A failed step leaves activations behind; they are scratch.
-  DropResidentActivations();
-  if (r.ok()) ++step_;
+  recording_ = false;
+  if (!r.ok()) {
+    // A failed step leaves activations behind; they are scratch.
+    DropPrefetches();
+    DropResidentActivations();
+    if (!traced_) trace_.clear();
+  } else {
+    ++step_;
+    traced_ = traced_ || (offload_.prefetch && !resident_);
+  }
+  // The next step starts from the top of the trace; its first reads start now,
+  // behind this step's optimizer updates.
+  DropPrefetches();
+  step_writes_.clear();
+  cursor_ = issue_cursor_ = 0;
+  if (r.ok()) IssuePrefetches();
   return r;
 }
 
@@ -363,7 +525,6 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const int64_t act = n * h;
   const bool tied = c.tie_word_embeddings;
   const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
-  const HomeTier otier = offload_.optimizer_state_tier;
   const float grad_scale = static_cast<float>(1.0 / static_cast<double>(A));
   const int num_tensors = static_cast<int>(param_slots_.size());
   const int norm_index = 1 + kLayerTensors * static_cast<int>(L);
@@ -385,7 +546,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
 
   // Token ids of every micro-batch stay on the device for the step.
   ASSIGN_OR_RETURN(DeviceMemory::Allocation ids_alloc,
-                   mem_.Allocate(2 * static_cast<int64_t>(sizeof(int32_t)) * A * n,
+                   Allocate(2 * static_cast<int64_t>(sizeof(int32_t)) * A * n,
                                  absl::StrCat("step ", step_, ": token ids")));
   for (int64_t a = 0; a < A; ++a) {
     RETURN_IF_ERROR(
@@ -400,7 +561,10 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     bind.Bind(0, false, std::move(e));
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer x, NewBuffer(act, false, op + ": output"));
-      RETURN_IF_ERROR(model_->EmbedForward(inputs_.data() + a * n, B, T, x.data.data()));
+      {
+        Timer busy(&stats_.compute_seconds);
+        RETURN_IF_ERROR(model_->EmbedForward(inputs_.data() + a * n, B, T, x.data.data()));
+      }
       RETURN_IF_ERROR(StoreActivation(ActId(0, a), std::move(x)));
     }
     RETURN_IF_ERROR(Return(ParamId(name_of(0)), bind.Unbind(0, false), ptier, false));
@@ -420,13 +584,16 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       }
       if (scratch.bytes() == 0) {
         ASSIGN_OR_RETURN(
-            scratch, mem_.Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
+            scratch, Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
       }
       for (int64_t a = 0; a < A; ++a) {
         ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(l, a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer y, NewBuffer(act, false, op + ": output"));
-        RETURN_IF_ERROR(
-            model_->DecoderLayerForward(static_cast<int>(l), x.data.data(), y.data.data(), B, T));
+        {
+          Timer busy(&stats_.compute_seconds);
+          RETURN_IF_ERROR(model_->DecoderLayerForward(static_cast<int>(l), x.data.data(),
+                                                      y.data.data(), B, T));
+        }
         // The input stays stored for the backward (its home copy, if any, is
         // current).
         RETURN_IF_ERROR(Return(ActId(l, a), std::move(x), offload_.activations_tier, false));
@@ -451,13 +618,16 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       bind.Bind(i, true, std::move(g));
     }
     ASSIGN_OR_RETURN(DeviceMemory::Allocation scratch,
-                     mem_.Allocate(model_->HeadScratchBytes(B, T), op + ": scratch and logits"));
+                     Allocate(model_->HeadScratchBytes(B, T), op + ": scratch and logits"));
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(L, a), act, op));
       ASSIGN_OR_RETURN(DeviceBuffer dy, NewBuffer(act, false, op + ": input gradient"));
-      ASSIGN_OR_RETURN(const double loss,
-                       model_->HeadForwardBackward(x.data.data(), targets_.data() + a * n, B, T,
-                                                   grad_scale, dy.data.data()));
+      double loss;
+      {
+        Timer busy(&stats_.compute_seconds);
+        ASSIGN_OR_RETURN(loss, model_->HeadForwardBackward(x.data.data(), targets_.data() + a * n,
+                                                           B, T, grad_scale, dy.data.data()));
+      }
       if (!std::isfinite(loss)) {
         return absl::FailedPreconditionError(absl::StrCat(
             "step ", step_, ": loss is ", FiniteName(loss), " (micro-batch ", a + 1, " of ", A,
@@ -474,7 +644,10 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     scratch.Release();
     for (int i : {norm_index, head_index}) {
       RETURN_IF_ERROR(Return(ParamId(name_of(i)), bind.Unbind(i, false), ptier, false));
-      RETURN_IF_ERROR(Return(GradId(name_of(i)), bind.Unbind(i, true), gtier, true));
+      DeviceBuffer g = bind.Unbind(i, true);
+      // A tied embedding's gradient is complete only after the embedding backward.
+      if (i != 0) GradDone(i, g);
+      RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, true));
     }
   }
 
@@ -496,14 +669,17 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       }
       if (scratch.bytes() == 0) {
         ASSIGN_OR_RETURN(
-            scratch, mem_.Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
+            scratch, Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
       }
       for (int64_t a = 0; a < A; ++a) {
         ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(l, a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer dy, Fetch(DyId(a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer dx, NewBuffer(act, false, op + ": input gradient"));
-        RETURN_IF_ERROR(model_->DecoderLayerBackward(static_cast<int>(l), x.data.data(),
-                                                     dy.data.data(), dx.data.data(), B, T));
+        {
+          Timer busy(&stats_.compute_seconds);
+          RETURN_IF_ERROR(model_->DecoderLayerBackward(static_cast<int>(l), x.data.data(),
+                                                       dy.data.data(), dx.data.data(), B, T));
+        }
         RETURN_IF_ERROR(DropActivation(ActId(l, a), std::move(x)));
         // dx replaces dy under the same id.
         RETURN_IF_ERROR(DropActivation(DyId(a), std::move(dy)));
@@ -511,7 +687,9 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       }
       for (int i = first; i < first + kLayerTensors; ++i) {
         RETURN_IF_ERROR(Return(ParamId(name_of(i)), bind.Unbind(i, false), ptier, false));
-        RETURN_IF_ERROR(Return(GradId(name_of(i)), bind.Unbind(i, true), gtier, true));
+        DeviceBuffer g = bind.Unbind(i, true);
+        GradDone(i, g);
+        RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, true));
       }
     }
     model_->ReleaseLayerScratch();
@@ -531,26 +709,26 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     bind.Bind(0, true, std::move(g));
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer dy, Fetch(DyId(a), act, op));
-      RETURN_IF_ERROR(model_->EmbedBackward(inputs_.data() + a * n, B, T, dy.data.data()));
+      {
+        Timer busy(&stats_.compute_seconds);
+        RETURN_IF_ERROR(model_->EmbedBackward(inputs_.data() + a * n, B, T, dy.data.data()));
+      }
       RETURN_IF_ERROR(DropActivation(DyId(a), std::move(dy)));
     }
-    RETURN_IF_ERROR(Return(id, bind.Unbind(0, true), gtier, true));
+    g = bind.Unbind(0, true);
+    GradDone(0, g);
+    RETURN_IF_ERROR(Return(id, std::move(g), gtier, true));
   }
   ids_alloc.Release();
 
-  // Global gradient norm, exactly as GlobalGradNorm over the tensors in
-  // NamedTensors order.
+  // Global gradient norm, exactly as GlobalGradNorm: per-tensor sums (taken
+  // on the device as each gradient completed) added in NamedTensors order.
   double total = 0;
-  for (int i = 0; i < num_tensors; ++i) {
-    ASSIGN_OR_RETURN(DeviceBuffer g, Fetch(GradId(name_of(i)), size_of(i), "gradient norm"));
-    const float *gp = g.data.data();
-    total += kernels::LaneSum(size_of(i),
-                              [gp](int64_t j) { return static_cast<double>(gp[j]) * gp[j]; });
-    RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, false));
-  }
+  for (int i = 0; i < num_tensors; ++i) total += grad_sq_[i];
   const double grad_norm = std::sqrt(total);
   const double loss = loss_sum / static_cast<double>(A);
   if (!std::isfinite(grad_norm)) {
+    RETURN_IF_ERROR(Flush());
     ModelParams grads = AllocateParams<float>(c);
     RETURN_IF_ERROR(GatherClass("grad/", &grads));
     return CheckGradNormFinite(step_, grad_norm, loss, NamedTensors(c, &grads));
@@ -560,39 +738,11 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const double clip_coef = max_norm / (grad_norm + 1e-6);
   const bool clip = max_norm > 0 && clip_coef < 1.0;
   const float coef = static_cast<float>(clip_coef);
-
-  // AdamW, tensor by tensor.
   const double lr = LearningRate(options_.optimizer, step_, t.steps);
-  for (int i = 0; i < num_tensors; ++i) {
-    const std::string op = absl::StrCat("optimizer update of ", name_of(i));
-    const int64_t size = size_of(i);
-    ASSIGN_OR_RETURN(DeviceBuffer p, Fetch(ParamId(name_of(i)), size, op));
-    ASSIGN_OR_RETURN(DeviceBuffer g, Fetch(GradId(name_of(i)), size, op));
-    ASSIGN_OR_RETURN(DeviceBuffer m, Fetch(ExpAvgId(name_of(i)), size, op));
-    ASSIGN_OR_RETURN(DeviceBuffer v, Fetch(ExpAvgSqId(name_of(i)), size, op));
-    if (clip) {
-      for (float &x : g.data) x *= coef;
-    }
-    AdamWHyper hy;
-    hy.lr = lr;
-    hy.beta1 = options_.optimizer.beta1;
-    hy.beta2 = options_.optimizer.beta2;
-    hy.eps = options_.optimizer.eps;
-    hy.weight_decay = param_slots_[i].shape.size() >= 2 ? options_.optimizer.weight_decay : 0.0;
-    float *pp = p.data.data();
-    const float *gp = g.data.data();
-    float *mp = m.data.data();
-    float *vp = v.data.data();
-    const int64_t s = step_ + 1;
-    pool_->ParallelFor(size, 1 << 14, [&](int64_t b, int64_t e) {
-      AdamWUpdate(pp + b, gp + b, mp + b, vp + b, e - b, hy, s);
-    });
-    RETURN_IF_ERROR(Return(ParamId(name_of(i)), std::move(p), ptier, true));
-    // The home keeps the unclipped gradient; nothing reads it before the next
-    // backward.
-    RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, false));
-    RETURN_IF_ERROR(Return(ExpAvgId(name_of(i)), std::move(m), otier, true));
-    RETURN_IF_ERROR(Return(ExpAvgSqId(name_of(i)), std::move(v), otier, true));
+  if (!resident_ && offload_.host_optimizer) {
+    RETURN_IF_ERROR(HostOptimizer(lr, clip, coef));
+  } else {
+    RETURN_IF_ERROR(DeviceOptimizer(lr, clip, coef));
   }
 
   OffloadStepResult r;
@@ -605,11 +755,104 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.device_memory_peak_bytes = mem_.peak();
   r.bytes_home_to_device = bytes_in_;
   r.bytes_device_to_home = bytes_out_;
+  r.compute_seconds = stats_.compute_seconds;
+  r.stall_transfer_seconds = stats_.stall_transfer_seconds;
+  r.stall_optimizer_seconds = stats_.stall_optimizer_seconds;
+  r.stall_memory_seconds = stats_.stall_memory_seconds;
+  r.home_reads = stats_.home_reads;
+  r.prefetch_hits = stats_.prefetch_hits;
   r.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
 
+void OffloadTrainer::GradDone(int i, const DeviceBuffer &g) {
+  Timer busy(&stats_.compute_seconds);
+  const float *gp = g.data.data();
+  grad_sq_[i] = kernels::LaneSum(static_cast<int64_t>(g.data.size()),
+                                 [gp](int64_t j) { return static_cast<double>(gp[j]) * gp[j]; });
+}
+
+namespace {
+
+AdamWHyper Hyper(const OptimizerConfig &o, double lr, const NamedTensor<float> &t) {
+  AdamWHyper hy;
+  hy.lr = lr;
+  hy.beta1 = o.beta1;
+  hy.beta2 = o.beta2;
+  hy.eps = o.eps;
+  hy.weight_decay = t.shape.size() >= 2 ? o.weight_decay : 0.0;
+  return hy;
+}
+
+}  // namespace
+
+absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
+  const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
+  const HomeTier otier = offload_.optimizer_state_tier;
+  for (size_t i = 0; i < param_slots_.size(); ++i) {
+    const std::string &name = param_slots_[i].name;
+    const std::string op = absl::StrCat("optimizer update of ", name);
+    const int64_t size = Numel(param_slots_[i]);
+    ASSIGN_OR_RETURN(DeviceBuffer p, Fetch(ParamId(name), size, op));
+    ASSIGN_OR_RETURN(DeviceBuffer g, Fetch(GradId(name), size, op));
+    ASSIGN_OR_RETURN(DeviceBuffer m, Fetch(ExpAvgId(name), size, op));
+    ASSIGN_OR_RETURN(DeviceBuffer v, Fetch(ExpAvgSqId(name), size, op));
+    {
+      Timer busy(&stats_.compute_seconds);
+      if (clip) {
+        for (float &x : g.data) x *= coef;
+      }
+      const AdamWHyper hy = Hyper(options_.optimizer, lr, param_slots_[i]);
+      float *pp = p.data.data();
+      const float *gp = g.data.data();
+      float *mp = m.data.data();
+      float *vp = v.data.data();
+      const int64_t s = step_ + 1;
+      pool_->ParallelFor(size, 1 << 14, [&](int64_t b, int64_t e) {
+        AdamWUpdate(pp + b, gp + b, mp + b, vp + b, e - b, hy, s);
+      });
+    }
+    RETURN_IF_ERROR(Return(ParamId(name), std::move(p), ptier, true));
+    // The home keeps the unclipped gradient; nothing reads it before the next
+    // backward.
+    RETURN_IF_ERROR(Return(GradId(name), std::move(g), gtier, false));
+    RETURN_IF_ERROR(Return(ExpAvgId(name), std::move(m), otier, true));
+    RETURN_IF_ERROR(Return(ExpAvgSqId(name), std::move(v), otier, true));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
+  const HomeTier ptier = offload_.parameters_tier, otier = offload_.optimizer_state_tier;
+  const int64_t s = step_ + 1;
+  // Tensor by tensor in NamedTensors order, which is the order the next
+  // forward reads parameters in: the embedding and layer 0 are ready first.
+  for (size_t i = 0; i < param_slots_.size(); ++i) {
+    const std::string &name = param_slots_[i].name;
+    const int64_t size = Numel(param_slots_[i]);
+    const AdamWHyper hy = Hyper(options_.optimizer, lr, param_slots_[i]);
+    const std::string pid = ParamId(name), gid = GradId(name);
+    const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
+    transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *host) -> absl::Status {
+      std::vector<float> p(size), g(size), m(size), v(size);
+      RETURN_IF_ERROR(host->Get(pid, p.data(), size));
+      RETURN_IF_ERROR(host->Get(gid, g.data(), size));
+      RETURN_IF_ERROR(host->Get(mid, m.data(), size));
+      RETURN_IF_ERROR(host->Get(vid, v.data(), size));
+      if (clip) {
+        for (float &x : g) x *= coef;
+      }
+      AdamWUpdate(p.data(), g.data(), m.data(), v.data(), size, hy, s);
+      RETURN_IF_ERROR(host->Put(pid, p.data(), size, ptier));
+      RETURN_IF_ERROR(host->Put(mid, m.data(), size, otier));
+      return host->Put(vid, v.data(), size, otier);
+    });
+  }
+  return transfers_->status();
+}
+
 absl::Status OffloadTrainer::GatherClass(const std::string &prefix, ModelParams *out) {
+  RETURN_IF_ERROR(Flush());
   for (NamedTensor<float> &t : NamedTensors(options_.model, out)) {
     const std::string id = prefix + t.name;
     auto it = device_.find(id);

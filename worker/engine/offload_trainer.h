@@ -7,8 +7,10 @@
 #ifndef LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_
 #define LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <utility>
@@ -22,6 +24,7 @@
 #include "worker/engine/model.h"
 #include "worker/engine/tensor_home.h"
 #include "worker/engine/thread_pool.h"
+#include "worker/engine/transfers.h"
 #include "worker/engine/trainer.h"
 
 namespace lumen::engine {
@@ -95,6 +98,20 @@ struct OffloadOptions {
   // Where tensors live off the device; not owned, must outlive the trainer. May
   // be null only when everything fits on the device.
   TensorHome *home = nullptr;
+  // The same tensors as the host CPU reaches them without crossing the device
+  // link (the home under a link model); the host-side optimizer uses it. Null:
+  // `home`.
+  TensorHome *host_home = nullptr;
+  // From the second step on, reads of the home are issued ahead of use, in the
+  // order the first step made them (its trace), as far as the prefetch memory
+  // allows, and run while the device computes; writes home always run behind
+  // compute. False: every read waits at the op that needs it (on demand).
+  bool prefetch = true;
+  // AdamW runs on the host next to the data (host_home) as soon as the step's
+  // gradient norm is known, overlapping the next step's forward, so optimizer
+  // state never crosses the link. False: on the device, tensor by tensor.
+  // Ignored when everything is resident.
+  bool host_optimizer = true;
 };
 
 // StepResult plus what the step did with device memory and the home.
@@ -105,6 +122,23 @@ struct OffloadStepResult : StepResult {
   int64_t bytes_home_to_device = 0;
   int64_t bytes_device_to_home = 0;
   int64_t bytes_moved() const { return bytes_home_to_device + bytes_device_to_home; }
+  // Seconds the device computed, and seconds it stood waiting: for a read from
+  // the home (a prefetch that was late, or an on-demand read), for the host
+  // optimizer to finish a tensor it needed, for writes home to free memory.
+  double compute_seconds = 0;
+  double stall_transfer_seconds = 0;
+  double stall_optimizer_seconds = 0;
+  double stall_memory_seconds = 0;
+  // Tensors read from the home, and how many of those reads had finished
+  // before the device asked for them.
+  int64_t home_reads = 0;
+  int64_t prefetch_hits = 0;
+  double device_busy_fraction() const {
+    return step_time_s > 0 ? std::min(1.0, compute_seconds / step_time_s) : 0;
+  }
+  double prefetch_hit_rate() const {
+    return home_reads > 0 ? static_cast<double>(prefetch_hits) / home_reads : 1.0;
+  }
 };
 
 class OffloadTrainer {
@@ -126,6 +160,10 @@ class OffloadTrainer {
   // optimizer state and the step counter unchanged; an error of the home during
   // the optimizer phase may leave them partly updated.
   absl::StatusOr<OffloadStepResult> Step();
+
+  // Waits until every transfer and host-side optimizer update in flight has
+  // finished; the first error any of them had.
+  absl::Status Flush();
 
   // Writes the same directory as Trainer::Export (config.json, weights,
   // optimizer.safetensors), reading the tensors from wherever they live.
@@ -167,12 +205,40 @@ class OffloadTrainer {
     std::string op;
     int64_t bytes;
   };
+  // One read of the first step: tensor, floats, and how many times the step
+  // had written it before.
+  struct TraceEntry {
+    std::string id;
+    int64_t n;
+    int64_t version;
+  };
+  struct Prefetch {
+    DeviceBuffer buf;
+    std::shared_ptr<const Transfers::Ticket> ticket;
+  };
 
   OffloadTrainer(const TrainerOptions &options, const OffloadOptions &offload);
   absl::Status Init();
   std::vector<OpSize> OpWorkingSets() const;
 
+  // Reserves device memory for the op, waiting for writes home to free some
+  // when the budget is full.
+  absl::StatusOr<DeviceMemory::Allocation> Allocate(int64_t bytes, const std::string &op);
   absl::StatusOr<DeviceBuffer> NewBuffer(int64_t n, bool resident, const std::string &op);
+  // Issues reads of the traced tensors that come next, while the prefetch
+  // window has room.
+  void IssuePrefetches();
+  // Waits for and drops a prefetch of `id` (or all of them).
+  void DropPrefetch(const std::string &id);
+  void DropPrefetches();
+  // Queues `buf` to be written home (its memory is released once written).
+  void WriteHome(const std::string &id, DeviceBuffer buf, HomeTier tier);
+  void FreeHome(const std::string &id);
+  int64_t StepVersion(const std::string &id) const;
+  // Adds the squared norm of a complete gradient (tensor index i).
+  void GradDone(int i, const DeviceBuffer &g);
+  absl::Status HostOptimizer(double lr, bool clip, float coef);
+  absl::Status DeviceOptimizer(double lr, bool clip, float coef);
   // Takes tensor `id` from the device map, or reads it from the home into a new
   // buffer.
   absl::StatusOr<DeviceBuffer> Fetch(const std::string &id, int64_t n, const std::string &op);
@@ -204,11 +270,28 @@ class OffloadTrainer {
   bool resident_ = false;
   int64_t max_resident_acts_ = 0;
 
+  int64_t prefetch_window_ = 0;  // device bytes prefetched reads may hold
+
   DeviceMemory mem_;
   std::map<std::string, DeviceBuffer> device_;  // tensors resident between uses
   std::vector<int32_t> inputs_, targets_;       // all micro-batches of a step
   int64_t bytes_in_ = 0, bytes_out_ = 0;        // this step's home traffic
+  OffloadStepResult stats_;                     // this step's times and counts
+  std::vector<double> grad_sq_;                 // per tensor, this step
   int64_t step_ = 0;
+
+  // Prefetching. The trace of the first step, the position of the step being
+  // run in it and the next entry to prefetch; reads in flight; writes home per
+  // id in this step; ids that exist at home.
+  std::vector<TraceEntry> trace_;
+  bool recording_ = false, traced_ = false;
+  size_t cursor_ = 0, issue_cursor_ = 0;
+  std::map<std::string, Prefetch> prefetched_;
+  int64_t prefetched_bytes_ = 0;
+  std::map<std::string, int64_t> step_writes_;
+  std::set<std::string> at_home_;
+  // Declared last: destroyed first, while mem_ still accounts its buffers.
+  std::unique_ptr<Transfers> transfers_;
 };
 
 }  // namespace lumen::engine
