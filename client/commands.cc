@@ -40,9 +40,16 @@ std::string Time(int64_t unix_ms) {
 }
 
 std::string StepLine(const Job& job, const StepRecord& s) {
-  return absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
-                         job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
-                         s.grad_norm(), s.tokens_per_s(), s.step_time_s());
+  std::string line =
+      absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
+                      job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
+                      s.grad_norm(), s.tokens_per_s(), s.step_time_s());
+  if (!s.bytes_moved().empty()) {
+    // Offloaded: how well transfers hid behind compute.
+    absl::StrAppendFormat(&line, "  busy %.0f%%  prefetched %.0f%%", 100 * s.device_busy_fraction(),
+                          100 * s.prefetch_hit_rate());
+  }
+  return line;
 }
 
 int Fail(std::ostream& err, const absl::Status& status) {

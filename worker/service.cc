@@ -82,10 +82,29 @@ WorkerService::WorkerService(WorkerServiceOptions options, prometheus::Registry&
       bytes_moved_(prometheus::BuildCounter()
                        .Name("lumen_worker_bytes_moved_total")
                        .Help("Bytes moved between the device and the memstore, by direction")
-                       .Register(registry)) {
-  // Both directions exist from the start, so dashboards show 0 rather than no data.
+                       .Register(registry)),
+      device_busy_gauge_(prometheus::BuildGauge()
+                      .Name("lumen_worker_device_busy_fraction")
+                      .Help("Fraction of the worker's last step the device spent computing")
+                      .Register(registry)
+                      .Add({{"worker", options_.name}})),
+      prefetch_hit_gauge_(prometheus::BuildGauge()
+                              .Name("lumen_worker_prefetch_hit_rate")
+                              .Help("Reads from the memstore in the last step that had arrived "
+                                    "before the device needed them, of all such reads")
+                              .Register(registry)
+                              .Add({{"worker", options_.name}})),
+      stall_seconds_(prometheus::BuildCounter()
+                         .Name("lumen_worker_stall_seconds_total")
+                         .Help("Seconds the device stood waiting, by cause (transfer, "
+                               "optimizer, memory)")
+                         .Register(registry)) {
+  // Every label exists from the start, so dashboards show 0 rather than no data.
   for (const char* pair : {"host->device", "device->host"}) {
     bytes_moved_.Add({{"worker", options_.name}, {"pair", pair}});
+  }
+  for (const char* cause : {"transfer", "optimizer", "memory"}) {
+    stall_seconds_.Add({{"worker", options_.name}, {"cause", cause}});
   }
   prometheus::BuildGauge()
       .Name("lumen_worker_device_memory_budget_bytes")
@@ -104,6 +123,11 @@ void WorkerService::Observe(const TaskEvent& event) {
   for (const auto& [pair, bytes] : event.step().bytes_moved()) {
     bytes_moved_.Add({{"worker", options_.name}, {"pair", pair}})
         .Increment(static_cast<double>(bytes));
+  }
+  device_busy_gauge_.Set(event.step().device_busy_fraction());
+  prefetch_hit_gauge_.Set(event.step().prefetch_hit_rate());
+  for (const auto& [cause, seconds] : event.step().stall_seconds()) {
+    stall_seconds_.Add({{"worker", options_.name}, {"cause", cause}}).Increment(seconds);
   }
 }
 

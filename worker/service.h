@@ -49,6 +49,9 @@ class WorkerService final : public Worker::CallbackService {
   prometheus::Gauge& step_time_gauge_;
   prometheus::Gauge& memory_peak_gauge_;
   prometheus::Family<prometheus::Counter>& bytes_moved_;
+  prometheus::Gauge& device_busy_gauge_;
+  prometheus::Gauge& prefetch_hit_gauge_;
+  prometheus::Family<prometheus::Counter>& stall_seconds_;
   // True while a task runs; RunTask refuses a second one.
   std::atomic<bool> busy_{false};
   std::atomic<bool> shutting_down_{false};

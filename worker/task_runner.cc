@@ -126,6 +126,9 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   offload.device_budget_bytes = options.device_memory_budget_bytes;
   offload.optimizer_state_tier = options.optimizer_state_tier;
   offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();
+  // The optimizer runs in this process on host memory next to the memstore's tensors: it does
+  // not cross the (modelled) device link.
+  offload.host_home = home.get();
   ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> trainer,
                    engine::OffloadTrainer::Create(trainer_options, offload));
   // Read once, so every checkpoint of the job carries the tokenizer the job started with.
@@ -167,6 +170,12 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     if (result.bytes_device_to_home > 0) {
       (*record->mutable_bytes_moved())["device->host"] = result.bytes_device_to_home;
     }
+    record->set_compute_s(result.compute_seconds);
+    record->set_device_busy_fraction(result.device_busy_fraction());
+    (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
+    (*record->mutable_stall_seconds())["optimizer"] = result.stall_optimizer_seconds;
+    (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
+    record->set_prefetch_hit_rate(result.prefetch_hit_rate());
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);
     const int64_t done = step + 1;

@@ -467,7 +467,34 @@ int64_t OffloadTrainer::ResidentActivations() const {
   return count;
 }
 
+bool OffloadTrainer::EvictActivation() {
+  // Farthest next use first: the lowest layer's checkpoint (backward runs from
+  // the top), and within it the last micro-batch.
+  std::string victim;
+  std::pair<int64_t, int64_t> best{0, 0};
+  for (auto it = device_.lower_bound("act/x");
+       it != device_.end() && it->first.rfind("act/x", 0) == 0; ++it) {
+    long l = 0, a = 0;
+    if (std::sscanf(it->first.c_str(), "act/x%ld/mb%ld", &l, &a) != 2) continue;
+    const std::pair<int64_t, int64_t> key{l, a};
+    if (!(key < evict_before_)) continue;
+    if (victim.empty() || l < best.first || (l == best.first && a > best.second)) {
+      victim = it->first;
+      best = key;
+    }
+  }
+  if (victim.empty()) return false;
+  auto it = device_.find(victim);
+  DeviceBuffer buf = std::move(it->second);
+  device_.erase(it);
+  buf.resident = false;
+  WriteHome(victim, std::move(buf), offload_.activations_tier);
+  return true;
+}
+
 absl::Status OffloadTrainer::StoreActivation(const std::string &id, DeviceBuffer buf) {
+  while (ResidentActivations() >= max_resident_acts_ && EvictActivation()) {
+  }
   buf.resident = ResidentActivations() < max_resident_acts_;
   return Return(id, std::move(buf), offload_.activations_tier, true);
 }
@@ -559,6 +586,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     Binding bind(this);
     ASSIGN_OR_RETURN(DeviceBuffer e, Fetch(ParamId(name_of(0)), size_of(0), op));
     bind.Bind(0, false, std::move(e));
+    evict_before_ = {0, 0};
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer x, NewBuffer(act, false, op + ": output"));
       {
@@ -587,6 +615,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
             scratch, Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
       }
       for (int64_t a = 0; a < A; ++a) {
+        // Checkpoints this forward has consumed may go home to make room.
+        evict_before_ = {l, a + 1};
         ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(l, a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer y, NewBuffer(act, false, op + ": output"));
         {
@@ -619,6 +649,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     }
     ASSIGN_OR_RETURN(DeviceMemory::Allocation scratch,
                      Allocate(model_->HeadScratchBytes(B, T), op + ": scratch and logits"));
+    evict_before_ = {L, 0};
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(L, a), act, op));
       ASSIGN_OR_RETURN(DeviceBuffer dy, NewBuffer(act, false, op + ": input gradient"));
@@ -671,6 +702,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
         ASSIGN_OR_RETURN(
             scratch, Allocate(model_->LayerScratchBytes(B, T), op + ": activation scratch"));
       }
+      evict_before_ = {l, 0};
       for (int64_t a = 0; a < A; ++a) {
         ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(l, a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer dy, Fetch(DyId(a), act, op));

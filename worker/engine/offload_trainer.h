@@ -248,9 +248,12 @@ class OffloadTrainer {
   // After use: resident buffers go back to the device map; others are written
   // home when `dirty` and dropped.
   absl::Status Return(const std::string &id, DeviceBuffer buf, HomeTier tier, bool dirty);
-  // A new activation: kept on the device while a checkpoint slot is free, else
-  // sent home.
+  // A new activation: kept on the device while a checkpoint slot is free or can
+  // be freed by evicting a checkpoint (EvictActivation), else sent home.
   absl::Status StoreActivation(const std::string &id, DeviceBuffer buf);
+  // Sends home the resident checkpoint used farthest in the future among those
+  // before evict_before_ (layer, micro-batch); false when there is none.
+  bool EvictActivation();
   // An activation used for the last time.
   absl::Status DropActivation(const std::string &id, DeviceBuffer buf);
   void DropResidentActivations();
@@ -279,6 +282,9 @@ class OffloadTrainer {
   OffloadStepResult stats_;                     // this step's times and counts
   std::vector<double> grad_sq_;                 // per tensor, this step
   int64_t step_ = 0;
+  // Checkpoints of (layer, micro-batch) before this are not needed again until
+  // the backward, so they may be evicted.
+  std::pair<int64_t, int64_t> evict_before_{0, 0};
 
   // Prefetching. The trace of the first step, the position of the step being
   // run in it and the next entry to prefetch; reads in flight; writes home per
