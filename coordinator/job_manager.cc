@@ -88,6 +88,20 @@ void JobManager::Stop() {
 
 absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::string& base_dir) {
   ASSIGN_OR_RETURN(JobSpec spec, ResolveJobSpec(spec_yaml, base_dir, options_.limits));
+  // Admission: a job that cannot fit the node is refused now, with the numbers, rather than
+  // failing when it reaches a worker. Workers are alike; ask the first. One that cannot
+  // answer (still starting) does not block the submit: the task would fail with the same
+  // message later.
+  if (!workers_.empty()) {
+    const absl::Status fits = workers_.front()->CheckTask(spec, absl::Seconds(5));
+    if (absl::IsResourceExhausted(fits) || absl::IsInvalidArgument(fits)) {
+      return absl::Status(fits.code(), absl::StrCat("the job does not fit this node: ",
+                                                    fits.message()));
+    }
+    if (!fits.ok()) {
+      LOG(WARNING) << "admission check skipped: " << workers_.front()->name() << ": " << fits;
+    }
+  }
   ASSIGN_OR_RETURN(int64_t number, store_->NextJobNumber());
   Job job;
   job.set_id(absl::StrFormat("job-%06d", number));

@@ -44,6 +44,13 @@ class FakeWorker : public WorkerClient {
     cancelled_ = true;
   }
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
+  absl::Status CheckTask(const JobSpec& spec, absl::Duration) override {
+    if (spec.train().micro_batch_size() > max_micro_batch_) {
+      return absl::ResourceExhaustedError("the backward of layer 1 needs 9 MiB");
+    }
+    return absl::OkStatus();
+  }
+  int64_t max_micro_batch_ = 1 << 20;
 
   std::vector<std::string> order() {
     absl::MutexLock lock(&mu_);
@@ -163,6 +170,21 @@ TEST_F(JobManagerTest, InvalidSpecIsRejectedAndNothingIsQueued) {
   ASSERT_FALSE(job.ok());
   EXPECT_THAT(std::string(job.status().message()), HasSubstr("model.num_attention_heads: 3"));
   EXPECT_TRUE(manager.List().empty());
+}
+
+TEST_F(JobManagerTest, JobTheWorkerCannotFitIsRejectedAtSubmit) {
+  worker_.max_micro_batch_ = 1;
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  std::string spec = Spec(2);
+  spec.replace(spec.find("micro_batch_size: 1"), 19, "micro_batch_size: 2");
+  auto job = manager.Submit(spec, dir_);
+  ASSERT_FALSE(job.ok());
+  EXPECT_EQ(job.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(job.status().message()),
+              HasSubstr("does not fit this node: the backward of layer 1 needs 9 MiB"));
+  EXPECT_TRUE(manager.List().empty());
+  EXPECT_TRUE(manager.Submit(Spec(2), dir_).ok());
 }
 
 }  // namespace

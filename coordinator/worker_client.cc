@@ -96,4 +96,15 @@ absl::StatusOr<WorkerInfo> GrpcWorkerClient::GetInfo(absl::Duration timeout) {
   return info;
 }
 
+absl::Status GrpcWorkerClient::CheckTask(const JobSpec& spec, absl::Duration timeout) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  // A worker that is still starting (measuring its device) answers within the timeout.
+  context.set_wait_for_ready(true);
+  CheckTaskRequest request;
+  *request.mutable_spec() = spec;
+  CheckTaskReply reply;
+  return FromGrpcStatus(Worker::NewStub(channel_)->CheckTask(&context, request, &reply));
+}
+
 }  // namespace lumen

@@ -33,6 +33,8 @@ class WorkerClient {
   // thread.
   virtual void CancelTask(const std::string& job_id) = 0;
   virtual absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) = 0;
+  // The worker's verdict on whether `spec` fits it (Worker.CheckTask).
+  virtual absl::Status CheckTask(const JobSpec& spec, absl::Duration timeout) = 0;
 };
 
 // A worker reached over gRPC at a Unix socket.
@@ -47,6 +49,7 @@ class GrpcWorkerClient : public WorkerClient {
                        const std::function<void(const TaskEvent&)>& on_event) override;
   void CancelTask(const std::string& job_id) override;
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) override;
+  absl::Status CheckTask(const JobSpec& spec, absl::Duration timeout) override;
 
  private:
   // Constant after construction.

@@ -161,6 +161,14 @@ grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerConte
   return reactor;
 }
 
+grpc::ServerUnaryReactor* WorkerService::CheckTask(grpc::CallbackServerContext* context,
+                                                   const CheckTaskRequest* request,
+                                                   CheckTaskReply* reply) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(lumen::CheckTask(request->spec(), options_.runner)));
+  return reactor;
+}
+
 void WorkerService::Shutdown() {
   shutting_down_.store(true);
   while (busy_.load()) absl::SleepFor(absl::Milliseconds(10));

@@ -31,6 +31,9 @@ class WorkerService final : public Worker::CallbackService {
 
   grpc::ServerWriteReactor<TaskEvent>* RunTask(grpc::CallbackServerContext* context,
                                                const RunTaskRequest* request) override;
+  grpc::ServerUnaryReactor* CheckTask(grpc::CallbackServerContext* context,
+                                      const CheckTaskRequest* request,
+                                      CheckTaskReply* reply) override;
   grpc::ServerUnaryReactor* GetWorkerInfo(grpc::CallbackServerContext* context,
                                           const GetWorkerInfoRequest* request,
                                           WorkerInfo* reply) override;

@@ -100,6 +100,58 @@ absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spe
   return o;
 }
 
+absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
+  ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
+  ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
+                   engine::OffloadTrainer::Requirements(trainer_options));
+  const int64_t budget = options.device_memory_budget_bytes;
+  if (needs.largest_op_bytes > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the ", needs.largest_op, " needs ", engine::FormatBytes(needs.largest_op_bytes),
+        " of device memory; ", options.worker_name, "'s budget is ", engine::FormatBytes(budget),
+        ". Lower train.micro_batch_size or seq_len, or start lumend with a larger "
+        "--device-memory"));
+  }
+  const int64_t params = needs.parameter_bytes;
+  if (4 * params + needs.largest_op_bytes + needs.activation_bytes <= budget) {
+    return absl::OkStatus();  // everything stays on the device
+  }
+  if (options.memstore == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the training state (", engine::FormatBytes(needs.training_state_bytes()),
+        ") does not fit ", options.worker_name, "'s device budget ",
+        engine::FormatBytes(budget), " and the worker has no memstore to offload to"));
+  }
+  ASSIGN_OR_RETURN(GetMemstoreStatsReply stats, options.memstore->GetStats(absl::Seconds(5)));
+  int64_t host_free = 0, nvme_free = 0;
+  for (const TierInfo& tier : stats.tiers()) {
+    const int64_t free = std::max<int64_t>(0, tier.capacity_bytes() - tier.used_bytes());
+    (tier.name() == "host" ? host_free : nvme_free) += free;
+  }
+  const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
+  // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
+  // the optimizer-state tier.
+  const int64_t host_needed = 2 * params + needs.activation_bytes + (moments_on_nvme ? 0 : 2 * params);
+  if (host_needed > host_free) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "offloading needs ", engine::FormatBytes(host_needed),
+        " of the memstore's host memory (parameters and gradients ",
+        engine::FormatBytes(2 * params), ", activation checkpoints ",
+        engine::FormatBytes(needs.activation_bytes),
+        moments_on_nvme ? "" : absl::StrCat(", AdamW moments ", engine::FormatBytes(2 * params)),
+        ") but ", engine::FormatBytes(host_free), " is free. Start lumend with a larger "
+        "--host-memory",
+        moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
+  }
+  if (moments_on_nvme && 2 * params > nvme_free) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "AdamW moments need ", engine::FormatBytes(2 * params),
+        " on the memstore's NVMe tier but ", engine::FormatBytes(nvme_free),
+        " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
                      const std::function<void(const TaskEvent&)>& emit,
                      const std::function<bool()>& cancelled) {
@@ -172,10 +224,12 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     }
     record->set_compute_s(result.compute_seconds);
     record->set_device_busy_fraction(result.device_busy_fraction());
-    (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
-    (*record->mutable_stall_seconds())["optimizer"] = result.stall_optimizer_seconds;
-    (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
-    record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+    if (!trainer->resident()) {
+      (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
+      (*record->mutable_stall_seconds())["optimizer"] = result.stall_optimizer_seconds;
+      (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
+      record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+    }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);
     const int64_t done = step + 1;

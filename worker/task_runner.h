@@ -39,6 +39,13 @@ struct TaskRunnerOptions {
 absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spec,
                                                               int num_threads);
 
+// Whether `spec` can train on this worker, from its shape alone: its largest op must fit the
+// device budget, and what does not stay on the device must fit the memstore's free space in
+// the tiers it goes to. RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;
+// INVALID_ARGUMENT for a spec the engine refuses; the memstore's error when it cannot tell how
+// much space is free.
+absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options);
+
 // Trains `request.spec()` to the end. `emit` receives every step record and every completed
 // checkpoint; `cancelled` is polled between steps. Returns CANCELLED when it saw
 // cancellation, the engine's error otherwise. Checkpoints go to

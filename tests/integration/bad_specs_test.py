@@ -97,6 +97,33 @@ class BadSpecsTest(unittest.TestCase):
             self.assertGreater(cluster["memstore_profile"]["optimizer_params_per_s"], 1e6)
             self.assertTrue(os.path.exists(os.path.join(node.data_dir, "profile", "worker-0.json")))
 
+    def test_job_that_cannot_fit_the_node_is_refused_at_submit(self):
+        # 16 MiB of device memory and 64 MiB of memstore host memory: a micro-batch whose layer
+        # alone needs more than the device has, and a model whose offloaded state needs more
+        # than the memstore has, are both refused with the numbers; nothing is queued.
+        with lumen_node.Node(device_memory="16MiB") as node:
+            good = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(good, 5000)
+            data = "data: {path: %s, token_dtype: uint16}\n" % good
+            cases = [
+                (spec(data=data, train="train: {steps: 2, seq_len: 256, micro_batch_size: 64}\n"),
+                 ["does not fit this node", "backward of layer", "worker-0's budget is 16.00 MiB"]),
+                (spec(model="model: {preset: tiny, hidden_size: 256, intermediate_size: 688, "
+                      "num_hidden_layers: 8}\n", data=data),
+                 ["does not fit this node", "of the memstore's host memory", "--host-memory"]),
+            ]
+            for i, (text, fragments) in enumerate(cases):
+                path = os.path.join(node.tmp, "big%d.yaml" % i)
+                with open(path, "w") as f:
+                    f.write(text)
+                r = node.ctl("submit", path, check=False)
+                self.assertEqual(r.returncode, 1, "case %d accepted:\n%s\n%s" % (i, text, r.stdout))
+                for fragment in fragments:
+                    self.assertIn(fragment, r.stderr, "case %d" % i)
+            self.assertEqual(node.ctl_json("jobs"), [])
+            job = node.submit(spec(data=data))
+            self.assertEqual(node.wait_job(job["id"])["state"], "SUCCEEDED", node.output())
+
 
 if __name__ == "__main__":
     lumen_node.main()

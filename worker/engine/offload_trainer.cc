@@ -250,6 +250,27 @@ absl::Status OffloadTrainer::Init() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<OffloadRequirements> OffloadTrainer::Requirements(const TrainerOptions &options) {
+  RETURN_IF_ERROR(ValidateTrainerOptions(options));
+  const ModelConfig &c = options.model;
+  const TrainConfig &t = options.train;
+  ThreadPool pool(1);
+  std::unique_ptr<LlamaModel> model = LlamaModel::CreateUnallocated(c, &pool);
+  const std::vector<NamedTensor<float>> slots = NamedTensors(c, &model->params());
+  OffloadRequirements r;
+  r.largest_op_bytes = -1;
+  for (const OpSize &o : WorkingSets(options, *model, slots)) {
+    if (o.bytes > r.largest_op_bytes) {
+      r.largest_op_bytes = o.bytes;
+      r.largest_op = o.op;
+    }
+  }
+  r.parameter_bytes = kF * ParameterCount(c);
+  r.activation_bytes = kF * (c.num_hidden_layers + 1) * t.grad_accum_steps * t.micro_batch_size *
+                       t.seq_len * c.hidden_size;
+  return r;
+}
+
 int64_t OffloadTrainer::TrainingStateBytes() const {
   const ModelConfig &c = options_.model;
   const TrainConfig &t = options_.train;
@@ -258,8 +279,14 @@ int64_t OffloadTrainer::TrainingStateBytes() const {
 }
 
 std::vector<OffloadTrainer::OpSize> OffloadTrainer::OpWorkingSets() const {
-  const ModelConfig &c = options_.model;
-  const TrainConfig &t = options_.train;
+  return WorkingSets(options_, *model_, param_slots_);
+}
+
+std::vector<OffloadTrainer::OpSize> OffloadTrainer::WorkingSets(
+    const TrainerOptions &options, const LlamaModel &model,
+    const std::vector<NamedTensor<float>> &param_slots) {
+  const ModelConfig &c = options.model;
+  const TrainConfig &t = options.train;
   const int64_t h = c.hidden_size, L = c.num_hidden_layers;
   const int64_t n = t.micro_batch_size * t.seq_len;
   const int64_t act = kF * n * h;
@@ -268,10 +295,10 @@ std::vector<OffloadTrainer::OpSize> OffloadTrainer::OpWorkingSets() const {
   const int64_t head_params = embed + kF * h;  // LM head (or tied embedding) + final norm
   const int64_t layer_params =
       kF * (ParameterCount(c) - c.vocab_size * h * (c.tie_word_embeddings ? 1 : 2) - h) / L;
-  const int64_t layer_scratch = model_->LayerScratchBytes(t.micro_batch_size, t.seq_len);
-  const int64_t head_scratch = model_->HeadScratchBytes(t.micro_batch_size, t.seq_len);
+  const int64_t layer_scratch = model.LayerScratchBytes(t.micro_batch_size, t.seq_len);
+  const int64_t head_scratch = model.HeadScratchBytes(t.micro_batch_size, t.seq_len);
   int64_t largest = 0;
-  for (const NamedTensor<float> &s : param_slots_) largest = std::max(largest, Numel(s));
+  for (const NamedTensor<float> &s : param_slots) largest = std::max(largest, Numel(s));
   std::vector<OpSize> ops;
   ops.push_back({"embedding forward", ids + embed + act});
   for (int64_t l = 0; l < L; ++l) {

@@ -141,8 +141,24 @@ struct OffloadStepResult : StepResult {
   }
 };
 
+// What a job needs, from its shape alone (no data, no weights).
+struct OffloadRequirements {
+  // The largest working set of one op: the least device budget that can run a step.
+  int64_t largest_op_bytes = 0;
+  std::string largest_op;  // "backward of layer 15"
+  // fp32 parameters (gradients and each AdamW moment are as large).
+  int64_t parameter_bytes = 0;
+  // Activation checkpoints of one step (every layer's input and the last
+  // layer's output, every micro-batch).
+  int64_t activation_bytes = 0;
+  int64_t training_state_bytes() const { return 4 * parameter_bytes + activation_bytes; }
+};
+
 class OffloadTrainer {
  public:
+  // INVALID_ARGUMENT for a bad config (as Trainer::Create).
+  static absl::StatusOr<OffloadRequirements> Requirements(const TrainerOptions &options);
+
   // INVALID_ARGUMENT for a bad config (as Trainer::Create) or a null home when
   // the state does not fit the budget; data/init_from errors as
   // Trainer::Create; errors of the home. Initialises exactly as Trainer
@@ -220,6 +236,8 @@ class OffloadTrainer {
   OffloadTrainer(const TrainerOptions &options, const OffloadOptions &offload);
   absl::Status Init();
   std::vector<OpSize> OpWorkingSets() const;
+  static std::vector<OpSize> WorkingSets(const TrainerOptions &options, const LlamaModel &model,
+                                         const std::vector<NamedTensor<float>> &param_slots);
 
   // Reserves device memory for the op, waiting for writes home to free some
   // when the budget is full.

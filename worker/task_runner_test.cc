@@ -1,0 +1,106 @@
+#include "worker/task_runner.h"
+
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "memstore/memstore_client.h"
+
+namespace lumen {
+namespace {
+
+using ::testing::HasSubstr;
+
+// A memstore with fixed free space per tier.
+class SizedMemstore : public FakeMemstoreClient {
+ public:
+  SizedMemstore(int64_t host_free, int64_t nvme_free) {
+    TierInfo* host = stats_.add_tiers();
+    host->set_name("host");
+    host->set_capacity_bytes(host_free + 1000);
+    host->set_used_bytes(1000);
+    TierInfo* nvme = stats_.add_tiers();
+    nvme->set_name("nvme:/tmp/x");
+    nvme->set_capacity_bytes(nvme_free);
+  }
+  absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration) override { return stats_; }
+
+ private:
+  GetMemstoreStatsReply stats_;
+};
+
+JobSpec Spec(int micro_batch) {
+  JobSpec spec;
+  ModelSpec* m = spec.mutable_model();
+  m->set_hidden_size(64);
+  m->set_intermediate_size(176);
+  m->set_num_hidden_layers(4);
+  m->set_num_attention_heads(4);
+  m->set_num_key_value_heads(2);
+  m->set_vocab_size(256);
+  m->set_max_position_embeddings(64);
+  m->set_rope_theta(10000);
+  m->set_rms_norm_eps(1e-5);
+  m->set_init_std(0.02);
+  spec.mutable_optimizer()->add_betas(0.9);
+  spec.mutable_optimizer()->add_betas(0.95);
+  spec.mutable_train()->set_steps(1);
+  spec.mutable_train()->set_seq_len(32);
+  spec.mutable_train()->set_micro_batch_size(micro_batch);
+  spec.mutable_train()->set_grad_accum_steps(2);
+  return spec;
+}
+
+TEST(CheckTaskTest, BudgetBelowTheLargestOpNamesTheOpAndTheBytes) {
+  TaskRunnerOptions options;
+  options.device_memory_budget_bytes = 64 << 10;
+  const absl::Status s = CheckTask(Spec(4), options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("backward of layer"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("worker-0's budget is 0.06 MiB (65536 bytes)"));
+}
+
+TEST(CheckTaskTest, ResidentJobNeedsNoMemstore) {
+  TaskRunnerOptions options;
+  options.device_memory_budget_bytes = int64_t{1} << 30;
+  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+}
+
+TEST(CheckTaskTest, OffloadedJobNeedsAMemstoreWithRoom) {
+  TaskRunnerOptions options;
+  options.device_memory_budget_bytes = 1 << 20;  // above the largest op, below the state
+  absl::Status s = CheckTask(Spec(1), options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no memstore"));
+
+  SizedMemstore small(100 << 10, 0);
+  options.memstore = &small;
+  s = CheckTask(Spec(1), options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("of the memstore's host memory"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("0.10 MiB (102400 bytes) is free"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("--optimizer-state-tier nvme"));
+
+  SizedMemstore roomy(int64_t{1} << 30, 0);
+  options.memstore = &roomy;
+  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+
+  // Moments on NVMe need room there.
+  options.optimizer_state_tier = engine::HomeTier::kNvme;
+  s = CheckTask(Spec(1), options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("on the memstore's NVMe tier"));
+  SizedMemstore with_nvme(int64_t{1} << 30, int64_t{1} << 30);
+  options.memstore = &with_nvme;
+  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+}
+
+TEST(CheckTaskTest, SpecTheEngineRefusesIsInvalid) {
+  TaskRunnerOptions options;
+  JobSpec spec = Spec(1);
+  spec.mutable_train()->set_seq_len(128);  // > max_position_embeddings
+  EXPECT_EQ(CheckTask(spec, options).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace lumen
