@@ -12,7 +12,8 @@ def _cuda_configure_impl(ctx):
         build.append("""
 cc_library(
     name = "cudart_static",
-    hdrs = glob(["include/**/*.h", "include/**/*.hpp"]),
+    # All of include/: CUDA 13's cuda_fp16.h includes extension-less headers (<nv/target>).
+    hdrs = glob(["include/**"]),
     includes = ["include"],
     srcs = ["lib64/libcudart_static.a"],
     linkopts = ["-ldl", "-lpthread", "-lrt"],
