@@ -286,10 +286,11 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   PlanCommandOptions plan_options;
   auto* plan = app.add_subcommand(
       "plan", "Predict where a job's tensors live and how fast it trains on a hardware profile "
-              "(no node needed); exit 0 if it fits, 3 if not");
+              "(no node needed, except for --hardware node); exit 0 if it fits, 3 if not");
   plan->add_option("spec", plan_options.job_file, "Job spec file")->required();
   plan->add_option("--hardware", plan_options.hardware,
-                   "Profile file or built-in name (1x-rtx4090, 1x-h100, 8x-rtx4090)")
+                   "Profile file, built-in name (1x-rtx4090, 1x-h100, 8x-rtx4090), or 'node': "
+                   "the running node as it measured itself")
       ->default_val("1x-rtx4090");
   plan->add_option("--workers", plan_options.workers, "Workers to plan for (default: the job's)");
   plan->add_option("--device-memory", plan_options.device_memory,
@@ -314,8 +315,22 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return app.exit(e, out, err);
   }
 
+  std::string target = !socket.empty() ? socket : address;
+  if (target.empty()) target = DefaultSocketPath(data_dir.empty() ? DefaultDataDir() : data_dir);
+
   // Commands that need no node.
-  if (plan->parsed()) return RunPlanCommand(plan_options, out, err);
+  if (plan->parsed()) {
+    GetClusterInfoReply node;
+    if (plan_options.hardware == kNodeHardware) {
+      auto client = LumenClient::Connect(target);
+      if (!client.ok()) return Fail(err, client.status());
+      auto info = (*client)->ClusterInfo();
+      if (!info.ok()) return Fail(err, info.status());
+      node = *std::move(info);
+      plan_options.node = &node;
+    }
+    return RunPlanCommand(plan_options, out, err);
+  }
   if (prepare->parsed()) {
     prepare_options.progress = &out;
     auto result = PrepareData(prepare_options);
@@ -335,8 +350,6 @@ int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
     return 0;
   }
 
-  std::string target = !socket.empty() ? socket : address;
-  if (target.empty()) target = DefaultSocketPath(data_dir.empty() ? DefaultDataDir() : data_dir);
   auto client_or = LumenClient::Connect(target);
   if (!client_or.ok()) return Fail(err, client_or.status());
   LumenClient& client = **client_or;

@@ -7,6 +7,7 @@
 #include "common/units.h"
 #include "coordinator/planner/hardware_profile.h"
 #include "coordinator/planner/model_desc.h"
+#include "coordinator/planner/node_profile.h"
 #include "coordinator/planner/planner.h"
 #include "coordinator/planner/report.h"
 
@@ -35,12 +36,29 @@ int RunPlanCommand(const PlanCommandOptions& options, std::ostream& out, std::os
     return Fail(err, absl::InvalidArgumentError(options.job_file + ": " +
                                                 std::string(spec.status().message())));
   }
-  auto hw = LoadHardwareProfile(options.hardware.empty() ? kDefaultHardwareProfile
-                                                         : options.hardware);
+  const bool on_node = options.hardware == kNodeHardware;
+  absl::StatusOr<HardwareProfile> hw;
+  NodeProfile node;
+  if (on_node) {
+    if (options.node == nullptr) {
+      return Fail(err, absl::InvalidArgumentError("--hardware node needs a running node"));
+    }
+    auto measured = NodeHardwareProfile(*options.node, spec->model().hidden_size());
+    if (!measured.ok()) return Fail(err, measured.status());
+    node = *std::move(measured);
+    hw = node.hardware;
+  } else {
+    hw = LoadHardwareProfile(options.hardware.empty() ? kDefaultHardwareProfile
+                                                      : options.hardware);
+  }
   if (!hw.ok()) return Fail(err, hw.status());
   PlannerOptions planner;
   planner.workers =
       options.workers > 0 ? options.workers : static_cast<int>(spec->resources().workers());
+  if (on_node) {
+    planner.device_budget_bytes = node.device_budget_bytes;
+    planner.optimizer_state_on_nvme = node.optimizer_state_on_nvme;
+  }
   if (!options.device_memory.empty()) {
     auto bytes = ParseBytes(options.device_memory);
     if (!bytes.ok()) {

@@ -9,6 +9,8 @@
 
 namespace lumen {
 
+class GetClusterInfoReply;  // proto/lumen.proto
+
 struct PlanCommandOptions {
   // The job spec (YAML). Its data file need not exist: planning reads only the model, batch
   // and resources sections.
@@ -23,7 +25,14 @@ struct PlanCommandOptions {
   std::string device_memory;
   // One JSON object instead of text.
   bool json = false;
+  // With hardware "node": the running node's cluster info (its measured figures), fetched by
+  // the caller. The plan then uses the node's worker count, device budget, link model and
+  // optimizer-state tier unless the options above say otherwise.
+  const GetClusterInfoReply* node = nullptr;
 };
+
+// The hardware name that means "the node lumenctl is connected to, as it measured itself".
+inline constexpr char kNodeHardware[] = "node";
 
 // Runs the command. Returns 0 when the job fits, 3 when it does not (the report says why),
 // 2 for a bad job spec, option or profile (message on `err`), 1 for other failures.

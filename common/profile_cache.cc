@@ -1,6 +1,12 @@
 #include "common/profile_cache.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -56,6 +62,10 @@ absl::Status WriteCache(const std::string& path, const ProfileFigures& figures) 
 
 }  // namespace
 
+bool HasCachedProfile(const std::string& data_dir, const std::string& name) {
+  return ReadCache((std::filesystem::path(data_dir) / "profile" / (name + ".json")).string()).ok();
+}
+
 absl::StatusOr<ProfileFigures> CachedProfile(
     const std::string& data_dir, const std::string& name, bool remeasure,
     const std::function<absl::StatusOr<ProfileFigures>()>& measure) {
@@ -65,10 +75,24 @@ absl::StatusOr<ProfileFigures> CachedProfile(
     absl::StatusOr<ProfileFigures> cached = ReadCache(path);
     if (cached.ok()) return cached;
   }
-  ASSIGN_OR_RETURN(ProfileFigures figures, measure());
-  figures["measured_unix_s"] = absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch());
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
+  const std::string lock_path = (dir / ".measuring").string();
+  const int lock = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock < 0) {
+    return absl::InternalError(absl::StrCat("cannot open ", lock_path, ": ", strerror(errno)));
+  }
+  struct CloseLock {
+    int fd;
+    ~CloseLock() { close(fd); }  // releases the flock
+  } close_lock{lock};
+  while (flock(lock, LOCK_EX) != 0) {
+    if (errno != EINTR) {
+      return absl::InternalError(absl::StrCat("cannot lock ", lock_path, ": ", strerror(errno)));
+    }
+  }
+  ASSIGN_OR_RETURN(ProfileFigures figures, measure());
+  figures["measured_unix_s"] = absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch());
   RETURN_IF_ERROR(WriteCache(path, figures));
   return figures;
 }

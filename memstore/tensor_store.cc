@@ -173,20 +173,20 @@ absl::Status TensorStore::Recover() {
   return absl::OkStatus();
 }
 
-absl::Status TensorStore::Persist(const TensorRecord& record) {
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  rocksdb::Status s = db_->Put(sync, kKeyPrefix + record.id(), record.SerializeAsString());
+absl::Status TensorStore::Persist(const TensorRecord& record, bool sync) {
+  rocksdb::WriteOptions options;
+  options.sync = sync;
+  rocksdb::Status s = db_->Put(options, kKeyPrefix + record.id(), record.SerializeAsString());
   if (!s.ok()) {
     return absl::InternalError(absl::StrCat(options_.db_path, ": ", s.ToString()));
   }
   return absl::OkStatus();
 }
 
-absl::Status TensorStore::Erase(const std::string& id) {
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  rocksdb::Status s = db_->Delete(sync, kKeyPrefix + id);
+absl::Status TensorStore::Erase(const std::string& id, bool sync) {
+  rocksdb::WriteOptions options;
+  options.sync = sync;
+  rocksdb::Status s = db_->Delete(options, kKeyPrefix + id);
   if (!s.ok()) return absl::InternalError(absl::StrCat(options_.db_path, ": ", s.ToString()));
   return absl::OkStatus();
 }
@@ -474,7 +474,8 @@ absl::Status TensorStore::CommitWrite(const std::string& id, int64_t staging_off
     for (const PageRecord& page : pages) *record.add_pages() = page;
   }
   if (status.ok()) {
-    status = Persist(record);
+    // Host over host (the offloading hot path) needs no fsync; anything touching NVMe does.
+    status = Persist(record, tier == TIER_NVME || (existed && old.tier() == TIER_NVME));
     if (!status.ok()) RemovePages(pages);
   }
   if (!status.ok() || tier == TIER_NVME) AbortWrite(staging_offset);
@@ -631,7 +632,8 @@ absl::Status TensorStore::Free(const std::string& id) {
     ASSIGN_OR_RETURN(Entry * entry, Acquire(id, /*create=*/false));
     old = entry->record;
   }
-  absl::Status status = Erase(id);
+  // A host tensor's record need not reach the disk before it goes (see Persist).
+  absl::Status status = Erase(id, old.tier() != TIER_HOST);
   if (status.ok() && !old.lost()) {
     if (old.tier() == TIER_HOST) {
       (void)arena_->Free(old.host_offset());

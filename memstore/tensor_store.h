@@ -118,8 +118,12 @@ class TensorStore {
   TensorStore(TensorStoreOptions options, std::unique_ptr<NvmeIo> io,
               std::unique_ptr<HostArena> arena, std::unique_ptr<rocksdb::DB> db);
   absl::Status Recover();
-  absl::Status Persist(const TensorRecord& record);
-  absl::Status Erase(const std::string& id);
+  // Writes the record to the page table; `sync` waits for it to reach the disk. A record that
+  // only ever describes host memory need not: its data dies with the process anyway, and the
+  // write-ahead log still survives a process crash (what "lost tensors" reports after a
+  // restart); only a power loss can drop it, together with the data it described.
+  absl::Status Persist(const TensorRecord& record, bool sync = true);
+  absl::Status Erase(const std::string& id, bool sync = true);
 
   // Writes `size` bytes from `data` as pages of generation `generation`; fills `pages`.
   absl::Status WritePages(const std::string& id, int64_t generation, const uint8_t* data,

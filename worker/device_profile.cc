@@ -3,9 +3,17 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <time.h>
+
 #include <chrono>
 #include <cstring>
 #include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "worker/engine/model.h"
+#include "worker/engine/thread_pool.h"
+#include "worker/engine/trainer.h"
+#include "worker/memstore_tensor_home.h"
 
 namespace lumen {
 namespace {
@@ -22,7 +30,67 @@ double BestSeconds(int reps, F&& f) {
   return best;
 }
 
+// FLOP/s of one decoder layer of hidden size h, forward + recomputing backward, over 256
+// tokens, with `threads` threads.
+absl::StatusOr<double> DecoderRate(int64_t h, int threads) {
+  constexpr int64_t kSeq = 256;
+  engine::ModelConfig c;
+  c.hidden_size = h;
+  c.intermediate_size = (h * 11 / 4 + 7) / 8 * 8;
+  c.num_hidden_layers = 1;
+  c.num_attention_heads = std::max<int64_t>(1, h / 64);
+  c.num_key_value_heads = c.num_attention_heads;
+  c.vocab_size = 256;
+  c.max_position_embeddings = kSeq;
+  engine::ThreadPool pool(std::max(1, threads));
+  engine::LlamaModel model(c, true, &pool);
+  engine::InitParams(c, 1, &model.params());
+  std::vector<float> x(kSeq * h, 0.1f), y(kSeq * h), dy(kSeq * h), dx(kSeq * h);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97);
+  absl::Status status;
+  const double seconds = BestSeconds(3, [&] {
+    if (!status.ok()) return;
+    status = model.DecoderLayerForward(0, x.data(), y.data(), 1, kSeq);
+    std::copy(y.begin(), y.end(), dy.begin());
+    if (status.ok()) status = model.DecoderLayerBackward(0, x.data(), dy.data(), dx.data(), 1, kSeq);
+  });
+  if (!status.ok()) return status;
+  const double kv = static_cast<double>(c.num_key_value_heads * c.head_dim());
+  const double matmul = 2.0 * h * h + 2.0 * h * kv + 3.0 * h * c.intermediate_size;
+  const double per_token = 4 * (2 * matmul + 2.0 * kSeq * h);
+  return per_token * kSeq / seconds;
+}
+
 }  // namespace
+
+double ProcessCpuSeconds() {
+  timespec t;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+absl::StatusOr<ProfileFigures> MeasureMemstoreCall(MemstoreClient* memstore,
+                                                   const std::string& worker) {
+  MemstoreTensorHome home(memstore, worker + "/");
+  std::vector<float> data(256, 1.0f);
+  constexpr int kCalls = 200;
+  absl::Status status = home.Put("profile", data.data(), 256, engine::HomeTier::kHost);
+  const auto t0 = std::chrono::steady_clock::now();
+  const double cpu0 = ProcessCpuSeconds();
+  for (int i = 0; i < kCalls && status.ok(); ++i) {
+    status = home.Put("profile", data.data(), 256, engine::HomeTier::kHost);
+    if (status.ok()) status = home.Get("profile", data.data(), 256);
+  }
+  const double cpu = ProcessCpuSeconds() - cpu0;
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const absl::Status freed = home.FreeAll();
+  if (!status.ok()) return status;
+  if (!freed.ok()) return freed;
+  const double wall = seconds / (2 * kCalls);
+  return ProfileFigures{{"memstore_call_seconds", wall},
+                        {"memstore_call_cpu_seconds", std::min(wall, 2 * cpu / (2 * kCalls))}};
+}
 
 absl::StatusOr<ProfileFigures> MeasureCpuDevice(int threads) {
   constexpr int kN = 1024;
@@ -36,9 +104,15 @@ absl::StatusOr<ProfileFigures> MeasureCpuDevice(int threads) {
   constexpr size_t kBytes = 64 << 20;
   std::vector<char> src(kBytes, 1), dst(kBytes, 0);  // value-initialised: pre-faulted
   const double copy_s = BestSeconds(3, [&] { memcpy(dst.data(), src.data(), kBytes); });
-  return ProfileFigures{{"fp32_gemm_flops", 2.0 * kN * kN * kN / gemm_s},
-                        {"copy_bytes_per_s", kBytes / copy_s},
-                        {"threads", static_cast<double>(std::max(1, threads))}};
+  ProfileFigures figures{{"fp32_gemm_flops", 2.0 * kN * kN * kN / gemm_s},
+                         {"copy_bytes_per_s", kBytes / copy_s},
+                         {"threads", static_cast<double>(std::max(1, threads))}};
+  for (int h : kProfiledHiddenSizes) {
+    absl::StatusOr<double> rate = DecoderRate(h, threads);
+    if (!rate.ok()) return rate.status();
+    figures[absl::StrCat("decoder_flops_per_s_h", h)] = *rate;
+  }
+  return figures;
 }
 
 }  // namespace lumen

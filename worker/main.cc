@@ -53,9 +53,34 @@ int main(int argc, char** argv) {
   options.runner.worker_name = options.name;
   options.runner.num_threads = threads;
   options.runner.device_memory_budget_bytes = device_memory;
-  auto profile = lumen::CachedProfile(data_dir, options.name, reprofile, [threads] {
-    return lumen::MeasureCpuDevice(threads > 0 ? threads
-                                               : static_cast<int>(std::thread::hardware_concurrency()));
+  std::unique_ptr<lumen::GrpcMemstoreClient> memstore;
+  if (!memstore_socket.empty()) {
+    memstore = std::make_unique<lumen::GrpcMemstoreClient>(memstore_socket);
+    options.runner.memstore = memstore.get();
+  }
+  // Measure once the memstore serves: at a node's first start it measures its tiers and
+  // pre-faults its host arena, which would take a core from the measurement. (Waiting here,
+  // not inside CachedProfile, which holds the node's measuring lock the memstore needs.)
+  bool memstore_up = false;
+  if (memstore != nullptr && (reprofile || !lumen::HasCachedProfile(data_dir, options.name))) {
+    auto stats = memstore->GetStats(absl::Seconds(60));
+    memstore_up = stats.ok();
+    if (!memstore_up) {
+      LOG(WARNING) << "measuring without waiting for the memstore: " << stats.status();
+    }
+  }
+  auto profile = lumen::CachedProfile(data_dir, options.name, reprofile, [&] {
+    auto figures = lumen::MeasureCpuDevice(
+        threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+    if (figures.ok() && memstore_up) {
+      auto call = lumen::MeasureMemstoreCall(memstore.get(), options.name);
+      if (call.ok()) {
+        figures->insert(call->begin(), call->end());
+      } else {
+        LOG(WARNING) << "cannot measure a memstore call: " << call.status();
+      }
+    }
+    return figures;
   });
   if (profile.ok()) {
     options.profile = *profile;
@@ -63,11 +88,6 @@ int main(int argc, char** argv) {
               << (*profile)["copy_bytes_per_s"] / 1e9 << " GB/s copies";
   } else {
     LOG(WARNING) << "cannot measure the device: " << profile.status();
-  }
-  std::unique_ptr<lumen::GrpcMemstoreClient> memstore;
-  if (!memstore_socket.empty()) {
-    memstore = std::make_unique<lumen::GrpcMemstoreClient>(memstore_socket);
-    options.runner.memstore = memstore.get();
   }
   options.runner.optimizer_state_tier =
       optimizer_state_tier == "nvme" ? lumen::engine::HomeTier::kNvme : lumen::engine::HomeTier::kHost;

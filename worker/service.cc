@@ -155,6 +155,9 @@ grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerConte
   reply->set_device(options_.device);
   reply->set_device_memory_budget_bytes(options_.runner.device_memory_budget_bytes);
   reply->set_num_threads(options_.runner.num_threads);
+  reply->set_link_bytes_per_s(options_.runner.link_bytes_per_s);
+  reply->set_optimizer_state_tier(
+      engine::HomeTierName(options_.runner.optimizer_state_tier));
   for (const auto& [key, value] : options_.profile) (*reply->mutable_profile())[key] = value;
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);

@@ -30,6 +30,11 @@ struct DeviceProfile {
   double link_peak = 0;
   double link_efficiency = 1.0;
   bool peer_to_peer = false;
+  // The CPU device: its compute shares the host's cores with the memstore calls and the host
+  // optimizer, which then slow it down. host_call_seconds is the CPU time of one memstore call
+  // (measured by the worker). Not in profile files: only the node's measured profile sets them.
+  bool shares_host_cpu = false;
+  double host_call_seconds = 0;
 
   int64_t BudgetBytes() const {
     return static_cast<int64_t>(static_cast<double>(memory_bytes) * usable_memory_fraction);

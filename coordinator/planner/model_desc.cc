@@ -108,12 +108,14 @@ ModelDesc DescribeModel(const JobSpec& spec) {
   for (int64_t i = 0; i < ms.num_hidden_layers(); ++i) {
     m.layers.push_back(Layer(m, absl::StrCat("layers.", i), LayerKind::kDecoder, matmul + 2 * h,
                              h * c, working, 2.0 * matmul + attention));
+    m.layers.back().tensors = 9;  // two norms, q, k, v, o, gate, up, down
   }
   // Head: final norm and LM head (fp32 logits and their gradient per micro-batch).
   const bool tied = ms.tie_word_embeddings();
   LayerDesc head = Layer(m, "head", LayerKind::kHead, h + (tied ? 0 : vocab * h), h * c,
                          2 * vocab * 4 + 2 * h * c, 2.0 * vocab * h);
   if (tied) head.shared_param_bytes = vocab * h * c;
+  head.tensors = tied ? 1 : 2;
   m.layers.push_back(head);
   return m;
 }

@@ -47,6 +47,9 @@ struct LayerDesc {
   // Forward FLOPs per token (matrix products and attention scores); the backward pass with
   // recompute is 3× this (recompute 1×, backward 2×).
   double forward_flops_per_token = 0;
+  // Tensors its parameters are stored as (a decoder layer: 9); each crosses the host link as a
+  // separate transfer.
+  int tensors = 1;
 };
 
 struct ModelDesc {

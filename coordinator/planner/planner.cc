@@ -76,9 +76,12 @@ struct DeviceUse {
   }
 };
 
+// Where activations are while a worker runs (see Placement::activations_partial).
+enum class ActMode { kOnDevice, kPartial, kStreamed };
+
 DeviceUse WorkerDeviceUse(const ModelDesc& m, const Layout& layout, int stage, int replica,
-                          Level level, bool acts_on_device, const PlannerOptions& opt,
-                          int prefetch) {
+                          Level level, ActMode acts, const PlannerOptions& opt, int prefetch) {
+  const bool acts_on_device = acts == ActMode::kOnDevice;
   DeviceUse u;
   const int64_t mb = layout.MicroBatches(replica);
   int64_t max_fetch = 0, max_grad = 0, max_act = 0, max_working = 0, largest_group = 0;
@@ -101,8 +104,10 @@ DeviceUse WorkerDeviceUse(const ModelDesc& m, const Layout& layout, int stage, i
   if (level == Level::kNone) u.buffers += (prefetch + 1) * max_fetch;
   if (level < Level::kParamsGrads) u.buffers += 2 * max_grad;
   if (level == Level::kParamsGrads) u.buffers += max_grad;  // staging for the copy out
-  if (acts_on_device) {
-    u.buffers += 2 * largest_group * max_act;  // gradients between layers, one group
+  if (acts != ActMode::kStreamed) {
+    // Gradients between layers (or, partial, a layer's outputs until the next layer reads
+    // them), one group.
+    u.buffers += 2 * largest_group * max_act;
   } else {
     // Rings for the input, output (and in backward the checkpoint, two gradients) streams.
     u.buffers += 3 * opt.activation_ring * max_act;
@@ -174,7 +179,7 @@ bool PlaceOffDevice(const ModelDesc& m, const HardwareProfile& hw, const Planner
   bool any_nvme[kNumTensorClasses] = {};
   for (const Item& i : items) {
     Tier t = Tier::kHost;
-    if (host_used + i.bytes > host_cap) {
+    if (host_used + i.bytes > host_cap || (i.cls == kMaster && opt.optimizer_state_on_nvme)) {
       t = Tier::kNvme;
       nvme_used += i.bytes;
       any_nvme[i.cls] = true;
@@ -225,17 +230,22 @@ bool Configure(const ModelDesc& m, const HardwareProfile& hw, const PlannerOptio
   std::string last_reason;
   for (Level level : {Level::kAll, Level::kParamsGrads, Level::kParams, Level::kNone}) {
     if (level == Level::kAll && layout.par.replicas > 1) continue;  // see docs/planning.md
-    for (bool acts_on_device : {true, false}) {
+    for (ActMode acts : {ActMode::kOnDevice, ActMode::kPartial, ActMode::kStreamed}) {
+      const bool acts_on_device = acts == ActMode::kOnDevice;
       Config c;
       c.layout = layout;
       c.level = level;
-      int64_t peak = 0;
+      int64_t peak = 0, worker_ckpt = 0;
       DeviceUse total;
       bool fits = true;
       for (int s = 0; s < layout.par.stages && fits; ++s) {
         for (int r = 0; r < layout.par.replicas; ++r) {
-          const DeviceUse u =
-              WorkerDeviceUse(m, layout, s, r, level, acts_on_device, opt, prefetch);
+          const DeviceUse u = WorkerDeviceUse(m, layout, s, r, level, acts, opt, prefetch);
+          int64_t ckpt = 0;
+          for (int l : layout.stage_layers[s]) {
+            ckpt += m.layers[l].activation_bytes_per_micro_batch * layout.MicroBatches(r);
+          }
+          worker_ckpt = std::max(worker_ckpt, ckpt);
           peak = std::max(peak, u.Total());
           for (int cls = 0; cls < kNumTensorClasses; ++cls) total.home[cls] += u.home[cls];
           total.buffers += u.buffers;
@@ -254,10 +264,18 @@ bool Configure(const ModelDesc& m, const HardwareProfile& hw, const PlannerOptio
       p.grads_resident = level >= Level::kParamsGrads;
       p.optimizer_on_device = level == Level::kAll;
       p.activations_on_device = acts_on_device;
+      p.activations_partial = acts == ActMode::kPartial;
+      if (p.activations_partial) {
+        // What the largest worker's budget leaves holds checkpoints; the rest go home.
+        const double resident = static_cast<double>(std::max<int64_t>(0, budget - peak));
+        p.activation_offload_fraction =
+            worker_ckpt > 0 ? std::max(0.0, 1.0 - resident / static_cast<double>(worker_ckpt))
+                            : 0.0;
+      }
       p.prefetch_distance = p.params_resident ? 0 : prefetch;
       p.param_buffers = p.params_resident ? 0 : prefetch + 1;
       p.grad_buffers = p.grads_resident ? (p.optimizer_on_device ? 0 : 1) : 2;
-      p.activation_buffers = acts_on_device ? 0 : 3 * opt.activation_ring;
+      p.activation_buffers = acts == ActMode::kStreamed ? 3 * opt.activation_ring : 0;
       if (!PlaceOffDevice(m, hw, opt, workers, &c, &last_reason)) continue;
       TierUse& dev = c.tiers[static_cast<int>(Tier::kDevice)];
       dev.home = total.home;
@@ -319,6 +337,7 @@ class ScheduleBuilder {
     h2d.src = Tier::kHost;
     h2d.dst = Tier::kDevice;
     h2d.bytes = ParamFetchBytes(m_.layers[l]);
+    h2d.host_calls = m_.layers[l].tensors;
     h2d.slot = index % slots;
     h2d.label = absl::StrCat("prefetch params ", m_.layers[l].name);
     if (index >= slots) h2d.deps.push_back(releases_[w][index - slots]);
@@ -359,6 +378,20 @@ class ScheduleBuilder {
     releases_[w].push_back(s_.Add(std::move(rel)));
   }
 
+  // Memstore calls of a compute op's activation streams: one per micro-batch streamed in
+  // each direction (partial offload: the share that goes home).
+  int64_t StreamCalls(const Op& op) const {
+    const double per_mb = static_cast<double>(std::max<int64_t>(1, op.micro_batches));
+    int64_t calls = 0;
+    for (int64_t bytes : {op.activation_in_bytes, op.activation_out_bytes}) {
+      if (bytes <= 0 || op.layer < 0) continue;
+      const double mb_bytes =
+          static_cast<double>(std::max<int64_t>(1, Act(op.layer, 1)));
+      calls += static_cast<int64_t>(std::ceil(std::min(per_mb, bytes / mb_bytes)));
+    }
+    return calls;
+  }
+
   Op Compute(int w, int l, int g, int64_t mbs, Phase phase) {
     const LayerDesc& d = m_.layers[l];
     Op op;
@@ -373,6 +406,10 @@ class ScheduleBuilder {
     op.flops = d.forward_flops_per_token * tokens * (phase == Phase::kForward ? 1 : 3);
     op.label = absl::StrCat(phase == Phase::kForward ? "fwd " : "bwd ", d.name, " g", g);
     return op;
+  }
+
+  int64_t Offloaded(int64_t bytes) const {
+    return static_cast<int64_t>(static_cast<double>(bytes) * p_.activation_offload_fraction);
   }
 
   int64_t Act(int l, int64_t mbs) const {
@@ -398,7 +435,13 @@ class ScheduleBuilder {
             const int64_t mbs = layout().group_sizes[r][g];
             Op op = Compute(w, l, g, mbs, Phase::kForward);
             const bool first = l == sl.front(), last = l == sl.back();
-            if (!p_.activations_on_device) {
+            if (p_.activations_partial) {
+              // Inputs are on the device; evicted checkpoints go home once. Between
+              // pipeline stages the activations still cross.
+              op.activation_out_bytes = Offloaded(Act(l + 1, mbs));
+              if (first && st > 0) op.activation_in_bytes = Act(l, mbs);
+              if (last && st + 1 < layout().par.stages) op.activation_out_bytes += Act(l + 1, mbs);
+            } else if (!p_.activations_on_device) {
               op.activation_in_bytes = l == 0 ? m_.layers[0].activation_bytes_per_micro_batch * mbs
                                               : Act(l, mbs);
               op.activation_out_bytes = Act(l + 1, mbs);
@@ -408,6 +451,7 @@ class ScheduleBuilder {
             }
             if (first && st > 0) op.deps.push_back(fwd_[layout().Worker(st - 1, r)][l - 1][g]);
             if (!p_.params_resident) op.deps.push_back(Prefetch(w, l));
+            op.host_calls = StreamCalls(op);
             const int32_t id = s_.Add(std::move(op));
             fwd_[w][l].resize(std::max<size_t>(fwd_[w][l].size(), g + 1), -1);
             fwd_[w][l][g] = id;
@@ -427,7 +471,8 @@ class ScheduleBuilder {
             write.dst = Tier::kNvme;
             for (int r = 0; r < layout().par.replicas; ++r) {
               if (g >= Groups(r)) continue;
-              write.bytes += Act(l + 1, layout().group_sizes[r][g]);
+              const int64_t bytes = Act(l + 1, layout().group_sizes[r][g]);
+              write.bytes += p_.activations_partial ? Offloaded(bytes) : bytes;
               write.deps.push_back(fwd_[layout().Worker(st, r)][l][g]);
             }
             write.label = absl::StrCat("write checkpoint ", m_.layers[l + 1].name, " g", g);
@@ -462,7 +507,9 @@ class ScheduleBuilder {
             op.src = Tier::kNvme;
             op.dst = Tier::kHost;
             for (int r = 0; r < layout().par.replicas; ++r) {
-              if (g < Groups(r)) op.bytes += Act(l, layout().group_sizes[r][g]);
+              if (g >= Groups(r)) continue;
+              const int64_t bytes = Act(l, layout().group_sizes[r][g]);
+              op.bytes += p_.activations_partial ? Offloaded(bytes) : bytes;
             }
             if (ckpt_write_[l][g] >= 0) op.deps.push_back(ckpt_write_[l][g]);
             std::vector<int32_t>& ckpt_reads = reads[st];
@@ -482,7 +529,12 @@ class ScheduleBuilder {
             const int64_t mbs = layout().group_sizes[r][g];
             Op op = Compute(w, l, g, mbs, Phase::kBackward);
             const bool first = l == sl.front(), last = l == sl.back();
-            if (!p_.activations_on_device) {
+            if (p_.activations_partial) {
+              // Gradients stay on the device; the checkpoints that went home come back.
+              op.activation_in_bytes = Offloaded(Act(l, mbs));
+              if (last && st + 1 < layout().par.stages) op.activation_in_bytes += Act(l + 1, mbs);
+              if (first && st > 0) op.activation_out_bytes = Act(l, mbs);
+            } else if (!p_.activations_on_device) {
               op.activation_in_bytes = Act(l, mbs) + (l + 1 < static_cast<int>(m_.layers.size())
                                                           ? Act(l + 1, mbs)
                                                           : 0);
@@ -499,6 +551,7 @@ class ScheduleBuilder {
             // Gradient buffers: wait for the copy out two layers back.
             std::vector<int32_t>& gp = grad_positions_[w];
             if (!p_.grads_resident && gp.size() >= 2) op.deps.push_back(gp[gp.size() - 2]);
+            op.host_calls = StreamCalls(op);
             const int32_t id = s_.Add(std::move(op));
             bwd_[w][l].resize(std::max<size_t>(bwd_[w][l].size(), g + 1), -1);
             bwd_[w][l][g] = id;
@@ -527,6 +580,7 @@ class ScheduleBuilder {
               out.src = Tier::kDevice;
               out.dst = Tier::kHost;
               out.bytes = m_.layers[l].bytes[kGrads];
+              out.host_calls = m_.layers[l].tensors;
               out.deps = {id};
               out.label = absl::StrCat("offload grads ", m_.layers[l].name, " g", g);
               const int32_t out_id = s_.Add(std::move(out));
@@ -580,6 +634,8 @@ class ScheduleBuilder {
       upd.layer = l;
       upd.params = d.parameters;
       upd.bytes = upd.params * m_.OptimizerBytesPerParam();
+      // Per tensor: read parameter, gradient, m, v; write parameter, m, v.
+      upd.host_calls = 7 * d.tensors;
       upd.deps = deps;
       upd.label = absl::StrCat("adamw ", d.name, " on host");
       const int32_t upd_id = s_.Add(std::move(upd));

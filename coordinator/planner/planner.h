@@ -38,6 +38,9 @@ struct PlannerOptions {
   int groups = 0;
   // Micro-batch ring buffers per activation stream on the device when activations live off it.
   int activation_ring = 2;
+  // Keep master weights and AdamW moments on NVMe even when host memory could hold them (a
+  // node started with --optimizer-state-tier nvme).
+  bool optimizer_state_on_nvme = false;
 };
 
 // How N workers split the work: `stages` pipeline stages (each owns a contiguous run of layers)
@@ -58,6 +61,14 @@ struct Placement {
   bool grads_resident = false;   // grads accumulate on the device (else streamed out per layer)
   bool optimizer_on_device = false;  // else the host CPU, next to the state (DESIGN §2.3)
   bool activations_on_device = false;  // else offloaded (home host or NVMe per layer)
+  // Offloaded, the way the worker's executor does it when the memory allows: a layer's
+  // outputs stay on the device until the next layer has read them, the gradients between
+  // layers stay on the device, and device memory left over keeps some checkpoints resident
+  // (the rest go home once, farthest next use first, and come back once in the backward).
+  // False: every checkpoint and gradient streams through ring buffers.
+  bool activations_partial = false;
+  // Share of the checkpoints that go home when activations_partial (0..1).
+  double activation_offload_fraction = 1.0;
   int prefetch_distance = 0;   // 0 when params are resident
   int param_buffers = 0;       // device slots for streamed params (prefetch_distance + 1)
   int grad_buffers = 0;        // device slots for gradients on their way out

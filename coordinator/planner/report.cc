@@ -54,10 +54,16 @@ std::string PlacementText(const Plan& plan) {
                                          ? absl::StrCat(" (read ahead ", p.optimizer_read_ahead,
                                                         " layers)")
                                          : ""));
-  parts.push_back(p.activations_on_device
-                      ? "activation checkpoints on device"
-                      : absl::StrCat("activation checkpoints offloaded, home ",
-                                     homes(TensorClass::kActivations)));
+  parts.push_back(
+      p.activations_on_device
+          ? "activation checkpoints on device"
+          : p.activations_partial
+                ? absl::StrFormat("activation checkpoints %.0f%% offloaded (the rest stay on "
+                                  "device), home %s",
+                                  100 * p.activation_offload_fraction,
+                                  homes(TensorClass::kActivations))
+                : absl::StrCat("activation checkpoints offloaded, home ",
+                               homes(TensorClass::kActivations)));
   return absl::StrJoin(parts, "\n                    ");
 }
 
@@ -166,6 +172,10 @@ std::string PlanJson(const std::string& job_name, const ModelDesc& m, const Hard
         ",\"grads_resident\":", p.grads_resident ? "true" : "false",
         ",\"optimizer\":", p.optimizer_on_device ? "\"device\"" : "\"host\"",
         ",\"activations_offloaded\":", p.activations_on_device ? "false" : "true",
+        ",\"activation_offload_fraction\":",
+        Num(p.activations_on_device ? 0.0
+                                    : (p.activations_partial ? p.activation_offload_fraction
+                                                             : 1.0)),
         ",\"prefetch_distance\":", p.prefetch_distance, ",\"param_buffers\":", p.param_buffers,
         ",\"grad_buffers\":", p.grad_buffers, ",\"activation_buffers\":", p.activation_buffers,
         ",\"optimizer_read_ahead\":", p.optimizer_read_ahead, "}"));

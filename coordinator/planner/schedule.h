@@ -69,6 +69,9 @@ struct Op {
   int64_t activation_in_bytes = 0;            // kCompute: streamed host→device meanwhile
   int64_t activation_out_bytes = 0;           // kCompute: streamed device→host meanwhile
   int64_t params = 0;                         // kOptimizer
+  // Calls to the memstore the op makes (one per tensor moved or updated): host CPU work,
+  // which a CPU device pays for out of its own cores (DeviceProfile::shares_host_cpu).
+  int64_t host_calls = 0;
   int32_t slot = -1;  // device buffer slot the op fills or frees (kTransfer to device, kRelease)
   std::vector<int32_t> deps;
   std::string label;  // for people: "fwd layers.3 g0", "prefetch params layers.4"

@@ -172,6 +172,24 @@ absl::StatusOr<Demand> DemandOf(const Op& op, const Resources& res, const Hardwa
     case OpKind::kWait:
       break;
   }
+  // A CPU device computes on the host's cores: the memstore calls an op makes, and the host
+  // optimizer's arithmetic, take time from the device's compute.
+  if (hw.device.shares_host_cpu && workers > 0) {
+    const int w = op.worker >= 0 ? op.worker : 0;
+    double cpu = static_cast<double>(op.host_calls) * hw.device.host_call_seconds;
+    if (op.kind == OpKind::kOptimizer && op.worker < 0) {
+      cpu += static_cast<double>(op.params) / hw.host.cpu_optimizer_params_per_s;
+    }
+    if (cpu > 0) {
+      auto same = std::find_if(d.begin(), d.end(),
+                               [&](const auto& e) { return e.first == res.Compute(w); });
+      if (same != d.end()) {
+        same->second += cpu;
+      } else {
+        d.push_back({res.Compute(w), cpu});
+      }
+    }
+  }
   // Drop zero demands so zero-byte ops finish at once.
   d.erase(std::remove_if(d.begin(), d.end(), [](const auto& e) { return !(e.second > 0); }),
           d.end());

@@ -134,5 +134,25 @@ TEST(SimulatorTest, UnknownWorkerIsAnError) {
               HasSubstr("runs on worker 3 but the schedule has 1 workers"));
 }
 
+// A CPU device computes on the host's cores: a transfer's memstore calls (and the host
+// optimizer's arithmetic) take from its compute. Compute 2 s alone; a concurrent prefetch
+// with 1000 calls of 1 ms adds 1 s of the same resource: 3 s. A GPU profile ignores the calls.
+TEST(SimulatorTest, CpuDevicePaysForMemstoreCalls) {
+  Schedule s;
+  Op fetch = Transfer(0, Lane::kHostToDevice, Tier::kHost, Tier::kDevice, 1000, {});
+  fetch.host_calls = 1000;
+  s.Add(std::move(fetch));
+  s.Add(Compute(0, 2e12, {}));
+  HardwareProfile hw = Hw(1);
+  auto gpu = Simulate(s, hw, true);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  EXPECT_NEAR(gpu->step_time_s, 2.0, 1e-6);
+  hw.device.shares_host_cpu = true;
+  hw.device.host_call_seconds = 1e-3;
+  auto cpu = Simulate(s, hw, true);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_NEAR(cpu->step_time_s, 3.0, 1e-6);
+}
+
 }  // namespace
 }  // namespace lumen

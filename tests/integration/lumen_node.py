@@ -65,7 +65,7 @@ optimizer: {{lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.1, grad_clip: 1.0}}
 class Node:
     """A running lumend. Use as a context manager."""
 
-    def __init__(self, workers=1, extra_args=(), device_memory="256MiB"):
+    def __init__(self, workers=1, extra_args=(), device_memory="256MiB", host_memory="64MiB"):
         # Under /tmp, not $TEST_TMPDIR: Bazel's temporary paths are too long for a Unix socket
         # in the data directory.
         self.tmp = tempfile.mkdtemp(prefix="lumen-", dir="/tmp")
@@ -73,6 +73,7 @@ class Node:
         self.socket = os.path.join(self.data_dir, "lumend.sock")
         self.workers = workers
         self.device_memory = device_memory
+        self.host_memory = host_memory
         self.extra_args = list(extra_args)
         self.proc = None
 
@@ -85,8 +86,8 @@ class Node:
 
     def start(self, timeout=30):
         args = [runfile("lumend/lumend"), "--data-dir", self.data_dir, "--workers",
-                str(self.workers), "--device-memory", self.device_memory, "--host-memory", "64MiB",
-                "--bin-dir", bin_dir(self.tmp)] + self.extra_args
+                str(self.workers), "--device-memory", self.device_memory, "--host-memory",
+                self.host_memory, "--bin-dir", bin_dir(self.tmp)] + self.extra_args
         self.log = open(os.path.join(self.tmp, "lumend.out"), "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
