@@ -44,6 +44,10 @@ JobManager::JobManager(JobStore* store, std::vector<WorkerClient*> workers,
                            .Name("lumen_job_step_time_seconds")
                            .Help("Wall time of a job's last step")
                            .Register(registry)),
+      predicted_step_time_gauge_(prometheus::BuildGauge()
+                                     .Name("lumen_job_predicted_step_time_seconds")
+                                     .Help("The planner's step time for the job on this node")
+                                     .Register(registry)),
       tokens_counter_(prometheus::BuildCounter()
                           .Name("lumen_job_tokens_total")
                           .Help("Tokens trained, by job")
@@ -202,7 +206,25 @@ void JobManager::DispatchLoop() {
   }
 }
 
+void JobManager::SetStepTimePredictor(StepTimePredictor predictor) {
+  predictor_ = std::move(predictor);
+}
+
 void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
+  double predicted = 0;
+  if (predictor_) {
+    JobSpec spec;
+    {
+      absl::MutexLock lock(&mu_);
+      spec = jobs_[job_id].spec();
+    }
+    absl::StatusOr<double> p = predictor_(spec);
+    if (p.ok()) {
+      predicted = *p;
+    } else {
+      LOG(WARNING) << job_id << ": no step time prediction: " << p.status();
+    }
+  }
   RunTaskRequest request;
   {
     absl::MutexLock lock(&mu_);
@@ -210,6 +232,11 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
     job.set_state(RUNNING);
     job.set_start_time_unix_ms(NowMs());
     job.set_worker(worker->name());
+    job.set_predicted_step_time_s(predicted);
+    if (predicted > 0) {
+      predicted_step_time_gauge_.Add({{"job", job_id}}).Set(predicted);
+      LOG(INFO) << job_id << ": predicted step time " << predicted << " s";
+    }
     running_job_ = job_id;
     running_worker_ = worker;
     Publish(job, {});
@@ -242,17 +269,19 @@ void JobManager::OnTaskEvent(const std::string& job_id, const TaskEvent& event) 
   absl::MutexLock lock(&mu_);
   Job& job = jobs_[job_id];
   if (event.has_step()) {
-    *job.mutable_latest_step() = event.step();
+    StepRecord step = event.step();
+    step.set_predicted_step_time_s(job.predicted_step_time_s());
+    *job.mutable_latest_step() = step;
     const prometheus::Labels labels{{"job", job_id}};
     step_gauge_.Add(labels).Set(event.step().step());
     loss_gauge_.Add(labels).Set(event.step().loss());
     tokens_per_s_gauge_.Add(labels).Set(event.step().tokens_per_s());
     step_time_gauge_.Add(labels).Set(event.step().step_time_s());
     tokens_counter_.Add(labels).Increment(event.step().tokens());
-    if (absl::Status s = store_->PutStep(job, event.step()); !s.ok()) {
-      LOG(ERROR) << job_id << ": cannot store step " << event.step().step() << ": " << s;
+    if (absl::Status s = store_->PutStep(job, step); !s.ok()) {
+      LOG(ERROR) << job_id << ": cannot store step " << step.step() << ": " << s;
     }
-    Publish(job, {event.step()});
+    Publish(job, {step});
   } else if (!event.checkpoint().empty()) {
     job.set_final_checkpoint(event.checkpoint());
     Publish(job, {});

@@ -172,6 +172,38 @@ TEST_F(JobManagerTest, InvalidSpecIsRejectedAndNothingIsQueued) {
   EXPECT_TRUE(manager.List().empty());
 }
 
+TEST_F(JobManagerTest, PredictedStepTimeGoesIntoTheJobAndEveryStep) {
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  int calls = 0;
+  manager.SetStepTimePredictor([&calls](const JobSpec& spec) -> absl::StatusOr<double> {
+    ++calls;
+    if (spec.train().steps() == 3) return absl::FailedPreconditionError("no figures");
+    return 2.5;
+  });
+  ASSERT_TRUE(manager.Start().ok());
+  auto job = manager.Submit(Spec(2), dir_);
+  ASSERT_TRUE(job.ok());
+  Job end = WaitForEnd(manager, job->id());
+  EXPECT_EQ(end.state(), SUCCEEDED);
+  EXPECT_EQ(end.predicted_step_time_s(), 2.5);
+  std::vector<StepRecord> steps;
+  ASSERT_TRUE(manager
+                  .Watch(job->id(), false,
+                         [&](const WatchJobEvent& e, bool) {
+                           steps.assign(e.steps().begin(), e.steps().end());
+                         })
+                  .ok());
+  ASSERT_EQ(steps.size(), 2u);
+  for (const StepRecord& s : steps) EXPECT_EQ(s.predicted_step_time_s(), 2.5);
+  // A node that cannot predict still runs the job.
+  auto unpredicted = manager.Submit(Spec(3), dir_);
+  ASSERT_TRUE(unpredicted.ok());
+  Job end3 = WaitForEnd(manager, unpredicted->id());
+  EXPECT_EQ(end3.state(), SUCCEEDED);
+  EXPECT_EQ(end3.predicted_step_time_s(), 0);
+  EXPECT_EQ(calls, 2);
+}
+
 TEST_F(JobManagerTest, JobTheWorkerCannotFitIsRejectedAtSubmit) {
   worker_.max_micro_batch_ = 1;
   JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);

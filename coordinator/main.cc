@@ -10,6 +10,7 @@
 #include "common/process.h"
 #include "coordinator/cluster_info.h"
 #include "coordinator/job_manager.h"
+#include "coordinator/planner/predict.h"
 #include "coordinator/job_store.h"
 #include "coordinator/service.h"
 #include "coordinator/worker_client.h"
@@ -54,8 +55,11 @@ int main(int argc, char** argv) {
   options.data_dir = data_dir;
   options.limits.workers = static_cast<int64_t>(workers.size());
   lumen::JobManager jobs((*store).get(), workers, options, (*metrics)->registry());
-  if (absl::Status s = jobs.Start(); !s.ok()) LOG(FATAL) << s;
   lumen::ClusterInfoCollector cluster(data_dir, node_status, workers, memstore.get(), &jobs);
+  jobs.SetStepTimePredictor([&cluster](const lumen::JobSpec& spec) {
+    return lumen::PredictStepTime(spec, cluster.Collect());
+  });
+  if (absl::Status s = jobs.Start(); !s.ok()) LOG(FATAL) << s;
   lumen::LumenService service(&jobs, &cluster);
   auto server = lumen::StartGrpcServer({socket, listen}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();

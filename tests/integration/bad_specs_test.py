@@ -89,7 +89,14 @@ class BadSpecsTest(unittest.TestCase):
                 self.assertIn(fragment, r.stderr, "case %d:\n%s" % (i, text))
             self.assertEqual(node.ctl_json("jobs"), [])
             job = node.submit(spec(data=data))
-            self.assertEqual(node.wait_job(job["id"])["state"], "SUCCEEDED", node.output())
+            end = node.wait_job(job["id"])
+            self.assertEqual(end["state"], "SUCCEEDED", node.output())
+            # The planner predicted the job's step time on the node's measured figures; every
+            # step record carries the prediction beside the measurement.
+            predicted = float(end.get("predicted_step_time_s", 0))
+            self.assertGreater(predicted, 0, node.output())
+            for step in node.ctl_json("logs", job["id"]):
+                self.assertEqual(float(step["predicted_step_time_s"]), predicted)
             # The node measured its hardware (cached in the data dir) and reports it.
             cluster = node.ctl_json("cluster")[0]
             self.assertGreater(cluster["workers"][0]["profile"]["fp32_gemm_flops"], 1e9)
