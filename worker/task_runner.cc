@@ -1,6 +1,7 @@
 #include "worker/task_runner.h"
 
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <system_error>
 #include <thread>
@@ -8,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/tokenizer_info.h"
+#include "common/json.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "worker/memstore_tensor_home.h"
@@ -46,6 +48,32 @@ absl::Status WriteCheckpoint(engine::OffloadTrainer& trainer, const RunTaskReque
   event.set_checkpoint(final_dir.string());
   emit(event);
   LOG(INFO) << request.job_id() << ": checkpoint " << final_dir.string();
+  return absl::OkStatus();
+}
+
+// The first step's trace as a Chrome trace (open it in Perfetto or chrome://tracing): compute
+// ops on one row, waits on another. Written to a temporary name first, then renamed.
+absl::Status WriteStepTrace(const std::vector<engine::TraceEvent>& events,
+                            const std::string& path) {
+  std::string out = "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
+  for (size_t i = 0; i < events.size(); ++i) {
+    const engine::TraceEvent& e = events[i];
+    const bool compute = std::string(e.category) == "compute";
+    absl::StrAppend(&out, i > 0 ? ",\n" : "\n", "{\"name\":", JsonQuote(e.name),
+                    ",\"cat\":", JsonQuote(e.category), ",\"ph\":\"X\",\"pid\":1,\"tid\":",
+                    compute ? 1 : 2, ",\"ts\":", static_cast<int64_t>(e.start_s * 1e6),
+                    ",\"dur\":", static_cast<int64_t>(e.duration_s * 1e6), "}");
+  }
+  out += "\n],\"otherData\":{\"rows\":\"tid 1 = device compute, tid 2 = device waiting\"}}\n";
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f << out;
+    if (!f) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
   return absl::OkStatus();
 }
 
@@ -232,6 +260,16 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);
+    if (step == 0) {
+      std::error_code ec;
+      fs::create_directories(request.output_dir(), ec);
+      const std::string path = (fs::path(request.output_dir()) / "trace-step-1.json").string();
+      if (absl::Status s = WriteStepTrace(trainer->first_step_trace(), path); !s.ok()) {
+        LOG(WARNING) << request.job_id() << ": " << s;
+      } else {
+        LOG(INFO) << request.job_id() << ": step 1 trace in " << path;
+      }
+    }
     const int64_t done = step + 1;
     if (done == spec.train().steps() || (every > 0 && done % every == 0)) {
       RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, done, emit));

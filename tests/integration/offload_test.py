@@ -30,6 +30,12 @@ def run(device_memory, tied, nvme=False, link_gbps=0):
         assert ended["state"] == "SUCCEEDED", ended["failure_reason"]
         steps = node.ctl_json("logs", job["id"])
         cluster = node.ctl_json("cluster")[0]
+        # The first step's trace, as a Chrome trace beside the checkpoints.
+        with open(os.path.join(ended["output_dir"], "trace-step-1.json")) as f:
+            import json
+            events = json.load(f)["traceEvents"]
+        assert any(e["cat"] == "compute" for e in events), events[:5]
+        assert all(e["ph"] == "X" and e["dur"] >= 0 for e in events), events[:5]
         if nvme:
             held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
             assert held == 0, cluster  # freed after the job

@@ -104,17 +104,36 @@ int64_t Numel(const NamedTensor<float> &t) {
   return n;
 }
 
-// Adds the wall time of its scope to *seconds.
+// Adds the wall time of its scope to *seconds and, when `events` is not null, records it as
+// an event (seconds from `origin`).
 class Timer {
  public:
   explicit Timer(double *seconds) : seconds_(seconds), start_(std::chrono::steady_clock::now()) {}
+  Timer(double *seconds, std::vector<TraceEvent> *events, const char *category,
+        std::string name, std::chrono::steady_clock::time_point origin)
+      : seconds_(seconds),
+        start_(std::chrono::steady_clock::now()),
+        events_(events),
+        category_(category),
+        name_(std::move(name)),
+        origin_(origin) {}
   ~Timer() {
-    *seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    const auto end = std::chrono::steady_clock::now();
+    const double seconds = std::chrono::duration<double>(end - start_).count();
+    *seconds_ += seconds;
+    if (events_ != nullptr) {
+      events_->push_back({std::move(name_), category_,
+                          std::chrono::duration<double>(start_ - origin_).count(), seconds});
+    }
   }
 
  private:
   double *seconds_;
   std::chrono::steady_clock::time_point start_;
+  std::vector<TraceEvent> *events_ = nullptr;
+  const char *category_ = "";
+  std::string name_;
+  std::chrono::steady_clock::time_point origin_;
 };
 
 // Reads further ahead than this many trace entries are not matched to a fetch.
@@ -336,7 +355,8 @@ absl::StatusOr<DeviceMemory::Allocation> OffloadTrainer::Allocate(int64_t bytes,
     const int64_t writes_before = transfers_ != nullptr ? transfers_->writes_completed() : 0;
     absl::StatusOr<DeviceMemory::Allocation> a = mem_.Allocate(bytes, op);
     if (a.ok() || transfers_ == nullptr) return a;
-    Timer wait(&stats_.stall_memory_seconds);
+    Timer wait(&stats_.stall_memory_seconds, Tracing(), "wait", "wait for memory: " + op,
+               step_start_);
     if (transfers_->WaitForWrite(writes_before)) continue;
     // Prefetched reads are the only other holders; give their memory back
     // (the tensors are read again when needed).
@@ -435,8 +455,11 @@ absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::Fetch(const std::st
   // Start the next reads before standing still for this one.
   IssuePrefetches();
   if (!ticket->done()) {
-    Timer wait(transfers_->HostJobWrites(id) ? &stats_.stall_optimizer_seconds
-                                             : &stats_.stall_transfer_seconds);
+    const bool optimizer = transfers_->HostJobWrites(id);
+    Timer wait(optimizer ? &stats_.stall_optimizer_seconds : &stats_.stall_transfer_seconds,
+               Tracing(), "wait",
+               absl::StrCat(optimizer ? "wait for optimizer: " : "wait for read: ", id),
+               step_start_);
     RETURN_IF_ERROR(ticket->Wait());
   }
   RETURN_IF_ERROR(ticket->Wait());
@@ -550,8 +573,13 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::Step() {
   mem_.ResetPeak();
   recording_ = offload_.prefetch && !traced_ && !resident_;
   if (recording_) trace_.clear();
+  // The trainer's first step is traced: every compute op and every wait, in order.
+  tracing_ = !first_step_traced_;
+  if (tracing_) trace_events_.clear();
   absl::StatusOr<OffloadStepResult> r = RunStep();
   recording_ = false;
+  if (tracing_ && r.ok()) first_step_traced_ = true;
+  tracing_ = false;
   if (!r.ok()) {
     // A failed step leaves activations behind; they are scratch.
     DropPrefetches();
@@ -572,6 +600,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::Step() {
 
 absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const auto start = std::chrono::steady_clock::now();
+  step_start_ = start;
   const TrainConfig &t = options_.train;
   const ModelConfig &c = options_.model;
   const int64_t A = t.grad_accum_steps, B = t.micro_batch_size, T = t.seq_len;
@@ -617,7 +646,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer x, NewBuffer(act, false, op + ": output"));
       {
-        Timer busy(&stats_.compute_seconds);
+        Timer busy(&stats_.compute_seconds, Tracing(), "compute", absl::StrCat(op, ", mb ", a),
+                   step_start_);
         RETURN_IF_ERROR(model_->EmbedForward(inputs_.data() + a * n, B, T, x.data.data()));
       }
       RETURN_IF_ERROR(StoreActivation(ActId(0, a), std::move(x)));
@@ -647,7 +677,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
         ASSIGN_OR_RETURN(DeviceBuffer x, Fetch(ActId(l, a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer y, NewBuffer(act, false, op + ": output"));
         {
-          Timer busy(&stats_.compute_seconds);
+          Timer busy(&stats_.compute_seconds, Tracing(), "compute", absl::StrCat(op, ", mb ", a),
+                     step_start_);
           RETURN_IF_ERROR(model_->DecoderLayerForward(static_cast<int>(l), x.data.data(),
                                                       y.data.data(), B, T));
         }
@@ -682,7 +713,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       ASSIGN_OR_RETURN(DeviceBuffer dy, NewBuffer(act, false, op + ": input gradient"));
       double loss;
       {
-        Timer busy(&stats_.compute_seconds);
+        Timer busy(&stats_.compute_seconds, Tracing(), "compute", absl::StrCat(op, ", mb ", a),
+                   step_start_);
         ASSIGN_OR_RETURN(loss, model_->HeadForwardBackward(x.data.data(), targets_.data() + a * n,
                                                            B, T, grad_scale, dy.data.data()));
       }
@@ -735,7 +767,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
         ASSIGN_OR_RETURN(DeviceBuffer dy, Fetch(DyId(a), act, op));
         ASSIGN_OR_RETURN(DeviceBuffer dx, NewBuffer(act, false, op + ": input gradient"));
         {
-          Timer busy(&stats_.compute_seconds);
+          Timer busy(&stats_.compute_seconds, Tracing(), "compute", absl::StrCat(op, ", mb ", a),
+                     step_start_);
           RETURN_IF_ERROR(model_->DecoderLayerBackward(static_cast<int>(l), x.data.data(),
                                                        dy.data.data(), dx.data.data(), B, T));
         }
@@ -769,7 +802,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     for (int64_t a = 0; a < A; ++a) {
       ASSIGN_OR_RETURN(DeviceBuffer dy, Fetch(DyId(a), act, op));
       {
-        Timer busy(&stats_.compute_seconds);
+        Timer busy(&stats_.compute_seconds, Tracing(), "compute", absl::StrCat(op, ", mb ", a),
+                   step_start_);
         RETURN_IF_ERROR(model_->EmbedBackward(inputs_.data() + a * n, B, T, dy.data.data()));
       }
       RETURN_IF_ERROR(DropActivation(DyId(a), std::move(dy)));
@@ -857,7 +891,7 @@ absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
     ASSIGN_OR_RETURN(DeviceBuffer m, Fetch(ExpAvgId(name), size, op));
     ASSIGN_OR_RETURN(DeviceBuffer v, Fetch(ExpAvgSqId(name), size, op));
     {
-      Timer busy(&stats_.compute_seconds);
+      Timer busy(&stats_.compute_seconds, Tracing(), "compute", op, step_start_);
       if (clip) {
         for (float &x : g.data) x *= coef;
       }

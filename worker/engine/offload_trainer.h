@@ -8,10 +8,11 @@
 #define LUMEN_WORKER_ENGINE_OFFLOAD_TRAINER_H_
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -114,6 +115,15 @@ struct OffloadOptions {
   bool host_optimizer = true;
 };
 
+// One op of a traced step: a compute op ("forward of layer 3, mb 0") or a wait ("wait for
+// read: param/model.layers.4.mlp.up_proj.weight"), seconds from the step's start.
+struct TraceEvent {
+  std::string name;
+  const char *category;  // "compute" or "wait"
+  double start_s;
+  double duration_s;
+};
+
 // StepResult plus what the step did with device memory and the home.
 struct OffloadStepResult : StepResult {
   int64_t device_memory_budget_bytes = 0;
@@ -203,6 +213,10 @@ class OffloadTrainer {
   // Activation checkpoints that may stay on the device (the rest go home).
   int64_t max_resident_activations() const { return max_resident_acts_; }
 
+  // The trainer's first successful step as it ran: every compute op and every wait, in order
+  // (empty before it). Later steps prefetch what this step waited for.
+  const std::vector<TraceEvent> &first_step_trace() const { return trace_events_; }
+
   int64_t step() const { return step_; }
   const TrainerOptions &options() const { return options_; }
   const DeviceMemory &device_memory() const { return mem_; }
@@ -253,6 +267,8 @@ class OffloadTrainer {
   void WriteHome(const std::string &id, DeviceBuffer buf, HomeTier tier);
   void FreeHome(const std::string &id);
   int64_t StepVersion(const std::string &id) const;
+  // Where the running step's trace events go; null when the step is not traced.
+  std::vector<TraceEvent> *Tracing() { return tracing_ ? &trace_events_ : nullptr; }
   // Adds the squared norm of a complete gradient (tensor index i).
   void GradDone(int i, const DeviceBuffer &g);
   absl::Status HostOptimizer(double lr, bool clip, float coef);
@@ -303,6 +319,10 @@ class OffloadTrainer {
   // Checkpoints of (layer, micro-batch) before this are not needed again until
   // the backward, so they may be evicted.
   std::pair<int64_t, int64_t> evict_before_{0, 0};
+  // The first step's trace (TraceEvent).
+  bool tracing_ = false, first_step_traced_ = false;
+  std::vector<TraceEvent> trace_events_;
+  std::chrono::steady_clock::time_point step_start_;
 
   // Prefetching. The trace of the first step, the position of the step being
   // run in it and the next entry to prefetch; reads in flight; writes home per

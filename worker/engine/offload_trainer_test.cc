@@ -1,5 +1,7 @@
 #include "worker/engine/offload_trainer.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -195,6 +197,48 @@ INSTANTIATE_TEST_SUITE_P(TiedNvmeSlots, OffloadParity,
                                            std::make_tuple(true, true, 0, true),
                                            std::make_tuple(false, true, 6, false),
                                            std::make_tuple(true, false, 0, false)));
+
+TEST(OffloadTrainerTest, FirstStepIsTracedOpByOp) {
+  const TrainerOptions o = DeepOptions(false);
+  MemoryTensorHome home;
+  OffloadOptions off;
+  off.home = &home;
+  off.device_budget_bytes = 600 << 10;
+  auto t = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_TRUE((*t)->first_step_trace().empty());
+  ASSERT_TRUE((*t)->Step().ok());
+  const std::vector<TraceEvent> trace = (*t)->first_step_trace();
+  int compute = 0, waits = 0;
+  double last_start = -1;
+  for (const TraceEvent& e : trace) {
+    EXPECT_GE(e.start_s, 0);
+    EXPECT_GE(e.duration_s, 0);
+    if (std::string(e.category) == "compute") {
+      // Compute ops run one after another on the device.
+      EXPECT_GE(e.start_s, last_start);
+      last_start = e.start_s;
+      ++compute;
+    } else {
+      EXPECT_EQ(std::string(e.category), "wait");
+      ++waits;
+    }
+  }
+  const int64_t A = o.train.grad_accum_steps, L = o.model.num_hidden_layers;
+  // Embedding forward, every layer forward, head, every layer backward, embedding backward:
+  // once per micro-batch.
+  EXPECT_EQ(compute, A * (2 * L + 3));
+  EXPECT_GT(waits, 0);  // the first step reads on demand
+  // The first compute op embeds micro-batch 0 (perhaps after waiting for the embedding).
+  auto first = std::find_if(trace.begin(), trace.end(), [](const TraceEvent& e) {
+    return std::string(e.category) == "compute";
+  });
+  ASSERT_NE(first, trace.end());
+  EXPECT_EQ(first->name, "embedding forward, mb 0");
+  // Later steps leave the first step's trace alone.
+  ASSERT_TRUE((*t)->Step().ok());
+  EXPECT_EQ((*t)->first_step_trace().size(), trace.size());
+}
 
 TEST(OffloadTrainerTest, MatchesTrainer) {
   for (bool tied : {false, true}) {
