@@ -110,10 +110,11 @@ ModelDesc DescribeModel(const JobSpec& spec) {
                              h * c, working, 2.0 * matmul + attention));
     m.layers.back().tensors = 9;  // two norms, q, k, v, o, gate, up, down
   }
-  // Head: final norm and LM head (fp32 logits and their gradient per micro-batch).
+  // Head: final norm and LM head (fp32 logits per micro-batch; their gradient overwrites them
+  // in place, as the engine's HeadForwardBackward does).
   const bool tied = ms.tie_word_embeddings();
   LayerDesc head = Layer(m, "head", LayerKind::kHead, h + (tied ? 0 : vocab * h), h * c,
-                         2 * vocab * 4 + 2 * h * c, 2.0 * vocab * h);
+                         vocab * 4 + 2 * h * c, 2.0 * vocab * h);
   if (tied) head.shared_param_bytes = vocab * h * c;
   head.tensors = tied ? 1 : 2;
   m.layers.push_back(head);

@@ -95,7 +95,8 @@ TEST(PlannerTest, Lumen104bWithSmallBatchIsNvmeBound) {
 }
 
 TEST(PlannerTest, Llama8bFitsDifferentlyOnH100AndRtx4090) {
-  const ModelDesc m = Model("llama3-8b", 8192, 1, 16);
+  // Micro-batches of 2 x 8192 tokens: the LM head's fp32 logits alone are 8.4 GB.
+  const ModelDesc m = Model("llama3-8b", 8192, 2, 8);
   const Plan h100 = MustPlan(m, Hw("1x-h100"), 1);
   const Plan rtx = MustPlan(m, Hw("1x-rtx4090"), 1);
   ASSERT_TRUE(h100.fits) << h100.why_not;
