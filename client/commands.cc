@@ -44,6 +44,10 @@ std::string StepLine(const Job& job, const StepRecord& s) {
       absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
                       job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
                       s.grad_norm(), s.tokens_per_s(), s.step_time_s());
+  if (s.predicted_step_time_s() > 0) {
+    // The planner's steady-state step time on this node, for comparison.
+    absl::StrAppendFormat(&line, " (predicted %.3fs)", s.predicted_step_time_s());
+  }
   if (!s.bytes_moved().empty()) {
     // Offloaded: how well transfers hid behind compute.
     absl::StrAppendFormat(&line, "  busy %.0f%%  prefetched %.0f%%", 100 * s.device_busy_fraction(),
