@@ -12,8 +12,10 @@ within ±15% for every configuration.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Under `bazel run` this file is <runfiles>/lumen/tests/bench/prediction_bench.py.
@@ -71,7 +73,6 @@ def run(c):
         with open(path, "w") as f:
             f.write(job_yaml(c, data))
         # The workers and the memstore measure their hardware when they first start.
-        import time
         deadline = time.time() + 120
         while time.time() < deadline:
             cluster = node.ctl_json("cluster")[0]
@@ -91,7 +92,6 @@ def run(c):
             raise RuntimeError("%s: %s" % (c["name"], end.get("failure_reason")))
         steps = node.ctl_json("logs", job["id"])
     if nvme_dir:
-        import shutil
         shutil.rmtree(nvme_dir, ignore_errors=True)
     times = [float(s["step_time_s"]) for s in steps[2:]]
     measured = statistics.median(times)

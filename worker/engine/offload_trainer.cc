@@ -454,7 +454,9 @@ absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::Fetch(const std::st
   }
   // Start the next reads before standing still for this one.
   IssuePrefetches();
-  if (!ticket->done()) {
+  if (ticket->done()) {
+    RETURN_IF_ERROR(ticket->Wait());
+  } else {
     const bool optimizer = transfers_->HostJobWrites(id);
     Timer wait(optimizer ? &stats_.stall_optimizer_seconds : &stats_.stall_transfer_seconds,
                Tracing(), "wait",
@@ -462,7 +464,6 @@ absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::Fetch(const std::st
                step_start_);
     RETURN_IF_ERROR(ticket->Wait());
   }
-  RETURN_IF_ERROR(ticket->Wait());
   bytes_in_ += kF * n;
   return buf;
 }
@@ -865,20 +866,6 @@ void OffloadTrainer::GradDone(int i, const DeviceBuffer &g) {
                                  [gp](int64_t j) { return static_cast<double>(gp[j]) * gp[j]; });
 }
 
-namespace {
-
-AdamWHyper Hyper(const OptimizerConfig &o, double lr, const NamedTensor<float> &t) {
-  AdamWHyper hy;
-  hy.lr = lr;
-  hy.beta1 = o.beta1;
-  hy.beta2 = o.beta2;
-  hy.eps = o.eps;
-  hy.weight_decay = t.shape.size() >= 2 ? o.weight_decay : 0.0;
-  return hy;
-}
-
-}  // namespace
-
 absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
   const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
   const HomeTier otier = offload_.optimizer_state_tier;
@@ -895,7 +882,7 @@ absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
       if (clip) {
         for (float &x : g.data) x *= coef;
       }
-      const AdamWHyper hy = Hyper(options_.optimizer, lr, param_slots_[i]);
+      const AdamWHyper hy = AdamWHyperFor(options_.optimizer, lr, param_slots_[i].shape.size());
       float *pp = p.data.data();
       const float *gp = g.data.data();
       float *mp = m.data.data();
@@ -923,7 +910,7 @@ absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
   for (size_t i = 0; i < param_slots_.size(); ++i) {
     const std::string &name = param_slots_[i].name;
     const int64_t size = Numel(param_slots_[i]);
-    const AdamWHyper hy = Hyper(options_.optimizer, lr, param_slots_[i]);
+    const AdamWHyper hy = AdamWHyperFor(options_.optimizer, lr, param_slots_[i].shape.size());
     const std::string pid = ParamId(name), gid = GradId(name);
     const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
     transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *host) -> absl::Status {

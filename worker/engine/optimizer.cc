@@ -36,6 +36,16 @@ void AdamWUpdate(float* param, const float* grad, float* exp_avg, float* exp_avg
   }
 }
 
+AdamWHyper AdamWHyperFor(const OptimizerConfig& config, double lr, size_t rank) {
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = config.beta1;
+  h.beta2 = config.beta2;
+  h.eps = config.eps;
+  h.weight_decay = rank >= 2 ? config.weight_decay : 0.0;
+  return h;
+}
+
 double LearningRate(const OptimizerConfig& c, int64_t step, int64_t total_steps) {
   if (step < c.warmup_steps) {
     return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup_steps);

@@ -4,6 +4,7 @@
 #ifndef LUMEN_WORKER_ENGINE_OPTIMIZER_H_
 #define LUMEN_WORKER_ENGINE_OPTIMIZER_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -35,6 +36,10 @@ struct AdamWHyper {
   double eps = 1e-8;
   double weight_decay = 0.0;  // pass 0 for tensors that get no decay
 };
+
+// The hyperparameters of `config` at learning rate `lr` for a tensor of `rank` dimensions:
+// matrices (rank >= 2) get weight decay, vectors (norms) do not.
+AdamWHyper AdamWHyperFor(const OptimizerConfig& config, double lr, size_t rank);
 
 // One AdamW update of `size` elements; `step` is the 1-based update count (bias correction).
 // Per element, in float like PyTorch:

@@ -143,12 +143,7 @@ absl::StatusOr<StepResult> Trainer::Step() {
       CheckGradNormFinite(step_, grad_norm, loss_sum / static_cast<double>(A), grads));
   const double lr = LearningRate(options_.optimizer, step_, t.steps);
   for (size_t i = 0; i < params.size(); ++i) {
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = options_.optimizer.beta1;
-    h.beta2 = options_.optimizer.beta2;
-    h.eps = options_.optimizer.eps;
-    h.weight_decay = params[i].shape.size() >= 2 ? options_.optimizer.weight_decay : 0.0;
+    const AdamWHyper h = AdamWHyperFor(options_.optimizer, lr, params[i].shape.size());
     float* p = params[i].data->data();
     const float* g = grads[i].data->data();
     float* m = ms[i].data->data();
