@@ -82,16 +82,13 @@ void Transfers::ReadLoop() {
   while (true) {
     mu_.Await(absl::Condition(
         +[](Transfers *t) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return t->stop_ || (!t->reads_.empty() &&
-                              t->WritesDone(t->reads_.front().id, t->reads_.front().after));
+          if (t->reads_.empty()) return t->stop_;
+          return t->WritesDone(t->reads_.front().id, t->reads_.front().after);
         },
         this));
-    if (reads_.empty()) {
-      // Stopping: every read has been served (a read never waits for a write that was not
-      // queued before it, and the write loop runs until its queue is empty).
-      return;
-    }
-    if (!WritesDone(reads_.front().id, reads_.front().after)) continue;
+    // Stopping with every read served. (A read only waits for writes queued before it, and the
+    // write and host loops run until their queues are empty, so queued reads always finish.)
+    if (reads_.empty()) return;
     ReadOp op = std::move(reads_.front());
     reads_.pop_front();
     ++reads_running_;
