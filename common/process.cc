@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 
@@ -21,8 +22,15 @@ namespace {
 // blocking the signals and sigwait) works whichever thread the kernel picks, including threads
 // that libraries such as UCX start with their own signal masks.
 int signal_pipe[2] = {-1, -1};
+std::atomic<bool> exit_on_signal{false};
+static_assert(std::atomic<bool>::is_always_lock_free, "read in a signal handler");
 
 void OnTerminationSignal(int sig) {
+  if (exit_on_signal.load()) {
+    static constexpr char kMessage[] = "termination signal during startup: exiting\n";
+    (void)!write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
+    _exit(0);
+  }
   const int saved = errno;
   const char byte = static_cast<char>(sig);
   (void)!write(signal_pipe[1], &byte, 1);
@@ -50,6 +58,19 @@ int WaitForTerminationSignal() {
   }
   return byte;
 }
+
+void ExitOnTerminationDuringStartup() {
+  exit_on_signal.store(true);
+  // A signal that came before this call is still in the pipe.
+  char byte = 0;
+  const int flags = fcntl(signal_pipe[0], F_GETFL);
+  fcntl(signal_pipe[0], F_SETFL, flags | O_NONBLOCK);
+  const bool pending = read(signal_pipe[0], &byte, 1) == 1;
+  fcntl(signal_pipe[0], F_SETFL, flags);
+  if (pending) OnTerminationSignal(byte);
+}
+
+void EndStartup() { exit_on_signal.store(false); }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
     const GrpcServerOptions& options, const std::vector<grpc::Service*>& services,

@@ -21,6 +21,14 @@ void InitProcess(const char* argv0);
 // Waits for SIGTERM or SIGINT and returns its number.
 int WaitForTerminationSignal();
 
+// Until EndStartup(), SIGTERM or SIGINT ends the process at once with status 0. For startup
+// work that publishes nothing and can take longer than lumend waits for a child to stop (a
+// worker measuring its device, or waiting for another worker's measurement to finish).
+void ExitOnTerminationDuringStartup();
+// From here on the signals only wake WaitForTerminationSignal. Call before publishing anything
+// (a socket, a file) that must be cleaned up on exit.
+void EndStartup();
+
 struct GrpcServerOptions {
   // Unix socket path; a stale file there is removed first. Required.
   std::string socket;

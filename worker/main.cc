@@ -39,6 +39,9 @@ int main(int argc, char** argv) {
   bool reprofile = false;
   app.add_flag("--reprofile", reprofile, "Measure the device again instead of using the cache");
   CLI11_PARSE(app, argc, argv);
+  // Measuring below can outlast lumend's stop timeout (and waits for other workers' turns);
+  // nothing it does needs cleaning up, so a stop during it simply exits.
+  lumen::ExitOnTerminationDuringStartup();
 
   if (device == "cuda") {
     LOG(ERROR) << "--device cuda: this build has no CUDA device yet; start lumend with "
@@ -92,6 +95,7 @@ int main(int argc, char** argv) {
   options.runner.optimizer_state_tier =
       optimizer_state_tier == "nvme" ? lumen::engine::HomeTier::kNvme : lumen::engine::HomeTier::kHost;
   options.runner.link_bytes_per_s = link_gbps * 1e9;
+  lumen::EndStartup();
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();

@@ -1,5 +1,5 @@
 """SIGTERM to lumend leaves no process, socket or shared-memory segment behind within 10 s, also
-while a job runs; a second lumend on the same data directory is refused."""
+while a job runs or the workers measure their devices; a second lumend on the same data directory is refused."""
 
 import glob
 import os
@@ -58,6 +58,24 @@ class ShutdownTest(unittest.TestCase):
         shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         self.assertEqual(shm_after - shm_before, set())
         self.assertEqual(sysv_segments() - sysv_before, set())
+
+    def test_sigterm_while_workers_measure_their_devices(self):
+        # At a node's first start each worker measures its device in turn (a few seconds
+        # each); a stop then must not wait for the measurements or need SIGKILL.
+        node = lumen_node.Node(workers=2)
+        node.start()
+        try:
+            start = time.time()
+            node.proc.send_signal(signal.SIGTERM)
+            node.proc.wait(timeout=10)
+            elapsed = time.time() - start
+            with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
+                lumend_log = f.read()
+        finally:
+            node.stop()
+        self.assertLess(elapsed, 10)
+        self.assertNotIn("sending SIGKILL", lumend_log)
+        self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
 
 
 if __name__ == "__main__":
