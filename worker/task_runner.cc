@@ -158,22 +158,27 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   }
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
-  // the optimizer-state tier.
-  const int64_t host_needed = 2 * params + needs.activation_bytes + (moments_on_nvme ? 0 : 2 * params);
+  // the optimizer-state tier. AdamW overlapping the backward writes new parameters and
+  // moments beside the current ones until the step's gradient norm is known.
+  const int64_t moments = 4 * params;
+  const int64_t host_needed =
+      3 * params + needs.activation_bytes + (moments_on_nvme ? 0 : moments);
   if (host_needed > host_free) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "offloading needs ", engine::FormatBytes(host_needed),
-        " of the memstore's host memory (parameters and gradients ",
-        engine::FormatBytes(2 * params), ", activation checkpoints ",
+        " of the memstore's host memory (parameters twice during a step and gradients ",
+        engine::FormatBytes(3 * params), ", activation checkpoints ",
         engine::FormatBytes(needs.activation_bytes),
-        moments_on_nvme ? "" : absl::StrCat(", AdamW moments ", engine::FormatBytes(2 * params)),
+        moments_on_nvme ? ""
+                        : absl::StrCat(", AdamW moments twice during a step ",
+                                       engine::FormatBytes(moments)),
         ") but ", engine::FormatBytes(host_free), " is free. Start lumend with a larger "
         "--host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
   }
-  if (moments_on_nvme && 2 * params > nvme_free) {
+  if (moments_on_nvme && moments > nvme_free) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "AdamW moments need ", engine::FormatBytes(2 * params),
+        "AdamW moments need ", engine::FormatBytes(moments), " (old and new during a step)",
         " on the memstore's NVMe tier but ", engine::FormatBytes(nvme_free),
         " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
   }
@@ -257,6 +262,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
       (*record->mutable_stall_seconds())["optimizer"] = result.stall_optimizer_seconds;
       (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
       record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+      record->set_optimizer_overlapped(result.optimizer_overlap_kept);
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);

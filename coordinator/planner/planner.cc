@@ -165,8 +165,14 @@ bool PlaceOffDevice(const ModelDesc& m, const HardwareProfile& hw, const Planner
       items.push_back({kMaster, l, OptimizerStateBytes(m.layers[l])});
     }
   }
+  // AdamW overlapping the backward (DESIGN §2) writes a layer's new master weights and moments
+  // beside the current ones until the step's gradient norm is known: they take twice their
+  // size in their tier (the second copy is counted as that tier's buffers). The compute copy
+  // of the parameters is updated in place: it is the master rounded, so an update the norm
+  // rejects is undone by rounding the kept master again.
+  auto footprint = [](const Item& i) { return i.cls == kMaster ? 2 * i.bytes : i.bytes; };
   int64_t wanted = grad_staging;
-  for (const Item& i : items) wanted += i.bytes;
+  for (const Item& i : items) wanted += footprint(i);
   const int64_t host_cap = hw.host.UsableBytes();
   const int64_t nvme_cap = hw.nvme.CapacityBytes();
   int64_t staging = grad_staging;
@@ -176,15 +182,19 @@ bool PlaceOffDevice(const ModelDesc& m, const HardwareProfile& hw, const Planner
     staging += 2 * workers * max_fetch + 2 * max_act_layer + read_ahead * max_opt;
   }
   int64_t host_used = staging, nvme_used = 0;
+  int64_t host_overlap = 0, nvme_overlap = 0;
   bool any_nvme[kNumTensorClasses] = {};
   for (const Item& i : items) {
     Tier t = Tier::kHost;
-    if (host_used + i.bytes > host_cap || (i.cls == kMaster && opt.optimizer_state_on_nvme)) {
+    const int64_t bytes = footprint(i);
+    if (host_used + bytes > host_cap || (i.cls == kMaster && opt.optimizer_state_on_nvme)) {
       t = Tier::kNvme;
-      nvme_used += i.bytes;
+      nvme_used += bytes;
+      nvme_overlap += bytes - i.bytes;
       any_nvme[i.cls] = true;
     } else {
-      host_used += i.bytes;
+      host_used += bytes;
+      host_overlap += bytes - i.bytes;
     }
     if (i.cls == kMaster) {
       p.home[kMaster][i.layer] = p.home[kAdamM][i.layer] = p.home[kAdamV][i.layer] = t;
@@ -218,7 +228,8 @@ bool PlaceOffDevice(const ModelDesc& m, const HardwareProfile& hw, const Planner
   }
   // Gradients are transient off the device: the host holds only the staging in flight.
   c->tiers[static_cast<int>(Tier::kHost)].home[kGrads] = grad_staging;
-  c->tiers[static_cast<int>(Tier::kHost)].buffers = staging - grad_staging;
+  c->tiers[static_cast<int>(Tier::kHost)].buffers = staging - grad_staging + host_overlap;
+  c->tiers[static_cast<int>(Tier::kNvme)].buffers = nvme_overlap;
   return true;
 }
 

@@ -11,13 +11,13 @@ SPEC = """name: offload
 model: {preset: tiny, num_hidden_layers: 32, tie_word_embeddings: %s}
 data: {path: %s, token_dtype: uint16}
 train: {steps: 4, seq_len: 32, micro_batch_size: 2, grad_accum_steps: 2, seed: 3}
-optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 0.5, schedule: {kind: cosine, warmup_steps: 1}}
+optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: %s, schedule: {kind: cosine, warmup_steps: 1}}
 """
 
 BUDGET = 1024 * 1024
 
 
-def run(device_memory, tied, nvme=False, link_gbps=0):
+def run(device_memory, tied, nvme=False, link_gbps=0, grad_clip=0.5):
     extra = ["--link-gbps", str(link_gbps)] if link_gbps else []
     if nvme:
         extra += ["--nvme-dir", "/tmp/lumen-offload-nvme-%d" % os.getpid(),
@@ -25,7 +25,7 @@ def run(device_memory, tied, nvme=False, link_gbps=0):
     with lumen_node.Node(device_memory=device_memory, extra_args=extra) as node:
         data = os.path.join(node.tmp, "train.bin")
         lumen_node.write_tokens(data, 30000)
-        job = node.submit(SPEC % ("true" if tied else "false", data))
+        job = node.submit(SPEC % ("true" if tied else "false", data, grad_clip))
         ended = node.wait_job(job["id"], timeout=300)
         assert ended["state"] == "SUCCEEDED", ended["failure_reason"]
         steps = node.ctl_json("logs", job["id"])
@@ -53,9 +53,9 @@ def run(device_memory, tied, nvme=False, link_gbps=0):
 
 
 class OffloadTest(unittest.TestCase):
-    def check(self, tied, nvme=False):
-        resident, _, params = run("256MiB", tied)
-        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied, nvme)
+    def check(self, tied, nvme=False, grad_clip=0.5):
+        resident, _, params = run("256MiB", tied, grad_clip=grad_clip)
+        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied, nvme, grad_clip=grad_clip)
         state = params * 16  # params, grads, master-equivalent, Adam m and v: 16 B/param in fp32
         self.assertGreaterEqual(state, 20 * BUDGET)
         self.assertEqual([s["loss"] for s in offloaded], [s["loss"] for s in resident])
@@ -74,6 +74,9 @@ class OffloadTest(unittest.TestCase):
                                  1.01 * float(s["step_time_s"]))
             self.assertGreaterEqual(float(s.get("prefetch_hit_rate", 0)), 0)
             self.assertLessEqual(float(s.get("prefetch_hit_rate", 0)), 1)
+            # Every step clips at 0.5, so AdamW waits for the norm; without clipping it runs
+            # during the backward and is kept.
+            self.assertEqual(bool(s.get("optimizer_overlapped", False)), grad_clip == 0)
         for s in resident:
             self.assertEqual(s.get("bytes_moved", {}), {})
         # The job's tensors left the memstore with the job.
@@ -85,8 +88,8 @@ class OffloadTest(unittest.TestCase):
     def test_tied(self):
         self.check(tied=True)
 
-    def test_optimizer_state_on_nvme(self):
-        self.check(tied=False, nvme=True)
+    def test_optimizer_state_on_nvme_overlapping_the_backward(self):
+        self.check(tied=False, nvme=True, grad_clip=0)
 
     def test_link_model(self):
         # The link model throttles offloaded transfers without changing the arithmetic: every

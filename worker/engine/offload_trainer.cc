@@ -234,9 +234,12 @@ absl::Status OffloadTrainer::Init() {
         ") does not fit the device budget ", FormatBytes(offload_.device_budget_bytes)));
   }
   if (!resident_) {
-    transfers_ = std::make_unique<Transfers>(
-        offload_.home, offload_.host_home != nullptr ? offload_.host_home : offload_.home);
+    host_raw_ = offload_.host_home != nullptr ? offload_.host_home : offload_.home;
+    home_ = std::make_unique<AliasedTensorHome>(offload_.home, &aliases_);
+    host_home_ = std::make_unique<AliasedTensorHome>(host_raw_, &aliases_);
+    transfers_ = std::make_unique<Transfers>(home_.get(), host_home_.get());
   }
+  generation_.assign(param_slots_.size(), 0);
 
   // Initialise exactly as Trainer, then move every tensor to where it lives.
   ModelParams init;
@@ -260,7 +263,7 @@ absl::Status OffloadTrainer::Init() {
         std::copy(src, src + size, buf.data.begin());
         device_[id] = std::move(buf);
       } else {
-        RETURN_IF_ERROR(offload_.home->Put(id, src, size, tier));
+        RETURN_IF_ERROR(home_->Put(id, src, size, tier));
         at_home_.insert(id);
       }
     }
@@ -582,7 +585,9 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::Step() {
   if (tracing_ && r.ok()) first_step_traced_ = true;
   tracing_ = false;
   if (!r.ok()) {
-    // A failed step leaves activations behind; they are scratch.
+    // A failed step leaves activations behind; they are scratch. So are
+    // updates it overlapped with its backward.
+    FinishOverlap(false);
     DropPrefetches();
     DropResidentActivations();
     if (!traced_) trace_.clear();
@@ -615,6 +620,13 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const int head_index = tied ? 0 : norm_index + 1;
   auto size_of = [&](int i) { return Numel(param_slots_[i]); };
   auto name_of = [&](int i) -> const std::string & { return param_slots_[i].name; };
+
+  // AdamW overlaps the backward unless the last step needed clipping (then
+  // this one probably does too, and would redo it).
+  overlap_ = !resident_ && offload_.host_optimizer && offload_.overlap_optimizer &&
+             !last_step_clipped_;
+  overlap_lr_ = LearningRate(options_.optimizer, step_, t.steps);
+  overlapped_.clear();
 
   // Refuse up front when one op cannot fit, so that no step ever runs half-way
   // into it.
@@ -739,6 +751,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       // A tied embedding's gradient is complete only after the embedding backward.
       if (i != 0) GradDone(i, g);
       RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, true));
+      if (i != 0) OverlapUpdate(i);
     }
   }
 
@@ -783,6 +796,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
         DeviceBuffer g = bind.Unbind(i, true);
         GradDone(i, g);
         RETURN_IF_ERROR(Return(GradId(name_of(i)), std::move(g), gtier, true));
+        OverlapUpdate(i);
       }
     }
     model_->ReleaseLayerScratch();
@@ -812,6 +826,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
     g = bind.Unbind(0, true);
     GradDone(0, g);
     RETURN_IF_ERROR(Return(id, std::move(g), gtier, true));
+    OverlapUpdate(0);
   }
   ids_alloc.Release();
 
@@ -822,6 +837,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const double grad_norm = std::sqrt(total);
   const double loss = loss_sum / static_cast<double>(A);
   if (!std::isfinite(grad_norm)) {
+    FinishOverlap(false);
     RETURN_IF_ERROR(Flush());
     ModelParams grads = AllocateParams<float>(c);
     RETURN_IF_ERROR(GatherClass("grad/", &grads));
@@ -832,8 +848,14 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const double clip_coef = max_norm / (grad_norm + 1e-6);
   const bool clip = max_norm > 0 && clip_coef < 1.0;
   const float coef = static_cast<float>(clip_coef);
-  const double lr = LearningRate(options_.optimizer, step_, t.steps);
-  if (!resident_ && offload_.host_optimizer) {
+  const double lr = overlap_lr_;
+  const bool overlapped = overlap_;
+  // Unclipped, the overlapped updates are the synchronous ones.
+  FinishOverlap(!clip);
+  last_step_clipped_ = clip;
+  if (overlapped && !clip) {
+    RETURN_IF_ERROR(transfers_->status());
+  } else if (!resident_ && offload_.host_optimizer) {
     RETURN_IF_ERROR(HostOptimizer(lr, clip, coef));
   } else {
     RETURN_IF_ERROR(DeviceOptimizer(lr, clip, coef));
@@ -855,6 +877,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.stall_memory_seconds = stats_.stall_memory_seconds;
   r.home_reads = stats_.home_reads;
   r.prefetch_hits = stats_.prefetch_hits;
+  r.optimizer_overlapped = overlapped;
+  r.optimizer_overlap_kept = overlapped && !clip;
   r.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
@@ -914,6 +938,8 @@ absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
     const std::string pid = ParamId(name), gid = GradId(name);
     const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
     transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *host) -> absl::Status {
+      // (`host` resolves ids when the job runs; no update overlapped with this step's backward
+      // is kept, so they name the current generation then too.)
       std::vector<float> p(size), g(size), m(size), v(size);
       RETURN_IF_ERROR(host->Get(pid, p.data(), size));
       RETURN_IF_ERROR(host->Get(gid, g.data(), size));
@@ -931,6 +957,62 @@ absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
   return transfers_->status();
 }
 
+std::string OffloadTrainer::Generation(const std::string &id, int generation) {
+  return generation == 0 ? id : id + "@1";
+}
+
+void OffloadTrainer::OverlapUpdate(int i) {
+  if (!overlap_) return;
+  const std::string &name = param_slots_[i].name;
+  const int64_t size = Numel(param_slots_[i]);
+  const AdamWHyper hy = AdamWHyperFor(options_.optimizer, overlap_lr_, param_slots_[i].shape.size());
+  const HomeTier ptier = offload_.parameters_tier, otier = offload_.optimizer_state_tier;
+  const int64_t s = step_ + 1;
+  const int now = generation_[i], next = 1 - now;
+  const std::string pid = ParamId(name), gid = GradId(name);
+  const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
+  TensorHome *const host = host_raw_;
+  // Reads of the tensors wait for the job, as for HostOptimizer; it names the stored
+  // generations itself, since the ids may point elsewhere by the time it runs.
+  transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *) -> absl::Status {
+    std::vector<float> p(size), g(size), m(size), v(size);
+    RETURN_IF_ERROR(host->Get(Generation(pid, now), p.data(), size));
+    RETURN_IF_ERROR(host->Get(gid, g.data(), size));
+    RETURN_IF_ERROR(host->Get(Generation(mid, now), m.data(), size));
+    RETURN_IF_ERROR(host->Get(Generation(vid, now), v.data(), size));
+    AdamWUpdate(p.data(), g.data(), m.data(), v.data(), size, hy, s);
+    RETURN_IF_ERROR(host->Put(Generation(pid, next), p.data(), size, ptier));
+    RETURN_IF_ERROR(host->Put(Generation(mid, next), m.data(), size, otier));
+    return host->Put(Generation(vid, next), v.data(), size, otier);
+  });
+  overlapped_.push_back(i);
+}
+
+void OffloadTrainer::FinishOverlap(bool keep) {
+  if (overlapped_.empty()) return;
+  std::vector<std::string> garbage;
+  for (int i : overlapped_) {
+    const std::string &name = param_slots_[i].name;
+    const int now = generation_[i], next = 1 - now;
+    for (const std::string &id : {ParamId(name), ExpAvgId(name), ExpAvgSqId(name)}) {
+      if (keep) aliases_.Set(id, Generation(id, next));
+      garbage.push_back(Generation(id, keep ? now : next));
+    }
+    if (keep) generation_[i] = next;
+  }
+  overlapped_.clear();
+  // After the updates (host jobs run in order); nothing reads these names again.
+  TensorHome *const host = host_raw_;
+  transfers_->HostJob({}, {}, [host, garbage](TensorHome *) -> absl::Status {
+    for (const std::string &id : garbage) {
+      absl::Status s = host->Free(id);
+      // An update that failed before writing leaves nothing to free; its error is reported.
+      if (!s.ok() && !absl::IsNotFound(s)) return s;
+    }
+    return absl::OkStatus();
+  });
+}
+
 absl::Status OffloadTrainer::GatherClass(const std::string &prefix, ModelParams *out) {
   RETURN_IF_ERROR(Flush());
   for (NamedTensor<float> &t : NamedTensors(options_.model, out)) {
@@ -939,7 +1021,7 @@ absl::Status OffloadTrainer::GatherClass(const std::string &prefix, ModelParams 
     if (it != device_.end()) {
       *t.data = it->second.data;
     } else {
-      RETURN_IF_ERROR(offload_.home->Get(id, t.data->data(), static_cast<int64_t>(t.data->size())));
+      RETURN_IF_ERROR(home_->Get(id, t.data->data(), static_cast<int64_t>(t.data->size())));
     }
   }
   return absl::OkStatus();

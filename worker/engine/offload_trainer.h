@@ -108,11 +108,22 @@ struct OffloadOptions {
   // allows, and run while the device computes; writes home always run behind
   // compute. False: every read waits at the op that needs it (on demand).
   bool prefetch = true;
-  // AdamW runs on the host next to the data (host_home) as soon as the step's
-  // gradient norm is known, overlapping the next step's forward, so optimizer
-  // state never crosses the link. False: on the device, tensor by tensor.
-  // Ignored when everything is resident.
+  // AdamW runs on the host next to the data (host_home), so optimizer state
+  // never crosses the link: during the backward (overlap_optimizer), or once the
+  // step's gradient norm is known, overlapping the next step's forward. False:
+  // on the device, tensor by tensor. Ignored when everything is resident.
   bool host_optimizer = true;
+  // With host_optimizer: each tensor's AdamW starts as soon as its gradient is
+  // complete, overlapping the backward of the layers below (DESIGN.md §2), on
+  // the assumption that the step's gradient norm will need no clipping; the
+  // results are written beside the current tensors in the home and kept (by
+  // aliasing, not copying) once the norm is known. When the norm turns out
+  // non-finite they are dropped; when it needs clipping they are dropped and
+  // the clipped update runs as without this option, and the next step waits for
+  // the norm again until a step needs no clipping. The results are identical to
+  // the synchronous update either way. Costs the home up to one more copy of
+  // the parameters and moments during a step (OffloadRequirements).
+  bool overlap_optimizer = true;
 };
 
 // One op of a traced step: a compute op ("forward of layer 3, mb 0") or a wait ("wait for
@@ -143,6 +154,11 @@ struct OffloadStepResult : StepResult {
   // before the device asked for them.
   int64_t home_reads = 0;
   int64_t prefetch_hits = 0;
+  // AdamW started during the backward (OffloadOptions::overlap_optimizer), and
+  // whether those results were kept (false: the norm needed clipping or was
+  // non-finite, and they were thrown away).
+  bool optimizer_overlapped = false;
+  bool optimizer_overlap_kept = false;
   double device_busy_fraction() const {
     return step_time_s > 0 ? std::min(1.0, compute_seconds / step_time_s) : 0;
   }
@@ -162,6 +178,9 @@ struct OffloadRequirements {
   // layer's output, every micro-batch).
   int64_t activation_bytes = 0;
   int64_t training_state_bytes() const { return 4 * parameter_bytes + activation_bytes; }
+  // Home bytes beyond the training state at the peak of a step when the optimizer
+  // overlaps the backward: the new parameters and moments beside the current ones.
+  int64_t overlap_bytes() const { return 3 * parameter_bytes; }
 };
 
 class OffloadTrainer {
@@ -271,6 +290,14 @@ class OffloadTrainer {
   std::vector<TraceEvent> *Tracing() { return tracing_ ? &trace_events_ : nullptr; }
   // Adds the squared norm of a complete gradient (tensor index i).
   void GradDone(int i, const DeviceBuffer &g);
+  // Queues tensor i's AdamW with an unclipped gradient, written beside its
+  // current parameters and moments (Generation), once its gradient is home.
+  void OverlapUpdate(int i);
+  // After the norm is known: keeps the overlapped updates (ids point at them)
+  // or drops them.
+  void FinishOverlap(bool keep);
+  // The stored name of tensor `id` in generation 0 or 1.
+  static std::string Generation(const std::string &id, int generation);
   absl::Status HostOptimizer(double lr, bool clip, float coef);
   absl::Status DeviceOptimizer(double lr, bool clip, float coef);
   // Takes tensor `id` from the device map, or reads it from the home into a new
@@ -315,6 +342,14 @@ class OffloadTrainer {
   int64_t bytes_in_ = 0, bytes_out_ = 0;        // this step's home traffic
   OffloadStepResult stats_;                     // this step's times and counts
   std::vector<double> grad_sq_;                 // per tensor, this step
+  // Overlapped optimizer: the stored generation of each tensor's parameters and
+  // moments; whether this step overlaps and its learning rate; the tensors
+  // updated so far; whether the last step clipped.
+  std::vector<int> generation_;
+  bool overlap_ = false;
+  double overlap_lr_ = 0;
+  std::vector<int> overlapped_;
+  bool last_step_clipped_ = false;
   int64_t step_ = 0;
   // Checkpoints of (layer, micro-batch) before this are not needed again until
   // the backward, so they may be evicted.
@@ -334,6 +369,11 @@ class OffloadTrainer {
   int64_t prefetched_bytes_ = 0;
   std::map<std::string, int64_t> step_writes_;
   std::set<std::string> at_home_;
+  // The home and the host's view of it (offload_), with ids resolved through
+  // aliases_ (the current generation of each tensor).
+  AliasTable aliases_;
+  std::unique_ptr<AliasedTensorHome> home_, host_home_;
+  TensorHome *host_raw_ = nullptr;
   // Declared last: destroyed first, while mem_ still accounts its buffers.
   std::unique_ptr<Transfers> transfers_;
 };

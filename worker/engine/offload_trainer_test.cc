@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
@@ -98,15 +99,22 @@ void ExpectBitIdentical(const ModelConfig& c, ModelParams* a, ModelParams* b, co
   }
 }
 
+// Gradient clipping of a parity run: every step clips (0.5), none does (0: off), or some steps
+// clip and some do not (7; the steps' norms are 4.8 to 8.4).
+enum class Clip { kAlways, kNever, kSome };
+
 // (tied embeddings, optimizer state on the "nvme" tier, extra activations' worth of device
-// budget, scheduled: prefetching with the optimizer on the host / on demand with the optimizer
-// on the device)
-class OffloadParity : public ::testing::TestWithParam<std::tuple<bool, bool, int, bool>> {};
+// budget, scheduled: prefetching with the optimizer on the host overlapping the backward / on
+// demand with the optimizer on the device, clipping)
+class OffloadParity
+    : public ::testing::TestWithParam<std::tuple<bool, bool, int, bool, Clip>> {};
 
 TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
-  const auto [tied, nvme, slots, scheduled] = GetParam();
-  const TrainerOptions o = DeepOptions(tied);
+  const auto [tied, nvme, slots, scheduled, clipping] = GetParam();
+  TrainerOptions o = DeepOptions(tied);
   const int kSteps = 3;
+  if (clipping == Clip::kNever) o.optimizer.grad_clip = 0;
+  if (clipping == Clip::kSome) o.optimizer.grad_clip = 7;
 
   auto resident = OffloadTrainer::Create(o, Resident());
   ASSERT_TRUE(resident.ok()) << resident.status();
@@ -138,12 +146,23 @@ TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
   TrainRun b = Train(&t, kSteps);
   ASSERT_EQ(a.steps.size(), kSteps);
   ASSERT_EQ(b.steps.size(), kSteps);
+  int clipped_steps = 0, unclipped_steps = 0;
   for (int s = 0; s < kSteps; ++s) {
     const OffloadStepResult& ra = a.steps[s];
     const OffloadStepResult& rb = b.steps[s];
     EXPECT_EQ(0, std::memcmp(&ra.loss, &rb.loss, sizeof(double))) << "step " << s;
     EXPECT_EQ(0, std::memcmp(&ra.grad_norm, &rb.grad_norm, sizeof(double))) << "step " << s;
-    EXPECT_GT(ra.grad_norm, o.optimizer.grad_clip);  // clipping is on
+    const bool clipped = o.optimizer.grad_clip > 0 && ra.grad_norm > o.optimizer.grad_clip;
+    if (clipping != Clip::kSome) {
+      EXPECT_EQ(clipped, clipping == Clip::kAlways) << "step " << s << ": norm " << ra.grad_norm;
+    }
+    (clipped ? clipped_steps : unclipped_steps) += 1;
+    // AdamW overlaps the backward unless the step before clipped; its results are kept when
+    // the step needs no clipping.
+    const bool overlapped = scheduled && (s == 0 || !(a.steps[s - 1].grad_norm > o.optimizer.grad_clip &&
+                                                     o.optimizer.grad_clip > 0));
+    EXPECT_EQ(rb.optimizer_overlapped, overlapped) << "step " << s;
+    EXPECT_EQ(rb.optimizer_overlap_kept, overlapped && !clipped) << "step " << s;
     EXPECT_LE(rb.device_memory_peak_bytes, off.device_budget_bytes);
     EXPECT_LE(ra.device_memory_peak_bytes, ra.device_memory_budget_bytes);
     EXPECT_EQ(ra.bytes_moved(), 0);
@@ -170,12 +189,16 @@ TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
                   rb.stall_optimizer_seconds,
               rb.step_time_s * 1.01);
     std::printf(
-        "  step %d: loss %.9f peak %s moved in %s out %s; reads %ld, prefetched in time %ld; "
+        "  step %d: grad norm %.4f loss %.9f peak %s moved in %s out %s; reads %ld, prefetched in time %ld; "
         "busy %.2f\n",
-        s, rb.loss, FormatBytes(rb.device_memory_peak_bytes).c_str(),
+        s, rb.grad_norm, rb.loss, FormatBytes(rb.device_memory_peak_bytes).c_str(),
         FormatBytes(rb.bytes_home_to_device).c_str(), FormatBytes(rb.bytes_device_to_home).c_str(),
         static_cast<long>(rb.home_reads), static_cast<long>(rb.prefetch_hits),
         rb.device_busy_fraction());
+  }
+  if (clipping == Clip::kSome) {
+    EXPECT_GT(clipped_steps, 0);
+    EXPECT_GT(unclipped_steps, 0);
   }
   ExpectBitIdentical(o.model, &a.params, &b.params, "param");
   ExpectBitIdentical(o.model, &a.m, &b.m, "exp_avg");
@@ -184,19 +207,29 @@ TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
   // Optimizer state sits in the tier asked for; no activation is left behind in the home.
   const int64_t moments = 2 * 4 * ParameterCount(o.model);
   EXPECT_EQ(home.bytes_stored(HomeTier::kNvme), nvme ? moments : 0);
+  // Overlapped updates cost the home at most one more copy of the parameters and moments.
+  auto needs = OffloadTrainer::Requirements(o);
+  ASSERT_TRUE(needs.ok());
+  EXPECT_LE(home.peak_bytes_stored(HomeTier::kHost) + home.peak_bytes_stored(HomeTier::kNvme),
+            needs->training_state_bytes() + needs->overlap_bytes());
   HomeTier tier;
-  ASSERT_TRUE(home.TierOf("exp_avg/model.norm.weight", &tier).ok());
+  // (Stored under its id, or its id + "@1" once an overlapped update was kept.)
+  ASSERT_TRUE(home.TierOf("exp_avg/model.norm.weight", &tier).ok() ||
+              home.TierOf("exp_avg/model.norm.weight@1", &tier).ok());
   EXPECT_EQ(tier, nvme ? HomeTier::kNvme : HomeTier::kHost);
   EXPECT_EQ(home.num_tensors(), 4 * static_cast<int64_t>(NamedTensors(o.model, &a.params).size()));
 }
 
 INSTANTIATE_TEST_SUITE_P(TiedNvmeSlots, OffloadParity,
-                         ::testing::Values(std::make_tuple(false, false, 0, true),
-                                           std::make_tuple(false, true, 6, true),
-                                           std::make_tuple(true, false, 6, true),
-                                           std::make_tuple(true, true, 0, true),
-                                           std::make_tuple(false, true, 6, false),
-                                           std::make_tuple(true, false, 0, false)));
+                         ::testing::Values(std::make_tuple(false, false, 0, true, Clip::kAlways),
+                                           std::make_tuple(false, true, 6, true, Clip::kNever),
+                                           std::make_tuple(true, false, 6, true,
+                                                           Clip::kSome),
+                                           std::make_tuple(true, true, 0, true, Clip::kNever),
+                                           std::make_tuple(false, false, 6, true,
+                                                           Clip::kSome),
+                                           std::make_tuple(false, true, 6, false, Clip::kAlways),
+                                           std::make_tuple(true, false, 0, false, Clip::kNever)));
 
 TEST(OffloadTrainerTest, FirstStepIsTracedOpByOp) {
   const TrainerOptions o = DeepOptions(false);
@@ -291,6 +324,78 @@ TEST(OffloadTrainerTest, MatchesTrainer) {
         "|diff| %g)\n",
         tied, identical ? "yes" : "no", weights_identical ? "yes" : "no", max_diff);
   }
+}
+
+// A home that, once armed, turns the nth read of one tensor into infinities.
+class FaultyHome : public MemoryTensorHome {
+ public:
+  void Arm(const std::string& id, int nth) {
+    absl::MutexLock lock(&mu_);
+    id_ = id;
+    left_ = nth;
+  }
+  absl::Status Get(const std::string& id, float* data, int64_t n) override {
+    absl::Status status = MemoryTensorHome::Get(id, data, n);
+    if (!status.ok()) return status;
+    absl::MutexLock lock(&mu_);
+    if (id == id_ && left_ > 0 && --left_ == 0) {
+      std::fill(data, data + n, std::numeric_limits<float>::infinity());
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::string id_;
+  int left_ = 0;
+};
+
+// A non-finite gradient norm leaves everything as it was, although AdamW had already updated
+// the layers above (overlapping the backward): the next step runs as if the bad one never had.
+TEST(OffloadTrainerTest, NonFiniteGradientDropsOverlappedUpdates) {
+  TrainerOptions o = DeepOptions(false);
+  o.optimizer.grad_clip = 0;  // every step overlaps
+  auto resident = OffloadTrainer::Create(o, Resident());
+  ASSERT_TRUE(resident.ok()) << resident.status();
+  FaultyHome home;
+  OffloadOptions off;
+  off.home = &home;
+  off.device_budget_bytes = (*resident)->MinDeviceBytes();
+  auto t = OffloadTrainer::Create(o, off);
+  ASSERT_TRUE(t.ok()) << t.status();
+  ASSERT_FALSE((*t)->resident());
+  auto before = (*t)->GatherParams();
+  ASSERT_TRUE(before.ok());
+  const int64_t tensors = static_cast<int64_t>(NamedTensors(o.model, &*before).size());
+
+  // Layer 3's second read of the step is its backward's: its gradient becomes non-finite
+  // after layers 4-15 have been updated.
+  home.Arm("param/model.layers.3.mlp.up_proj.weight", 2);
+  auto bad = (*t)->Step();
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(bad.status().message(), HasSubstr("step 0: gradient norm is"));
+  EXPECT_EQ((*t)->step(), 0);
+  auto after = (*t)->GatherParams();
+  ASSERT_TRUE(after.ok());
+  ExpectBitIdentical(o.model, &*before, &*after, "param");
+  ModelParams m, v;
+  ASSERT_TRUE((*t)->GatherOptimizerState(&m, &v).ok());
+  for (const NamedTensor<float>& x : NamedTensors(o.model, &m)) {
+    EXPECT_EQ(*std::max_element(x.data->begin(), x.data->end()), 0.0f) << x.name;
+  }
+  // Parameters, gradients, m and v; the dropped updates are freed.
+  EXPECT_EQ(home.num_tensors(), 4 * tensors);
+
+  TrainRun a = Train(resident->get(), 2);
+  TrainRun b = Train(t->get(), 2);
+  ASSERT_EQ(b.steps.size(), 2u);
+  for (int s = 0; s < 2; ++s) {
+    EXPECT_EQ(0, std::memcmp(&a.steps[s].loss, &b.steps[s].loss, sizeof(double))) << s;
+    EXPECT_TRUE(b.steps[s].optimizer_overlap_kept) << s;
+  }
+  ExpectBitIdentical(o.model, &a.params, &b.params, "param");
+  ExpectBitIdentical(o.model, &a.v, &b.v, "exp_avg_sq");
 }
 
 TEST(OffloadTrainerTest, BudgetBelowOneLayerFailsNamingTheLayer) {

@@ -138,4 +138,19 @@ double ThrottledTensorHome::home_to_device_seconds() const {
   return get_seconds_;
 }
 
+std::string AliasTable::Resolve(const std::string &id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = aliases_.find(id);
+  return it == aliases_.end() ? id : it->second;
+}
+
+void AliasTable::Set(const std::string &id, const std::string &stored) {
+  absl::MutexLock lock(&mu_);
+  if (stored == id) {
+    aliases_.erase(id);
+  } else {
+    aliases_[id] = stored;
+  }
+}
+
 }  // namespace lumen::engine

@@ -90,6 +90,43 @@ class ThrottledTensorHome : public TensorHome {
   double get_seconds_ ABSL_GUARDED_BY(get_mu_) = 0;
 };
 
+// Which stored tensor an id names now. The offload trainer writes a step's AdamW results beside
+// the current tensors while the step's gradient norm is not yet known, and keeps them by
+// pointing the ids at them: no copy. An id without an alias names the tensor of that id.
+// Thread-safe.
+class AliasTable {
+ public:
+  // The stored tensor `id` names.
+  std::string Resolve(const std::string &id) const;
+  // From now on `id` names `stored` (`stored` == `id` removes the alias).
+  void Set(const std::string &id, const std::string &stored);
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::string> aliases_ ABSL_GUARDED_BY(mu_);
+};
+
+// `inner` with ids resolved through `aliases` when each call runs. Thread-safe if `inner` is.
+class AliasedTensorHome : public TensorHome {
+ public:
+  // Neither is owned; both must outlive this.
+  AliasedTensorHome(TensorHome *inner, const AliasTable *aliases)
+      : inner_(inner), aliases_(aliases) {}
+  absl::Status Put(const std::string &id, const float *data, int64_t n, HomeTier tier) override {
+    return inner_->Put(aliases_->Resolve(id), data, n, tier);
+  }
+  absl::Status Get(const std::string &id, float *data, int64_t n) override {
+    return inner_->Get(aliases_->Resolve(id), data, n);
+  }
+  absl::Status Free(const std::string &id) override {
+    return inner_->Free(aliases_->Resolve(id));
+  }
+
+ private:
+  TensorHome *const inner_;
+  const AliasTable *const aliases_;
+};
+
 }  // namespace lumen::engine
 
 #endif  // LUMEN_WORKER_ENGINE_TENSOR_HOME_H_
