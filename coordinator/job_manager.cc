@@ -206,26 +206,26 @@ void JobManager::DispatchLoop() {
   }
 }
 
-void JobManager::SetStepTimePredictor(StepTimePredictor predictor) {
-  predictor_ = std::move(predictor);
-}
+void JobManager::SetJobPlanner(JobPlanner planner) { planner_ = std::move(planner); }
 
 void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   double predicted = 0;
-  if (predictor_) {
+  RunTaskRequest request;
+  if (planner_) {
     JobSpec spec;
     {
       absl::MutexLock lock(&mu_);
       spec = jobs_[job_id].spec();
     }
-    absl::StatusOr<double> p = predictor_(spec);
-    if (p.ok()) {
-      predicted = *p;
+    absl::StatusOr<StepSchedule> schedule = planner_(spec);
+    if (schedule.ok()) {
+      predicted = schedule->predicted_step_time_s();
+      *request.mutable_schedule() = *std::move(schedule);
     } else {
-      LOG(WARNING) << job_id << ": no step time prediction: " << p.status();
+      LOG(WARNING) << job_id << ": no plan; the worker runs its own order and no step time is "
+                   << "predicted: " << schedule.status();
     }
   }
-  RunTaskRequest request;
   {
     absl::MutexLock lock(&mu_);
     Job& job = jobs_[job_id];

@@ -49,10 +49,11 @@ class JobManager {
   // Cancels the running task and stops dispatching. Idempotent.
   void Stop();
 
-  // Predicts a job's step time when it starts (PredictStepTime on the node's figures); the
-  // prediction goes into the job and each of its step records. Optional; set before Start.
-  using StepTimePredictor = std::function<absl::StatusOr<double>(const JobSpec& spec)>;
-  void SetStepTimePredictor(StepTimePredictor predictor);
+  // Plans a job when it starts (PlanJobOnNode on the node's figures): the schedule goes to the
+  // worker with the task, its predicted step time into the job and each of its step records.
+  // Optional; set before Start. A job the planner cannot plan runs in the worker's own order.
+  using JobPlanner = std::function<absl::StatusOr<StepSchedule>(const JobSpec& spec)>;
+  void SetJobPlanner(JobPlanner planner);
 
   absl::StatusOr<Job> Submit(const std::string& spec_yaml, const std::string& base_dir);
   std::vector<Job> List();
@@ -92,7 +93,7 @@ class JobManager {
   prometheus::Family<prometheus::Gauge>& tokens_per_s_gauge_;
   prometheus::Family<prometheus::Gauge>& step_time_gauge_;
   prometheus::Family<prometheus::Gauge>& predicted_step_time_gauge_;
-  StepTimePredictor predictor_;  // set before Start, then read-only
+  JobPlanner planner_;  // set before Start, then read-only
   prometheus::Family<prometheus::Counter>& tokens_counter_;
 
   absl::Mutex mu_;

@@ -21,6 +21,7 @@ class FakeWorker : public WorkerClient {
     {
       absl::MutexLock lock(&mu_);
       order_.push_back(request.job_id());
+      schedules_.push_back(request.schedule());
     }
     for (int64_t s = 1; s <= request.spec().train().steps(); ++s) {
       TaskEvent event;
@@ -56,6 +57,10 @@ class FakeWorker : public WorkerClient {
     absl::MutexLock lock(&mu_);
     return order_;
   }
+  std::vector<StepSchedule> schedules() {
+    absl::MutexLock lock(&mu_);
+    return schedules_;
+  }
 
   bool fail_ = false;
   bool block_ = false;
@@ -66,6 +71,7 @@ class FakeWorker : public WorkerClient {
   absl::Mutex mu_;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::string> order_ ABSL_GUARDED_BY(mu_);
+  std::vector<StepSchedule> schedules_ ABSL_GUARDED_BY(mu_);
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -172,13 +178,16 @@ TEST_F(JobManagerTest, InvalidSpecIsRejectedAndNothingIsQueued) {
   EXPECT_TRUE(manager.List().empty());
 }
 
-TEST_F(JobManagerTest, PredictedStepTimeGoesIntoTheJobAndEveryStep) {
+TEST_F(JobManagerTest, PlanGoesToTheWorkerAndItsPredictionIntoEveryStep) {
   JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
   int calls = 0;
-  manager.SetStepTimePredictor([&calls](const JobSpec& spec) -> absl::StatusOr<double> {
+  manager.SetJobPlanner([&calls](const JobSpec& spec) -> absl::StatusOr<StepSchedule> {
     ++calls;
     if (spec.train().steps() == 3) return absl::FailedPreconditionError("no figures");
-    return 2.5;
+    StepSchedule schedule;
+    schedule.set_predicted_step_time_s(2.5);
+    schedule.add_ops()->set_label("fwd embed g0");
+    return schedule;
   });
   ASSERT_TRUE(manager.Start().ok());
   auto job = manager.Submit(Spec(2), dir_);
@@ -202,6 +211,12 @@ TEST_F(JobManagerTest, PredictedStepTimeGoesIntoTheJobAndEveryStep) {
   EXPECT_EQ(end3.state(), SUCCEEDED);
   EXPECT_EQ(end3.predicted_step_time_s(), 0);
   EXPECT_EQ(calls, 2);
+  // The worker got the schedule with the first task, and none with the second.
+  const std::vector<StepSchedule> schedules = worker_.schedules();
+  ASSERT_EQ(schedules.size(), 2u);
+  ASSERT_EQ(schedules[0].ops_size(), 1);
+  EXPECT_EQ(schedules[0].ops(0).label(), "fwd embed g0");
+  EXPECT_EQ(schedules[1].ops_size(), 0);
 }
 
 TEST_F(JobManagerTest, JobTheWorkerCannotFitIsRejectedAtSubmit) {

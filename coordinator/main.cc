@@ -56,8 +56,8 @@ int main(int argc, char** argv) {
   options.limits.workers = static_cast<int64_t>(workers.size());
   lumen::JobManager jobs((*store).get(), workers, options, (*metrics)->registry());
   lumen::ClusterInfoCollector cluster(data_dir, node_status, workers, memstore.get(), &jobs);
-  jobs.SetStepTimePredictor([&cluster](const lumen::JobSpec& spec) {
-    return lumen::PredictStepTime(spec, cluster.Collect());
+  jobs.SetJobPlanner([&cluster](const lumen::JobSpec& spec) {
+    return lumen::PlanJobOnNode(spec, cluster.Collect());
   });
   if (absl::Status s = jobs.Start(); !s.ok()) LOG(FATAL) << s;
   lumen::LumenService service(&jobs, &cluster);

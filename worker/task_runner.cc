@@ -128,6 +128,81 @@ absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spe
   return o;
 }
 
+absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepSchedule& schedule,
+                                                                     int64_t num_layers) {
+  engine::ParameterSchedule out;
+  if (schedule.ops_size() == 0) return out;
+  const int L = static_cast<int>(num_layers);
+  const int ops = 2 * L + 3;
+  // The planner runs forward 0..L+1 and backward L+1..0 (planner layers); the trainer runs the
+  // head's forward and backward as one op.
+  std::vector<std::pair<ScheduleOp::Phase, int>> expected;
+  for (int l = 0; l <= L + 1; ++l) expected.emplace_back(ScheduleOp::FORWARD, l);
+  for (int l = L + 1; l >= 0; --l) expected.emplace_back(ScheduleOp::BACKWARD, l);
+  auto trainer_op = [L](ScheduleOp::Phase phase, int layer) {
+    if (phase == ScheduleOp::FORWARD) return layer;
+    return layer == L + 1 ? L + 1 : 2 * L + 2 - layer;
+  };
+  auto describe = [](ScheduleOp::Phase phase, int layer) {
+    return absl::StrCat(phase == ScheduleOp::FORWARD ? "forward" : "backward", " of layer ",
+                        layer);
+  };
+  // Per schedule op: the trainer op it is (compute), or the last trainer op it waits for
+  // (others); -1 when none.
+  std::vector<int> after(schedule.ops_size(), -1);
+  std::vector<std::pair<int, int>> prefetches;  // (schedule op, planner layer)
+  std::vector<int> needed_by(schedule.ops_size(), -1);  // prefetch -> trainer op that needs it
+  size_t next = 0;
+  for (int i = 0; i < schedule.ops_size(); ++i) {
+    const ScheduleOp& op = schedule.ops(i);
+    int wait = -1;
+    for (int d : op.deps()) {
+      if (d < 0 || d >= i) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "schedule op ", i, " (", op.label(), ") depends on op ", d, ", which is not before it"));
+      }
+      wait = std::max(wait, after[d]);
+    }
+    after[i] = wait;
+    if (op.kind() == ScheduleOp::COMPUTE) {
+      if (next >= expected.size() || expected[next] != std::make_pair(op.phase(), op.layer())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "schedule op ", i, " (", op.label(), ") is the ", describe(op.phase(), op.layer()),
+            next < expected.size()
+                ? absl::StrCat(", but the trainer runs the ",
+                               describe(expected[next].first, expected[next].second), " next")
+                : ", but the trainer has no compute op left",
+            " (it runs every layer over all micro-batches, forward then backward)"));
+      }
+      ++next;
+      after[i] = trainer_op(op.phase(), op.layer());
+      for (int d : op.deps()) {
+        if (needed_by[d] == -1 && schedule.ops(d).kind() == ScheduleOp::PREFETCH) {
+          needed_by[d] = after[i];
+        }
+      }
+    } else if (op.kind() == ScheduleOp::PREFETCH && op.tensor() == "params") {
+      if (op.layer() < 0 || op.layer() > L + 1) {
+        return absl::InvalidArgumentError(absl::StrCat("schedule op ", i, " (", op.label(),
+                                                       ") reads layer ", op.layer(),
+                                                       "; the model has layers 0 to ", L + 1));
+      }
+      prefetches.emplace_back(i, op.layer());
+    }
+  }
+  if (next != expected.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the schedule ends before the ", describe(expected[next].first, expected[next].second)));
+  }
+  out.at_op.assign(ops, {});
+  for (auto [i, layer] : prefetches) {
+    const int at = after[i] + 1;  // once what it waits for has finished
+    if (needed_by[i] < 0 || at > needed_by[i]) continue;
+    out.at_op[at].push_back(layer);
+  }
+  return out;
+}
+
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
@@ -208,6 +283,14 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     link = std::make_unique<engine::ThrottledTensorHome>(home.get(), options.link_bytes_per_s);
   }
   engine::OffloadOptions offload;
+  ASSIGN_OR_RETURN(offload.schedule,
+                   ParameterScheduleFromProto(request.schedule(), spec.model().num_hidden_layers()));
+  if (request.schedule().ops_size() > 0) {
+    LOG(INFO) << request.job_id() << ": the coordinator's schedule has "
+              << request.schedule().ops_size() << " ops, parameters read "
+              << request.schedule().prefetch_distance() << " layer(s) ahead, predicted step "
+              << request.schedule().predicted_step_time_s() << " s";
+  }
   offload.device_budget_bytes = options.device_memory_budget_bytes;
   offload.optimizer_state_tier = options.optimizer_state_tier;
   offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();

@@ -39,6 +39,16 @@ struct TaskRunnerOptions {
 absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spec,
                                                               int num_threads);
 
+// The parameter reads of the coordinator's step schedule (RunTaskRequest.schedule) for a model
+// of `num_layers` decoder layers, at the trainer's compute ops (engine::ParameterSchedule): a
+// read is issued when the compute ops its dependencies wait for have finished, and dropped when
+// that is after the op that needs it. INVALID_ARGUMENT naming the op when the schedule's compute
+// ops are not the trainer's order (forward from the embedding through the head, backward from
+// the head to the embedding, every micro-batch in one group) or name a layer the model lacks;
+// an empty schedule gives an empty result.
+absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepSchedule& schedule,
+                                                                     int64_t num_layers);
+
 // Whether `spec` can train on this worker, from its shape alone: its largest op must fit the
 // device budget, and what does not stay on the device must fit the memstore's free space in
 // the tiers it goes to. RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;

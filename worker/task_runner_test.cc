@@ -1,6 +1,9 @@
 #include "worker/task_runner.h"
 
 #include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -100,6 +103,67 @@ TEST(CheckTaskTest, SpecTheEngineRefusesIsInvalid) {
   JobSpec spec = Spec(1);
   spec.mutable_train()->set_seq_len(128);  // > max_position_embeddings
   EXPECT_EQ(CheckTask(spec, options).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// One decoder layer (planner layers: 0 embedding, 1 decoder, 2 head), parameters read one
+// layer ahead: each prefetch waits for the release two layers back.
+StepSchedule OneLayerSchedule() {
+  StepSchedule s;
+  auto add = [&s](ScheduleOp::Kind kind, ScheduleOp::Phase phase, int layer,
+                  std::vector<int> deps) {
+    ScheduleOp* op = s.add_ops();
+    op->set_kind(kind);
+    op->set_phase(phase);
+    op->set_layer(layer);
+    if (kind == ScheduleOp::PREFETCH || kind == ScheduleOp::RELEASE) op->set_tensor("params");
+    for (int d : deps) op->add_deps(d);
+    op->set_label(absl::StrCat(ScheduleOp::Kind_Name(kind), " ", layer));
+    return s.ops_size() - 1;
+  };
+  const auto F = ScheduleOp::FORWARD, B = ScheduleOp::BACKWARD, N = ScheduleOp::PHASE_NONE;
+  std::vector<int> releases;
+  auto layer = [&](ScheduleOp::Phase phase, int l) {
+    const int position = static_cast<int>(releases.size());
+    std::vector<int> slot;
+    if (position >= 2) slot.push_back(releases[position - 2]);
+    const int p = add(ScheduleOp::PREFETCH, N, l, slot);
+    const int c = add(ScheduleOp::COMPUTE, phase, l, {p});
+    releases.push_back(add(ScheduleOp::RELEASE, N, l, {c}));
+  };
+  for (int l = 0; l <= 2; ++l) layer(F, l);
+  for (int l = 2; l >= 0; --l) layer(B, l);
+  add(ScheduleOp::WAIT, N, -1, releases);
+  return s;
+}
+
+TEST(ParameterScheduleTest, IssuesEachReadOnceWhatItWaitsForHasRun) {
+  auto p = ParameterScheduleFromProto(OneLayerSchedule(), 1);
+  ASSERT_TRUE(p.ok()) << p.status();
+  // Trainer ops: 0 embedding forward, 1 layer forward, 2 head, 3 layer backward, 4 embedding
+  // backward. The first two reads wait for nothing; each later one for the compute op two
+  // positions back: the head's second read (for its backward, which the trainer runs in the
+  // same op) once the layer's forward ran, the layer's and the embedding's backward reads once
+  // the head ran.
+  using V = std::vector<int>;
+  EXPECT_EQ(p->at_op, (std::vector<V>{V{0, 1}, V{2}, V{2}, V{1, 0}, V{}}));
+  EXPECT_TRUE(ParameterScheduleFromProto(StepSchedule(), 1)->at_op.empty());
+}
+
+TEST(ParameterScheduleTest, RefusesAnOrderTheTrainerDoesNotRun) {
+  StepSchedule s = OneLayerSchedule();
+  // Two micro-batch groups: the layer's forward twice.
+  s.mutable_ops(4)->set_layer(0);
+  auto p = ParameterScheduleFromProto(s, 1);
+  ASSERT_FALSE(p.ok());
+  EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.status().message()),
+              HasSubstr("schedule op 4 (COMPUTE 1) is the forward of layer 0, but the trainer "
+                        "runs the forward of layer 1 next"));
+  // A model with more layers than the schedule.
+  p = ParameterScheduleFromProto(OneLayerSchedule(), 2);
+  ASSERT_FALSE(p.ok());
+  EXPECT_THAT(std::string(p.status().message()),
+              HasSubstr("but the trainer runs the forward of layer 3 next"));
 }
 
 }  // namespace

@@ -102,7 +102,9 @@ DeviceUse WorkerDeviceUse(const ModelDesc& m, const Layout& layout, int stage, i
     if (acts_on_device) u.home[kActs] += d.activation_bytes_per_micro_batch * mb;
   }
   if (level == Level::kNone) u.buffers += (prefetch + 1) * max_fetch;
-  if (level < Level::kParamsGrads) u.buffers += 2 * max_grad;
+  // Distance 0 (reads on demand, the last resort of a tight budget) also copies gradients out
+  // through a single buffer.
+  if (level < Level::kParamsGrads) u.buffers += (prefetch == 0 ? 1 : 2) * max_grad;
   if (level == Level::kParamsGrads) u.buffers += max_grad;  // staging for the copy out
   if (acts != ActMode::kStreamed) {
     // Gradients between layers (or, partial, a layer's outputs until the next layer reads
@@ -285,7 +287,7 @@ bool Configure(const ModelDesc& m, const HardwareProfile& hw, const PlannerOptio
       }
       p.prefetch_distance = p.params_resident ? 0 : prefetch;
       p.param_buffers = p.params_resident ? 0 : prefetch + 1;
-      p.grad_buffers = p.grads_resident ? (p.optimizer_on_device ? 0 : 1) : 2;
+      p.grad_buffers = p.grads_resident ? (p.optimizer_on_device ? 0 : 1) : (prefetch == 0 ? 1 : 2);
       p.activation_buffers = acts == ActMode::kStreamed ? 3 * opt.activation_ring : 0;
       if (!PlaceOffDevice(m, hw, opt, workers, &c, &last_reason)) continue;
       TierUse& dev = c.tiers[static_cast<int>(Tier::kDevice)];
@@ -559,9 +561,10 @@ class ScheduleBuilder {
             }
             if (read >= 0) op.deps.push_back(read);
             if (!p_.params_resident) op.deps.push_back(Prefetch(w, l));
-            // Gradient buffers: wait for the copy out two layers back.
+            // Gradient buffers: wait for the copy out grad_buffers layers back.
             std::vector<int32_t>& gp = grad_positions_[w];
-            if (!p_.grads_resident && gp.size() >= 2) op.deps.push_back(gp[gp.size() - 2]);
+            const size_t gbufs = static_cast<size_t>(std::max(1, p_.grad_buffers));
+            if (!p_.grads_resident && gp.size() >= gbufs) op.deps.push_back(gp[gp.size() - gbufs]);
             op.host_calls = StreamCalls(op);
             const int32_t id = s_.Add(std::move(op));
             bwd_[w][l].resize(std::max<size_t>(bwd_[w][l].size(), g + 1), -1);
@@ -892,6 +895,12 @@ absl::StatusOr<Plan> PlanJob(const ModelDesc& m, const HardwareProfile& hw,
     if (!ok && prefetch != base_prefetch) {
       prefetch = base_prefetch;
       ok = Configure(m, hw, opt, budget, layout, prefetch, &config, &reason);
+    }
+    if (!ok && prefetch != 0) {
+      // No room to read ahead: each layer's parameters are read when it starts.
+      std::string reason0;
+      prefetch = 0;
+      ok = Configure(m, hw, opt, budget, layout, prefetch, &config, &reason0);
     }
     if (!ok) {
       cand.reason = reason;

@@ -143,6 +143,27 @@ TEST(PlannerTest, TooSmallDeviceBudgetNamesTheLayer) {
   EXPECT_THAT(plan.why_not, HasSubstr("the device budget is 3.0 GiB"));
 }
 
+// With no room for a second parameter buffer the plan reads each layer when it starts, as the
+// worker does at such a budget, instead of refusing a job the worker can run.
+TEST(PlannerTest, TightBudgetReadsParametersOnDemand) {
+  auto spec = ParseJobSpecForPlanning(
+      "model: {preset: tiny, num_hidden_layers: 32}\n"
+      "train: {seq_len: 32, micro_batch_size: 2, grad_accum_steps: 2}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const ModelDesc m = DescribeModel(*spec);
+  const Plan tight = MustPlan(m, Hw("1x-rtx4090"), 1, int64_t{1} << 20);
+  ASSERT_TRUE(tight.fits) << tight.why_not;
+  EXPECT_FALSE(tight.placement.params_resident);
+  EXPECT_EQ(tight.placement.prefetch_distance, 0);
+  EXPECT_EQ(tight.placement.param_buffers, 1);
+  EXPECT_LE(tight.device_peak_bytes, int64_t{1} << 20);
+  const Plan roomy = MustPlan(m, Hw("1x-rtx4090"), 1, int64_t{2} << 20);
+  ASSERT_TRUE(roomy.fits) << roomy.why_not;
+  EXPECT_FALSE(roomy.placement.params_resident);
+  EXPECT_GE(roomy.placement.prefetch_distance, 1);
+  EXPECT_LT(roomy.sim.step_time_s, tight.sim.step_time_s);
+}
+
 TEST(PlannerTest, TooManyWorkersIsAnOptionError) {
   PlannerOptions opt;
   opt.workers = 2;

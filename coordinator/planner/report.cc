@@ -41,6 +41,9 @@ std::string PlacementText(const Plan& plan) {
   };
   parts.push_back(p.params_resident
                       ? "params resident on device"
+                  : p.prefetch_distance == 0
+                      ? absl::StrCat("params home ", homes(TensorClass::kParams),
+                                     ", read on demand (no room to read ahead: 1 device buffer)")
                       : absl::StrCat("params home ", homes(TensorClass::kParams),
                                      ", streamed with prefetch distance ", p.prefetch_distance,
                                      " (", p.param_buffers, " device buffers)"));

@@ -406,6 +406,41 @@ void OffloadTrainer::IssuePrefetches() {
   issue_cursor_ = j;
 }
 
+void OffloadTrainer::IssueScheduled(int op) {
+  const std::vector<std::vector<int>> &at = offload_.schedule.at_op;
+  if (traced_ || !offload_.prefetch || transfers_ == nullptr ||
+      op >= static_cast<int>(at.size())) {
+    return;
+  }
+  const int L = static_cast<int>(options_.model.num_hidden_layers);
+  const int norm_index = 1 + kLayerTensors * L;
+  for (int layer : at[op]) {
+    std::vector<int> tensors;
+    if (layer == 0) {
+      tensors = {0};
+    } else if (layer <= L) {
+      for (int i = 0; i < kLayerTensors; ++i) tensors.push_back(1 + kLayerTensors * (layer - 1) + i);
+    } else {
+      tensors = {norm_index, options_.model.tie_word_embeddings ? 0 : norm_index + 1};
+    }
+    for (int i : tensors) {
+      const std::string id = ParamId(param_slots_[i].name);
+      if (device_.count(id) > 0 || prefetched_.count(id) > 0 || at_home_.count(id) == 0) continue;
+      const int64_t n = Numel(param_slots_[i]);
+      // What the budget cannot hold now is read when needed.
+      absl::StatusOr<DeviceMemory::Allocation> alloc =
+          mem_.Allocate(kF * n, "scheduled prefetch of " + id);
+      if (!alloc.ok()) return;
+      Prefetch p;
+      p.buf.alloc = *std::move(alloc);
+      p.buf.data.resize(n);
+      p.ticket = transfers_->Read(id, p.buf.data.data(), n);
+      prefetched_bytes_ += kF * n;
+      prefetched_.emplace(id, std::move(p));
+    }
+  }
+}
+
 void OffloadTrainer::DropPrefetch(const std::string &id) {
   auto it = prefetched_.find(id);
   if (it == prefetched_.end()) return;
@@ -653,6 +688,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   {
     const std::string op = "embedding forward";
     Binding bind(this);
+    IssueScheduled(0);
     ASSIGN_OR_RETURN(DeviceBuffer e, Fetch(ParamId(name_of(0)), size_of(0), op));
     bind.Bind(0, false, std::move(e));
     evict_before_ = {0, 0};
@@ -676,6 +712,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       const std::string op = absl::StrCat("forward of layer ", l);
       const int first = 1 + kLayerTensors * static_cast<int>(l);
       Binding bind(this);
+      IssueScheduled(static_cast<int>(1 + l));
       for (int i = first; i < first + kLayerTensors; ++i) {
         ASSIGN_OR_RETURN(DeviceBuffer p, Fetch(ParamId(name_of(i)), size_of(i), op));
         bind.Bind(i, false, std::move(p));
@@ -712,6 +749,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   {
     const std::string op = "head";
     Binding bind(this);
+    IssueScheduled(static_cast<int>(L + 1));
     for (int i : {norm_index, head_index}) {
       ASSIGN_OR_RETURN(DeviceBuffer p, Fetch(ParamId(name_of(i)), size_of(i), op));
       bind.Bind(i, false, std::move(p));
@@ -764,6 +802,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
       const std::string op = absl::StrCat("backward of layer ", l);
       const int first = 1 + kLayerTensors * static_cast<int>(l);
       Binding bind(this);
+      IssueScheduled(static_cast<int>(L + 2 + (L - 1 - l)));
       for (int i = first; i < first + kLayerTensors; ++i) {
         ASSIGN_OR_RETURN(DeviceBuffer p, Fetch(ParamId(name_of(i)), size_of(i), op));
         bind.Bind(i, false, std::move(p));
@@ -806,6 +845,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   {
     const std::string op = "embedding backward";
     Binding bind(this);
+    IssueScheduled(static_cast<int>(2 * L + 2));
     const std::string id = GradId(name_of(0));
     DeviceBuffer g;
     if (tied) {

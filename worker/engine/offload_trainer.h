@@ -81,6 +81,18 @@ class DeviceMemory {
   int64_t peak_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// The parameter reads of the coordinator's step schedule, as this trainer runs them (DESIGN.md
+// §2: the planner decides how far ahead parameters load). The trainer's compute ops are
+// numbered in the order it runs them: 0 the embedding's forward, 1..L the decoder layers'
+// forwards, L + 1 the head (forward and backward), L + 2..2L + 1 the decoder layers'
+// backwards from the top, 2L + 2 the embedding's backward. Layers are numbered as the planner
+// numbers them: 0 the embedding, 1..L the decoder layers, L + 1 the head.
+struct ParameterSchedule {
+  // at_op[k]: layers whose parameters are read from the home when compute op k starts (before
+  // it reads its own). Empty: no schedule. Otherwise 2L + 3 entries.
+  std::vector<std::vector<int>> at_op;
+};
+
 struct OffloadOptions {
   // Device memory the trainer may use at once (parameters and gradients of the
   // layer being run, one micro-batch's activation scratch including logits,
@@ -124,6 +136,10 @@ struct OffloadOptions {
   // the synchronous update either way. Costs the home up to one more copy of
   // the parameters and moments during a step (OffloadRequirements).
   bool overlap_optimizer = true;
+  // With prefetch: parameter reads issued where the coordinator's schedule issues them, in
+  // steps the trainer has no trace of yet (its first); later steps read ahead in the order
+  // their first step read, as early as memory allows.
+  ParameterSchedule schedule;
 };
 
 // One op of a traced step: a compute op ("forward of layer 3, mb 0") or a wait ("wait for
@@ -279,6 +295,9 @@ class OffloadTrainer {
   // Issues reads of the traced tensors that come next, while the prefetch
   // window has room.
   void IssuePrefetches();
+  // Issues the schedule's parameter reads due when compute op `op` starts
+  // (ParameterSchedule), while the trainer has no trace.
+  void IssueScheduled(int op);
   // Waits for and drops a prefetch of `id` (or all of them).
   void DropPrefetch(const std::string &id);
   void DropPrefetches();
