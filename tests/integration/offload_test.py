@@ -91,6 +91,16 @@ class OffloadTest(unittest.TestCase):
     def test_optimizer_state_on_nvme_overlapping_the_backward(self):
         self.check(tied=False, nvme=True, grad_clip=0)
 
+    def test_first_step_reads_ahead_as_the_coordinator_schedules(self):
+        # With room for two parameter buffers the coordinator's plan reads one layer ahead; the
+        # worker's first step (which has no trace of its own yet) follows it. Without a
+        # schedule every read of the first step would wait at the op that needs it.
+        resident, _, _ = run("256MiB", False)
+        scheduled, _, _ = run("2MiB", False)
+        self.assertEqual([s["loss"] for s in scheduled], [s["loss"] for s in resident])
+        self.assertGreater(float(scheduled[0].get("prefetch_hit_rate", 0)), 0.1)
+        self.assertGreater(float(scheduled[0]["predicted_step_time_s"]), 0)
+
     def test_link_model(self):
         # The link model throttles offloaded transfers without changing the arithmetic: every
         # step takes at least its bytes in the busier direction over the modelled link (a
