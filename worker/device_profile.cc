@@ -10,9 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "worker/engine/model.h"
-#include "worker/engine/thread_pool.h"
-#include "worker/engine/trainer.h"
+#include "worker/engine/layer_rate.h"
 #include "worker/memstore_tensor_home.h"
 
 namespace lumen {
@@ -30,35 +28,16 @@ double BestSeconds(int reps, F&& f) {
   return best;
 }
 
-// FLOP/s of one decoder layer of hidden size h, forward + recomputing backward, over 256
-// tokens, with `threads` threads.
+// The engine's decoder-layer rate at hidden size h (head dim 64, intermediate 11h/4), 256
+// tokens.
 absl::StatusOr<double> DecoderRate(int64_t h, int threads) {
-  constexpr int64_t kSeq = 256;
   engine::ModelConfig c;
   c.hidden_size = h;
   c.intermediate_size = (h * 11 / 4 + 7) / 8 * 8;
-  c.num_hidden_layers = 1;
   c.num_attention_heads = std::max<int64_t>(1, h / 64);
   c.num_key_value_heads = c.num_attention_heads;
   c.vocab_size = 256;
-  c.max_position_embeddings = kSeq;
-  engine::ThreadPool pool(std::max(1, threads));
-  engine::LlamaModel model(c, true, &pool);
-  engine::InitParams(c, 1, &model.params());
-  std::vector<float> x(kSeq * h, 0.1f), y(kSeq * h), dy(kSeq * h), dx(kSeq * h);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97);
-  absl::Status status;
-  const double seconds = BestSeconds(3, [&] {
-    if (!status.ok()) return;
-    status = model.DecoderLayerForward(0, x.data(), y.data(), 1, kSeq);
-    std::copy(y.begin(), y.end(), dy.begin());
-    if (status.ok()) status = model.DecoderLayerBackward(0, x.data(), dy.data(), dx.data(), 1, kSeq);
-  });
-  if (!status.ok()) return status;
-  const double kv = static_cast<double>(c.num_key_value_heads * c.head_dim());
-  const double matmul = 2.0 * h * h + 2.0 * h * kv + 3.0 * h * c.intermediate_size;
-  const double per_token = 4 * (2 * matmul + 2.0 * kSeq * h);
-  return per_token * kSeq / seconds;
+  return engine::MeasureDecoderLayerFlops(c, 256, threads);
 }
 
 }  // namespace

@@ -29,7 +29,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "coordinator/planner/model_desc.h"
+#include "coordinator/planner/planner.h"
+#include "worker/engine/layer_rate.h"
 #include "worker/engine/offload_trainer.h"
+#include "worker/engine/optimizer.h"
 #include "worker/engine/tensor_home.h"
 
 namespace {
@@ -50,6 +55,106 @@ double SgemmFlops() {
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   return 2.0 * n * n * n / best;
+}
+
+// AdamW parameter updates per second on one thread (the host optimizer's thread).
+double AdamWParamsPerSecond() {
+  constexpr int64_t n = int64_t{1} << 22;
+  std::vector<float> p(n, 0.5f), g(n, 0.01f), m(n, 0.0f), v(n, 0.0f);
+  lumen::engine::AdamWHyper hyper;
+  double best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    lumen::engine::AdamWUpdate(p.data(), g.data(), m.data(), v.data(), n, hyper, i + 1);
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return n / best;
+}
+
+double CopyBytesPerSecond() {
+  constexpr size_t kBytes = 64 << 20;
+  std::vector<char> src(kBytes, 1), dst(kBytes, 0);
+  double best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::copy(src.begin(), src.end(), dst.begin());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return kBytes / best;
+}
+
+// The batch the planner picks (issue 5: "at a batch the planner picks"): the fewest
+// accumulation steps at which the plan for this machine predicts the offloaded job at the
+// target share of the resident job's speed and the device busy at least the target. The
+// machine as the planner sees it: the CPU device training this model's layers at `layer_flops`
+// (measured at this shape), memory budget state ÷ oversubscription, the link model, host
+// memory at memcpy speed and AdamW at its measured one-thread rate, no NVMe.
+struct PlannerPick {
+  long accum = 0;  // 0: none up to kMaxAccum reaches the targets
+  double predicted_ratio = 0, predicted_busy = 0;
+};
+constexpr long kMaxAccum = 128;
+
+PlannerPick PickAccum(lumen::engine::TrainerOptions o, double layer_flops, double link,
+                      double copy, double adamw, long oversubscription) {
+  lumen::HardwareProfile hw;
+  hw.name = "cpu-bench";
+  hw.source = "measured by offload_bench";
+  hw.device.kind = "cpu";
+  hw.device.count = 1;
+  hw.device.usable_memory_fraction = 1.0;
+  hw.device.peak_fp32_flops = hw.device.peak_bf16_flops = layer_flops;
+  hw.device.memory_bandwidth = copy;
+  hw.device.link_peak = link;
+  hw.device.shares_host_cpu = true;
+  hw.host.memory_bytes = int64_t{1} << 40;
+  hw.host.usable_memory_fraction = 1.0;
+  hw.host.memory_peak = copy;
+  hw.host.cpu_optimizer_params_per_s = adamw;
+  PlannerPick pick;
+  for (long accum = 1; accum <= kMaxAccum; ++accum) {
+    o.train.grad_accum_steps = accum;
+    auto needs = lumen::engine::OffloadTrainer::Requirements(o);
+    if (!needs.ok()) break;
+    const lumen::engine::ModelConfig& c = o.model;
+    auto spec = lumen::ParseJobSpecForPlanning(absl::StrCat(
+        "model: {hidden_size: ", c.hidden_size, ", intermediate_size: ", c.intermediate_size,
+        ", num_hidden_layers: ", c.num_hidden_layers, ", num_attention_heads: ",
+        c.num_attention_heads, ", num_key_value_heads: ", c.num_key_value_heads,
+        ", vocab_size: ", c.vocab_size, ", max_position_embeddings: ", o.train.seq_len,
+        "}\ntrain: {seq_len: ", o.train.seq_len, ", micro_batch_size: ", o.train.micro_batch_size,
+        ", grad_accum_steps: ", accum, "}\nresources: {precision: fp32}\n"));
+    if (!spec.ok()) {
+      std::fprintf(stderr, "planner: %s\n", spec.status().ToString().c_str());
+      break;
+    }
+    const lumen::ModelDesc m = lumen::DescribeModel(*spec);
+    double step[2] = {0, 0}, busy = 0;
+    bool fits = true;
+    for (int offloaded = 0; offloaded < 2 && fits; ++offloaded) {
+      const int64_t budget =
+          offloaded ? needs->training_state_bytes() / oversubscription : int64_t{1} << 40;
+      hw.device.memory_bytes = budget;
+      lumen::PlannerOptions opt;
+      opt.groups = 1;
+      opt.device_budget_bytes = budget;
+      auto plan = lumen::PlanJob(m, hw, opt);
+      fits = plan.ok() && plan->fits;
+      if (!fits) break;
+      step[offloaded] = plan->sim.step_time_s;
+      busy = plan->sim.device_busy_fraction;
+    }
+    if (!fits) continue;
+    pick.predicted_ratio = step[0] / step[1];
+    pick.predicted_busy = busy;
+    if (pick.predicted_ratio >= kTargetRatio && busy >= kTargetBusy) {
+      pick.accum = accum;
+      return pick;
+    }
+  }
+  return pick;
 }
 
 struct Run {
@@ -185,6 +290,26 @@ int main(int argc, char** argv) {
   // --link_scale multiplies the modelled link (100 = practically no link), to separate the
   // link's cost from the schedule's own.
   const double link = flops / kFlopsPerLinkByte * static_cast<double>(flags["link_scale"]);
+  auto layer_flops = lumen::engine::MeasureDecoderLayerFlops(
+      o.model, flags["seq"] * flags["batch"], static_cast<int>(flags["threads"]));
+  if (!layer_flops.ok()) {
+    std::fprintf(stderr, "%s\n", layer_flops.status().ToString().c_str());
+    return 1;
+  }
+  const PlannerPick pick = PickAccum(o, *layer_flops, link, CopyBytesPerSecond(),
+                                     AdamWParamsPerSecond(), flags["oversubscription"]);
+  std::fprintf(stderr, "planner: decoder layer %.3g FLOP/s; picks grad_accum_steps %ld "
+               "(predicted ratio %.3f, busy %.3f)\n", *layer_flops, pick.accum,
+               pick.predicted_ratio, pick.predicted_busy);
+  if (flags["accum"] == 0) {
+    if (pick.accum == 0) {
+      std::fprintf(stderr, "the planner predicts no accumulation up to %ld meets the targets; "
+                   "pass --accum=N\n", kMaxAccum);
+      return 1;
+    }
+    o.train.grad_accum_steps = pick.accum;
+    flags["accum"] = pick.accum;
+  }
   Run resident, scheduled, on_demand;
   std::fprintf(stderr, "resident:\n");
   if (!Train(o, int64_t{1} << 40, link, true, flags["warmup"], flags["steps"], &resident)) {
@@ -202,10 +327,14 @@ int main(int argc, char** argv) {
       "{\"benchmark\":\"offload_efficiency\",\"sgemm_flops\":%.4g,\"flops_per_link_byte\":%.0f,"
       "\"link_bytes_per_s\":%.4g,\"model\":{\"layers\":%ld,\"hidden\":%ld,\"seq\":%ld},"
       "\"tokens_per_step\":%ld,\"training_state_bytes\":%ld,\"device_budget_bytes\":%ld,"
-      "\"oversubscription\":%.1f,\"resident\":{\"tokens_per_s\":%.1f,\"seconds\":%.1f},",
+      "\"oversubscription\":%.1f,\"planner\":{\"decoder_layer_flops\":%.4g,\"grad_accum_steps\":%ld,"
+      "\"predicted_ratio\":%.3f,\"predicted_busy\":%.3f},\"grad_accum_steps\":%ld,"
+      "\"resident\":{\"tokens_per_s\":%.1f,\"seconds\":%.1f},",
       flops, kFlopsPerLinkByte, link, flags["layers"], flags["hidden"], flags["seq"],
       flags["seq"] * flags["batch"] * flags["accum"], (long)resident.state, (long)budget,
-      static_cast<double>(resident.state) / budget, resident.tokens_per_s, resident.seconds);
+      static_cast<double>(resident.state) / budget, *layer_flops, pick.accum,
+      pick.predicted_ratio, pick.predicted_busy, flags["accum"], resident.tokens_per_s,
+      resident.seconds);
   PrintRun("scheduled", scheduled, resident.tokens_per_s);
   if (flags["on_demand"] != 0) {
     std::printf(",");

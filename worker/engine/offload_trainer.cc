@@ -1029,28 +1029,18 @@ void OffloadTrainer::OverlapUpdate(int i) {
 }
 
 void OffloadTrainer::FinishOverlap(bool keep) {
-  if (overlapped_.empty()) return;
-  std::vector<std::string> garbage;
-  for (int i : overlapped_) {
-    const std::string &name = param_slots_[i].name;
-    const int now = generation_[i], next = 1 - now;
-    for (const std::string &id : {ParamId(name), ExpAvgId(name), ExpAvgSqId(name)}) {
-      if (keep) aliases_.Set(id, Generation(id, next));
-      garbage.push_back(Generation(id, keep ? now : next));
+  if (keep) {
+    for (int i : overlapped_) {
+      const std::string &name = param_slots_[i].name;
+      generation_[i] = 1 - generation_[i];
+      for (const std::string &id : {ParamId(name), ExpAvgId(name), ExpAvgSqId(name)}) {
+        aliases_.Set(id, Generation(id, generation_[i]));
+      }
     }
-    if (keep) generation_[i] = next;
   }
+  // The other generation stays stored: the next overlapped update overwrites it, which costs
+  // the memstore less than creating and freeing tensors every step.
   overlapped_.clear();
-  // After the updates (host jobs run in order); nothing reads these names again.
-  TensorHome *const host = host_raw_;
-  transfers_->HostJob({}, {}, [host, garbage](TensorHome *) -> absl::Status {
-    for (const std::string &id : garbage) {
-      absl::Status s = host->Free(id);
-      // An update that failed before writing leaves nothing to free; its error is reported.
-      if (!s.ok() && !absl::IsNotFound(s)) return s;
-    }
-    return absl::OkStatus();
-  });
 }
 
 absl::Status OffloadTrainer::GatherClass(const std::string &prefix, ModelParams *out) {

@@ -133,8 +133,9 @@ struct OffloadOptions {
   // non-finite they are dropped; when it needs clipping they are dropped and
   // the clipped update runs as without this option, and the next step waits for
   // the norm again until a step needs no clipping. The results are identical to
-  // the synchronous update either way. Costs the home up to one more copy of
-  // the parameters and moments during a step (OffloadRequirements).
+  // the synchronous update either way. Costs the home one more copy of the
+  // parameters and moments from the first overlapped step on (both generations
+  // stay stored; OffloadRequirements::overlap_bytes).
   bool overlap_optimizer = true;
   // With prefetch: parameter reads issued where the coordinator's schedule issues them, in
   // steps the trainer has no trace of yet (its first); later steps read ahead in the order
@@ -194,8 +195,8 @@ struct OffloadRequirements {
   // layer's output, every micro-batch).
   int64_t activation_bytes = 0;
   int64_t training_state_bytes() const { return 4 * parameter_bytes + activation_bytes; }
-  // Home bytes beyond the training state at the peak of a step when the optimizer
-  // overlaps the backward: the new parameters and moments beside the current ones.
+  // Home bytes beyond the training state when the optimizer overlaps the
+  // backward: a second generation of the parameters and moments.
   int64_t overlap_bytes() const { return 3 * parameter_bytes; }
 };
 
@@ -313,7 +314,7 @@ class OffloadTrainer {
   // current parameters and moments (Generation), once its gradient is home.
   void OverlapUpdate(int i);
   // After the norm is known: keeps the overlapped updates (ids point at them)
-  // or drops them.
+  // or ignores them (the next overlapped update overwrites them).
   void FinishOverlap(bool keep);
   // The stored name of tensor `id` in generation 0 or 1.
   static std::string Generation(const std::string &id, int generation);
