@@ -106,10 +106,13 @@ DeviceUse WorkerDeviceUse(const ModelDesc& m, const Layout& layout, int stage, i
   // through a single buffer.
   if (level < Level::kParamsGrads) u.buffers += (prefetch == 0 ? 1 : 2) * max_grad;
   if (level == Level::kParamsGrads) u.buffers += max_grad;  // staging for the copy out
-  if (acts != ActMode::kStreamed) {
-    // Gradients between layers (or, partial, a layer's outputs until the next layer reads
-    // them), one group.
+  if (acts == ActMode::kOnDevice) {
+    // Gradients between layers, one group.
     u.buffers += 2 * largest_group * max_act;
+  } else if (acts == ActMode::kPartial) {
+    // One micro-batch's input and output; what the budget leaves holds activations (the
+    // layer's outputs and the gradients between layers first, then checkpoints).
+    u.buffers += 2 * max_act;
   } else {
     // Rings for the input, output (and in backward the checkpoint, two gradients) streams.
     u.buffers += 3 * opt.activation_ring * max_act;
@@ -279,8 +282,23 @@ bool Configure(const ModelDesc& m, const HardwareProfile& hw, const PlannerOptio
       p.activations_on_device = acts_on_device;
       p.activations_partial = acts == ActMode::kPartial;
       if (p.activations_partial) {
-        // What the largest worker's budget leaves holds checkpoints; the rest go home.
-        const double resident = static_cast<double>(std::max<int64_t>(0, budget - peak));
+        // What the largest worker's budget leaves holds a group's layer outputs (in the
+        // backward: its gradients between layers) first, then checkpoints; the rest go home.
+        int64_t group_acts = 0;
+        for (int s = 0; s < layout.par.stages; ++s) {
+          for (int r = 0; r < layout.par.replicas; ++r) {
+            int64_t largest_group = 0, max_act = 0;
+            for (int64_t g : layout.group_sizes[r]) largest_group = std::max(largest_group, g);
+            for (int l : layout.stage_layers[s]) {
+              max_act = std::max(max_act, m.layers[l].activation_bytes_per_micro_batch);
+            }
+            group_acts = std::max(group_acts, largest_group * max_act);
+          }
+        }
+        const double spare = static_cast<double>(std::max<int64_t>(0, budget - peak));
+        p.interlayer_offload_fraction =
+            group_acts > 0 ? std::max(0.0, 1.0 - spare / static_cast<double>(group_acts)) : 0.0;
+        const double resident = std::max(0.0, spare - static_cast<double>(group_acts));
         p.activation_offload_fraction =
             worker_ckpt > 0 ? std::max(0.0, 1.0 - resident / static_cast<double>(worker_ckpt))
                             : 0.0;
@@ -424,6 +442,10 @@ class ScheduleBuilder {
   int64_t Offloaded(int64_t bytes) const {
     return static_cast<int64_t>(static_cast<double>(bytes) * p_.activation_offload_fraction);
   }
+  // Partial: the share of a layer's outputs and gradients that does not fit between layers.
+  int64_t Interlayer(int64_t bytes) const {
+    return static_cast<int64_t>(static_cast<double>(bytes) * p_.interlayer_offload_fraction);
+  }
 
   int64_t Act(int l, int64_t mbs) const {
     if (l < 0 || l >= static_cast<int>(m_.layers.size())) return 0;
@@ -449,9 +471,10 @@ class ScheduleBuilder {
             Op op = Compute(w, l, g, mbs, Phase::kForward);
             const bool first = l == sl.front(), last = l == sl.back();
             if (p_.activations_partial) {
-              // Inputs are on the device; evicted checkpoints go home once. Between
-              // pipeline stages the activations still cross.
+              // Inputs are on the device (what did not fit comes back); evicted checkpoints
+              // go home once. Between pipeline stages the activations still cross.
               op.activation_out_bytes = Offloaded(Act(l + 1, mbs));
+              if (l > 0) op.activation_in_bytes = Interlayer(Act(l, mbs));
               if (first && st > 0) op.activation_in_bytes = Act(l, mbs);
               if (last && st + 1 < layout().par.stages) op.activation_out_bytes += Act(l + 1, mbs);
             } else if (!p_.activations_on_device) {
@@ -543,8 +566,10 @@ class ScheduleBuilder {
             Op op = Compute(w, l, g, mbs, Phase::kBackward);
             const bool first = l == sl.front(), last = l == sl.back();
             if (p_.activations_partial) {
-              // Gradients stay on the device; the checkpoints that went home come back.
-              op.activation_in_bytes = Offloaded(Act(l, mbs));
+              // Gradients stay on the device (what did not fit crosses out and back); the
+              // checkpoints that went home come back.
+              op.activation_in_bytes = Offloaded(Act(l, mbs)) + Interlayer(Act(l, mbs));
+              op.activation_out_bytes = Interlayer(Act(l, mbs));
               if (last && st + 1 < layout().par.stages) op.activation_in_bytes += Act(l + 1, mbs);
               if (first && st > 0) op.activation_out_bytes = Act(l, mbs);
             } else if (!p_.activations_on_device) {

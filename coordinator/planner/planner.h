@@ -61,14 +61,17 @@ struct Placement {
   bool grads_resident = false;   // grads accumulate on the device (else streamed out per layer)
   bool optimizer_on_device = false;  // else the host CPU, next to the state (DESIGN §2.3)
   bool activations_on_device = false;  // else offloaded (home host or NVMe per layer)
-  // Offloaded, the way the worker's executor does it when the memory allows: a layer's
-  // outputs stay on the device until the next layer has read them, the gradients between
-  // layers stay on the device, and device memory left over keeps some checkpoints resident
+  // Offloaded, the way the worker's executor does it: a layer's outputs stay on the device
+  // until the next layer has read them and the gradients between layers stay on the device
+  // as far as the memory allows, and device memory left over keeps some checkpoints resident
   // (the rest go home once, farthest next use first, and come back once in the backward).
   // False: every checkpoint and gradient streams through ring buffers.
   bool activations_partial = false;
   // Share of the checkpoints that go home when activations_partial (0..1).
   double activation_offload_fraction = 1.0;
+  // activations_partial, when the budget cannot hold one group's layer outputs: the share of
+  // them (and of the gradients between layers) that goes home and comes back (0..1).
+  double interlayer_offload_fraction = 0.0;
   int prefetch_distance = 0;   // 0 when params are resident
   int param_buffers = 0;       // device slots for streamed params (prefetch_distance + 1)
   int grad_buffers = 0;        // device slots for gradients on their way out

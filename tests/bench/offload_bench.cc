@@ -32,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/planner/model_desc.h"
 #include "coordinator/planner/planner.h"
+#include "coordinator/planner/report.h"
 #include "worker/engine/layer_rate.h"
 #include "worker/engine/offload_trainer.h"
 #include "worker/engine/optimizer.h"
@@ -98,7 +99,7 @@ struct PlannerPick {
 constexpr long kMaxAccum = 128;
 
 PlannerPick PickAccum(lumen::engine::TrainerOptions o, double layer_flops, double link,
-                      double copy, double adamw, long oversubscription) {
+                      double copy, double adamw, long oversubscription, long only_accum) {
   lumen::HardwareProfile hw;
   hw.name = "cpu-bench";
   hw.source = "measured by offload_bench";
@@ -114,7 +115,8 @@ PlannerPick PickAccum(lumen::engine::TrainerOptions o, double layer_flops, doubl
   hw.host.memory_peak = copy;
   hw.host.cpu_optimizer_params_per_s = adamw;
   PlannerPick pick;
-  for (long accum = 1; accum <= kMaxAccum; ++accum) {
+  for (long accum = only_accum > 0 ? only_accum : 1;
+       accum <= (only_accum > 0 ? only_accum : kMaxAccum); ++accum) {
     o.train.grad_accum_steps = accum;
     auto needs = lumen::engine::OffloadTrainer::Requirements(o);
     if (!needs.ok()) break;
@@ -145,11 +147,15 @@ PlannerPick PickAccum(lumen::engine::TrainerOptions o, double layer_flops, doubl
       if (!fits) break;
       step[offloaded] = plan->sim.step_time_s;
       busy = plan->sim.device_busy_fraction;
+      if (only_accum > 0) {
+        std::fprintf(stderr, "%s\n",
+                     lumen::PlanText(offloaded ? "offloaded" : "resident", m, hw, *plan).c_str());
+      }
     }
     if (!fits) continue;
     pick.predicted_ratio = step[0] / step[1];
     pick.predicted_busy = busy;
-    if (pick.predicted_ratio >= kTargetRatio && busy >= kTargetBusy) {
+    if (only_accum > 0 || (pick.predicted_ratio >= kTargetRatio && busy >= kTargetBusy)) {
       pick.accum = accum;
       return pick;
     }
@@ -249,7 +255,7 @@ int main(int argc, char** argv) {
   std::map<std::string, long> flags = {{"layers", 16}, {"hidden", 256}, {"seq", 256},
                                        {"batch", 8},   {"accum", 16},   {"steps", 2},
                                        {"warmup", 1},  {"threads", 2},  {"oversubscription", 20},
-                                       {"on_demand", 1}, {"link_scale", 1}};
+                                       {"on_demand", 1}, {"link_scale", 1}, {"plan_only", 0}};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const size_t eq = a.find('=');
@@ -296,8 +302,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", layer_flops.status().ToString().c_str());
     return 1;
   }
-  const PlannerPick pick = PickAccum(o, *layer_flops, link, CopyBytesPerSecond(),
-                                     AdamWParamsPerSecond(), flags["oversubscription"]);
+  const PlannerPick pick =
+      PickAccum(o, *layer_flops, link, CopyBytesPerSecond(), AdamWParamsPerSecond(),
+                flags["oversubscription"], flags["plan_only"] != 0 ? flags["accum"] : 0);
+  if (flags["plan_only"] != 0) {
+    std::printf("{\"grad_accum_steps\":%ld,\"predicted_ratio\":%.3f,\"predicted_busy\":%.3f}\n",
+                flags["accum"], pick.predicted_ratio, pick.predicted_busy);
+    return 0;
+  }
   std::fprintf(stderr, "planner: decoder layer %.3g FLOP/s; picks grad_accum_steps %ld "
                "(predicted ratio %.3f, busy %.3f)\n", *layer_flops, pick.accum,
                pick.predicted_ratio, pick.predicted_busy);

@@ -108,6 +108,10 @@ def run(c):
         "predicted_device_busy_fraction": plan.get("device_busy_fraction"),
         "measured_device_busy_fraction": round(float(last.get("device_busy_fraction", 0)), 3),
         "measured_step_times_s": [round(t, 3) for t in times],
+        # Host<->device bytes a step: what the plan moves and what the worker moved.
+        "predicted_bytes_moved": {k: int(v) for k, v in plan.get("bytes_moved", {}).items()
+                                  if "device" in k},
+        "measured_bytes_moved": {k: int(v) for k, v in last.get("bytes_moved", {}).items()},
     }
 
 
