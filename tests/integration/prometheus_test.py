@@ -75,14 +75,19 @@ class PrometheusTest(unittest.TestCase):
                         break
                     time.sleep(0.5)
                 self.assertTrue(expected <= seen, "scraped: %s" % seen)
-                # Each daemon's own metrics, by process label.
+                # Each daemon's own metrics, by process label. (A worker serves its metrics
+                # while it measures its device at the node's first start, and its service's
+                # gauges once it is ready.)
                 for process, metric in [("lumend", "lumen_process_up"),
                                         ("coordinator", "lumen_jobs"),
                                         ("memstore", "lumen_memstore_capacity_bytes"),
                                         ("worker-0", "lumen_worker_busy"),
                                         ("worker-1", "lumen_worker_device_memory_budget_bytes")]:
-                    self.assertTrue(self.query(port, '%s{process="%s"}' % (metric, process)),
-                                    "%s from %s" % (metric, process))
+                    expr = '%s{process="%s"}' % (metric, process)
+                    deadline = time.time() + 60
+                    while not self.query(port, expr) and time.time() < deadline:
+                        time.sleep(0.5)
+                    self.assertTrue(self.query(port, expr), "%s from %s" % (metric, process))
                 # Let rate() windows fill with a few samples of the running job.
                 time.sleep(5)
                 node.ctl("cluster")

@@ -20,7 +20,7 @@ absl::StatusOr<double> MeasureDecoderLayerFlops(ModelConfig config, int64_t seq_
   // A training step runs layer after layer, so a layer's weights are not in the CPU's cache
   // when it starts: cycle through enough layers to hold more than a large last-level cache.
   constexpr double kCacheBytes = 32 << 20;
-  const int layers = static_cast<int>(std::clamp(std::ceil(kCacheBytes / (4 * matmul)), 1.0, 16.0));
+  const int layers = static_cast<int>(std::clamp(std::ceil(kCacheBytes / (4 * matmul)), 1.0, 8.0));
   config.num_hidden_layers = layers;
   config.max_position_embeddings = std::max(config.max_position_embeddings, seq_len);
   ThreadPool pool(std::max(1, threads));
@@ -28,10 +28,11 @@ absl::StatusOr<double> MeasureDecoderLayerFlops(ModelConfig config, int64_t seq_
   InitParams(config, 1, &model.params());
   std::vector<float> x(seq_len * h), y(seq_len * h), dy(seq_len * h), dx(seq_len * h);
   for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * static_cast<float>(i % 97);
-  // One warm-up run, then the median of three: what a training step sustains, not the best
-  // moment of a busy machine (the benchmarks that check predictions compare medians too).
+  // The median of three runs: what a training step sustains, neither the first run's cold
+  // start nor the best moment of a busy machine (the benchmarks that check predictions compare
+  // medians too).
   std::vector<double> seconds;
-  for (int rep = 0; rep < 4; ++rep) {
+  for (int rep = 0; rep < 3; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int l = 0; l < layers; ++l) {
       RETURN_IF_ERROR(model.DecoderLayerForward(l, x.data(), y.data(), 1, seq_len));
@@ -40,10 +41,8 @@ absl::StatusOr<double> MeasureDecoderLayerFlops(ModelConfig config, int64_t seq_
       std::copy(y.begin(), y.end(), dy.begin());
       RETURN_IF_ERROR(model.DecoderLayerBackward(l, x.data(), dy.data(), dx.data(), 1, seq_len));
     }
-    if (rep > 0) {
-      seconds.push_back(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / layers);
-    }
+    seconds.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / layers);
   }
   std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
   const double per_token = 4 * (2 * matmul + 2.0 * static_cast<double>(seq_len) * h);
