@@ -31,7 +31,8 @@ constexpr size_t kMaxUnixSocketPath = 107;  // sizeof(sockaddr_un::sun_path) - 1
 const std::vector<std::string>& ScalarFlags() {
   static const auto* flags = new std::vector<std::string>{
       "data-dir",    "socket",          "listen",  "workers", "device", "device-memory",
-      "host-memory", "metrics-address", "bin-dir", "optimizer-state-tier", "link-gbps"};
+      "host-memory", "metrics-address", "bin-dir", "optimizer-state-tier", "optimizer-overlap",
+      "link-gbps"};
   return *flags;
 }
 constexpr const char kNvmeDirFlag[] = "nvme-dir";
@@ -207,6 +208,13 @@ absl::StatusOr<NodeOptions> Convert(const RawValues& values) {
     o.optimizer_state_tier = *v;
   }
 
+  if (const std::string* v = get("optimizer-overlap")) {
+    if (*v != "forward" && *v != "backward") {
+      return Invalid("optimizer-overlap", *v, "must be forward or backward");
+    }
+    o.optimizer_overlap = *v;
+  }
+
   if (const std::string* v = get("link-gbps")) {
     double gbps = 0;
     if (!absl::SimpleAtod(*v, &gbps) || !(gbps >= 0) || !std::isfinite(gbps)) {
@@ -306,6 +314,10 @@ absl::StatusOr<NodeOptions> ParseNodeOptions(int argc, const char* const* argv) 
       {"optimizer-state-tier",
        "Memstore tier of the Adam state of jobs larger than --device-memory: host or nvme "
        "(default host)"},
+      {"optimizer-overlap",
+       "When jobs larger than --device-memory run AdamW on the host: forward (once the "
+       "gradient norm is known, during the next step's forward) or backward (as each gradient "
+       "completes; needs a second copy of parameters and moments) (default forward)"},
   };
   for (const std::string& name : ScalarFlags()) {
     options[name] = app.add_option("--" + name, bound[name], help.at(name));

@@ -62,6 +62,10 @@ TEST_F(NodeOptionsTest, Defaults) {
   EXPECT_TRUE(o->nvme_dirs.empty());
   EXPECT_EQ(o->metrics_address, "127.0.0.1:0");
   EXPECT_EQ(o->bin_dir, "");
+  EXPECT_EQ(o->optimizer_overlap, "forward");
+  o = Parse({"--optimizer-overlap", "backward"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->optimizer_overlap, "backward");
 }
 
 TEST_F(NodeOptionsTest, EveryFlag) {
@@ -132,6 +136,8 @@ TEST_F(NodeOptionsTest, BadValues) {
   ExpectInvalid(Parse({"--metrics-address", "nope"}), "--metrics-address \"nope\"");
   ExpectInvalid(Parse({"--data-dir", ""}), "--data-dir");
   ExpectInvalid(Parse({"--socket", "/" + std::string(200, 's')}), "Unix socket path");
+  ExpectInvalid(Parse({"--optimizer-overlap", "sideways"}),
+                "--optimizer-overlap \"sideways\": must be forward or backward");
   ExpectInvalid(Parse({"--frobnicate"}), "--frobnicate");
   ExpectInvalid(Parse({"--workers"}), "--workers");
 }

@@ -249,6 +249,8 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               memstore_socket,
               "--optimizer-state-tier",
               o.optimizer_state_tier,
+              "--optimizer-overlap",
+              o.optimizer_overlap,
               "--link-gbps",
               absl::StrCat(o.link_gbps)};
     w.log_file = logs + w.name + ".log";

@@ -139,7 +139,8 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
                           "/d/run/worker-1.sock", "--metrics-address", "127.0.0.1:9003",
                           "--device", "cpu", "--device-memory", "67108864",
                           "--memstore-socket", "/d/run/memstore.sock",
-                          "--optimizer-state-tier", "host", "--link-gbps", "0"));
+                          "--optimizer-state-tier", "host", "--optimizer-overlap", "forward",
+                          "--link-gbps", "0"));
   EXPECT_THAT(specs[2].sockets, ElementsAre("/d/run/worker-1.sock"));
   EXPECT_EQ(specs[3].name, "coordinator");
   EXPECT_THAT(specs[3].argv,

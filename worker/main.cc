@@ -32,6 +32,11 @@ int main(int argc, char** argv) {
   app.add_option("--optimizer-state-tier", optimizer_state_tier,
                  "Memstore tier of offloaded Adam state")
       ->check(CLI::IsMember({"host", "nvme"}));
+  std::string optimizer_overlap = "forward";
+  app.add_option("--optimizer-overlap", optimizer_overlap,
+                 "When offloaded jobs run AdamW on the host: during the next step's forward or "
+                 "during the backward")
+      ->check(CLI::IsMember({"forward", "backward"}));
   double link_gbps = 0;
   app.add_option("--link-gbps", link_gbps,
                  "Link model: host<->device GB/s per direction for offloaded tensors (0 = off)")
@@ -95,6 +100,7 @@ int main(int argc, char** argv) {
   options.runner.optimizer_state_tier =
       optimizer_state_tier == "nvme" ? lumen::engine::HomeTier::kNvme : lumen::engine::HomeTier::kHost;
   options.runner.link_bytes_per_s = link_gbps * 1e9;
+  options.runner.optimizer_overlaps_backward = optimizer_overlap == "backward";
   lumen::EndStartup();
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());

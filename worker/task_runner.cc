@@ -233,27 +233,27 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   }
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
-  // the optimizer-state tier. AdamW overlapping the backward writes new parameters and
-  // moments beside the current ones until the step's gradient norm is known.
-  const int64_t moments = 4 * params;
+  // the optimizer-state tier. AdamW overlapping the backward keeps a second copy of the
+  // parameters and moments.
+  const int64_t copies = options.optimizer_overlaps_backward ? 2 : 1;
+  const int64_t moments = copies * 2 * params;
   const int64_t host_needed =
-      3 * params + needs.activation_bytes + (moments_on_nvme ? 0 : moments);
+      (1 + copies) * params + needs.activation_bytes + (moments_on_nvme ? 0 : moments);
   if (host_needed > host_free) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "offloading needs ", engine::FormatBytes(host_needed),
-        " of the memstore's host memory (parameters twice during a step and gradients ",
-        engine::FormatBytes(3 * params), ", activation checkpoints ",
+        " of the memstore's host memory (parameters and gradients ",
+        engine::FormatBytes((1 + copies) * params), ", activation checkpoints ",
         engine::FormatBytes(needs.activation_bytes),
         moments_on_nvme ? ""
-                        : absl::StrCat(", AdamW moments twice during a step ",
-                                       engine::FormatBytes(moments)),
+                        : absl::StrCat(", AdamW moments ", engine::FormatBytes(moments)),
         ") but ", engine::FormatBytes(host_free), " is free. Start lumend with a larger "
         "--host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
   }
   if (moments_on_nvme && moments > nvme_free) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "AdamW moments need ", engine::FormatBytes(moments), " (old and new during a step)",
+        "AdamW moments need ", engine::FormatBytes(moments),
         " on the memstore's NVMe tier but ", engine::FormatBytes(nvme_free),
         " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
   }
@@ -293,6 +293,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   }
   offload.device_budget_bytes = options.device_memory_budget_bytes;
   offload.optimizer_state_tier = options.optimizer_state_tier;
+  offload.overlap_optimizer = options.optimizer_overlaps_backward;
   offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();
   // The optimizer runs in this process on host memory next to the memstore's tensors: it does
   // not cross the (modelled) device link.

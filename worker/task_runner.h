@@ -30,6 +30,8 @@ struct TaskRunnerOptions {
   MemstoreClient* memstore = nullptr;
   // The memstore tier of the Adam state when offloading (the other classes use host memory).
   engine::HomeTier optimizer_state_tier = engine::HomeTier::kHost;
+  // engine::OffloadOptions::overlap_optimizer (lumend --optimizer-overlap backward).
+  bool optimizer_overlaps_backward = false;
   // The link model: host<->device bytes/s per direction for offloaded tensors; 0 = as fast as
   // the memstore serves them. Lets the CPU device run at a GPU node's FLOPs-per-byte ratio.
   double link_bytes_per_s = 0;

@@ -112,6 +112,9 @@ def run(c):
         "predicted_bytes_moved": {k: int(v) for k, v in plan.get("bytes_moved", {}).items()
                                   if "device" in k},
         "measured_bytes_moved": {k: int(v) for k, v in last.get("bytes_moved", {}).items()},
+        "measured_stall_seconds": {k: round(float(v), 3)
+                                   for k, v in last.get("stall_seconds", {}).items()},
+        "measured_optimizer_overlapped": bool(last.get("optimizer_overlapped", False)),
     }
 
 

@@ -17,8 +17,10 @@ optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: %s, schedule: {kind: cosin
 BUDGET = 1024 * 1024
 
 
-def run(device_memory, tied, nvme=False, link_gbps=0, grad_clip=0.5):
+def run(device_memory, tied, nvme=False, link_gbps=0, grad_clip=0.5, overlap=False):
     extra = ["--link-gbps", str(link_gbps)] if link_gbps else []
+    if overlap:
+        extra += ["--optimizer-overlap", "backward"]
     if nvme:
         extra += ["--nvme-dir", "/tmp/lumen-offload-nvme-%d" % os.getpid(),
                   "--optimizer-state-tier", "nvme"]
@@ -53,9 +55,10 @@ def run(device_memory, tied, nvme=False, link_gbps=0, grad_clip=0.5):
 
 
 class OffloadTest(unittest.TestCase):
-    def check(self, tied, nvme=False, grad_clip=0.5):
+    def check(self, tied, nvme=False, grad_clip=0.5, overlap=False):
         resident, _, params = run("256MiB", tied, grad_clip=grad_clip)
-        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied, nvme, grad_clip=grad_clip)
+        offloaded, cluster, _ = run("%dKiB" % (BUDGET // 1024), tied, nvme, grad_clip=grad_clip,
+                                    overlap=overlap)
         state = params * 16  # params, grads, master-equivalent, Adam m and v: 16 B/param in fp32
         self.assertGreaterEqual(state, 20 * BUDGET)
         self.assertEqual([s["loss"] for s in offloaded], [s["loss"] for s in resident])
@@ -74,9 +77,10 @@ class OffloadTest(unittest.TestCase):
                                  1.01 * float(s["step_time_s"]))
             self.assertGreaterEqual(float(s.get("prefetch_hit_rate", 0)), 0)
             self.assertLessEqual(float(s.get("prefetch_hit_rate", 0)), 1)
-            # Every step clips at 0.5, so AdamW waits for the norm; without clipping it runs
-            # during the backward and is kept.
-            self.assertEqual(bool(s.get("optimizer_overlapped", False)), grad_clip == 0)
+            # With --optimizer-overlap backward and no clipping, AdamW runs during the
+            # backward and is kept; when every step clips (0.5) it waits for the norm.
+            self.assertEqual(bool(s.get("optimizer_overlapped", False)),
+                             overlap and grad_clip == 0)
         for s in resident:
             self.assertEqual(s.get("bytes_moved", {}), {})
         # The job's tensors left the memstore with the job.
@@ -89,7 +93,7 @@ class OffloadTest(unittest.TestCase):
         self.check(tied=True)
 
     def test_optimizer_state_on_nvme_overlapping_the_backward(self):
-        self.check(tied=False, nvme=True, grad_clip=0)
+        self.check(tied=False, nvme=True, grad_clip=0, overlap=True)
 
     def test_first_step_reads_ahead_as_the_coordinator_schedules(self):
         # With room for two parameter buffers the coordinator's plan reads one layer ahead; the
