@@ -2,7 +2,8 @@
 // resident and with its training state >= 20x the device budget, all under the link model set
 // to an RTX 4090's FLOPs-per-PCIe-byte ratio (measured sgemm FLOP/s ÷ 6,600 = link bytes/s per
 // direction). The offloaded job runs twice: scheduled (reads prefetched from the first step's
-// trace, writes behind compute, AdamW on the host next to the data) and on demand (every read
+// trace, writes behind compute, AdamW on the host next to the data, during the next step's
+// forward or with --overlap_backward=1 during the backward) and on demand (every read
 // waits at the op that needs it, AdamW on the device through the link), to show what the
 // schedule buys. Prints one JSON object: tokens/s of each, ratios to resident, device busy
 // fraction (compute time ÷ wall time), stalls by cause, prefetch hit rate and the targets.
@@ -174,7 +175,7 @@ struct Run {
 };
 
 bool Train(const lumen::engine::TrainerOptions& o, int64_t budget, double link_bytes_per_s,
-           bool scheduled, int warmup, int steps, Run* out) {
+           bool scheduled, bool overlap_backward, int warmup, int steps, Run* out) {
   lumen::engine::MemoryTensorHome memory;
   lumen::engine::ThrottledTensorHome link(&memory, link_bytes_per_s);
   lumen::engine::OffloadOptions offload;
@@ -183,6 +184,7 @@ bool Train(const lumen::engine::TrainerOptions& o, int64_t budget, double link_b
   offload.host_home = &memory;
   offload.prefetch = scheduled;
   offload.host_optimizer = scheduled;
+  offload.overlap_optimizer = overlap_backward;
   auto trainer = lumen::engine::OffloadTrainer::Create(o, offload);
   if (!trainer.ok()) {
     std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());
@@ -255,7 +257,8 @@ int main(int argc, char** argv) {
   std::map<std::string, long> flags = {{"layers", 16}, {"hidden", 256}, {"seq", 256},
                                        {"batch", 8},   {"accum", 16},   {"steps", 2},
                                        {"warmup", 1},  {"threads", 2},  {"oversubscription", 20},
-                                       {"on_demand", 1}, {"link_scale", 1}, {"plan_only", 0}};
+                                       {"on_demand", 1}, {"link_scale", 1}, {"plan_only", 0},
+                                       {"overlap_backward", 0}};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const size_t eq = a.find('=');
@@ -324,15 +327,21 @@ int main(int argc, char** argv) {
   }
   Run resident, scheduled, on_demand;
   std::fprintf(stderr, "resident:\n");
-  if (!Train(o, int64_t{1} << 40, link, true, flags["warmup"], flags["steps"], &resident)) {
+  const bool overlap = flags["overlap_backward"] != 0;
+  if (!Train(o, int64_t{1} << 40, link, true, overlap, flags["warmup"], flags["steps"],
+             &resident)) {
     return 1;
   }
   const int64_t budget = resident.state / flags["oversubscription"];
   std::fprintf(stderr, "offloaded, scheduled:\n");
-  if (!Train(o, budget, link, true, flags["warmup"], flags["steps"], &scheduled)) return 1;
+  if (!Train(o, budget, link, true, overlap, flags["warmup"], flags["steps"], &scheduled)) {
+    return 1;
+  }
   if (flags["on_demand"] != 0) {
     std::fprintf(stderr, "offloaded, on demand:\n");
-    if (!Train(o, budget, link, false, flags["warmup"], flags["steps"], &on_demand)) return 1;
+    if (!Train(o, budget, link, false, false, flags["warmup"], flags["steps"], &on_demand)) {
+      return 1;
+    }
   }
   const double ratio = scheduled.tokens_per_s / resident.tokens_per_s;
   std::printf(
@@ -341,11 +350,13 @@ int main(int argc, char** argv) {
       "\"tokens_per_step\":%ld,\"training_state_bytes\":%ld,\"device_budget_bytes\":%ld,"
       "\"oversubscription\":%.1f,\"planner\":{\"decoder_layer_flops\":%.4g,\"grad_accum_steps\":%ld,"
       "\"predicted_ratio\":%.3f,\"predicted_busy\":%.3f},\"grad_accum_steps\":%ld,"
+      "\"optimizer_overlap\":\"%s\","
       "\"resident\":{\"tokens_per_s\":%.1f,\"seconds\":%.1f},",
       flops, kFlopsPerLinkByte, link, flags["layers"], flags["hidden"], flags["seq"],
       flags["seq"] * flags["batch"] * flags["accum"], (long)resident.state, (long)budget,
       static_cast<double>(resident.state) / budget, *layer_flops, pick.accum,
-      pick.predicted_ratio, pick.predicted_busy, flags["accum"], resident.tokens_per_s,
+      pick.predicted_ratio, pick.predicted_busy, flags["accum"], overlap ? "backward" : "forward",
+      resident.tokens_per_s,
       resident.seconds);
   PrintRun("scheduled", scheduled, resident.tokens_per_s);
   if (flags["on_demand"] != 0) {

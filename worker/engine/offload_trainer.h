@@ -136,7 +136,9 @@ struct OffloadOptions {
   // the synchronous update either way. Costs the home one more copy of the
   // parameters and moments from the first overlapped step on (both generations
   // stay stored; OffloadRequirements::overlap_bytes).
-  bool overlap_optimizer = true;
+  // Off by default: on the CPU device the backward's cores are the optimizer's
+  // (lumend --optimizer-overlap).
+  bool overlap_optimizer = false;
   // With prefetch: parameter reads issued where the coordinator's schedule issues them, in
   // steps the trainer has no trace of yet (its first); later steps read ahead in the order
   // their first step read, as early as memory allows.

@@ -129,6 +129,7 @@ TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
   off.home = &home;
   off.prefetch = scheduled;
   off.host_optimizer = scheduled;
+  off.overlap_optimizer = scheduled;
   auto offloaded = OffloadTrainer::Create(o, off);
   ASSERT_TRUE(offloaded.ok()) << offloaded.status();
   OffloadTrainer& t = **offloaded;
@@ -403,6 +404,7 @@ TEST(OffloadTrainerTest, NonFiniteGradientDropsOverlappedUpdates) {
   FaultyHome home;
   OffloadOptions off;
   off.home = &home;
+  off.overlap_optimizer = true;
   off.device_budget_bytes = (*resident)->MinDeviceBytes();
   auto t = OffloadTrainer::Create(o, off);
   ASSERT_TRUE(t.ok()) << t.status();
