@@ -21,6 +21,19 @@ def sysv_segments():
 
 
 class ShutdownTest(unittest.TestCase):
+    def stop_node(self, node):
+        """SIGTERMs lumend and checks that it and its 4 children stopped by themselves within
+        10 s (none needed SIGKILL)."""
+        start = time.time()
+        node.proc.send_signal(signal.SIGTERM)
+        node.proc.wait(timeout=10)
+        elapsed = time.time() - start
+        with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
+            lumend_log = f.read()
+        self.assertLess(elapsed, 10)
+        self.assertNotIn("sending SIGKILL", lumend_log)
+        self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
+
     def test_sigterm_cleans_up_everything(self):
         shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
         sysv_before = sysv_segments()
@@ -40,18 +53,9 @@ class ShutdownTest(unittest.TestCase):
             pids = [int(p["pid"]) for p in node.node_status()["processes"]]
             self.assertEqual(len(pids), 4)  # coordinator, memstore, 2 workers
             sockets = glob.glob(os.path.join(node.data_dir, "run", "*.sock")) + [node.socket]
-            start = time.time()
-            node.proc.send_signal(signal.SIGTERM)
-            node.proc.wait(timeout=10)
-            elapsed = time.time() - start
-            with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
-                lumend_log = f.read()
+            self.stop_node(node)
         finally:
             node.stop()
-        self.assertLess(elapsed, 10)
-        # Every child stopped on SIGTERM by itself; none needed SIGKILL.
-        self.assertNotIn("sending SIGKILL", lumend_log)
-        self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
         self.assertEqual(node.proc.returncode, 0)
         self.assertEqual([p for p in pids if lumen_node.pid_alive(p)], [])
         self.assertEqual([s for s in sockets if os.path.exists(s)], [])
@@ -65,17 +69,9 @@ class ShutdownTest(unittest.TestCase):
         node = lumen_node.Node(workers=2)
         node.start()
         try:
-            start = time.time()
-            node.proc.send_signal(signal.SIGTERM)
-            node.proc.wait(timeout=10)
-            elapsed = time.time() - start
-            with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
-                lumend_log = f.read()
+            self.stop_node(node)
         finally:
             node.stop()
-        self.assertLess(elapsed, 10)
-        self.assertNotIn("sending SIGKILL", lumend_log)
-        self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
 
 
 if __name__ == "__main__":

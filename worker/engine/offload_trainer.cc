@@ -234,10 +234,10 @@ absl::Status OffloadTrainer::Init() {
         ") does not fit the device budget ", FormatBytes(offload_.device_budget_bytes)));
   }
   if (!resident_) {
-    host_raw_ = offload_.host_home != nullptr ? offload_.host_home : offload_.home;
+    TensorHome *host = offload_.host_home != nullptr ? offload_.host_home : offload_.home;
     home_ = std::make_unique<AliasedTensorHome>(offload_.home, &aliases_);
-    host_home_ = std::make_unique<AliasedTensorHome>(host_raw_, &aliases_);
-    transfers_ = std::make_unique<Transfers>(home_.get(), host_home_.get());
+    // Host jobs name the stored generations themselves (HostAdamW).
+    transfers_ = std::make_unique<Transfers>(home_.get(), host);
   }
   generation_.assign(param_slots_.size(), 0);
 
@@ -877,7 +877,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const double grad_norm = std::sqrt(total);
   const double loss = loss_sum / static_cast<double>(A);
   if (!std::isfinite(grad_norm)) {
-    FinishOverlap(false);
+    // (Step ignores the overlapped updates of a failed step.)
     RETURN_IF_ERROR(Flush());
     ModelParams grads = AllocateParams<float>(c);
     RETURN_IF_ERROR(GatherClass("grad/", &grads));
@@ -967,32 +967,10 @@ absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
 }
 
 absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
-  const HomeTier ptier = offload_.parameters_tier, otier = offload_.optimizer_state_tier;
-  const int64_t s = step_ + 1;
   // Tensor by tensor in NamedTensors order, which is the order the next
   // forward reads parameters in: the embedding and layer 0 are ready first.
   for (size_t i = 0; i < param_slots_.size(); ++i) {
-    const std::string &name = param_slots_[i].name;
-    const int64_t size = Numel(param_slots_[i]);
-    const AdamWHyper hy = AdamWHyperFor(options_.optimizer, lr, param_slots_[i].shape.size());
-    const std::string pid = ParamId(name), gid = GradId(name);
-    const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
-    transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *host) -> absl::Status {
-      // (`host` resolves ids when the job runs; no update overlapped with this step's backward
-      // is kept, so they name the current generation then too.)
-      std::vector<float> p(size), g(size), m(size), v(size);
-      RETURN_IF_ERROR(host->Get(pid, p.data(), size));
-      RETURN_IF_ERROR(host->Get(gid, g.data(), size));
-      RETURN_IF_ERROR(host->Get(mid, m.data(), size));
-      RETURN_IF_ERROR(host->Get(vid, v.data(), size));
-      if (clip) {
-        for (float &x : g) x *= coef;
-      }
-      AdamWUpdate(p.data(), g.data(), m.data(), v.data(), size, hy, s);
-      RETURN_IF_ERROR(host->Put(pid, p.data(), size, ptier));
-      RETURN_IF_ERROR(host->Put(mid, m.data(), size, otier));
-      return host->Put(vid, v.data(), size, otier);
-    });
+    HostAdamW(static_cast<int>(i), lr, clip, coef, generation_[i], generation_[i]);
   }
   return transfers_->status();
 }
@@ -1001,30 +979,35 @@ std::string OffloadTrainer::Generation(const std::string &id, int generation) {
   return generation == 0 ? id : id + "@1";
 }
 
-void OffloadTrainer::OverlapUpdate(int i) {
-  if (!overlap_) return;
+void OffloadTrainer::HostAdamW(int i, double lr, bool clip, float coef, int from, int to) {
   const std::string &name = param_slots_[i].name;
   const int64_t size = Numel(param_slots_[i]);
-  const AdamWHyper hy = AdamWHyperFor(options_.optimizer, overlap_lr_, param_slots_[i].shape.size());
+  const AdamWHyper hy = AdamWHyperFor(options_.optimizer, lr, param_slots_[i].shape.size());
   const HomeTier ptier = offload_.parameters_tier, otier = offload_.optimizer_state_tier;
   const int64_t s = step_ + 1;
-  const int now = generation_[i], next = 1 - now;
   const std::string pid = ParamId(name), gid = GradId(name);
   const std::string mid = ExpAvgId(name), vid = ExpAvgSqId(name);
-  TensorHome *const host = host_raw_;
-  // Reads of the tensors wait for the job, as for HostOptimizer; it names the stored
-  // generations itself, since the ids may point elsewhere by the time it runs.
-  transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *) -> absl::Status {
+  // Reads of the tensors wait for the job. It names the stored generations itself: the ids
+  // may point elsewhere by the time it runs.
+  transfers_->HostJob({gid}, {pid, mid, vid}, [=](TensorHome *host) -> absl::Status {
     std::vector<float> p(size), g(size), m(size), v(size);
-    RETURN_IF_ERROR(host->Get(Generation(pid, now), p.data(), size));
+    RETURN_IF_ERROR(host->Get(Generation(pid, from), p.data(), size));
     RETURN_IF_ERROR(host->Get(gid, g.data(), size));
-    RETURN_IF_ERROR(host->Get(Generation(mid, now), m.data(), size));
-    RETURN_IF_ERROR(host->Get(Generation(vid, now), v.data(), size));
+    RETURN_IF_ERROR(host->Get(Generation(mid, from), m.data(), size));
+    RETURN_IF_ERROR(host->Get(Generation(vid, from), v.data(), size));
+    if (clip) {
+      for (float &x : g) x *= coef;
+    }
     AdamWUpdate(p.data(), g.data(), m.data(), v.data(), size, hy, s);
-    RETURN_IF_ERROR(host->Put(Generation(pid, next), p.data(), size, ptier));
-    RETURN_IF_ERROR(host->Put(Generation(mid, next), m.data(), size, otier));
-    return host->Put(Generation(vid, next), v.data(), size, otier);
+    RETURN_IF_ERROR(host->Put(Generation(pid, to), p.data(), size, ptier));
+    RETURN_IF_ERROR(host->Put(Generation(mid, to), m.data(), size, otier));
+    return host->Put(Generation(vid, to), v.data(), size, otier);
   });
+}
+
+void OffloadTrainer::OverlapUpdate(int i) {
+  if (!overlap_) return;
+  HostAdamW(i, overlap_lr_, false, 1.0f, generation_[i], 1 - generation_[i]);
   overlapped_.push_back(i);
 }
 

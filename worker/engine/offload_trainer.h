@@ -312,8 +312,12 @@ class OffloadTrainer {
   std::vector<TraceEvent> *Tracing() { return tracing_ ? &trace_events_ : nullptr; }
   // Adds the squared norm of a complete gradient (tensor index i).
   void GradDone(int i, const DeviceBuffer &g);
-  // Queues tensor i's AdamW with an unclipped gradient, written beside its
-  // current parameters and moments (Generation), once its gradient is home.
+  // Queues tensor i's AdamW on the host thread, once its gradient is
+  // home: reads the parameters and moments of generation `from`, scales the
+  // gradient by `coef` when `clip`, writes generation `to`.
+  void HostAdamW(int i, double lr, bool clip, float coef, int from, int to);
+  // With overlap_: tensor i's AdamW with an unclipped gradient, written beside its
+  // current parameters and moments (the other Generation).
   void OverlapUpdate(int i);
   // After the norm is known: keeps the overlapped updates (ids point at them)
   // or ignores them (the next overlapped update overwrites them).
@@ -391,11 +395,11 @@ class OffloadTrainer {
   int64_t prefetched_bytes_ = 0;
   std::map<std::string, int64_t> step_writes_;
   std::set<std::string> at_home_;
-  // The home and the host's view of it (offload_), with ids resolved through
-  // aliases_ (the current generation of each tensor).
+  // The home with ids resolved through aliases_ (the current generation of each
+  // tensor). Host jobs see offload_.host_home (or the home) without aliases and
+  // name stored generations themselves.
   AliasTable aliases_;
-  std::unique_ptr<AliasedTensorHome> home_, host_home_;
-  TensorHome *host_raw_ = nullptr;
+  std::unique_ptr<AliasedTensorHome> home_;
   // Declared last: destroyed first, while mem_ still accounts its buffers.
   std::unique_ptr<Transfers> transfers_;
 };
