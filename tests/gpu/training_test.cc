@@ -1,10 +1,14 @@
 // The CUDA device against the CPU device on whole-model work: one decoder layer forward and
-// backward, a full training step (loss, gradients, updated weights), and a 50-step job whose
-// losses must stay within 2% of the CPU's at every step. bf16 through a whole network is
+// backward, a full training step (loss, gradients, updated weights), a 50-step job whose
+// losses must stay within 2% of the CPU's at every step, and a job as the worker runs it
+// (CudaJobTrainer from the job's token file and options against engine::Trainer, its
+// checkpoint, and a resume from that checkpoint). bf16 through a whole network is
 // looser than one kernel, so layer and gradient tolerances are 3e-2 / 5e-2 (normwise).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -12,10 +16,13 @@
 #include "gtest/gtest.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "worker/cuda/device.h"
+#include "worker/cuda/job_trainer.h"
 #include "worker/cuda/trainer.h"
+#include "worker/engine/checkpoint.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
 #include "worker/engine/thread_pool.h"
+#include "worker/engine/trainer.h"
 
 namespace lumen::cuda {
 namespace {
@@ -261,6 +268,105 @@ TEST_P(TrainingTest, FiftyStepLossesWithinTwoPercentOfCpu) {
     EXPECT_LE(rel, 0.02) << "step " << s;
   }
   std::printf("50-step job: worst relative loss difference %.4f (limit 0.02)\n", worst);
+}
+
+// A job's options as the worker builds them: the small model, AdamW with warmup and cosine,
+// clipping, 2 micro-batches of 4 x 64 tokens from a uint16 token file.
+engine::TrainerOptions JobOptions(const engine::ModelConfig& c, const std::string& data,
+                                  int64_t steps) {
+  engine::TrainerOptions o;
+  o.model = c;
+  o.optimizer.lr = 3e-3;
+  o.optimizer.beta2 = 0.95;
+  o.optimizer.weight_decay = 0.1;
+  o.optimizer.grad_clip = 1.0;
+  o.optimizer.warmup_steps = 3;
+  o.optimizer.schedule = engine::ScheduleKind::kCosine;
+  o.train.steps = steps;
+  o.train.seq_len = 64;
+  o.train.micro_batch_size = 4;
+  o.train.grad_accum_steps = 2;
+  o.train.seed = 5;
+  o.data.path = data;
+  o.num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return o;
+}
+
+TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
+  namespace fs = std::filesystem;
+  const engine::ModelConfig c = SmallConfig(GetParam());
+  const int64_t steps = 20, half = 10;
+  const fs::path dir = fs::path(::testing::TempDir()) /
+                       (GetParam() ? "job_test_tied" : "job_test_untied");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string data = (dir / "train.bin").string();
+  {
+    const auto ids = gpu_test::PatternTokens(40000, c.vocab_size, 11);
+    std::vector<uint16_t> u16(ids.begin(), ids.end());
+    std::ofstream(data, std::ios::binary)
+        .write(reinterpret_cast<const char*>(u16.data()), 2 * u16.size());
+  }
+  const engine::TrainerOptions o = JobOptions(c, data, steps);
+
+  // The admission estimate covers what the trainer allocates.
+  auto need = CudaJobTrainer::DeviceBytes(o);
+  ASSERT_TRUE(need.ok()) << need.status();
+  const int64_t before = dev_->in_use();
+  dev_->ResetPeak();
+  auto cpu = engine::Trainer::Create(o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = CudaJobTrainer::Create(o, dev_.get());
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+
+  auto step_both = [&](CudaJobTrainer& job, double* loss) {
+    auto lc = (*cpu)->Step();
+    ASSERT_TRUE(lc.ok()) << lc.status();
+    auto lg = job.Step();
+    ASSERT_TRUE(lg.ok()) << lg.status();
+    EXPECT_EQ(lg->step, lc->step);
+    EXPECT_DOUBLE_EQ(lg->lr, lc->lr);
+    EXPECT_EQ(lg->tokens, lc->tokens);
+    const double rel = std::fabs(lg->loss - lc->loss) / lc->loss;
+    std::printf("job step %2lld loss cpu %.5f gpu %.5f rel %.4f\n",
+                static_cast<long long>(lc->step), lc->loss, lg->loss, rel);
+    EXPECT_LE(rel, 0.02) << "step " << lc->step;
+    *loss = lg->loss;
+  };
+  double loss = 0;
+  for (int64_t s = 0; s < half; ++s) step_both(**gpu, &loss);
+  const int64_t used = dev_->peak() - before;
+  std::printf("device bytes: estimate %lld, used %lld\n", static_cast<long long>(*need),
+              static_cast<long long>(used));
+  EXPECT_LE(used, *need + (int64_t{64} << 10));
+  EXPECT_GE(used, *need * 9 / 10);
+
+  // The checkpoint holds the device's fp32 master weights bit for bit, and the step.
+  const std::string ckpt = (dir / "step-10").string();
+  ASSERT_TRUE((*gpu)->Export(ckpt).ok());
+  engine::ModelParams live, saved = engine::AllocateParams<float>(c);
+  ASSERT_TRUE((*gpu)->trainer().state().DownloadParams(&live).ok());
+  ASSERT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
+  auto lt = engine::NamedTensors(c, &live);
+  auto st = engine::NamedTensors(c, &saved);
+  ASSERT_EQ(lt.size(), st.size());
+  for (size_t i = 0; i < lt.size(); ++i) EXPECT_EQ(*lt[i].data, *st[i].data) << lt[i].name;
+
+  // Resumed from the checkpoint, the job continues as the one that kept running (up to the
+  // run-to-run spread of the fp32 atomics in the embedding and norm gradients).
+  engine::TrainerOptions ro = o;
+  ro.init_from = ckpt;
+  auto resumed = CudaJobTrainer::Create(ro, dev_.get());
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_TRUE((*resumed)->LoadOptimizerState(ckpt + "/" + engine::kOptimizerFile).ok());
+  EXPECT_EQ((*resumed)->step(), half);
+  for (int64_t s = half; s < steps; ++s) {
+    auto kept = (*gpu)->Step();
+    ASSERT_TRUE(kept.ok()) << kept.status();
+    step_both(**resumed, &loss);
+    EXPECT_NEAR(loss, kept->loss, 1e-3 * kept->loss) << "step " << s;
+  }
+  fs::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tied, TrainingTest, ::testing::Values(false, true));

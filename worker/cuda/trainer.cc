@@ -98,8 +98,9 @@ absl::StatusOr<std::unique_ptr<ResidentState>> ResidentState::Create(
   return s;
 }
 
-absl::Status ResidentState::Upload(const engine::ModelParams& params) {
-  auto host = GroupTensors(config_, const_cast<engine::ModelParams*>(&params));
+absl::Status ResidentState::UploadF32(const engine::ModelParams& in,
+                                     DeviceBuffer DeviceTensorGroup::*which) {
+  auto host = GroupTensors(config_, const_cast<engine::ModelParams*>(&in));
   cudaStream_t st = device_->compute_stream();
   for (size_t g = 0; g < groups_.size(); ++g) {
     DeviceTensorGroup& grp = groups_[g];
@@ -113,16 +114,33 @@ absl::Status ResidentState::Upload(const engine::ModelParams& params) {
       std::memcpy(staging.data() + hs.seg.offset, hs.host->data(), 4 * hs.seg.size);
     }
     const std::string op = absl::StrCat("upload group ", g);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grp.master.get(), staging.data(), 4 * grp.elems,
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync((grp.*which).get(), staging.data(), 4 * grp.elems,
                                          cudaMemcpyHostToDevice, st),
                          op);
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), op);  // staging goes out of scope
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ResidentState::Upload(const engine::ModelParams& params) {
+  RETURN_IF_ERROR(UploadF32(params, &DeviceTensorGroup::master));
+  cudaStream_t st = device_->compute_stream();
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    DeviceTensorGroup& grp = groups_[g];
+    const std::string op = absl::StrCat("upload group ", g);
     RETURN_IF_ERROR(kernels::F32ToBf16(grp.master.as<float>(), grp.elems, grp.param.as<bf16>(), st));
     for (DeviceBuffer* b : {&grp.grad, &grp.m, &grp.v}) {
       CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, 4 * grp.elems, st), op);
     }
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), op);  // staging goes out of scope
   }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "upload parameters");
   return absl::OkStatus();
+}
+
+absl::Status ResidentState::UploadMoments(const engine::ModelParams& m,
+                                          const engine::ModelParams& v) {
+  RETURN_IF_ERROR(UploadF32(m, &DeviceTensorGroup::m));
+  return UploadF32(v, &DeviceTensorGroup::v);
 }
 
 absl::Status ResidentState::InitRandom(uint64_t seed) {
@@ -149,7 +167,8 @@ absl::Status ResidentState::InitRandom(uint64_t seed) {
   return absl::OkStatus();
 }
 
-absl::Status ResidentState::Transfer(engine::ModelParams* out, bool grads) {
+absl::Status ResidentState::Download(DeviceBuffer DeviceTensorGroup::*which,
+                                    engine::ModelParams* out) {
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     *out = engine::AllocateParams<float>(config_);
   }
@@ -159,8 +178,8 @@ absl::Status ResidentState::Transfer(engine::ModelParams* out, bool grads) {
     DeviceTensorGroup& grp = groups_[g];
     std::vector<float> staging(grp.elems);
     const std::string op = absl::StrCat("download group ", g);
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging.data(), grads ? grp.grad.get() : grp.master.get(),
-                                         4 * grp.elems, cudaMemcpyDeviceToHost, st),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging.data(), (grp.*which).get(), 4 * grp.elems,
+                                         cudaMemcpyDeviceToHost, st),
                          op);
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), op);
     for (const HostSegment& hs : host[g]) {
@@ -172,11 +191,16 @@ absl::Status ResidentState::Transfer(engine::ModelParams* out, bool grads) {
 }
 
 absl::Status ResidentState::DownloadParams(engine::ModelParams* out) {
-  return Transfer(out, false);
+  return Download(&DeviceTensorGroup::master, out);
 }
 
 absl::Status ResidentState::DownloadGrads(engine::ModelParams* out) {
-  return Transfer(out, true);
+  return Download(&DeviceTensorGroup::grad, out);
+}
+
+absl::Status ResidentState::DownloadMoments(engine::ModelParams* m, engine::ModelParams* v) {
+  RETURN_IF_ERROR(Download(&DeviceTensorGroup::m, m));
+  return Download(&DeviceTensorGroup::v, v);
 }
 
 absl::Status ResidentState::ZeroGrads() {
@@ -251,6 +275,17 @@ absl::StatusOr<std::unique_ptr<CudaTrainer>> CudaTrainer::Create(
   ASSIGN_OR_RETURN(t->loss_sum_, device->Allocate(sizeof(double), "loss sum"));
   RETURN_IF_ERROR(t->model_->EnsureScratch(batch, seq));
   return t;
+}
+
+absl::StatusOr<int64_t> CudaTrainer::DeviceBytes(const engine::ModelConfig& config,
+                                                  int64_t batch, int64_t seq,
+                                                  const CudaLlamaOptions& options) {
+  // The scratch sizes depend on the shapes only; no device is touched.
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaLlama> model, CudaLlama::Create(nullptr, config, options));
+  const int64_t n = batch * seq, h = config.hidden_size;
+  return ResidentState::Bytes(config) + 2 * (config.num_hidden_layers + 1) * n * h +
+         2 * (2 * n * h) + sizeof(double) + model->LayerScratchBytes(batch, seq) +
+         model->HeadScratchBytes(batch, seq);
 }
 
 absl::Status CudaTrainer::RunMicroBatch(const int32_t* inputs, const int32_t* targets,
@@ -335,9 +370,10 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
   r.loss = loss_sum / static_cast<double>(total);
   r.grad_norm = norm;
   if (!std::isfinite(r.loss) || !std::isfinite(norm)) {
-    return absl::FailedPreconditionError(absl::StrCat("step ", step, ": loss ", r.loss,
-                                                      ", gradient norm ", norm,
-                                                      "; parameters unchanged"));
+    return absl::FailedPreconditionError(absl::StrCat("loss ", r.loss, ", gradient norm ", norm,
+                                                      " (update ", step,
+                                                      " not applied: parameters and moments "
+                                                      "unchanged)"));
   }
   double grad_scale = 1.0;
   if (max_grad_norm > 0) {

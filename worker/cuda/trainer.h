@@ -57,6 +57,9 @@ class ResidentState {
   // fp32 master weights / gradients into `out` (allocated to the config's shapes).
   absl::Status DownloadParams(engine::ModelParams* out);
   absl::Status DownloadGrads(engine::ModelParams* out);
+  // AdamW's first and second moments, to and from the host (a checkpoint's optimizer state).
+  absl::Status DownloadMoments(engine::ModelParams* m, engine::ModelParams* v);
+  absl::Status UploadMoments(const engine::ModelParams& m, const engine::ModelParams& v);
   absl::Status ZeroGrads();
   // Points the model at the resident tensors.
   void Bind(CudaLlama* model);
@@ -72,7 +75,11 @@ class ResidentState {
   // The groups with the host tensors each segment corresponds to.
   std::vector<std::vector<const std::vector<float>*>> HostTensors(
       const engine::ModelParams& p) const;
-  absl::Status Transfer(engine::ModelParams* out, bool grads);
+  // Copies each group's `which` buffer (fp32) into `out`, allocated to the config's shapes
+  // when it is not.
+  absl::Status Download(DeviceBuffer DeviceTensorGroup::*which, engine::ModelParams* out);
+  // Copies `in` into each group's `which` buffer (fp32); INVALID_ARGUMENT on a shape mismatch.
+  absl::Status UploadF32(const engine::ModelParams& in, DeviceBuffer DeviceTensorGroup::*which);
 
   CudaDevice* const device_;
   const engine::ModelConfig config_;
@@ -95,6 +102,11 @@ class CudaTrainer {
                                                              const engine::ModelConfig& config,
                                                              int64_t batch, int64_t seq,
                                                              const CudaLlamaOptions& options = {});
+  // Device bytes Create allocates for this shape (state, activation checkpoints, activation
+  // gradients, scratch; not the token ids of a step nor the device's GEMM workspace).
+  // INVALID_ARGUMENT for a config CudaLlama refuses.
+  static absl::StatusOr<int64_t> DeviceBytes(const engine::ModelConfig& config, int64_t batch,
+                                             int64_t seq, const CudaLlamaOptions& options = {});
   ResidentState& state() { return *state_; }
   CudaLlama& model() { return *model_; }
 

@@ -1,0 +1,106 @@
+#include "worker/cuda/job_trainer.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "worker/engine/checkpoint.h"
+#include "worker/engine/optimizer.h"
+
+namespace lumen::cuda {
+
+CudaLlamaOptions CudaJobTrainer::ModelOptions(const engine::TrainerOptions& options) {
+  CudaLlamaOptions o;
+  o.keep_activations = !options.activation_checkpointing;
+  return o;
+}
+
+absl::StatusOr<int64_t> CudaJobTrainer::DeviceBytes(const engine::TrainerOptions& options) {
+  RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
+  const engine::TrainConfig& t = options.train;
+  ASSIGN_OR_RETURN(const int64_t trainer,
+                   CudaTrainer::DeviceBytes(options.model, t.micro_batch_size, t.seq_len,
+                                            ModelOptions(options)));
+  const int64_t ids = 2 * t.grad_accum_steps * t.micro_batch_size * t.seq_len *
+                      static_cast<int64_t>(sizeof(int32_t));
+  return trainer + ids;
+}
+
+absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
+    const engine::TrainerOptions& options, CudaDevice* device) {
+  RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
+  const engine::TrainConfig& t = options.train;
+  std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
+  ASSIGN_OR_RETURN(job->data_, engine::TokenDataset::Open(options.data, t.seq_len,
+                                                          options.model.vocab_size));
+  engine::ModelParams params;
+  if (!options.init_from.empty()) {
+    params = engine::AllocateParams<float>(options.model);
+    RETURN_IF_ERROR(engine::LoadWeights(options.init_from, options.model, &params));
+  } else {
+    engine::InitParams(options.model, t.seed, &params);
+  }
+  ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model, t.micro_batch_size,
+                                                      t.seq_len, ModelOptions(options)));
+  RETURN_IF_ERROR(job->trainer_->state().Upload(params));
+  const int64_t n = t.grad_accum_steps * t.micro_batch_size * t.seq_len;
+  job->inputs_.resize(n);
+  job->targets_.resize(n);
+  return job;
+}
+
+absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
+  const auto start = std::chrono::steady_clock::now();
+  const engine::TrainConfig& t = options_.train;
+  const int64_t A = t.grad_accum_steps, B = t.micro_batch_size, T = t.seq_len;
+  for (int64_t a = 0; a < A; ++a) {
+    RETURN_IF_ERROR(data_->ReadBatch(step_, a, A, B, inputs_.data() + a * B * T,
+                                     targets_.data() + a * B * T));
+  }
+  const double lr = engine::LearningRate(options_.optimizer, step_, t.steps);
+  // CudaTrainer applies the weight decay to matrices only, as AdamWHyperFor does by rank.
+  const engine::AdamWHyper hyper = engine::AdamWHyperFor(options_.optimizer, lr, 2);
+  absl::StatusOr<CudaStepResult> r =
+      trainer_->Step(inputs_, targets_, A, hyper, options_.optimizer.grad_clip, step_ + 1);
+  if (!r.ok()) {
+    if (absl::IsFailedPrecondition(r.status())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step_, ": ", r.status().message(),
+          "; training diverged or the weights hold non-finite values. Lower optimizer.lr, set "
+          "optimizer.grad_clip or check init_from"));
+    }
+    return r.status();
+  }
+  engine::StepResult out;
+  out.step = step_;
+  out.loss = r->loss;
+  out.lr = lr;
+  out.grad_norm = r->grad_norm;
+  out.tokens = A * B * T;
+  out.step_time_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ++step_;
+  return out;
+}
+
+absl::Status CudaJobTrainer::Export(const std::string& dir) {
+  engine::ModelParams params, m, v;
+  RETURN_IF_ERROR(trainer_->state().DownloadParams(&params));
+  RETURN_IF_ERROR(trainer_->state().DownloadMoments(&m, &v));
+  RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
+  return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
+                                    step_);
+}
+
+absl::Status CudaJobTrainer::LoadOptimizerState(const std::string& path) {
+  engine::ModelParams m = engine::AllocateParams<float>(options_.model);
+  engine::ModelParams v = engine::AllocateParams<float>(options_.model);
+  int64_t step = 0;
+  RETURN_IF_ERROR(engine::LoadOptimizerState(path, options_.model, &m, &v, &step));
+  RETURN_IF_ERROR(trainer_->state().UploadMoments(m, v));
+  step_ = step;
+  return absl::OkStatus();
+}
+
+}  // namespace lumen::cuda
