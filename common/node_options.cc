@@ -175,6 +175,8 @@ absl::StatusOr<NodeOptions> Convert(const RawValues& values) {
 
   if (const std::string* v = get("device-memory")) {
     ASSIGN_OR_RETURN(o.device_memory_bytes, ParsePositiveBytes("device-memory", *v));
+  } else if (o.device == DeviceKind::kCuda) {
+    o.device_memory_bytes = 0;  // each worker's GPU: its free memory less 1 GiB
   }
   if (const std::string* v = get("host-memory")) {
     ASSIGN_OR_RETURN(o.host_memory_bytes, ParsePositiveBytes("host-memory", *v));
@@ -302,7 +304,9 @@ absl::StatusOr<NodeOptions> ParseNodeOptions(int argc, const char* const* argv) 
       {"listen", "Also serve clients on TCP host:port (loopback only until TLS exists)"},
       {"workers", "Worker processes: one per GPU, or N CPU devices (default 1)"},
       {"device", "Worker device: cpu or cuda (default cpu)"},
-      {"device-memory", "Memory budget per worker, e.g. 64MiB (default 1GiB)"},
+      {"device-memory",
+       "Memory budget per worker, e.g. 64MiB (default 1GiB on the CPU device; with --device "
+       "cuda, the GPU's free memory less 1GiB, and a smaller value emulates a smaller card)"},
       {"host-memory", "Memstore host-RAM arena, e.g. 8GiB (default 1GiB)"},
       {"metrics-address",
        "lumend's Prometheus endpoint host:port; port 0 picks one (default 127.0.0.1:0)"},

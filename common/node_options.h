@@ -52,7 +52,8 @@ struct NodeOptions {
   DeviceKind device = DeviceKind::kCpu;
 
   // Memory budget of each worker's device. On the CPU device this is a host buffer, so it
-  // comes out of host RAM on top of host_memory.
+  // comes out of host RAM on top of host_memory. With --device cuda and no --device-memory it
+  // is 0: each worker takes its GPU's free memory less 1 GiB.
   int64_t device_memory_bytes = int64_t{1} << 30;
 
   // The memstore's host-RAM arena. Larger keeps more state off NVMe; it is allocated up front.

@@ -68,6 +68,15 @@ TEST_F(NodeOptionsTest, Defaults) {
   EXPECT_EQ(o->optimizer_overlap, "backward");
 }
 
+TEST_F(NodeOptionsTest, CudaDeviceMemoryDefaultsToTheWholeGpu) {
+  absl::StatusOr<NodeOptions> o = Parse({"--device", "cuda"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->device_memory_bytes, 0);  // each worker's GPU decides
+  o = Parse({"--device", "cpu"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->device_memory_bytes, int64_t{1} << 30);
+}
+
 TEST_F(NodeOptionsTest, EveryFlag) {
   absl::StatusOr<NodeOptions> o =
       Parse({"--data-dir", "/d", "--socket", "/s/c.sock", "--listen", "127.0.0.1:7000",

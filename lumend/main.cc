@@ -31,11 +31,6 @@ int main(int argc, char** argv) {
   absl::StatusOr<lumen::NodeOptions> options = lumen::ParseNodeOptions(argc, argv);
   if (!options.ok()) return Fail(options.status());
   if (options->help_shown) return 0;
-  if (options->device == lumen::DeviceKind::kCuda) {
-    // Refuse now rather than restart workers that cannot start.
-    return Fail(absl::FailedPreconditionError(
-        "--device cuda: this build has no CUDA device yet; use --device cpu"));
-  }
 
   absl::Status prepared = lumen::PrepareDataDir(options->data_dir);
   if (!prepared.ok()) return Fail(prepared);

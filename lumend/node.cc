@@ -7,7 +7,9 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <spawn.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -380,6 +382,63 @@ class Node::Metrics {
   std::map<std::string, int> restarts_counted_;
 };
 
+absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& options,
+                                                            const std::string& worker_exe) {
+  std::vector<std::string> answers;
+  if (options.device != DeviceKind::kCuda) return answers;
+  for (int i = 0; i < options.workers; ++i) {
+    std::vector<std::string> args = {worker_exe,
+                                     "--probe",
+                                     "--device",
+                                     std::string(DeviceKindName(options.device)),
+                                     "--id",
+                                     absl::StrCat(i),
+                                     "--device-memory",
+                                     absl::StrCat(options.device_memory_bytes)};
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+      return absl::InternalError(absl::StrCat("pipe: ", strerror(errno)));
+    }
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], STDERR_FILENO);
+    pid_t pid = 0;
+    const int rc = posix_spawn(&pid, worker_exe.c_str(), &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    close(fds[1]);
+    if (rc != 0) {
+      close(fds[0]);
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot run ", worker_exe, ": ", strerror(rc)));
+    }
+    std::string output;
+    char buf[4096];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof(buf))) != 0;) {
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) break;
+      output.append(buf, n);
+    }
+    close(fds[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    const std::string answer(absl::StripAsciiWhitespace(output));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--device cuda: worker-", i, " cannot drive GPU ", i, ": ",
+          answer.empty() ? absl::StrCat("the probe ", absl::StrJoin(args, " "),
+                                        " failed without saying why")
+                         : answer));
+    }
+    answers.push_back(absl::StrCat("worker-", i, ": ", answer));
+  }
+  return answers;
+}
+
 absl::StatusOr<std::unique_ptr<Node>> Node::Create(const NodeOptions& options,
                                                    std::unique_ptr<DataDirLock> lock,
                                                    const std::string& self_exe,
@@ -392,6 +451,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Create(const NodeOptions& options,
   node->info_.pid = getpid();
 
   ASSIGN_OR_RETURN(ChildBinaries bins, FindChildBinaries(options.bin_dir, self_exe));
+  ASSIGN_OR_RETURN(std::vector<std::string> devices, ProbeWorkerDevices(options, bins.worker));
+  for (const std::string& d : devices) LOG(INFO) << d;
 
   // Distinct free ports for the children's metrics endpoints.
   std::set<int> used;

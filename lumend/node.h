@@ -65,6 +65,16 @@ struct ChildBinaries {
 absl::StatusOr<ChildBinaries> FindChildBinaries(const std::string& bin_dir,
                                                 const std::string& self_exe);
 
+// With --device cuda, asks each worker whether it can drive its GPU before the node starts:
+// runs `<worker_exe> --probe --device cuda --id I --device-memory B` for every worker I and
+// returns their answers, prefixed "worker-I: " ("worker-0: NVIDIA ... (sm_90, 79.2 GiB),
+// budget N bytes").
+// FAILED_PRECONDITION quoting the worker when one cannot (this build has no CUDA, no driver,
+// fewer GPUs than --workers), so lumend refuses to start instead of restarting workers that
+// cannot run. Empty for the CPU device.
+absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& options,
+                                                            const std::string& worker_exe);
+
 // The metrics port of each child.
 struct ChildPorts {
   int memstore = 0;

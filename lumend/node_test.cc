@@ -159,6 +159,47 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   EXPECT_THAT(specs[1].argv, ::testing::Contains("cuda"));
 }
 
+// A stand-in worker for the CUDA probe: GPU 0 works, GPU 1 does not (as on a one-GPU machine).
+std::string FakeProbeWorker(const std::string& dir) {
+  const std::string path = dir + "/worker";
+  std::ofstream(path) << "#!/bin/sh\n"
+                         "echo \"$*\" >> " << dir << "/calls\n"
+                         "case \"$*\" in\n"
+                         "  *'--id 0'*) echo 'Fake GPU (sm_90, 80.0 GiB), budget 1024 bytes'; exit 0;;\n"
+                         "  *) echo 'GPU 1 does not exist: this machine has 1 usable CUDA device(s)' >&2;"
+                         " exit 1;;\n"
+                         "esac\n";
+  chmod(path.c_str(), 0755);
+  return path;
+}
+
+TEST(ProbeWorkerDevicesTest, AsksEachCudaWorkerAndQuotesTheOneThatCannot) {
+  const std::string dir = TestDir("probe");
+  const std::string worker = FakeProbeWorker(dir);
+  NodeOptions o;
+  o.workers = 1;
+  o.device = DeviceKind::kCuda;
+  o.device_memory_bytes = 0;
+  auto answers = ProbeWorkerDevices(o, worker);
+  ASSERT_TRUE(answers.ok()) << answers.status();
+  EXPECT_THAT(*answers, ElementsAre("worker-0: Fake GPU (sm_90, 80.0 GiB), budget 1024 bytes"));
+  EXPECT_EQ(ReadFile(dir + "/calls"), "--probe --device cuda --id 0 --device-memory 0\n");
+
+  o.workers = 2;
+  answers = ProbeWorkerDevices(o, worker);
+  EXPECT_EQ(answers.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(answers.status().message(),
+              HasSubstr("worker-1 cannot drive GPU 1: GPU 1 does not exist: this machine has 1"));
+
+  EXPECT_EQ(ProbeWorkerDevices(o, dir + "/missing").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  o.device = DeviceKind::kCpu;  // nothing to ask
+  answers = ProbeWorkerDevices(o, dir + "/missing");
+  ASSERT_TRUE(answers.ok());
+  EXPECT_TRUE(answers->empty());
+}
+
 TEST(StatusFilesTest, NodeJsonAndTargets) {
   LumendInfo info{"/d", "/d/lumend.sock", 42, "127.0.0.1:9000"};
   ProcessStatus p;

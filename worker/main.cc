@@ -1,4 +1,5 @@
 // worker: drives one device and runs the training tasks the coordinator sends. Started by lumend.
+#include <iostream>
 #include <string>
 #include <thread>
 
@@ -7,6 +8,7 @@
 #include "common/metrics.h"
 #include "common/process.h"
 #include "glog/logging.h"
+#include "worker/cuda_jobs.h"
 #include "worker/device_profile.h"
 #include "worker/service.h"
 #include "memstore/memstore_client.h"
@@ -19,12 +21,15 @@ int main(int argc, char** argv) {
   int id = 0;
   int64_t device_memory = 1 << 30;
   int threads = 0;
-  app.add_option("--data-dir", data_dir, "Node data directory")->required();
-  app.add_option("--id", id, "Worker index");
-  app.add_option("--socket", socket, "Unix socket of the worker service")->required();
+  app.add_option("--data-dir", data_dir, "Node data directory");
+  app.add_option("--id", id, "Worker index (with --device cuda, the GPU it drives)");
+  app.add_option("--socket", socket, "Unix socket of the worker service");
   app.add_option("--metrics-address", metrics_address, "Prometheus endpoint");
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_option("--device-memory", device_memory, "Device memory budget in bytes");
+  app.add_option("--device-memory", device_memory,
+                 "Device memory budget in bytes (with --device cuda, 0 = the GPU's free memory "
+                 "less 1 GiB)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--threads", threads, "CPU kernel threads (0 = all cores)");
   std::string memstore_socket, optimizer_state_tier = "host";
   app.add_option("--memstore-socket", memstore_socket,
@@ -43,22 +48,46 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   bool reprofile = false;
   app.add_flag("--reprofile", reprofile, "Measure the device again instead of using the cache");
+  bool probe = false;
+  app.add_flag("--probe", probe,
+               "Print the device this worker would drive and exit: 0 when it can be used, 1 "
+               "(saying why) when not. lumend runs this before starting CUDA workers");
   CLI11_PARSE(app, argc, argv);
+  const bool cuda = device == "cuda";
+  std::string device_description = "cpu";
+  if (cuda) {
+    absl::StatusOr<lumen::CudaDeviceInfo> gpu = lumen::ProbeCudaDevice(id, device_memory);
+    if (!gpu.ok()) {
+      std::cerr << (probe ? "" : absl::StrCat("worker-", id, ": ")) << gpu.status().message()
+                << std::endl;
+      return probe ? 1 : 2;
+    }
+    device_description = gpu->description;
+    device_memory = gpu->budget_bytes;
+  } else if (device_memory <= 0) {
+    std::cerr << "--device-memory must be greater than zero on the CPU device" << std::endl;
+    return probe ? 1 : 2;
+  }
+  if (probe) {
+    std::cout << device_description << ", budget " << device_memory << " bytes" << std::endl;
+    return 0;
+  }
+  if (data_dir.empty() || socket.empty()) {
+    std::cerr << "--data-dir and --socket are required" << std::endl;
+    return 2;
+  }
   // Measuring below can outlast lumend's stop timeout (and waits for other workers' turns);
   // nothing it does needs cleaning up, so a stop during it simply exits.
   lumen::ExitOnTerminationDuringStartup();
 
-  if (device == "cuda") {
-    LOG(ERROR) << "--device cuda: this build has no CUDA device yet; start lumend with "
-                  "--device cpu";
-    return 2;
-  }
   auto metrics = lumen::MetricsServer::Create(metrics_address);
   if (!metrics.ok()) LOG(FATAL) << metrics.status();
   lumen::WorkerServiceOptions options;
   options.name = absl::StrCat("worker-", id);
   options.device = device;
   options.runner.worker_name = options.name;
+  options.runner.device = cuda ? lumen::DeviceKind::kCuda : lumen::DeviceKind::kCpu;
+  options.runner.device_index = id;
   options.runner.num_threads = threads;
   options.runner.device_memory_budget_bytes = device_memory;
   std::unique_ptr<lumen::GrpcMemstoreClient> memstore;
@@ -78,8 +107,11 @@ int main(int argc, char** argv) {
     }
   }
   auto profile = lumen::CachedProfile(data_dir, options.name, reprofile, [&] {
-    auto figures = lumen::MeasureCpuDevice(
-        threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()));
+    auto figures =
+        cuda ? lumen::MeasureCudaDevice(id)
+             : lumen::MeasureCpuDevice(threads > 0 ? threads
+                                                   : static_cast<int>(
+                                                         std::thread::hardware_concurrency()));
     if (figures.ok() && memstore_up) {
       auto call = lumen::MeasureMemstoreCall(memstore.get(), options.name);
       if (call.ok()) {
@@ -92,8 +124,14 @@ int main(int argc, char** argv) {
   });
   if (profile.ok()) {
     options.profile = *profile;
-    LOG(INFO) << "device: " << (*profile)["fp32_gemm_flops"] / 1e9 << " GFLOP/s fp32 GEMM, "
-              << (*profile)["copy_bytes_per_s"] / 1e9 << " GB/s copies";
+    if (cuda) {
+      LOG(INFO) << "device: " << device_description << ", "
+                << (*profile)["bf16_gemm_flops"] / 1e12 << " TFLOP/s bf16 GEMM, "
+                << (*profile)["h2d_bytes_per_s"] / 1e9 << " GB/s host->device";
+    } else {
+      LOG(INFO) << "device: " << (*profile)["fp32_gemm_flops"] / 1e9 << " GFLOP/s fp32 GEMM, "
+                << (*profile)["copy_bytes_per_s"] / 1e9 << " GB/s copies";
+    }
   } else {
     LOG(WARNING) << "cannot measure the device: " << profile.status();
   }
@@ -105,7 +143,7 @@ int main(int argc, char** argv) {
   lumen::WorkerService service(options, (*metrics)->registry());
   auto server = lumen::StartGrpcServer({socket, ""}, {&service}, (*metrics)->registry());
   if (!server.ok()) LOG(FATAL) << server.status();
-  LOG(INFO) << options.name << " ready (" << device << ", budget " << device_memory
+  LOG(INFO) << options.name << " ready (" << device_description << ", budget " << device_memory
             << " bytes); metrics on " << (*metrics)->address();
 
   const int sig = lumen::WaitForTerminationSignal();

@@ -12,6 +12,8 @@
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
+#include "worker/cuda_jobs.h"
+#include "worker/device_trainer.h"
 #include "worker/memstore_tensor_home.h"
 
 namespace lumen {
@@ -21,7 +23,24 @@ namespace fs = std::filesystem;
 
 // `tokenizer` (read when the task started; null when the token file has none) goes into the
 // checkpoint beside the weights.
-absl::Status WriteCheckpoint(engine::OffloadTrainer& trainer, const RunTaskRequest& request,
+// The CPU device's trainer: engine::OffloadTrainer, resident or streaming through the memstore.
+class CpuDeviceTrainer : public DeviceTrainer {
+ public:
+  explicit CpuDeviceTrainer(std::unique_ptr<engine::OffloadTrainer> trainer)
+      : trainer_(std::move(trainer)) {}
+  absl::StatusOr<engine::OffloadStepResult> Step() override { return trainer_->Step(); }
+  absl::Status Export(const std::string& dir) override { return trainer_->Export(dir); }
+  int64_t TrainingStateBytes() const override { return trainer_->TrainingStateBytes(); }
+  bool resident() const override { return trainer_->resident(); }
+  const std::vector<engine::TraceEvent>& first_step_trace() const override {
+    return trainer_->first_step_trace();
+  }
+
+ private:
+  std::unique_ptr<engine::OffloadTrainer> trainer_;
+};
+
+absl::Status WriteCheckpoint(DeviceTrainer& trainer, const RunTaskRequest& request,
                              const TokenizerFiles* tokenizer, int64_t step,
                              const std::function<void(const TaskEvent&)>& emit) {
   const fs::path final_dir = fs::path(request.output_dir()) / absl::StrCat("step-", step);
@@ -205,6 +224,9 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
 
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
+  if (options.device == DeviceKind::kCuda) {
+    return CheckCudaTask(trainer_options, options.worker_name, options.device_memory_budget_bytes);
+  }
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
                    engine::OffloadTrainer::Requirements(trainer_options));
   const int64_t budget = options.device_memory_budget_bytes;
@@ -268,7 +290,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                    TrainerOptionsFromSpec(spec, options.num_threads));
   // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
   std::unique_ptr<MemstoreTensorHome> home;
-  if (options.memstore != nullptr) {
+  if (options.memstore != nullptr && options.device == DeviceKind::kCpu) {
     home = std::make_unique<MemstoreTensorHome>(options.memstore, request.job_id() + "/");
   }
   struct FreeHome {
@@ -279,27 +301,38 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     }
   } free_home{home.get()};
   std::unique_ptr<engine::ThrottledTensorHome> link;
-  if (home != nullptr && options.link_bytes_per_s > 0) {
-    link = std::make_unique<engine::ThrottledTensorHome>(home.get(), options.link_bytes_per_s);
+  std::unique_ptr<DeviceTrainer> trainer;
+  if (options.device == DeviceKind::kCuda) {
+    if (request.schedule().ops_size() > 0) {
+      LOG(INFO) << request.job_id() << ": the coordinator's schedule is for streaming "
+                << "through the memstore; on a CUDA device the job stays resident";
+    }
+    ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
+                                                options.device_memory_budget_bytes));
+  } else {
+    if (home != nullptr && options.link_bytes_per_s > 0) {
+      link = std::make_unique<engine::ThrottledTensorHome>(home.get(), options.link_bytes_per_s);
+    }
+    engine::OffloadOptions offload;
+    ASSIGN_OR_RETURN(offload.schedule, ParameterScheduleFromProto(
+                                           request.schedule(), spec.model().num_hidden_layers()));
+    if (request.schedule().ops_size() > 0) {
+      LOG(INFO) << request.job_id() << ": the coordinator's schedule has "
+                << request.schedule().ops_size() << " ops, parameters read "
+                << request.schedule().prefetch_distance() << " layer(s) ahead, predicted step "
+                << request.schedule().predicted_step_time_s() << " s";
+    }
+    offload.device_budget_bytes = options.device_memory_budget_bytes;
+    offload.optimizer_state_tier = options.optimizer_state_tier;
+    offload.overlap_optimizer = options.optimizer_overlaps_backward;
+    offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();
+    // The optimizer runs in this process on host memory next to the memstore's tensors: it
+    // does not cross the (modelled) device link.
+    offload.host_home = home.get();
+    ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> offload_trainer,
+                     engine::OffloadTrainer::Create(trainer_options, offload));
+    trainer = std::make_unique<CpuDeviceTrainer>(std::move(offload_trainer));
   }
-  engine::OffloadOptions offload;
-  ASSIGN_OR_RETURN(offload.schedule,
-                   ParameterScheduleFromProto(request.schedule(), spec.model().num_hidden_layers()));
-  if (request.schedule().ops_size() > 0) {
-    LOG(INFO) << request.job_id() << ": the coordinator's schedule has "
-              << request.schedule().ops_size() << " ops, parameters read "
-              << request.schedule().prefetch_distance() << " layer(s) ahead, predicted step "
-              << request.schedule().predicted_step_time_s() << " s";
-  }
-  offload.device_budget_bytes = options.device_memory_budget_bytes;
-  offload.optimizer_state_tier = options.optimizer_state_tier;
-  offload.overlap_optimizer = options.optimizer_overlaps_backward;
-  offload.home = link != nullptr ? static_cast<engine::TensorHome*>(link.get()) : home.get();
-  // The optimizer runs in this process on host memory next to the memstore's tensors: it does
-  // not cross the (modelled) device link.
-  offload.host_home = home.get();
-  ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> trainer,
-                   engine::OffloadTrainer::Create(trainer_options, offload));
   // Read once, so every checkpoint of the job carries the tokenizer the job started with.
   ASSIGN_OR_RETURN(std::optional<TokenizerFiles> tokenizer,
                    ReadTokenizerFiles(spec.data().path()));
@@ -309,8 +342,12 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
         tokenizer->info.vocab_size, " (", TokenizerSidecarPath(spec.data().path()), ")"));
   }
   const TokenizerFiles* tokenizer_files = tokenizer.has_value() ? &*tokenizer : nullptr;
-  LOG(INFO) << request.job_id() << ": training " << spec.train().steps() << " steps with "
-            << trainer_options.num_threads << " threads; training state "
+  LOG(INFO) << request.job_id() << ": training " << spec.train().steps() << " steps on "
+            << (options.device == DeviceKind::kCuda
+                    ? absl::StrCat("GPU ", options.device_index)
+                    : absl::StrCat("the CPU device with ", trainer_options.num_threads,
+                                   " threads"))
+            << "; training state "
             << trainer->TrainingStateBytes() << " bytes, device budget "
             << options.device_memory_budget_bytes << " bytes"
             << (trainer->resident() ? " (resident)" : " (offloaded through the memstore)");
@@ -350,7 +387,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
     emit(event);
-    if (step == 0) {
+    if (step == 0 && !trainer->first_step_trace().empty()) {
       std::error_code ec;
       fs::create_directories(request.output_dir(), ec);
       const std::string path = (fs::path(request.output_dir()) / "trace-step-1.json").string();

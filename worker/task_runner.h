@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/node_options.h"
 #include "proto/lumen.pb.h"
 #include "memstore/memstore_client.h"
 #include "worker/engine/offload_trainer.h"
@@ -20,6 +21,10 @@ namespace lumen {
 struct TaskRunnerOptions {
   // "worker-0", for messages.
   std::string worker_name = "worker-0";
+  // The device this worker drives: the CPU device, or GPU `device_index` (worker/cuda_jobs.h:
+  // jobs must fit it with everything resident).
+  DeviceKind device = DeviceKind::kCpu;
+  int device_index = 0;
   // Threads for the CPU kernels; 0 uses every core.
   int num_threads = 0;
   // Device memory the training may use. A job whose training state does not fit streams its
@@ -53,7 +58,7 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
 
 // Whether `spec` can train on this worker, from its shape alone: its largest op must fit the
 // device budget, and what does not stay on the device must fit the memstore's free space in
-// the tiers it goes to. RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;
+// the tiers it goes to (on a CUDA device, everything must fit the device). RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;
 // INVALID_ARGUMENT for a spec the engine refuses; the memstore's error when it cannot tell how
 // much space is free.
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options);

@@ -8,6 +8,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "memstore/memstore_client.h"
+#include "worker/cuda_jobs.h"
 
 namespace lumen {
 namespace {
@@ -53,6 +54,51 @@ JobSpec Spec(int micro_batch) {
   spec.mutable_train()->set_grad_accum_steps(2);
   return spec;
 }
+
+#ifdef LUMEN_CUDA_BUILT
+// Admission on a CUDA device is arithmetic on the shapes: no GPU needed.
+TEST(CudaTaskTest, AdmissionCountsEverythingResidentOnTheGpu) {
+  TaskRunnerOptions options;
+  options.device = DeviceKind::kCuda;
+  JobSpec spec = Spec(1);
+  spec.mutable_model()->set_hidden_size(128);  // head_dim 32
+  options.device_memory_budget_bytes = int64_t{1} << 30;
+  EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options);
+  options.device_memory_budget_bytes = 16 << 20;  // less than cuBLASLt's workspace
+  const absl::Status s = CheckTask(spec, options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("of GPU memory with everything resident"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("worker-0's budget is 16.00 MiB"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("does not yet stream"));
+  // The CUDA attention has kernels for head_dim 32, 64 and 128 only.
+  options.device_memory_budget_bytes = int64_t{1} << 30;
+  const absl::Status h = CheckTask(Spec(1), options);
+  EXPECT_EQ(h.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(h.message()), HasSubstr("head_dim 16"));
+}
+
+TEST(CudaTaskTest, RunWithoutAGpuSaysWhy) {
+  if (ProbeCudaDevice(0, 0).ok()) GTEST_SKIP() << "this machine has a GPU";
+  TaskRunnerOptions options;
+  options.device = DeviceKind::kCuda;
+  RunTaskRequest request;
+  *request.mutable_spec() = Spec(1);
+  request.mutable_spec()->mutable_model()->set_hidden_size(128);
+  request.set_job_id("j");
+  const absl::Status s =
+      RunTask(request, options, [](const TaskEvent&) {}, [] { return false; });
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("no usable CUDA device"));
+}
+#else
+TEST(CudaTaskTest, BuildWithoutCudaSaysSo) {
+  TaskRunnerOptions options;
+  options.device = DeviceKind::kCuda;
+  const absl::Status s = CheckTask(Spec(1), options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("has no CUDA device"));
+}
+#endif
 
 TEST(CheckTaskTest, BudgetBelowTheLargestOpNamesTheOpAndTheBytes) {
   TaskRunnerOptions options;

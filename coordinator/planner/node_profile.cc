@@ -30,7 +30,10 @@ double MeasuredDeviceFlops(const WorkerInfo& worker, int64_t hidden_size) {
       rates[static_cast<double>(h)] = value;
     }
   }
-  if (rates.empty()) return Figure(worker.profile(), "fp32_gemm_flops");
+  if (rates.empty()) {
+    const double bf16 = Figure(worker.profile(), "bf16_gemm_flops");
+    return bf16 > 0 ? bf16 : Figure(worker.profile(), "fp32_gemm_flops");
+  }
   const double h = static_cast<double>(std::max<int64_t>(1, hidden_size));
   if (h <= rates.begin()->first) return rates.begin()->second;
   if (h >= rates.rbegin()->first) return rates.rbegin()->second;
@@ -69,7 +72,12 @@ absl::StatusOr<NodeProfile> NodeHardwareProfile(const GetClusterInfoReply& clust
   d.peak_fp32_flops = d.peak_bf16_flops = MeasuredDeviceFlops(*first, hidden_size);
   d.matmul_efficiency = 1.0;
   d.memory_bandwidth = Figure(first->profile(), "copy_bytes_per_s");
-  d.link_peak = first->link_bytes_per_s() > 0 ? first->link_bytes_per_s() : d.memory_bandwidth;
+  // The link: the modelled one when set, else a CUDA worker's measured pinned host->device
+  // copies, else (the CPU device) its memory copies.
+  const double h2d = Figure(first->profile(), "h2d_bytes_per_s");
+  d.link_peak = first->link_bytes_per_s() > 0 ? first->link_bytes_per_s()
+                : h2d > 0                      ? h2d
+                                               : d.memory_bandwidth;
   d.link_efficiency = 1.0;
   d.shares_host_cpu = first->device() == "cpu";
   // A call's wall time, not only its CPU time: the context switches and wake-ups around it

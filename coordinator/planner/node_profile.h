@@ -19,8 +19,9 @@ class WorkerInfo;
 
 // The device's training rate for a model of `hidden_size`: the workers measure their engine's
 // decoder-layer FLOP/s at a few hidden sizes ("decoder_flops_per_s_h<H>"); this interpolates
-// them in log(H) (flat outside the measured range). Falls back to "fp32_gemm_flops" when a
-// worker measured no decoder rates (a profile cached by an older version). 0 when neither.
+// them in log(H) (flat outside the measured range). Falls back to "bf16_gemm_flops" (a CUDA
+// worker's large-GEMM rate) and then "fp32_gemm_flops" (a profile cached by an older version)
+// when a worker measured no decoder rates. 0 when it has none of them.
 double MeasuredDeviceFlops(const WorkerInfo& worker, int64_t hidden_size);
 
 // Device: the reachable workers' count, budget (all usable), decoder rate for `hidden_size`

@@ -75,6 +75,26 @@ TEST(NodeProfileTest, BuildsTheProfileFromMeasuredFigures) {
   EXPECT_DOUBLE_EQ(NodeHardwareProfile(linked, 512)->hardware.device.LinkBandwidth(), 4e7);
 }
 
+TEST(NodeProfileTest, CudaWorkerFigures) {
+  GetClusterInfoReply c = Cluster();
+  for (WorkerInfo& w : *c.mutable_workers()) {
+    w.set_device("cuda");
+    auto& p = *w.mutable_profile();
+    p.clear();
+    p["bf16_gemm_flops"] = 6e14;
+    p["h2d_bytes_per_s"] = 2.5e10;
+    p["d2h_bytes_per_s"] = 2.4e10;
+    p["copy_bytes_per_s"] = 1.5e12;
+  }
+  auto node = NodeHardwareProfile(c, 4096);
+  ASSERT_TRUE(node.ok()) << node.status();
+  const DeviceProfile& d = node->hardware.device;
+  EXPECT_EQ(d.kind, "cuda (measured)");
+  EXPECT_DOUBLE_EQ(d.MatmulFlops(false), 6e14);
+  EXPECT_DOUBLE_EQ(d.LinkBandwidth(), 2.5e10);  // pinned host->device copies
+  EXPECT_FALSE(d.shares_host_cpu);
+}
+
 TEST(NodeProfileTest, MissingFiguresSayWhy) {
   GetClusterInfoReply c = Cluster();
   for (WorkerInfo& w : *c.mutable_workers()) w.set_reachable(false);

@@ -18,6 +18,7 @@
 #include "worker/cuda/device.h"
 #include "worker/cuda/job_trainer.h"
 #include "worker/cuda/trainer.h"
+#include "worker/cuda_jobs.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
@@ -366,6 +367,59 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
     step_both(**resumed, &loss);
     EXPECT_NEAR(loss, kept->loss, 1e-3 * kept->loss) << "step " << s;
   }
+  fs::remove_all(dir);
+}
+
+// The worker's side (worker/cuda_jobs.h): admission, the choice between kept and recomputed
+// activations by budget, and a job's steps and checkpoint through the DeviceTrainer interface.
+TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
+  namespace fs = std::filesystem;
+  const engine::ModelConfig c = SmallConfig(GetParam());
+  const fs::path dir = fs::path(::testing::TempDir()) /
+                       (GetParam() ? "worker_job_tied" : "worker_job_untied");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string data = (dir / "train.bin").string();
+  {
+    const auto ids = gpu_test::PatternTokens(40000, c.vocab_size, 13);
+    std::vector<uint16_t> u16(ids.begin(), ids.end());
+    std::ofstream(data, std::ios::binary)
+        .write(reinterpret_cast<const char*>(u16.data()), 2 * u16.size());
+  }
+  engine::TrainerOptions o = JobOptions(c, data, 3);
+  o.train.micro_batch_size = 8;
+  o.train.seq_len = 128;
+  auto keep = CudaJobTrainer::DeviceBytes(o);
+  engine::TrainerOptions ro = o;
+  ro.activation_checkpointing = true;
+  auto recompute = CudaJobTrainer::DeviceBytes(ro);
+  ASSERT_TRUE(keep.ok() && recompute.ok());
+  ASSERT_LT(*recompute, *keep);
+  constexpr int64_t kWorkspace = int64_t{32} << 20;  // cuBLASLt's, inside the budget
+  // Between the two: admitted, and trains recomputing each layer within the budget.
+  const int64_t budget = kWorkspace + (*recompute + *keep) / 2;
+  EXPECT_TRUE(CheckCudaTask(o, "worker-0", budget).ok());
+  const absl::Status refused = CheckCudaTask(o, "worker-0", kWorkspace + *recompute / 2);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  auto trainer = CreateCudaTrainer(o, 0, budget);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  EXPECT_TRUE((*trainer)->resident());
+  EXPECT_EQ((*trainer)->TrainingStateBytes(), ResidentState::Bytes(c));
+  for (int s = 0; s < 3; ++s) {
+    auto r = (*trainer)->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(std::isfinite(r->loss));
+    EXPECT_EQ(r->device_memory_budget_bytes, budget);
+    EXPECT_GT(r->device_memory_peak_bytes, *recompute);
+    EXPECT_LE(r->device_memory_peak_bytes, budget);
+    EXPECT_GT(r->compute_seconds, 0);
+    EXPECT_LE(r->compute_seconds, r->step_time_s);
+  }
+  const std::string ckpt = (dir / "step-3").string();
+  ASSERT_TRUE((*trainer)->Export(ckpt).ok());
+  engine::ModelParams saved = engine::AllocateParams<float>(c);
+  EXPECT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
+  trainer->reset();
   fs::remove_all(dir);
 }
 

@@ -61,8 +61,10 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   const double lr = engine::LearningRate(options_.optimizer, step_, t.steps);
   // CudaTrainer applies the weight decay to matrices only, as AdamWHyperFor does by rank.
   const engine::AdamWHyper hyper = engine::AdamWHyperFor(options_.optimizer, lr, 2);
+  const auto device_start = std::chrono::steady_clock::now();
   absl::StatusOr<CudaStepResult> r =
       trainer_->Step(inputs_, targets_, A, hyper, options_.optimizer.grad_clip, step_ + 1);
+  const auto end = std::chrono::steady_clock::now();
   if (!r.ok()) {
     if (absl::IsFailedPrecondition(r.status())) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -78,8 +80,8 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   out.lr = lr;
   out.grad_norm = r->grad_norm;
   out.tokens = A * B * T;
-  out.step_time_s =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  out.step_time_s = std::chrono::duration<double>(end - start).count();
+  last_device_seconds_ = std::chrono::duration<double>(end - device_start).count();
   ++step_;
   return out;
 }

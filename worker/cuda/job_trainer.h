@@ -51,6 +51,9 @@ class CudaJobTrainer {
   absl::Status LoadOptimizerState(const std::string& path);
 
   int64_t step() const { return step_; }
+  // Wall seconds of the last step's device work: from the upload of its token ids to the end
+  // of AdamW (the host only waits meanwhile), without reading the token file.
+  double last_device_seconds() const { return last_device_seconds_; }
   const engine::TrainerOptions& options() const { return options_; }
   CudaTrainer& trainer() { return *trainer_; }
 
@@ -62,6 +65,7 @@ class CudaJobTrainer {
   std::unique_ptr<CudaTrainer> trainer_;
   std::vector<int32_t> inputs_, targets_;
   int64_t step_ = 0;
+  double last_device_seconds_ = 0;
 };
 
 }  // namespace lumen::cuda

@@ -2,6 +2,7 @@
 // on random inputs: bf16 outputs within 1e-2 normwise relative error, fp32 outputs within
 // 1e-5. Inputs are rounded to bf16 on the host so both sides see the same values.
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -13,6 +14,7 @@
 #include "worker/cuda/device.h"
 #include "worker/cuda/gemm.h"
 #include "worker/cuda/kernels.h"
+#include "worker/cuda/measure.h"
 #include "worker/engine/kernels.h"
 #include "worker/engine/optimizer.h"
 
@@ -155,6 +157,24 @@ TEST_F(KernelsTest, AllocatorBudgetIsEnforced) {
   ok->Reset();
   EXPECT_TRUE((*small)->Allocate(40 << 20, "after release").ok());
   EXPECT_LE((*small)->peak(), 64 << 20);
+}
+
+// The planner's figures of the device: every one measured, within what any supported card
+// can do (bf16 dense peaks run from ~165 TFLOP/s on an RTX 4090 to ~990 on an H100/H200; PCIe
+// and NVLink-C2C host links below 1 TB/s; HBM below 10 TB/s).
+TEST_F(KernelsTest, MeasureDeviceFiguresArePlausible) {
+  auto figures = MeasureDevice(dev_.get());
+  ASSERT_TRUE(figures.ok()) << figures.status();
+  for (const auto& [key, value] : *figures) std::printf("%s %.4g\n", key.c_str(), value);
+  ASSERT_EQ(figures->size(), 4u);
+  EXPECT_GT(figures->at("bf16_gemm_flops"), 2e13);
+  EXPECT_LT(figures->at("bf16_gemm_flops"), 2.5e15);
+  for (const char* link : {"h2d_bytes_per_s", "d2h_bytes_per_s"}) {
+    EXPECT_GT(figures->at(link), 1e9) << link;
+    EXPECT_LT(figures->at(link), 1e12) << link;
+  }
+  EXPECT_GT(figures->at("copy_bytes_per_s"), 1e11);
+  EXPECT_LT(figures->at("copy_bytes_per_s"), 1e13);
 }
 
 TEST_F(KernelsTest, Embedding) {
