@@ -203,6 +203,15 @@ absl::StatusOr<ChildBinaries> FindChildBinaries(const std::string& bin_dir,
                                             absl::StrJoin(missing, "; "),
                                             "; build them or pass --bin-dir"));
   }
+  // Optional: only builds made with the CUDA toolkit have it.
+  for (const Layout& l : layouts) {
+    std::string path = l.nested ? absl::StrCat(l.dir, "/worker/worker_cuda")
+                                : absl::StrCat(l.dir, "/worker_cuda");
+    if (IsExecutableFile(path)) {
+      bins.worker_cuda = path;
+      break;
+    }
+  }
   return bins;
 }
 
@@ -234,7 +243,7 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
     w.name = absl::StrCat("worker-", i);
     std::string socket = absl::StrCat(d, "/run/worker-", i, ".sock");
     int port = i < static_cast<int>(ports.workers.size()) ? ports.workers[i] : 0;
-    w.argv = {bins.worker,
+    w.argv = {o.device == DeviceKind::kCuda ? bins.worker_cuda : bins.worker,
               "--data-dir",
               d,
               "--id",
@@ -386,6 +395,12 @@ absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& o
                                                             const std::string& worker_exe) {
   std::vector<std::string> answers;
   if (options.device != DeviceKind::kCuda) return answers;
+  if (worker_exe.empty()) {
+    return absl::FailedPreconditionError(
+        "--device cuda: this build of Lumen has no CUDA worker (worker_cuda): it was built on a "
+        "machine without the CUDA toolkit (/usr/local/cuda). Rebuild where nvcc is installed, "
+        "or use --device cpu");
+  }
   for (int i = 0; i < options.workers; ++i) {
     std::vector<std::string> args = {worker_exe,
                                      "--probe",
@@ -451,7 +466,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Create(const NodeOptions& options,
   node->info_.pid = getpid();
 
   ASSIGN_OR_RETURN(ChildBinaries bins, FindChildBinaries(options.bin_dir, self_exe));
-  ASSIGN_OR_RETURN(std::vector<std::string> devices, ProbeWorkerDevices(options, bins.worker));
+  ASSIGN_OR_RETURN(std::vector<std::string> devices,
+                   ProbeWorkerDevices(options, bins.worker_cuda));
   for (const std::string& d : devices) LOG(INFO) << d;
 
   // Distinct free ports for the children's metrics endpoints.

@@ -55,18 +55,23 @@ absl::StatusOr<int> PickFreePort();
 // Absolute paths of the child executables.
 struct ChildBinaries {
   std::string memstore;
-  std::string worker;
+  std::string worker;       // the CPU device's
   std::string coordinator;
+  // The worker linked with the CUDA device (--device cuda); empty when this build has none
+  // (it was made without the CUDA toolkit).
+  std::string worker_cuda;
 };
 
 // Looks for the binaries in `bin_dir` if non-empty; else in the Bazel runfiles of `self_exe`
 // (<self_exe>.runfiles/lumen/memstore/memstore, then $RUNFILES_DIR/lumen/...), else next to
-// `self_exe` (the install layout). NotFound lists every path tried.
+// `self_exe` (the install layout). NotFound lists every path tried; a missing worker_cuda
+// (worker/worker_cuda in runfiles) is not an error.
 absl::StatusOr<ChildBinaries> FindChildBinaries(const std::string& bin_dir,
                                                 const std::string& self_exe);
 
 // With --device cuda, asks each worker whether it can drive its GPU before the node starts:
-// runs `<worker_exe> --probe --device cuda --id I --device-memory B` for every worker I and
+// runs `<worker_exe> --probe --device cuda --id I --device-memory B` (worker_exe is
+// ChildBinaries::worker_cuda; empty: this build has no CUDA) for every worker I and
 // returns their answers, prefixed "worker-I: " ("worker-0: NVIDIA ... (sm_90, 79.2 GiB),
 // budget N bytes").
 // FAILED_PRECONDITION quoting the worker when one cannot (this build has no CUDA, no driver,

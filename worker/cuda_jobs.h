@@ -1,8 +1,9 @@
 // The worker's CUDA device (lumend --device cuda): worker i drives GPU i. Jobs train with
 // everything resident on the GPU (cuda::CudaJobTrainer); a job whose training state does not
 // fit the device budget is refused at admission, since streaming through the memstore is built
-// for the CPU device only so far. A build without the CUDA toolkit links cuda_jobs_absent.cc,
-// whose functions say so.
+// for the CPU device only so far. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
+// and the only one in builds without the CUDA toolkit) links cuda_jobs_absent.cc, whose
+// functions say it has no CUDA device.
 #ifndef LUMEN_WORKER_CUDA_JOBS_H_
 #define LUMEN_WORKER_CUDA_JOBS_H_
 

@@ -1,4 +1,5 @@
-// cuda_jobs.h for builds without the CUDA toolkit (no /usr/local/cuda at build time).
+// cuda_jobs.h for the CPU device's worker binary (`worker`), and for builds without the CUDA
+// toolkit: lumend runs `worker_cuda` for --device cuda.
 #include "worker/cuda_jobs.h"
 
 namespace lumen {
@@ -6,8 +7,8 @@ namespace {
 
 absl::Status NoCuda() {
   return absl::FailedPreconditionError(
-      "this build of Lumen has no CUDA device: it was built on a machine without the CUDA "
-      "toolkit (/usr/local/cuda); rebuild where nvcc is installed, or use --device cpu");
+      "this worker binary has no CUDA device: lumend runs worker_cuda for --device cuda, "
+      "which only builds made with the CUDA toolkit (/usr/local/cuda) have");
 }
 
 }  // namespace
