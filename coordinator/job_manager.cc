@@ -57,12 +57,14 @@ JobManager::~JobManager() { Stop(); }
 
 absl::Status JobManager::Start() {
   ASSIGN_OR_RETURN(std::vector<Job> stored, store_->ListJobs());
+  std::vector<std::string> reclaim;  // jobs whose worker may have left tensors behind
   absl::MutexLock lock(&mu_);
   // The store is the truth: jobs submitted before Start are in it too.
   jobs_.clear();
   queue_.clear();
   for (Job& job : stored) {
     if (job.state() == RUNNING) {
+      reclaim.push_back(job.id());
       job.set_state(FAILED);
       job.set_end_time_unix_ms(NowMs());
       job.set_failure_reason(absl::StrCat(
@@ -76,7 +78,17 @@ absl::Status JobManager::Start() {
   }
   UpdateStateGauges();
   LOG(INFO) << "loaded " << jobs_.size() << " jobs, " << queue_.size() << " queued";
-  dispatcher_ = std::thread([this] { DispatchLoop(); });
+  // The memstore may still be starting: its calls wait for it, on the dispatcher's thread.
+  dispatcher_ = std::thread([this, reclaim] {
+    for (const std::string& id : reclaim) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (stopping_) return;
+      }
+      ReclaimJobTensors(id);
+    }
+    DispatchLoop();
+  });
   return absl::OkStatus();
 }
 
@@ -208,6 +220,21 @@ void JobManager::DispatchLoop() {
 
 void JobManager::SetJobPlanner(JobPlanner planner) { planner_ = std::move(planner); }
 
+void JobManager::SetMemstore(MemstoreClient* memstore) { memstore_ = memstore; }
+
+void JobManager::ReclaimJobTensors(const std::string& job_id) {
+  if (memstore_ == nullptr) return;
+  absl::StatusOr<FreeTensorsReply> freed = memstore_->FreeTensors(job_id + "/");
+  if (!freed.ok()) {
+    LOG(WARNING) << job_id << ": cannot free the job's tensors in the memstore: "
+                 << freed.status();
+  } else if (freed->tensors() + freed->pins() + freed->writes() > 0) {
+    LOG(WARNING) << job_id << ": freed what the job left in the memstore: " << freed->tensors()
+                 << " tensors (" << freed->bytes() << " bytes), " << freed->pins()
+                 << " pins, " << freed->writes() << " unfinished writes";
+  }
+}
+
 void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   double predicted = 0;
   RunTaskRequest request;
@@ -247,6 +274,8 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   }
   absl::Status status = worker->RunTask(
       request, [this, &job_id](const TaskEvent& event) { OnTaskEvent(job_id, event); });
+  // A worker that ended the task freed the job's tensors; one that crashed could not.
+  ReclaimJobTensors(job_id);
   absl::MutexLock lock(&mu_);
   running_job_.clear();
   running_worker_ = nullptr;

@@ -19,6 +19,7 @@
 #include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
 #include "coordinator/worker_client.h"
+#include "memstore/memstore_client.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
@@ -55,6 +56,12 @@ class JobManager {
   using JobPlanner = std::function<absl::StatusOr<StepSchedule>(const JobSpec& spec)>;
   void SetJobPlanner(JobPlanner planner);
 
+  // Where jobs that ran offloaded keep their tensors (under "<job id>/"). When a job ends and
+  // when Start finds one whose coordinator died while it ran, the manager frees what is left
+  // there (MemstoreClient::FreeTensors): a worker that crashed mid-job cannot free it itself,
+  // and its pins would block the memory forever. Optional; set before Start; not owned.
+  void SetMemstore(MemstoreClient* memstore);
+
   absl::StatusOr<Job> Submit(const std::string& spec_yaml, const std::string& base_dir);
   std::vector<Job> List();
   absl::StatusOr<Job> Get(const std::string& job_id);
@@ -78,6 +85,9 @@ class JobManager {
   void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees the job's tensors left in the memstore (none when the worker freed them); logs
+  // failures. Call without the lock (it is an RPC).
+  void ReclaimJobTensors(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
   // Stores `job`, updates metrics and tells watchers (with `steps`, if any).
   void Publish(const Job& job, const std::vector<StepRecord>& steps)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -94,6 +104,7 @@ class JobManager {
   prometheus::Family<prometheus::Gauge>& step_time_gauge_;
   prometheus::Family<prometheus::Gauge>& predicted_step_time_gauge_;
   JobPlanner planner_;  // set before Start, then read-only
+  MemstoreClient* memstore_ = nullptr;  // set before Start, then read-only
   prometheus::Family<prometheus::Counter>& tokens_counter_;
 
   absl::Mutex mu_;

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -37,7 +38,14 @@ class FakeWorker : public WorkerClient {
       mu_.Await(absl::Condition(&cancelled));
       return absl::CancelledError("cancelled");
     }
-    if (fail_) return absl::UnavailableError("worker-0: Socket closed");
+    if (fail_) {
+      // It crashed with some of the job's state in the memstore.
+      if (memstore_ != nullptr) {
+        (void)memstore_->Write(request.job_id() + "/layers.0.params", "abcd", 4, "float32",
+                               TIER_HOST);
+      }
+      return absl::UnavailableError("worker-0: Socket closed");
+    }
     return absl::OkStatus();
   }
   void CancelTask(const std::string& job_id) override {
@@ -64,6 +72,7 @@ class FakeWorker : public WorkerClient {
 
   bool fail_ = false;
   bool block_ = false;
+  MemstoreClient* memstore_ = nullptr;
   absl::Notification started_;
 
  private:
@@ -139,6 +148,48 @@ TEST_F(JobManagerTest, WorkerFailureFailsTheJobNamingTheWorker) {
   Job end = WaitForEnd(manager, job->id());
   EXPECT_EQ(end.state(), FAILED);
   EXPECT_THAT(end.failure_reason(), HasSubstr("worker-0"));
+}
+
+bool Holds(MemstoreClient& memstore, const std::string& id) {
+  char buf[16];
+  return memstore.Read(id, buf, sizeof(buf)).ok();
+}
+
+TEST_F(JobManagerTest, WhatACrashedWorkerLeftInTheMemstoreIsFreed) {
+  FakeMemstoreClient memstore;
+  ASSERT_TRUE(memstore.Write("other-job/x", "abcd", 4, "float32", TIER_HOST).ok());
+  worker_.fail_ = true;
+  worker_.memstore_ = &memstore;
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  manager.SetMemstore(&memstore);
+  ASSERT_TRUE(manager.Start().ok());
+  auto job = manager.Submit(Spec(2), dir_);
+  ASSERT_TRUE(job.ok());
+  // The job is published as ended once its tensors are freed.
+  EXPECT_EQ(WaitForEnd(manager, job->id()).state(), FAILED);
+  EXPECT_FALSE(Holds(memstore, job->id() + "/layers.0.params"));
+  EXPECT_TRUE(Holds(memstore, "other-job/x"));
+}
+
+TEST_F(JobManagerTest, RestartFreesWhatTheJobThatWasRunningLeft) {
+  FakeMemstoreClient memstore;
+  ASSERT_TRUE(memstore.Write("job-000001/m", "abcd", 4, "float32", TIER_HOST).ok());
+  ASSERT_TRUE(memstore.Write("job-000002/m", "abcd", 4, "float32", TIER_HOST).ok());
+  Job running, done;
+  running.set_id("job-000001");
+  running.set_state(RUNNING);
+  done.set_id("job-000002");
+  done.set_state(SUCCEEDED);
+  ASSERT_TRUE(store_.PutJob(running).ok());
+  ASSERT_TRUE(store_.PutJob(done).ok());
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  manager.SetMemstore(&memstore);
+  ASSERT_TRUE(manager.Start().ok());
+  for (int i = 0; i < 500 && Holds(memstore, "job-000001/m"); ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_FALSE(Holds(memstore, "job-000001/m"));
+  EXPECT_TRUE(Holds(memstore, "job-000002/m"));  // only jobs that were running
 }
 
 TEST_F(JobManagerTest, CancelStopsARunningJobAndDropsAQueuedOne) {

@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   options.limits.workers = static_cast<int64_t>(workers.size());
   lumen::JobManager jobs((*store).get(), workers, options, (*metrics)->registry());
   lumen::ClusterInfoCollector cluster(data_dir, node_status, workers, memstore.get(), &jobs);
+  jobs.SetMemstore(memstore.get());
   jobs.SetJobPlanner([&cluster](const lumen::JobSpec& spec) {
     return lumen::PlanJobOnNode(spec, cluster.Collect());
   });

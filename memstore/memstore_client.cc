@@ -146,6 +146,18 @@ absl::Status GrpcMemstoreClient::Free(const std::string& id) {
   return FromGrpcStatus(Memstore::NewStub(channel_)->FreeTensor(&context, request, &reply));
 }
 
+absl::StatusOr<FreeTensorsReply> GrpcMemstoreClient::FreeTensors(const std::string& prefix) {
+  grpc::ClientContext context;
+  SetDeadline(&context, absl::Seconds(60));  // a job can hold thousands of tensors
+  context.set_wait_for_ready(true);           // the memstore may be starting with the caller
+  FreeTensorsRequest request;
+  request.set_prefix(prefix);
+  FreeTensorsReply reply;
+  grpc::Status status = Memstore::NewStub(channel_)->FreeTensors(&context, request, &reply);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return reply;
+}
+
 absl::StatusOr<GetMemstoreStatsReply> FakeMemstoreClient::GetStats(absl::Duration) {
   absl::MutexLock lock(&mu_);
   GetMemstoreStatsReply reply;
@@ -195,6 +207,19 @@ absl::Status FakeMemstoreClient::Free(const std::string& id) {
   absl::MutexLock lock(&mu_);
   if (tensors_.erase(id) == 0) return absl::NotFoundError(absl::StrCat("no tensor ", id));
   return absl::OkStatus();
+}
+
+absl::StatusOr<FreeTensorsReply> FakeMemstoreClient::FreeTensors(const std::string& prefix) {
+  if (prefix.empty()) return absl::InvalidArgumentError("FreeTensors needs a non-empty prefix");
+  absl::MutexLock lock(&mu_);
+  FreeTensorsReply reply;
+  for (auto it = tensors_.lower_bound(prefix);
+       it != tensors_.end() && it->first.compare(0, prefix.size(), prefix) == 0;) {
+    reply.set_tensors(reply.tensors() + 1);
+    reply.set_bytes(reply.bytes() + static_cast<int64_t>(it->second.bytes.size()));
+    it = tensors_.erase(it);
+  }
+  return reply;
 }
 
 }  // namespace lumen

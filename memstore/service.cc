@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/grpc_util.h"
+#include "glog/logging.h"
 
 namespace lumen {
 namespace {
@@ -158,7 +159,11 @@ grpc::ServerUnaryReactor* MemstoreService::BeginWrite(grpc::CallbackServerContex
                                                       const BeginWriteRequest* request,
                                                       BeginWriteReply* reply) {
   auto offset = store_->BeginWrite(request->tensor_id(), request->size());
-  if (offset.ok()) reply->set_offset(*offset);
+  if (offset.ok()) {
+    reply->set_offset(*offset);
+    absl::MutexLock lock(&mu_);
+    writes_[*offset] = request->tensor_id();
+  }
   return Done(context, offset.status());
 }
 
@@ -166,6 +171,15 @@ grpc::ServerUnaryReactor* MemstoreService::CommitWrite(grpc::CallbackServerConte
                                                        const CommitWriteRequest* request,
                                                        CommitWriteReply* reply) {
   return OnExecutor(context, [this, request, reply]() -> absl::Status {
+    {
+      absl::MutexLock lock(&mu_);
+      if (writes_.erase(request->offset()) == 0) {
+        // Never begun, already committed or aborted, or reclaimed by FreeTensors.
+        return absl::FailedPreconditionError(absl::StrCat(
+            "commit of ", request->tensor_id(), ": no write in progress at offset ",
+            request->offset()));
+      }
+    }
     absl::Status s = store_->CommitWrite(request->tensor_id(), request->offset(),
                                          request->size(), request->dtype(), request->tier());
     if (!s.ok()) return s;
@@ -178,6 +192,11 @@ grpc::ServerUnaryReactor* MemstoreService::CommitWrite(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* MemstoreService::AbortWrite(grpc::CallbackServerContext* context,
                                                       const AbortWriteRequest* request,
                                                       AbortWriteReply* reply) {
+  {
+    absl::MutexLock lock(&mu_);
+    // Already committed, aborted or reclaimed: nothing to release (idempotent).
+    if (writes_.erase(request->offset()) == 0) return Done(context, absl::OkStatus());
+  }
   store_->AbortWrite(request->offset());
   return Done(context, absl::OkStatus());
 }
@@ -232,6 +251,60 @@ grpc::ServerUnaryReactor* MemstoreService::MoveTensor(grpc::CallbackServerContex
     absl::MutexLock lock(&mu_);
     move_bytes_ -= bytes;
     return s;
+  });
+}
+
+grpc::ServerUnaryReactor* MemstoreService::FreeTensors(grpc::CallbackServerContext* context,
+                                                       const FreeTensorsRequest* request,
+                                                       FreeTensorsReply* reply) {
+  if (request->prefix().empty()) {
+    return Done(context, absl::InvalidArgumentError(
+                             "FreeTensors needs a non-empty prefix (it would free every tensor)"));
+  }
+  return OnExecutor(context, [this, request, reply]() -> absl::Status {
+    const std::string& prefix = request->prefix();
+    auto under = [&prefix](const std::string& id) {
+      return id.compare(0, prefix.size(), prefix) == 0;
+    };
+    std::vector<std::pair<std::string, PinnedTensor>> pins;
+    std::vector<int64_t> writes;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto it = pins_.begin(); it != pins_.end();) {
+        if (!under(it->second.first)) {
+          ++it;
+          continue;
+        }
+        pins.push_back(it->second);
+        it = pins_.erase(it);
+      }
+      for (auto it = writes_.begin(); it != writes_.end();) {
+        if (!under(it->second)) {
+          ++it;
+          continue;
+        }
+        writes.push_back(it->first);
+        it = writes_.erase(it);
+      }
+    }
+    for (const auto& [id, pinned] : pins) store_->Unpin(id, pinned);
+    for (int64_t offset : writes) store_->AbortWrite(offset);
+    reply->set_pins(static_cast<int64_t>(pins.size()));
+    reply->set_writes(static_cast<int64_t>(writes.size()));
+    for (const std::string& id : store_->TensorIds(prefix)) {
+      auto record = store_->Lookup(id);
+      absl::Status s = store_->Free(id);
+      if (absl::IsNotFound(s)) continue;  // freed meanwhile
+      if (!s.ok()) return s;
+      reply->set_tensors(reply->tensors() + 1);
+      if (record.ok()) reply->set_bytes(reply->bytes() + record->size());
+    }
+    if (reply->tensors() + reply->pins() + reply->writes() > 0) {
+      LOG(INFO) << "freed " << reply->tensors() << " tensors (" << reply->bytes()
+                << " bytes) under " << prefix << ", dropped " << reply->pins() << " pins and "
+                << reply->writes() << " unfinished writes";
+    }
+    return absl::OkStatus();
   });
 }
 

@@ -64,6 +64,9 @@ class MemstoreService final : public Memstore::CallbackService {
   grpc::ServerUnaryReactor* FreeTensor(grpc::CallbackServerContext* context,
                                        const FreeTensorRequest* request,
                                        FreeTensorReply* reply) override;
+  grpc::ServerUnaryReactor* FreeTensors(grpc::CallbackServerContext* context,
+                                        const FreeTensorsRequest* request,
+                                        FreeTensorsReply* reply) override;
 
   // Refreshes the metrics from the store (also done once a second).
   void UpdateMetrics();
@@ -81,6 +84,8 @@ class MemstoreService final : public Memstore::CallbackService {
   absl::Mutex mu_;
   int64_t next_pin_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<int64_t, std::pair<std::string, PinnedTensor>> pins_ ABSL_GUARDED_BY(mu_);
+  // Staging offset -> tensor id of each two-phase write begun and not yet committed or aborted.
+  std::map<int64_t, std::string> writes_ ABSL_GUARDED_BY(mu_);
   int64_t move_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
 

@@ -650,6 +650,16 @@ absl::Status TensorStore::Free(const std::string& id) {
   return status;
 }
 
+std::vector<std::string> TensorStore::TensorIds(const std::string& prefix) {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> ids;
+  for (auto it = entries_.lower_bound(prefix);
+       it != entries_.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+    ids.push_back(it->first);
+  }
+  return ids;
+}
+
 absl::StatusOr<TensorRecord> TensorStore::Lookup(const std::string& id) {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(id);

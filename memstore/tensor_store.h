@@ -98,6 +98,8 @@ class TensorStore {
   // Moves tensor `id` to `tier` (no-op when it is there). Readers wait meanwhile.
   absl::Status Move(const std::string& id, Tier tier);
   absl::Status Free(const std::string& id);
+  // Ids of the tensors whose id starts with `prefix`, in order.
+  std::vector<std::string> TensorIds(const std::string& prefix);
   absl::StatusOr<TensorRecord> Lookup(const std::string& id);
   std::vector<std::string> LostTensors();
 

@@ -105,6 +105,17 @@ TEST_F(TensorStoreTest, WritesReadsAndMovesBetweenTiers) {
 
 // Flips bytes in or truncates NVMe page files: every read of an affected tensor fails with
 // DATA_LOSS naming the tensor and the file, and no read ever returns wrong bytes.
+TEST_F(TensorStoreTest, TensorIdsListsOneJobsTensors) {
+  auto store = Open();
+  const auto b = Bytes(64, 3);
+  for (const char* id : {"job-1/a", "job-1/b", "job-10/a", "job-2/a", "job-1"}) {
+    ASSERT_TRUE(store->Write(id, b.data(), b.size(), "f32", TIER_HOST).ok());
+  }
+  EXPECT_EQ(store->TensorIds("job-1/"), (std::vector<std::string>{"job-1/a", "job-1/b"}));
+  EXPECT_EQ(store->TensorIds("job-3/"), std::vector<std::string>{});
+  EXPECT_EQ(store->TensorIds("").size(), 5u);
+}
+
 TEST_F(TensorStoreTest, ThousandCorruptionTrialsNeverReturnWrongBytes) {
   auto store = Open();
   std::mt19937_64 rng(42);

@@ -15,13 +15,8 @@ Tier MemstoreTensorHome::ToTier(engine::HomeTier tier) {
 
 absl::Status MemstoreTensorHome::Put(const std::string& id, const float* data, int64_t n,
                                      engine::HomeTier tier) {
-  absl::Status s = client_->Write(prefix_ + id, data, static_cast<int64_t>(sizeof(float)) * n,
-                                 "float32", ToTier(tier));
-  if (s.ok()) {
-    absl::MutexLock lock(&mu_);
-    stored_.insert(id);
-  }
-  return s;
+  return client_->Write(prefix_ + id, data, static_cast<int64_t>(sizeof(float)) * n, "float32",
+                        ToTier(tier));
 }
 
 absl::Status MemstoreTensorHome::Get(const std::string& id, float* data, int64_t n) {
@@ -37,26 +32,9 @@ absl::Status MemstoreTensorHome::Get(const std::string& id, float* data, int64_t
 }
 
 absl::Status MemstoreTensorHome::Free(const std::string& id) {
-  absl::Status s = client_->Free(prefix_ + id);
-  if (s.ok() || s.code() == absl::StatusCode::kNotFound) {
-    absl::MutexLock lock(&mu_);
-    stored_.erase(id);
-  }
-  return s;
+  return client_->Free(prefix_ + id);
 }
 
-absl::Status MemstoreTensorHome::FreeAll() {
-  std::set<std::string> ids;
-  {
-    absl::MutexLock lock(&mu_);
-    ids.swap(stored_);
-  }
-  absl::Status first;
-  for (const std::string& id : ids) {
-    absl::Status s = client_->Free(prefix_ + id);
-    if (!s.ok() && s.code() != absl::StatusCode::kNotFound && first.ok()) first = s;
-  }
-  return first;
-}
+absl::Status MemstoreTensorHome::FreeAll() { return client_->FreeTensors(prefix_).status(); }
 
 }  // namespace lumen

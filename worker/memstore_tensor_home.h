@@ -1,14 +1,11 @@
 // A TensorHome backed by the memstore process: each tensor is a memstore tensor (float32) in
 // the tier that OffloadOptions gives its class (host RAM or NVMe). Thread-safe when the
-// client is (MemstoreClient implementations are).
+// client is (MemstoreClient implementations are). Stateless beyond its prefix.
 #ifndef LUMEN_WORKER_MEMSTORE_TENSOR_HOME_H_
 #define LUMEN_WORKER_MEMSTORE_TENSOR_HOME_H_
 
 #include <cstdint>
-#include <set>
 #include <string>
-
-#include "absl/synchronization/mutex.h"
 
 #include "absl/status/status.h"
 #include "memstore/memstore_client.h"
@@ -32,14 +29,12 @@ class MemstoreTensorHome : public engine::TensorHome {
 
   static Tier ToTier(engine::HomeTier tier);
 
-  // Frees every tensor this home put (a job's state when the job ends). Returns the first error.
+  // Frees every tensor under this home's prefix (a job's state when the job ends), in one call.
   absl::Status FreeAll();
 
  private:
   MemstoreClient* const client_;
   const std::string prefix_;
-  absl::Mutex mu_;
-  std::set<std::string> stored_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lumen

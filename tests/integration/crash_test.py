@@ -48,6 +48,33 @@ class CrashTest(unittest.TestCase):
             self.assertEqual(node.wait_job(nxt["id"], timeout=120)["state"], "SUCCEEDED",
                              node.output())
 
+    def test_worker_killed_mid_offloaded_job_leaves_nothing_in_the_memstore(self):
+        # 1 MiB of device memory: the job's state streams through the memstore, so the killed
+        # worker leaves its tensors (and maybe a pin) there; the coordinator frees them.
+        with lumen_node.Node(device_memory="1MiB") as node:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            job = node.submit(lumen_node.job_yaml(data, name="offloaded", steps=100000))
+            deadline = time.time() + 120
+            held = 0
+            while time.time() < deadline:
+                j = node.job(job["id"])
+                cluster = node.ctl_json("cluster")[0]
+                held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+                if j["state"] == "RUNNING" and int(j.get("latest_step", {}).get("step", 0)) >= 1 \
+                        and held > 0:
+                    break
+                time.sleep(0.1)
+            self.assertGreater(held, 0, "the job never put tensors in the memstore")
+            os.kill(int(node.process("worker-0")["pid"]), signal.SIGKILL)
+            ended = node.wait_job(job["id"], timeout=60)
+            self.assertEqual(ended["state"], "FAILED")
+            cluster = node.ctl_json("cluster")[0]
+            self.assertEqual(sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"]), 0,
+                             cluster)
+            with open(os.path.join(node.data_dir, "logs", "coordinator.log")) as log:
+                self.assertIn("freed what the job left in the memstore", log.read())
+
     def test_coordinator_killed_keeps_history(self):
         with lumen_node.Node() as node:
             data = os.path.join(node.tmp, "train.bin")
