@@ -271,6 +271,24 @@ TEST_P(TrainingTest, FiftyStepLossesWithinTwoPercentOfCpu) {
   std::printf("50-step job: worst relative loss difference %.4f (limit 0.02)\n", worst);
 }
 
+// An empty directory under the test's temporary directory.
+std::filesystem::path JobDir(const std::string& name) {
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// <dir>/train.bin: 40,000 uint16 PatternTokens.
+std::string WriteTokenFile(const std::filesystem::path& dir, int64_t vocab, uint64_t seed) {
+  const std::string path = (dir / "train.bin").string();
+  const auto ids = gpu_test::PatternTokens(40000, vocab, seed);
+  std::vector<uint16_t> u16(ids.begin(), ids.end());
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(u16.data()), 2 * u16.size());
+  return path;
+}
+
 // A job's options as the worker builds them: the small model, AdamW with warmup and cosine,
 // clipping, 2 micro-batches of 4 x 64 tokens from a uint16 token file.
 engine::TrainerOptions JobOptions(const engine::ModelConfig& c, const std::string& data,
@@ -297,17 +315,8 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
   const int64_t steps = 20, half = 10;
-  const fs::path dir = fs::path(::testing::TempDir()) /
-                       (GetParam() ? "job_test_tied" : "job_test_untied");
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  const std::string data = (dir / "train.bin").string();
-  {
-    const auto ids = gpu_test::PatternTokens(40000, c.vocab_size, 11);
-    std::vector<uint16_t> u16(ids.begin(), ids.end());
-    std::ofstream(data, std::ios::binary)
-        .write(reinterpret_cast<const char*>(u16.data()), 2 * u16.size());
-  }
+  const fs::path dir = JobDir(GetParam() ? "job_test_tied" : "job_test_untied");
+  const std::string data = WriteTokenFile(dir, c.vocab_size, 11);
   const engine::TrainerOptions o = JobOptions(c, data, steps);
 
   // The admission estimate covers what the trainer allocates.
@@ -375,17 +384,8 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
 TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
-  const fs::path dir = fs::path(::testing::TempDir()) /
-                       (GetParam() ? "worker_job_tied" : "worker_job_untied");
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  const std::string data = (dir / "train.bin").string();
-  {
-    const auto ids = gpu_test::PatternTokens(40000, c.vocab_size, 13);
-    std::vector<uint16_t> u16(ids.begin(), ids.end());
-    std::ofstream(data, std::ios::binary)
-        .write(reinterpret_cast<const char*>(u16.data()), 2 * u16.size());
-  }
+  const fs::path dir = JobDir(GetParam() ? "worker_job_tied" : "worker_job_untied");
+  const std::string data = WriteTokenFile(dir, c.vocab_size, 13);
   engine::TrainerOptions o = JobOptions(c, data, 3);
   o.train.micro_batch_size = 8;
   o.train.seq_len = 128;
