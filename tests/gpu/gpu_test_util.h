@@ -35,7 +35,8 @@ std::vector<float> RandomBf16Values(int64_t n, float stddev, uint64_t seed);
 std::vector<uint16_t> ToBf16(const std::vector<float>& v);
 std::vector<float> FromBf16(const std::vector<uint16_t>& v);
 
-// max |got - want| / max |want| (0 when both are all zeros).
+// max |got - want| / max |want| (0 when both are all zeros); NaN when any difference is NaN,
+// infinity when the sizes differ.
 double NormwiseError(const std::vector<float>& got, const std::vector<float>& want);
 
 // Matrices ~ N(0, init_std) from mt19937_64(seed) in NamedTensors order, norms 1.

@@ -127,14 +127,16 @@ __global__ void __launch_bounds__(kThreads)
     // S = Q K^T for the warp's 16 rows.
     WarpGemm<D, kTile / 16, true, false>(sq + w0 * D, D, sk, D, ss + w0 * kTile, kTile);
     __syncwarp();
-    // Online softmax: two lanes per row, 32 columns each.
+    // Online softmax: two lanes per row, 32 columns each. Each lane starts at its own column
+    // ((j + lane) & 31), so the 32 lanes hit 32 different shared-memory banks at every step
+    // (in order, all 32 would hit the same bank); max and sum do not depend on the order.
     {
       const int r = w0 + lane / 2, half = lane % 2;
       const int64_t i = q0 + r;
       float* srow = ss + r * kTile;
       float mx = -INFINITY;
       for (int j = 0; j < 32; ++j) {
-        const int col = half * 32 + j;
+        const int col = half * 32 + ((j + lane) & 31);
         const int64_t key = c0 + col;
         const float s = (key <= i && key < seq) ? srow[col] * scale_log2 : -INFINITY;
         srow[col] = s;
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
       const float m_new = fmaxf(m_old, mx);
       float sum = 0.0f;
       for (int j = 0; j < 32; ++j) {
-        const int col = half * 32 + j;
+        const int col = half * 32 + ((j + lane) & 31);
         const float p = exp2f(srow[col] - m_new);
         sum += p;
         sp[r * kTile + col] = __float2bfloat16(p);

@@ -53,6 +53,7 @@ inline absl::Status CublasError(cublasStatus_t st, const char* call, const std::
   do {                                                                        \
     const cudaError_t lumen_cuda_err_ = (expr);                               \
     if (lumen_cuda_err_ != cudaSuccess) {                                     \
+      (void)cudaGetLastError(); /* clear it, so later launches start clean */ \
       return ::lumen::cuda::CudaError(lumen_cuda_err_, #expr, (op));          \
     }                                                                         \
   } while (0)
@@ -66,7 +67,8 @@ inline absl::Status CublasError(cublasStatus_t st, const char* call, const std::
   } while (0)
 
 // After a kernel launch: reports launch-configuration errors (not asynchronous faults, which
-// surface at the next synchronising call).
+// surface at the next synchronising call; a sticky fault of an earlier kernel is reported here
+// as the failure of this launch).
 #define CUDA_RETURN_IF_LAUNCH_ERROR(op) \
   CUDA_RETURN_IF_ERROR(cudaGetLastError(), std::string("launch of ") + (op))
 

@@ -1,5 +1,6 @@
 #include "worker/cuda/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -350,8 +351,9 @@ absl::Status RmsNormBackward(const bf16* dy, const bf16* x, const bf16* w, const
   if (absl::Status s = CheckPositive("RmsNormBackward", n, c); !s.ok()) return s;
   if (n == 0) return absl::OkStatus();
   if (n > INT32_MAX) return absl::InvalidArgumentError(absl::StrCat("RmsNormBackward: n=", n));
-  // dw first: dx may alias neither dy nor x, but keep the reads of dy before any write.
-  const int64_t rows_per_chunk = 64;
+  // dw first, so its reads of dy and x come before dx is written (dx may alias either).
+  // Chunks of 64 rows, more when that would exceed the grid's 65535 in y.
+  const int64_t rows_per_chunk = std::max<int64_t>(64, (n + 65534) / 65535);
   const dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads),
                   static_cast<unsigned>((n + rows_per_chunk - 1) / rows_per_chunk));
   RmsNormBackwardDwKernel<<<grid, kThreads, 0, stream>>>(dy, x, rstd, n, c, rows_per_chunk, dw);

@@ -3,7 +3,8 @@
 // (INVALID_ARGUMENT naming the op and the numbers) and the launch (INTERNAL naming the kernel).
 // Faults inside a kernel surface at the next synchronising call. Pointers are device memory,
 // row-major; `n` is a row count, `c` a column count. Thread-safe: the functions keep no state.
-// The CPU reference of each is in worker/engine/kernels.h / optimizer.cc (tests/gpu checks them).
+// The CPU reference of each is in worker/engine/kernels.h / optimizer.cc
+// (worker/cuda/kernels_test.cc checks them).
 #ifndef LUMEN_WORKER_CUDA_KERNELS_H_
 #define LUMEN_WORKER_CUDA_KERNELS_H_
 
@@ -77,8 +78,9 @@ struct AdamWScalars {
 AdamWScalars MakeAdamWScalars(double lr, double beta1, double beta2, double eps,
                               double weight_decay, int64_t step, double grad_scale);
 
-// engine::AdamWUpdate on fp32 master weights, operation for operation (no fused
-// multiply-adds), writing the bf16 compute copy `param` as well (param may be null).
+// engine::AdamWUpdate on fp32 master weights, the same operations in the same order (no
+// fused multiply-adds here; the CPU build may fuse some, so results can differ by an ulp),
+// writing the bf16 compute copy `param` as well (param may be null).
 absl::Status AdamW(float* master, const float* grad, float* exp_avg, float* exp_avg_sq,
                    bf16* param, int64_t n, const AdamWScalars& s, cudaStream_t stream);
 

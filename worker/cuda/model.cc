@@ -199,12 +199,15 @@ absl::Status CudaLlama::EnsureScratch(int64_t batch, int64_t seq) {
   }
   std::vector<float> cs(seq * half), sn(seq * half);
   RopeTablesF32(seq, c.head_dim(), c.rope_theta, cs.data(), sn.data());
-  // Synchronous copies from pageable memory: once per shape.
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(s->rope_cos.get(), cs.data(), 4 * cs.size(),
-                                  cudaMemcpyHostToDevice),
+  // Once per shape. On the compute stream, which is not ordered with the legacy default
+  // stream a plain cudaMemcpy would use; from pageable memory the call returns once the bytes
+  // are staged, so the vectors may go.
+  cudaStream_t st = device_->compute_stream();
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->rope_cos.get(), cs.data(), 4 * cs.size(),
+                                       cudaMemcpyHostToDevice, st),
                        "upload RoPE tables");
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(s->rope_sin.get(), sn.data(), 4 * sn.size(),
-                                  cudaMemcpyHostToDevice),
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(s->rope_sin.get(), sn.data(), 4 * sn.size(),
+                                       cudaMemcpyHostToDevice, st),
                        "upload RoPE tables");
   s->batch = batch;
   s->seq = seq;
