@@ -145,7 +145,9 @@ TEST_P(TrainingTest, DecoderLayerForwardBackwardMatchesCpu) {
     auto b = dev_->Allocate(2 * v.size(), "test");
     EXPECT_TRUE(b.ok());
     const auto hb = gpu_test::ToBf16(v);
-    EXPECT_EQ(cudaMemcpy(b->get(), hb.data(), 2 * hb.size(), cudaMemcpyHostToDevice),
+    // On the compute stream the layer runs on (a plain cudaMemcpy would not be ordered with it).
+    EXPECT_EQ(cudaMemcpyAsync(b->get(), hb.data(), 2 * hb.size(), cudaMemcpyHostToDevice,
+                              dev_->compute_stream()),
               cudaSuccess);
     return std::move(b).value();
   };
@@ -404,14 +406,15 @@ TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   auto trainer = CreateCudaTrainer(o, 0, budget);
   ASSERT_TRUE(trainer.ok()) << trainer.status();
   EXPECT_TRUE((*trainer)->resident());
-  EXPECT_EQ((*trainer)->TrainingStateBytes(), ResidentState::Bytes(c));
   for (int s = 0; s < 3; ++s) {
     auto r = (*trainer)->Step();
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_TRUE(std::isfinite(r->loss));
     EXPECT_EQ(r->device_memory_budget_bytes, budget);
-    EXPECT_GT(r->device_memory_peak_bytes, *recompute);
-    EXPECT_LE(r->device_memory_peak_bytes, budget);
+    // It recomputes: the peak is the workspace and the recompute footprint, well below the
+    // footprint with kept activations.
+    EXPECT_GE(r->device_memory_peak_bytes, kWorkspace + *recompute * 9 / 10);
+    EXPECT_LE(r->device_memory_peak_bytes, kWorkspace + *recompute + (int64_t{64} << 10));
     EXPECT_GT(r->compute_seconds, 0);
     EXPECT_LE(r->compute_seconds, r->step_time_s);
   }

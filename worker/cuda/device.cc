@@ -144,8 +144,14 @@ CudaDevice::~CudaDevice() {
   }
 }
 
+absl::Status CudaDevice::MakeCurrent(const std::string& op) const {
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(index_), op);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<DeviceBuffer> CudaDevice::Allocate(int64_t bytes, const std::string& op) {
   if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat(op, ": negative size ", bytes));
+  if (absl::Status s = MakeCurrent(op); !s.ok()) return s;
   const int64_t rounded = (bytes + 255) / 256 * 256;
   {
     absl::MutexLock lock(&mu_);

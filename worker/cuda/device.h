@@ -128,6 +128,9 @@ class CudaDevice {
   Gemm& gemm() const { return *gemm_; }
 
   absl::Status SynchronizeAll(const std::string& op);
+  // Makes this the calling thread's current CUDA device (the runtime's current device is per
+  // thread): entry points that may run on another thread than Create's call it first.
+  absl::Status MakeCurrent(const std::string& op) const;
 
   int device_index() const { return index_; }
   const std::string& name() const { return name_; }

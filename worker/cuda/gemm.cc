@@ -157,6 +157,9 @@ absl::Status Gemm::RunGemmEx(bool trans_a, bool trans_b, int64_t m, int64_t n, i
                          op);
   }
   CUBLAS_RETURN_IF_ERROR(cublasSetStream(blas_, stream), op);
+  // cublasSetStream resets the handle to cuBLAS's own workspace pool (outside the budget):
+  // give it ours again. One stream runs the GEMMs, so cuBLASLt and cuBLAS can share it.
+  CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(blas_, workspace_, workspace_bytes_), op);
   const float alpha = 1.0f;
   const cudaDataType_t out_type = out == GemmOut::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
   CUBLAS_RETURN_IF_ERROR(

@@ -100,6 +100,7 @@ absl::StatusOr<std::unique_ptr<ResidentState>> ResidentState::Create(
 
 absl::Status ResidentState::UploadF32(const engine::ModelParams& in,
                                      DeviceBuffer DeviceTensorGroup::*which) {
+  RETURN_IF_ERROR(device_->MakeCurrent("upload"));
   auto host = GroupTensors(config_, const_cast<engine::ModelParams*>(&in));
   cudaStream_t st = device_->compute_stream();
   for (size_t g = 0; g < groups_.size(); ++g) {
@@ -169,6 +170,7 @@ absl::Status ResidentState::InitRandom(uint64_t seed) {
 
 absl::Status ResidentState::Download(DeviceBuffer DeviceTensorGroup::*which,
                                     engine::ModelParams* out) {
+  RETURN_IF_ERROR(device_->MakeCurrent("download"));
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     *out = engine::AllocateParams<float>(config_);
   }
@@ -283,8 +285,12 @@ absl::StatusOr<int64_t> CudaTrainer::DeviceBytes(const engine::ModelConfig& conf
   // The scratch sizes depend on the shapes only; no device is touched.
   ASSIGN_OR_RETURN(std::unique_ptr<CudaLlama> model, CudaLlama::Create(nullptr, config, options));
   const int64_t n = batch * seq, h = config.hidden_size;
-  return ResidentState::Bytes(config) + 2 * (config.num_hidden_layers + 1) * n * h +
-         2 * (2 * n * h) + sizeof(double) + model->LayerScratchBytes(batch, seq) +
+  auto rounded = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };  // as Allocate does
+  // State (5 buffers a group, and the norm accumulator), checkpoints, two activation
+  // gradients, the loss sum, then the scratch (whose formulas already allow for rounding).
+  return ResidentState::Bytes(config) + 5 * 256 * static_cast<int64_t>(NumGroups(config)) +
+         rounded(sizeof(double)) + rounded(2 * (config.num_hidden_layers + 1) * n * h) +
+         2 * rounded(2 * n * h) + rounded(sizeof(double)) + model->LayerScratchBytes(batch, seq) +
          model->HeadScratchBytes(batch, seq);
 }
 
@@ -328,6 +334,7 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
                                                  int64_t micro_batches,
                                                  const engine::AdamWHyper& hyper,
                                                  double max_grad_norm, int64_t step) {
+  RETURN_IF_ERROR(device_->MakeCurrent("step"));
   const int64_t n = batch_ * seq_, total = micro_batches * n;
   if (micro_batches <= 0 || static_cast<int64_t>(inputs.size()) != total ||
       static_cast<int64_t>(targets.size()) != total) {
@@ -347,7 +354,8 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
   if (ids_host_.bytes() < id_bytes) {
     ASSIGN_OR_RETURN(ids_host_, device_->AllocatePinned(id_bytes, "token ids"));
   }
-  // The previous step synchronised, so the pinned staging is free.
+  // The pinned staging may still feed the upload of a step that failed after queuing it.
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "step: wait for the previous upload");
   std::memcpy(ids_host_.get(), inputs.data(), 4 * total);
   std::memcpy(ids_host_.as<int32_t>() + total, targets.data(), 4 * total);
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), ids_host_.get(), id_bytes,
@@ -387,6 +395,7 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
 
 absl::StatusOr<double> CudaTrainer::ForwardBackward(const int32_t* inputs,
                                                     const int32_t* targets, float grad_scale) {
+  RETURN_IF_ERROR(device_->MakeCurrent("forward-backward"));
   const int64_t n = batch_ * seq_;
   std::vector<int32_t> in(inputs, inputs + n), tg(targets, targets + n);
   const int64_t vocab = model_->config().vocab_size;
