@@ -169,6 +169,109 @@ TEST_P(TrainingTest, DecoderLayerForwardBackwardMatchesCpu) {
   }
 }
 
+// The LM head without its weight gradient, then that gradient in blocks of vocabulary rows
+// (how an offloaded step keeps the head's fp32 gradient off the device), against the head
+// in one call: the same loss, input gradient and norm gradient, and the same weight gradient up
+// to bf16 rounding of the recomputed logits.
+TEST_P(TrainingTest, HeadWeightGradientInRowBlocksMatchesTheWholeHead) {
+  engine::ModelConfig c = SmallConfig(GetParam());
+  c.vocab_size = 1000;
+  const int64_t B = 2, T = 64, n = B * T, h = c.hidden_size, V = c.vocab_size;
+  CudaLlamaOptions options;
+  options.head_chunk_tokens = 48;  // several token chunks
+  auto model = CudaLlama::Create(dev_.get(), c, options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto upload = [&](const std::vector<float>& v, bool bf16) {
+    auto b = dev_->Allocate((bf16 ? 2 : 4) * v.size(), "test");
+    EXPECT_TRUE(b.ok());
+    if (bf16) {
+      const auto hb = gpu_test::ToBf16(v);
+      EXPECT_EQ(cudaMemcpyAsync(b->get(), hb.data(), 2 * hb.size(), cudaMemcpyHostToDevice,
+                                dev_->compute_stream()),
+                cudaSuccess);
+    } else {
+      EXPECT_EQ(cudaMemcpyAsync(b->get(), v.data(), 4 * v.size(), cudaMemcpyHostToDevice,
+                                dev_->compute_stream()),
+                cudaSuccess);
+    }
+    return std::move(b).value();
+  };
+  auto download = [&](const DeviceBuffer& b, int64_t count, bool bf16) {
+    EXPECT_EQ(cudaStreamSynchronize(dev_->compute_stream()), cudaSuccess);
+    if (!bf16) {
+      std::vector<float> out(count);
+      EXPECT_EQ(cudaMemcpy(out.data(), b.get(), 4 * count, cudaMemcpyDeviceToHost), cudaSuccess);
+      return out;
+    }
+    std::vector<uint16_t> out(count);
+    EXPECT_EQ(cudaMemcpy(out.data(), b.get(), 2 * count, cudaMemcpyDeviceToHost), cudaSuccess);
+    return gpu_test::FromBf16(out);
+  };
+  std::vector<int32_t> targets(n);
+  for (int64_t i = 0; i < n; ++i) targets[i] = static_cast<int32_t>((i * 37 + 11) % V);
+  auto tg = dev_->Allocate(4 * n, "test");
+  ASSERT_TRUE(tg.ok());
+  ASSERT_EQ(cudaMemcpyAsync(tg->get(), targets.data(), 4 * n, cudaMemcpyHostToDevice,
+                            dev_->compute_stream()),
+            cudaSuccess);
+  DeviceBuffer x = upload(gpu_test::RandomBf16Values(n * h, 1.0f, 21), true);
+  DeviceBuffer w = upload(gpu_test::RandomBf16Values(V * h, 0.05f, 22), true);
+  std::vector<float> ones(h, 1.0f);
+  DeviceBuffer norm = upload(ones, true);
+  const std::vector<float> zero_w(V * h);
+  struct Out {
+    std::vector<float> dx, dw, dnorm;
+    double loss = 0;
+  };
+  auto run = [&](bool whole) {
+    Out o;
+    DeviceBuffer dw = upload(zero_w, false), dnorm = upload(std::vector<float>(h), false);
+    DeviceBuffer dx = upload(std::vector<float>(n * h), true);
+    DeviceBuffer hn = upload(std::vector<float>(n * h), true);
+    DeviceBuffer lse = upload(std::vector<float>(n), false);
+    DeviceBuffer loss = upload(std::vector<float>(2), false);  // one double
+    float* head_grad = whole ? dw.as<float>() : nullptr;
+    if (GetParam()) {
+      (*model)->BindEmbedding(w.as<bf16>(), head_grad);
+      (*model)->BindHead(norm.as<bf16>(), dnorm.as<float>(), nullptr, nullptr);
+    } else {
+      (*model)->BindHead(norm.as<bf16>(), dnorm.as<float>(), w.as<bf16>(), head_grad);
+    }
+    if (whole) {
+      EXPECT_TRUE((*model)
+                      ->HeadForwardBackward(x.as<bf16>(), tg->as<int32_t>(), B, T, 0.5f,
+                                            dx.as<bf16>(), loss.as<double>())
+                      .ok());
+    } else {
+      EXPECT_TRUE((*model)
+                      ->HeadForwardBackwardNoWeightGrad(x.as<bf16>(), tg->as<int32_t>(), B, T,
+                                                        0.5f, dx.as<bf16>(), loss.as<double>(),
+                                                        hn.as<bf16>(), lse.as<float>())
+                      .ok());
+      for (auto [v0, rows] : {std::pair<int64_t, int64_t>{0, 384}, {384, 384}, {768, 232}}) {
+        EXPECT_TRUE((*model)
+                        ->HeadWeightGradRows(hn.as<bf16>(), tg->as<int32_t>(), lse.as<float>(),
+                                             B, T, 0.5f, w.as<bf16>() + v0 * h, v0, rows,
+                                             dw.as<float>() + v0 * h)
+                        .ok());
+      }
+    }
+    o.dx = download(dx, n * h, true);
+    o.dw = download(dw, V * h, false);
+    o.dnorm = download(dnorm, h, false);
+    EXPECT_EQ(cudaMemcpy(&o.loss, loss.get(), 8, cudaMemcpyDeviceToHost), cudaSuccess);
+    return o;
+  };
+  const Out whole = run(true), blocks = run(false);
+  // The same kernels on the same inputs, up to the order of the atomics in the loss sum and
+  // the norm gradient.
+  EXPECT_NEAR(blocks.loss, whole.loss, 1e-9 * std::fabs(whole.loss));
+  EXPECT_LE(NormwiseError(blocks.dx, whole.dx), 1e-6);
+  EXPECT_LE(NormwiseError(blocks.dnorm, whole.dnorm), 1e-5);
+  EXPECT_LE(NormwiseError(blocks.dw, whole.dw), 1e-2);
+  EXPECT_GT(*std::max_element(whole.dw.begin(), whole.dw.end()), 0.0f);
+}
+
 TEST_P(TrainingTest, FullStepMatchesCpu) {
   const engine::ModelConfig c = SmallConfig(GetParam());
   const int64_t A = 2, B = 3, T = 64;

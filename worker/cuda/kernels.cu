@@ -177,7 +177,8 @@ __global__ void SwiGluBackwardKernel(const bf16* dm, const bf16* gu, int64_t n, 
 constexpr int kCeThreads = 1024;
 
 __global__ void CrossEntropyKernel(bf16* logits, int64_t ld, const int32_t* targets,
-                                   int64_t vocab, float grad_scale, float* losses) {
+                                   int64_t vocab, float grad_scale, float* losses,
+                                   float* lse_out) {
   const int64_t r = blockIdx.x;
   bf16* row = logits + r * ld;
   float mx = -INFINITY, sum = 0.0f;
@@ -214,7 +215,10 @@ __global__ void CrossEntropyKernel(bf16* logits, int64_t ld, const int32_t* targ
   const int64_t t = targets[r];
   const float target_logit = __bfloat162float(row[t]);
   __syncthreads();  // every thread has read row[t] before it is overwritten
-  if (threadIdx.x == 0) losses[r] = lse - target_logit;
+  if (threadIdx.x == 0) {
+    losses[r] = lse - target_logit;
+    if (lse_out != nullptr) lse_out[r] = lse;
+  }
   if (grad_scale == 0.0f) return;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     float g = expf(__bfloat162float(row[j]) - lse) * grad_scale;
@@ -224,6 +228,22 @@ __global__ void CrossEntropyKernel(bf16* logits, int64_t ld, const int32_t* targ
 }
 
 // ---- Reductions to double ----
+// CrossEntropyKernel's gradient for columns [v0, v0 + vb) of the full vocabulary, from each
+// row's log-sum-exp: one thread per element, grid-stride.
+__global__ void CrossEntropyGradColumnsKernel(bf16* logits, int64_t ld, const float* lse,
+                                              const int32_t* targets, int64_t n, int64_t v0,
+                                              int64_t vb, float grad_scale) {
+  const int64_t total = n * vb;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / vb, j = i - r * vb;
+    bf16* p = logits + r * ld + j;
+    float g = expf(__bfloat162float(*p) - lse[r]) * grad_scale;
+    if (v0 + j == targets[r]) g -= grad_scale;
+    *p = __float2bfloat16(g);
+  }
+}
+
 template <bool kSquare>
 __global__ void SumKernel(const float* x, int64_t n, double* acc) {
   float s = 0.0f;
@@ -400,8 +420,25 @@ absl::Status SwiGluBackward(const bf16* dm, const bf16* gu, int64_t n, int64_t i
   return absl::OkStatus();
 }
 
+absl::Status CrossEntropyGradColumns(bf16* logits, int64_t ld, const float* lse,
+                                     const int32_t* targets, int64_t n, int64_t v0, int64_t vb,
+                                     float grad_scale, cudaStream_t stream) {
+  if (absl::Status s = CheckPositive("CrossEntropyGradColumns", n, vb); !s.ok()) return s;
+  if (ld < vb || v0 < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("CrossEntropyGradColumns: ld ", ld,
+                                                   " < columns ", vb, " or first column ", v0,
+                                                   " < 0"));
+  }
+  if (n == 0) return absl::OkStatus();
+  CrossEntropyGradColumnsKernel<<<Blocks(n * vb, kThreads * 4), kThreads, 0, stream>>>(
+      logits, ld, lse, targets, n, v0, vb, grad_scale);
+  CUDA_RETURN_IF_LAUNCH_ERROR("CrossEntropyGradColumnsKernel");
+  return absl::OkStatus();
+}
+
 absl::Status CrossEntropy(bf16* logits, int64_t ld, const int32_t* targets, int64_t n,
-                          int64_t vocab, float grad_scale, float* losses, cudaStream_t stream) {
+                          int64_t vocab, float grad_scale, float* losses, cudaStream_t stream,
+                          float* lse) {
   if (absl::Status s = CheckPositive("CrossEntropy", n, vocab); !s.ok()) return s;
   if (ld < vocab || n > INT32_MAX) {
     return absl::InvalidArgumentError(
@@ -410,7 +447,7 @@ absl::Status CrossEntropy(bf16* logits, int64_t ld, const int32_t* targets, int6
   if (n == 0) return absl::OkStatus();
   CrossEntropyKernel<<<static_cast<unsigned>(n), kCeThreads, 0, stream>>>(logits, ld, targets,
                                                                           vocab, grad_scale,
-                                                                          losses);
+                                                                          losses, lse);
   CUDA_RETURN_IF_LAUNCH_ERROR("CrossEntropyKernel");
   return absl::OkStatus();
 }

@@ -53,9 +53,18 @@ absl::Status SwiGluBackward(const bf16* dm, const bf16* gu, int64_t n, int64_t i
 
 // losses[r] = logsumexp(logits[r]) - logits[r, targets[r]] in fp32 over rows `ld` apart.
 // With grad_scale != 0 the logits are overwritten with grad_scale * (softmax - onehot).
-// targets must lie in [0, vocab) (the caller checks).
+// targets must lie in [0, vocab) (the caller checks). `lse` (optional, [n]) receives each
+// row's log-sum-exp, for CrossEntropyGradColumns.
 absl::Status CrossEntropy(bf16* logits, int64_t ld, const int32_t* targets, int64_t n,
-                          int64_t vocab, float grad_scale, float* losses, cudaStream_t stream);
+                          int64_t vocab, float grad_scale, float* losses, cudaStream_t stream,
+                          float* lse = nullptr);
+// CrossEntropy's gradient for columns [v0, v0 + vb) of the vocabulary when only those logits
+// are at hand (`logits` [n, vb], rows `ld` apart, overwritten), from each row's log-sum-exp
+// over the whole vocabulary (`lse`, as CrossEntropy returns it): grad_scale * (exp(logit -
+// lse) - onehot(target)). The same formula as CrossEntropy's, element for element.
+absl::Status CrossEntropyGradColumns(bf16* logits, int64_t ld, const float* lse,
+                                     const int32_t* targets, int64_t n, int64_t v0, int64_t vb,
+                                     float grad_scale, cudaStream_t stream);
 
 // *acc += sum of x[i]^2 (double atomics).
 absl::Status SumSquares(const float* x, int64_t n, double* acc, cudaStream_t stream);

@@ -1,11 +1,13 @@
 // Each CUDA kernel against the CPU engine's reference (worker/engine/kernels.h, optimizer.h)
 // on random inputs: bf16 outputs within 1e-2 normwise relative error, fp32 outputs within
 // 1e-5. Inputs are rounded to bf16 on the host so both sides see the same values.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -342,6 +344,49 @@ TEST_F(KernelsTest, CrossEntropy) {
       EXPECT_LE(NormwiseError(got_packed, want_grad), scale == 0.0f ? 0.0 : kBf16Tol)
           << "vocab " << vocab << " scale " << scale;
     }
+  }
+}
+
+// The log-sum-exp CrossEntropy returns, and the gradient of a block of columns from it
+// (the LM head's weight gradient in vocabulary blocks), against the CPU's full gradient.
+TEST_F(KernelsTest, CrossEntropyGradientByColumnBlocks) {
+  const int64_t n = 13, vocab = 1000, ld = vocab;
+  const auto logits = RandomBf16Values(n * vocab, 3.0f, 16);
+  std::vector<int32_t> targets(n);
+  for (int64_t i = 0; i < n; ++i) targets[i] = static_cast<int32_t>((i * 331) % vocab);
+  const float scale = 0.125f;
+  DeviceBuffer dl = Bf16(logits), dt = Raw(targets), dloss = F32(std::vector<float>(n)),
+               dlse = F32(std::vector<float>(n));
+  ASSERT_TRUE(kernels::CrossEntropy(dl.as<bf16>(), ld, dt.as<int32_t>(), n, vocab, 0.0f,
+                                    dloss.as<float>(), st_, dlse.as<float>())
+                  .ok());
+  std::vector<float> want_lse(n);
+  for (int64_t r = 0; r < n; ++r) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < vocab; ++j) mx = std::max(mx, double{logits[r * vocab + j]});
+    for (int64_t j = 0; j < vocab; ++j) sum += std::exp(logits[r * vocab + j] - mx);
+    want_lse[r] = static_cast<float>(mx + std::log(sum));
+  }
+  const auto lse = GetF32(dlse, n);
+  EXPECT_LE(NormwiseError(lse, want_lse), kF32Tol);
+  std::vector<float> want_grad = logits;
+  std::vector<double> losses(n);
+  engine::kernels::CrossEntropy(want_grad.data(), targets.data(), n, vocab, scale, losses.data(),
+                                nullptr);
+  // Three uneven blocks of columns, each from its own copy of its logits.
+  for (auto [v0, vb] : {std::pair<int64_t, int64_t>{0, 400}, {400, 344}, {744, 256}}) {
+    std::vector<float> block(n * vb), want(n * vb);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t j = 0; j < vb; ++j) {
+        block[r * vb + j] = logits[r * vocab + v0 + j];
+        want[r * vb + j] = want_grad[r * vocab + v0 + j];
+      }
+    }
+    DeviceBuffer db = Bf16(block);
+    ASSERT_TRUE(kernels::CrossEntropyGradColumns(db.as<bf16>(), vb, dlse.as<float>(),
+                                                 dt.as<int32_t>(), n, v0, vb, scale, st_)
+                    .ok());
+    EXPECT_LE(NormwiseError(GetBf16(db, n * vb), want), kBf16Tol) << "columns from " << v0;
   }
 }
 

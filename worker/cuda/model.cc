@@ -376,12 +376,29 @@ absl::Status CudaLlama::DecoderLayerBackward(int layer, const bf16* x, bf16* dy,
 absl::Status CudaLlama::HeadForwardBackward(const bf16* x, const int32_t* targets,
                                             int64_t batch, int64_t seq, float grad_scale,
                                             bf16* dx, double* loss_sum) {
+  return Head(x, targets, batch, seq, grad_scale, dx, loss_sum, true, nullptr, nullptr);
+}
+
+absl::Status CudaLlama::HeadForwardBackwardNoWeightGrad(const bf16* x, const int32_t* targets,
+                                                        int64_t batch, int64_t seq,
+                                                        float grad_scale, bf16* dx,
+                                                        double* loss_sum, bf16* hn, float* lse) {
+  if (hn == nullptr || lse == nullptr) {
+    return absl::InvalidArgumentError("head without weight gradient: hn and lse are needed");
+  }
+  return Head(x, targets, batch, seq, grad_scale, dx, loss_sum, false, hn, lse);
+}
+
+absl::Status CudaLlama::Head(const bf16* x, const int32_t* targets, int64_t batch, int64_t seq,
+                             float grad_scale, bf16* dx, double* loss_sum, bool weight_grad,
+                             bf16* hn_out, float* lse_out) {
   RETURN_IF_ERROR(CheckShape(batch, seq));
   const engine::ModelConfig& c = config_;
   const bool tied = c.tie_word_embeddings;
   const bf16* head = tied ? embed_ : lm_head_;
   float* dhead = tied ? embed_grad_ : lm_head_grad_;
-  if (norm_ == nullptr || norm_grad_ == nullptr || head == nullptr || dhead == nullptr) {
+  if (norm_ == nullptr || norm_grad_ == nullptr || head == nullptr ||
+      (weight_grad && dhead == nullptr)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "head: norm, ", tied ? "embed_tokens" : "lm_head", " or their gradients not bound"));
   }
@@ -403,15 +420,57 @@ absl::Status CudaLlama::HeadForwardBackward(const bf16* x, const int32_t* target
     RETURN_IF_ERROR(g.Run(false, true, rows, V, h, hn + r0 * h, h, head, h, 0.0f, nullptr,
                           logits, V, GemmOut::kBf16, st, op + ": logits"));
     RETURN_IF_ERROR(kernels::CrossEntropy(logits, V, targets + r0, rows, V, scale,
-                                          s.losses.as<float>() + r0, st));
+                                          s.losses.as<float>() + r0, st,
+                                          lse_out != nullptr ? lse_out + r0 : nullptr));
     RETURN_IF_ERROR(g.Run(false, false, rows, h, V, logits, V, head, h, 0.0f, nullptr,
                           dhn + r0 * h, h, GemmOut::kBf16, st, op + ": dhn"));
-    RETURN_IF_ERROR(g.Run(true, false, V, h, rows, logits, V, hn + r0 * h, h, 1.0f, dhead, dhead,
-                          h, GemmOut::kF32, st, op + ": d head"));
+    if (weight_grad) {
+      RETURN_IF_ERROR(g.Run(true, false, V, h, rows, logits, V, hn + r0 * h, h, 1.0f, dhead,
+                            dhead, h, GemmOut::kF32, st, op + ": d head"));
+    }
   }
   RETURN_IF_ERROR(kernels::Sum(s.losses.as<float>(), n, loss_sum, st));
-  return kernels::RmsNormBackward(dhn, x, norm_, s.rstdn.as<float>(), n, h, nullptr, dx,
-                                  norm_grad_, st);
+  RETURN_IF_ERROR(kernels::RmsNormBackward(dhn, x, norm_, s.rstdn.as<float>(), n, h, nullptr, dx,
+                                           norm_grad_, st));
+  if (hn_out != nullptr) {
+    // After RmsNormBackward's reads of x: hn_out may be x.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(hn_out, hn, 2 * n * h, cudaMemcpyDeviceToDevice, st),
+                         "head: keep the normed input");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaLlama::HeadWeightGradRows(const bf16* hn, const int32_t* targets,
+                                           const float* lse, int64_t batch, int64_t seq,
+                                           float grad_scale, const bf16* head_rows, int64_t v0,
+                                           int64_t rows, float* d_rows) {
+  RETURN_IF_ERROR(CheckShape(batch, seq));
+  const engine::ModelConfig& c = config_;
+  if (v0 < 0 || rows <= 0 || v0 + rows > c.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("head weight gradient: rows ", v0, "..",
+                                                   v0 + rows, " outside the vocabulary of ",
+                                                   c.vocab_size));
+  }
+  RETURN_IF_ERROR(EnsureScratch(batch, seq));
+  Scratch& s = *scratch_;
+  const int64_t n = batch * seq, h = c.hidden_size;
+  cudaStream_t st = device_->compute_stream();
+  Gemm& g = device_->gemm();
+  bf16* logits = s.logits.as<bf16>();  // [chunk, V] holds [chunk, rows]
+  const float scale = grad_scale / static_cast<float>(n);
+  const int64_t chunk = options_.head_chunk_tokens;
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t tokens = std::min(chunk, n - r0);
+    const std::string op = absl::StrCat("head weight rows ", v0, "..", v0 + rows, ", tokens ",
+                                        r0, "..", r0 + tokens);
+    RETURN_IF_ERROR(g.Run(false, true, tokens, rows, h, hn + r0 * h, h, head_rows, h, 0.0f,
+                          nullptr, logits, rows, GemmOut::kBf16, st, op + ": logits"));
+    RETURN_IF_ERROR(kernels::CrossEntropyGradColumns(logits, rows, lse + r0, targets + r0, tokens,
+                                                     v0, rows, scale, st));
+    RETURN_IF_ERROR(g.Run(true, false, rows, h, tokens, logits, rows, hn + r0 * h, h, 1.0f,
+                          d_rows, d_rows, h, GemmOut::kF32, st, op + ": d head"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace lumen::cuda

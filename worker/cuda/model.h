@@ -98,8 +98,28 @@ class CudaLlama {
   // (device double).
   absl::Status HeadForwardBackward(const bf16* x, const int32_t* targets, int64_t batch,
                                    int64_t seq, float grad_scale, bf16* dx, double* loss_sum);
+  // The same without the LM head's weight gradient, for a head whose fp32 gradient does not
+  // fit the device: the bound head gradient may be null. Leaves what HeadWeightGradRows needs:
+  // the normed input in `hn` ([batch*seq, hidden] bf16; it may be x, which is written after
+  // its last read) and each row's log-sum-exp in `lse` ([batch*seq] fp32).
+  absl::Status HeadForwardBackwardNoWeightGrad(const bf16* x, const int32_t* targets,
+                                               int64_t batch, int64_t seq, float grad_scale,
+                                               bf16* dx, double* loss_sum, bf16* hn, float* lse);
+  // Adds rows [v0, v0 + rows) of the LM head's weight gradient for one micro-batch to
+  // `d_rows` ([rows, hidden] fp32), given those rows of the head's weight (`head_rows`,
+  // [rows, hidden] bf16) and the micro-batch's `hn` and `lse` from
+  // HeadForwardBackwardNoWeightGrad: the logits of those columns are recomputed, turned into
+  // grad_scale * d(mean loss)/d(logits) as CrossEntropy does, and multiplied by hn. Summed over
+  // all row blocks this is HeadForwardBackward's head gradient.
+  absl::Status HeadWeightGradRows(const bf16* hn, const int32_t* targets, const float* lse,
+                                  int64_t batch, int64_t seq, float grad_scale,
+                                  const bf16* head_rows, int64_t v0, int64_t rows,
+                                  float* d_rows);
 
  private:
+  absl::Status Head(const bf16* x, const int32_t* targets, int64_t batch, int64_t seq,
+                    float grad_scale, bf16* dx, double* loss_sum, bool weight_grad, bf16* hn_out,
+                    float* lse_out);
   struct Acts;
   struct Scratch;
   CudaLlama(CudaDevice* device, const engine::ModelConfig& config,
