@@ -7,12 +7,16 @@
 //                     decoder layers, embedding and head stream through slots from pinned host
 //                     memory (next layer prefetched on the copy stream), layer-input checkpoints
 //                     go to pinned host memory, AdamW runs on the host per layer while the
-//                     device continues with the backward (DESIGN.md section 2).
+//                     device continues with the backward (DESIGN.md section 2). The LM head's
+//                     weight gradient is made in --head_blocks blocks of vocabulary rows, each
+//                     sent home as it is done, and the embedding's gradient is added on the
+//                     host from the tokens' input gradients: neither fp32 gradient of a
+//                     [vocab, hidden] matrix is ever on the device.
 //   kernels           per-kernel times (attention on both kernel sets, GEMMs, RMSNorm, SwiGLU,
 //                     cross-entropy) at the shape of one micro-batch
 // No gradient clipping in any mode (the PyTorch side does none either).
 //   gpu_bench --name=1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8
-//             --vocab=128256 --tied=1 --batch=2 --seq=2048 --micro_batches=8 --mode=memory
+//             --vocab=128256 --tied=1 --batch=1 --seq=2048 --micro_batches=16 --mode=memory
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -55,6 +59,10 @@ struct Args {
   int64_t hidden = 2048, inter = 8192, layers = 16, heads = 32, kv_heads = 8, vocab = 128256;
   int64_t tied = 1, batch = 2, seq = 2048, micro_batches = 8, warmup = 1, steps = 3;
   int64_t head_chunk = 2048, threads = 0;
+  // offload: token rows per logits chunk (its [chunk, vocab] logits are the largest scratch),
+  // and vocabulary row blocks of the LM head's weight gradient (its fp32 gradient stays off the
+  // device: one block at a time, double-buffered, goes home).
+  int64_t offload_head_chunk = 512, head_blocks = 32;
   double offload_fraction = 0.1;
 };
 
@@ -64,7 +72,8 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       {"heads", &a->heads},   {"kv_heads", &a->kv_heads}, {"vocab", &a->vocab},
       {"tied", &a->tied},     {"batch", &a->batch},       {"seq", &a->seq},
       {"micro_batches", &a->micro_batches},               {"warmup", &a->warmup},
-      {"steps", &a->steps},   {"head_chunk", &a->head_chunk}, {"threads", &a->threads}};
+      {"steps", &a->steps},   {"head_chunk", &a->head_chunk}, {"threads", &a->threads},
+      {"offload_head_chunk", &a->offload_head_chunk},     {"head_blocks", &a->head_blocks}};
   for (int i = 1; i < argc; ++i) {
     std::string s = argv[i];
     if (s.rfind("--", 0) != 0 || s.find('=') == std::string::npos) return false;
@@ -141,6 +150,13 @@ uint16_t ToBf16Bits(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+}
+
+float FromBf16Bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 struct Result {
@@ -311,6 +327,9 @@ class HostOptimizer {
     engine::AdamWHyper hyper;
     int64_t step;
     std::promise<void> done;
+    // Optional: runs once the gradients are home, before AdamW (the embedding's gradient is
+    // completed there), with the optimizer's threads.
+    std::function<void(engine::ThreadPool&)> before;
   };
   HostOptimizer(int device, int threads)
       : device_(device), pool_(threads), thread_([this] { Loop(); }) {}
@@ -345,6 +364,7 @@ class HostOptimizer {
         jobs_.pop_front();
       }
       cudaEventSynchronize(job.grads_ready);
+      if (job.before) job.before(pool_);
       for (const DeviceTensorGroup::Segment& seg : job.shape->segments) {
         engine::AdamWHyper h = job.hyper;
         if (!seg.matrix) h.weight_decay = 0;
@@ -380,9 +400,12 @@ class OffloadRunner {
     auto model = CudaLlama::Create(nullptr, c_, Options());
     const int64_t scratch =
         (*model)->LayerScratchBytes(a_.batch, a_.seq) + (*model)->HeadScratchBytes(a_.batch, a_.seq);
-    return 2 * 2 * layer + 2 * 4 * layer + 2 * big + 4 * big + 6 * h +
-           2 * (2 * A_ * n_ * h) + 2 * (2 * n_ * h) + 8 * A_ * n_ + 8 + scratch +
-           (int64_t{32} << 20) /* GEMM workspace */ + 64 * 256;
+    // Parameter and gradient slots of two layers, the embedding or head in bf16, two blocks of
+    // the head's gradient, norms, two activation sets of every micro-batch, two checkpoint
+    // slots, token ids and log-sum-exps, the loss, the scratch and cuBLASLt's workspace.
+    return 2 * 2 * layer + 2 * 4 * layer + 2 * big + 2 * 4 * BlockRows() * h + 6 * h +
+           2 * (2 * A_ * n_ * h) + 2 * (2 * n_ * h) + 8 * A_ * n_ + 4 * A_ * n_ + 8 + scratch +
+           (int64_t{32} << 20) + 64 * 256;
   }
   int64_t StateBytes() const {
     return ResidentState::Bytes(c_) + 2 * (L_ + 1) * A_ * n_ * c_.hidden_size;
@@ -419,9 +442,14 @@ class OffloadRunner {
   CudaLlamaOptions Options() const {
     CudaLlamaOptions o;
     o.keep_activations = false;
-    o.head_chunk_tokens = a_.head_chunk;
+    o.head_chunk_tokens = a_.offload_head_chunk;
     o.attention = AttentionOf(a_);
     return o;
+  }
+  // Vocabulary rows per block of the head's weight gradient.
+  int64_t BlockRows() const {
+    const int64_t blocks = std::max<int64_t>(1, a_.head_blocks);
+    return (c_.vocab_size + blocks - 1) / blocks;
   }
   size_t EmbedGroup() const { return L_; }
   size_t NormGroup() const { return L_ + 1; }
@@ -437,7 +465,11 @@ class OffloadRunner {
       ASSIGN_OR_RETURN(xslot_[i], dev_->Allocate(2 * n_ * h, "offload: checkpoint slot"));
     }
     ASSIGN_OR_RETURN(big_param_, dev_->Allocate(2 * big, "offload: embedding/head parameters"));
-    ASSIGN_OR_RETURN(big_grad_, dev_->Allocate(4 * big, "offload: embedding/head gradients"));
+    for (int i = 0; i < 2; ++i) {
+      ASSIGN_OR_RETURN(block_grad_[i], dev_->Allocate(4 * BlockRows() * h,
+                                                      "offload: head gradient block"));
+    }
+    ASSIGN_OR_RETURN(lse_, dev_->Allocate(4 * A_ * n_, "offload: log-sum-exps"));
     ASSIGN_OR_RETURN(norm_param_, dev_->Allocate(2 * h, "offload: norm"));
     ASSIGN_OR_RETURN(norm_grad_, dev_->Allocate(4 * h, "offload: norm gradient"));
     ASSIGN_OR_RETURN(ids_, dev_->Allocate(8 * A_ * n_, "offload: token ids"));
@@ -470,17 +502,28 @@ class OffloadRunner {
       ASSIGN_OR_RETURN(hg.ready, Event::Create("offload: group event"));
     }
     ASSIGN_OR_RETURN(ckpt_, dev_->AllocatePinned(2 * L_ * A_ * n_ * h, "offload: checkpoints"));
+    ASSIGN_OR_RETURN(embed_dx_, dev_->AllocatePinned(2 * A_ * n_ * h, "offload: embedding dx"));
     for (Event* e : {&ev_slot_ready_[0], &ev_slot_ready_[1], &ev_slot_free_[0], &ev_slot_free_[1],
                      &ev_act_saved_[0], &ev_act_saved_[1], &ev_grad_saved_[0], &ev_grad_saved_[1],
                      &ev_x_ready_[0], &ev_x_ready_[1], &ev_x_free_[0], &ev_x_free_[1],
-                     &ev_big_param_ready_, &ev_big_param_free_, &ev_big_grad_saved_,
-                     &ev_norm_ready_, &ev_mark_}) {
+                     &ev_big_param_ready_, &ev_big_param_free_, &ev_block_saved_[0],
+                     &ev_block_saved_[1], &ev_norm_ready_, &ev_mark_}) {
       ASSIGN_OR_RETURN(*e, Event::Create("offload: events"));
     }
     optimizer_ = std::make_unique<HostOptimizer>(dev_->device_index(), threads);
     done_.resize(shapes_.size());
-    std::vector<int32_t> in, tg;
+    std::vector<int32_t>& in = host_ids_;
+    std::vector<int32_t> tg;
     RandomIds(A_ * n_, c_.vocab_size, &in, &tg);
+    embed_rows_.assign(in.begin(), in.end());
+    std::sort(embed_rows_.begin(), embed_rows_.end());
+    embed_rows_.erase(std::unique(embed_rows_.begin(), embed_rows_.end()), embed_rows_.end());
+    if (!c_.tie_word_embeddings) {  // only the step's rows are written (see Step)
+      float* g = host_[EmbedGroup()].grad.as<float>();
+      init_pool.ParallelFor(shapes_[EmbedGroup()].elems, 1 << 20, [&](int64_t b, int64_t e) {
+        std::fill(g + b, g + e, 0.0f);
+      });
+    }
     CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), in.data(), 4 * A_ * n_, cudaMemcpyHostToDevice),
                          "offload: ids");
     CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.as<int32_t>() + A_ * n_, tg.data(), 4 * A_ * n_,
@@ -534,24 +577,52 @@ class OffloadRunner {
     return ckpt_.as<bf16>() + (l * A_ + a) * n_ * c_.hidden_size;
   }
 
-  // Copies the device gradients of group g to host and queues its optimizer.
-  absl::Status SaveGrads(size_t g, const void* src, Event* saved, int64_t step) {
+  // Copies `bytes` of device memory home to `dst` on the copy stream once the compute stream
+  // has produced them; records `saved` (optional) when the copy is done.
+  absl::Status CopyHome(void* dst, const void* src, int64_t bytes, Event* saved,
+                        const std::string& op) {
     cudaStream_t d2h = dev_->d2h_stream();
-    RETURN_IF_ERROR(ev_mark_.Record(dev_->compute_stream(), "offload: gradients"));
-    RETURN_IF_ERROR(ev_mark_.StreamWait(d2h, "offload: gradients"));
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_[g].grad.get(), src, 4 * shapes_[g].elems,
-                                         cudaMemcpyDeviceToHost, d2h),
-                         absl::StrCat("offload: gradients of group ", g));
-    d2h_ += 4 * shapes_[g].elems;
-    RETURN_IF_ERROR(host_[g].ready.Record(d2h, "offload: gradients"));
-    if (saved != nullptr) RETURN_IF_ERROR(saved->Record(d2h, "offload: gradients"));
+    RETURN_IF_ERROR(ev_mark_.Record(dev_->compute_stream(), op));
+    RETURN_IF_ERROR(ev_mark_.StreamWait(d2h, op));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, d2h), op);
+    d2h_ += bytes;
+    if (saved != nullptr) RETURN_IF_ERROR(saved->Record(d2h, op));
+    return absl::OkStatus();
+  }
+
+  // Queues group g's AdamW for when everything copied home so far has arrived.
+  absl::Status QueueOptimizer(size_t g, int64_t step,
+                              std::function<void(engine::ThreadPool&)> before = nullptr) {
     HostGroup& hg = host_[g];
+    RETURN_IF_ERROR(hg.ready.Record(dev_->d2h_stream(), "offload: gradients"));
     HostOptimizer::Job job{hg.ready.get(), hg.master.data(), hg.grad.as<float>(), hg.m.data(),
                            hg.v.data(), hg.param.as<uint16_t>(), &shapes_[g], Hyper(), step,
-                           std::promise<void>()};
+                           std::promise<void>(), std::move(before)};
     done_[g] = optimizer_->Submit(std::move(job));
     if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
     return absl::OkStatus();
+  }
+
+  // Copies the device gradients of group g home and queues its optimizer.
+  absl::Status SaveGrads(size_t g, const void* src, Event* saved, int64_t step) {
+    RETURN_IF_ERROR(CopyHome(host_[g].grad.get(), src, 4 * shapes_[g].elems, saved,
+                             absl::StrCat("offload: gradients of group ", g)));
+    return QueueOptimizer(g, step);
+  }
+
+  // Adds each token's input gradient (embed_dx_, bf16) into its embedding row of the host
+  // gradient `grad` ([vocab, hidden] fp32); threads split the columns, so no two write the
+  // same element.
+  void AddEmbeddingGradient(engine::ThreadPool& pool, float* grad) const {
+    const int64_t h = c_.hidden_size, tokens = A_ * n_;
+    const uint16_t* dx = embed_dx_.as<uint16_t>();
+    pool.ParallelFor(h, 64, [&](int64_t b, int64_t e) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        float* row = grad + static_cast<int64_t>(host_ids_[t]) * h;
+        const uint16_t* d = dx + t * h;
+        for (int64_t j = b; j < e; ++j) row[j] += FromBf16Bits(d[j]);
+      }
+    });
   }
 
   absl::Status Step(int64_t step) {
@@ -569,7 +640,7 @@ class OffloadRunner {
     RETURN_IF_ERROR(ev_norm_ready_.Record(h2d, "offload: fetch norm"));
     RETURN_IF_ERROR(FetchLayer(0));
     RETURN_IF_ERROR(ev_big_param_ready_.StreamWait(cs, "offload: embed"));
-    model_->BindEmbedding(big_param_.as<bf16>(), big_grad_.as<float>());
+    model_->BindEmbedding(big_param_.as<bf16>(), nullptr);  // its gradient is made at home
     int cur = 0;
     RETURN_IF_ERROR(ev_act_saved_[cur].StreamWait(cs, "offload: embed"));
     for (int64_t a = 0; a < A_; ++a) {
@@ -602,25 +673,50 @@ class OffloadRunner {
       RETURN_IF_ERROR(ev_slot_free_[s].Record(cs, "offload: forward"));
       cur = 1 - cur;
     }
-    // Head (forward and backward); dy goes to the other activation set.
+    // Head (forward and backward) without its weight gradient; dy goes to the other
+    // activation set, the normed input replaces the head's input (which is not needed again).
     RETURN_IF_ERROR(ev_big_param_ready_.StreamWait(cs, "offload: head"));
     RETURN_IF_ERROR(ev_norm_ready_.StreamWait(cs, "offload: head"));
-    RETURN_IF_ERROR(ev_big_grad_saved_.StreamWait(cs, "offload: head"));
     RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: head"));
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(big_grad_.get(), 0, big_grad_.bytes(), cs), "offload");
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(norm_grad_.get(), 0, 4 * h, cs), "offload");
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(loss_sum_.get(), 0, 8, cs), "offload");
-    model_->BindHead(norm_param_.as<bf16>(), norm_grad_.as<float>(), big_param_.as<bf16>(),
-                     big_grad_.as<float>());
+    if (c_.tie_word_embeddings) {
+      model_->BindEmbedding(big_param_.as<bf16>(), nullptr);
+      model_->BindHead(norm_param_.as<bf16>(), norm_grad_.as<float>(), nullptr, nullptr);
+    } else {
+      model_->BindHead(norm_param_.as<bf16>(), norm_grad_.as<float>(), big_param_.as<bf16>(),
+                       nullptr);
+    }
+    const float micro_scale = 1.0f / static_cast<float>(A_);
+    float* lse = lse_.as<float>();
     for (int64_t a = 0; a < A_; ++a) {
-      RETURN_IF_ERROR(model_->HeadForwardBackward(Act(cur, a), tg + a * n_, a_.batch, a_.seq,
-                                                  1.0f / static_cast<float>(A_),
-                                                  Act(1 - cur, a), loss_sum_.as<double>()));
+      RETURN_IF_ERROR(model_->HeadForwardBackwardNoWeightGrad(
+          Act(cur, a), tg + a * n_, a_.batch, a_.seq, micro_scale, Act(1 - cur, a),
+          loss_sum_.as<double>(), Act(cur, a), lse + a * n_));
+    }
+    // The head's weight gradient, a block of vocabulary rows at a time, each sent home into
+    // the group's host gradient while the next is made.
+    const size_t head = HeadGroup();
+    const int64_t V = c_.vocab_size, vb = BlockRows();
+    for (int64_t j = 0, v0 = 0; v0 < V; ++j, v0 += vb) {
+      const int64_t rows = std::min(vb, V - v0);
+      const int k = static_cast<int>(j % 2);
+      RETURN_IF_ERROR(ev_block_saved_[k].StreamWait(cs, "offload: head gradient"));
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(block_grad_[k].get(), 0, 4 * rows * h, cs),
+                           "offload: head gradient");
+      for (int64_t a = 0; a < A_; ++a) {
+        RETURN_IF_ERROR(model_->HeadWeightGradRows(Act(cur, a), tg + a * n_, lse + a * n_,
+                                                   a_.batch, a_.seq, micro_scale,
+                                                   big_param_.as<bf16>() + v0 * h, v0, rows,
+                                                   block_grad_[k].as<float>()));
+      }
+      RETURN_IF_ERROR(CopyHome(host_[head].grad.as<float>() + v0 * h, block_grad_[k].get(),
+                               4 * rows * h, &ev_block_saved_[k],
+                               "offload: head gradient block"));
     }
     RETURN_IF_ERROR(ev_big_param_free_.Record(cs, "offload: head"));
-    if (!c_.tie_word_embeddings) {
-      RETURN_IF_ERROR(SaveGrads(HeadGroup(), big_grad_.get(), &ev_big_grad_saved_, step));
-    }
+    // Tied: the embedding's gradient is added to these rows at the end of the backward.
+    if (!c_.tie_word_embeddings) RETURN_IF_ERROR(QueueOptimizer(head, step));
     RETURN_IF_ERROR(SaveGrads(NormGroup(), norm_grad_.get(), nullptr, step));
     int dcur = 1 - cur;
     // Backward, recomputing each layer from its checkpoint.
@@ -662,16 +758,30 @@ class OffloadRunner {
       RETURN_IF_ERROR(SaveGrads(l, grad_slot_[k].get(), &ev_grad_saved_[k], step));
       dcur = 1 - dcur;
     }
-    // Embedding backward (tied: onto the head's gradients, still on the device).
-    if (!c_.tie_word_embeddings) {
-      RETURN_IF_ERROR(ev_big_grad_saved_.StreamWait(cs, "offload: embed backward"));
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(big_grad_.get(), 0, big_grad_.bytes(), cs),
-                           "offload: embed backward");
-    }
+    // Embedding backward at home: every token's input gradient goes home, and the optimizer's
+    // threads add it into the embedding rows of the group's host gradient (tied: onto the
+    // head's gradient blocks, which arrived before it on the same copy stream) before AdamW.
     for (int64_t a = 0; a < A_; ++a) {
-      RETURN_IF_ERROR(model_->EmbedBackward(in + a * n_, a_.batch, a_.seq, Act(dcur, a)));
+      RETURN_IF_ERROR(CopyHome(embed_dx_.as<uint16_t>() + a * n_ * h, Act(dcur, a), 2 * n_ * h,
+                               nullptr, "offload: embedding input gradient"));
     }
-    RETURN_IF_ERROR(SaveGrads(EmbedGroup(), big_grad_.get(), &ev_big_grad_saved_, step));
+    const size_t embed = EmbedGroup();
+    const bool tied = c_.tie_word_embeddings;
+    float* embed_grad = host_[embed].grad.as<float>();
+    RETURN_IF_ERROR(
+        QueueOptimizer(embed, step, [this, tied, embed_grad, h](engine::ThreadPool& pool) {
+          // Untied, the gradient holds only the embedding's: the rows of the step's tokens
+          // (the bench's ids are the same every step; the other rows stay zero from Setup).
+          if (!tied) {
+            pool.ParallelFor(static_cast<int64_t>(embed_rows_.size()), 64,
+                             [&](int64_t b, int64_t e) {
+                               for (int64_t i = b; i < e; ++i) {
+                                 std::fill_n(embed_grad + embed_rows_[i] * h, h, 0.0f);
+                               }
+                             });
+          }
+          AddEmbeddingGradient(pool, embed_grad);
+        }));
     return absl::OkStatus();
   }
 
@@ -690,12 +800,14 @@ class OffloadRunner {
   std::unique_ptr<CudaDevice> dev_;
   std::unique_ptr<CudaLlama> model_;
   DeviceBuffer param_slot_[2], grad_slot_[2], act_[2], xslot_[2];
-  DeviceBuffer big_param_, big_grad_, norm_param_, norm_grad_, ids_, loss_sum_;
+  DeviceBuffer big_param_, block_grad_[2], lse_, norm_param_, norm_grad_, ids_, loss_sum_;
   std::vector<HostGroup> host_;
-  PinnedBuffer ckpt_;
+  std::vector<int32_t> host_ids_;    // the input ids of every micro-batch
+  std::vector<int64_t> embed_rows_;  // the distinct ones
+  PinnedBuffer ckpt_, embed_dx_;
   Event ev_slot_ready_[2], ev_slot_free_[2], ev_act_saved_[2], ev_grad_saved_[2];
   Event ev_x_ready_[2], ev_x_free_[2];
-  Event ev_big_param_ready_, ev_big_param_free_, ev_big_grad_saved_, ev_norm_ready_, ev_mark_;
+  Event ev_big_param_ready_, ev_big_param_free_, ev_block_saved_[2], ev_norm_ready_, ev_mark_;
   std::unique_ptr<HostOptimizer> optimizer_;
   std::vector<std::shared_future<void>> done_;
   int64_t slot_holds_[2] = {-1, -1};
@@ -709,7 +821,8 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "usage: gpu_bench --name=N --mode=memory|memory_recompute|offload|kernels "
                          "--hidden= --inter= --layers= --heads= --kv_heads= --vocab= --tied= "
                          "--batch= --seq= --micro_batches= [--warmup= --steps= "
-                         "--offload_fraction= --head_chunk= --threads= "
+                         "--offload_fraction= --head_chunk= --offload_head_chunk= "
+                         "--head_blocks= --threads= "
                          "--attention=auto|cuda_cores|tensor_cores]\n");
     return 2;
   }

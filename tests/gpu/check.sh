@@ -122,7 +122,7 @@ run() {
   done
   # Benchmarks: each shape in three modes, then PyTorch on the same shape.
   local -a SHAPES=(
-    "1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8 --vocab=128256 --tied=1 --batch=2 --seq=2048 --micro_batches=8"
+    "1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8 --vocab=128256 --tied=1 --batch=1 --seq=2048 --micro_batches=16"
     "llama3-8b-L8 --hidden=4096 --inter=14336 --layers=8 --heads=32 --kv_heads=8 --vocab=128256 --tied=0 --batch=1 --seq=2048 --micro_batches=16"
   )
   : > "$RES/bench.jsonl"
