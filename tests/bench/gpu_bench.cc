@@ -14,6 +14,8 @@
 //                     [vocab, hidden] matrix is ever on the device.
 //   kernels           per-kernel times (attention on both kernel sets, GEMMs, RMSNorm, SwiGLU,
 //                     cross-entropy) at the shape of one micro-batch
+//   sizes             no GPU needed: the training state, offload's working set and the
+//                     budget and oversubscription offload would run at
 // No gradient clipping in any mode (the PyTorch side does none either).
 //   gpu_bench --name=1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8
 //             --vocab=128256 --tied=1 --batch=1 --seq=2048 --micro_batches=16 --mode=memory
@@ -93,7 +95,7 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     }
   }
   return (a->mode == "memory" || a->mode == "memory_recompute" || a->mode == "offload" ||
-          a->mode == "kernels") &&
+          a->mode == "kernels" || a->mode == "sizes") &&
          (a->attention == "auto" || a->attention == "cuda_cores" ||
           a->attention == "tensor_cores");
 }
@@ -410,14 +412,19 @@ class OffloadRunner {
   int64_t StateBytes() const {
     return ResidentState::Bytes(c_) + 2 * (L_ + 1) * A_ * n_ * c_.hidden_size;
   }
+  // The device budget it runs at: --offload_fraction of the state, or the working set (with
+  // 64 MiB for the allocator's rounding) when that is more.
+  int64_t Budget() const {
+    return std::max(static_cast<int64_t>(a_.offload_fraction * StateBytes()),
+                    WorkingSet() + (int64_t{64} << 20));
+  }
 
   absl::StatusOr<Result> Run() {
     Result r;
     r.state_bytes = StateBytes();
     r.min_working_set = WorkingSet();
     CudaDeviceOptions o;
-    o.budget_bytes = std::max(static_cast<int64_t>(a_.offload_fraction * r.state_bytes),
-                              r.min_working_set + (int64_t{64} << 20));
+    o.budget_bytes = Budget();
     ASSIGN_OR_RETURN(dev_, CudaDevice::Create(o));
     RETURN_IF_ERROR(Setup());
     for (int64_t s = 0; s < a_.warmup; ++s) RETURN_IF_ERROR(Step(s + 1));
@@ -818,7 +825,8 @@ class OffloadRunner {
 int Main(int argc, char** argv) {
   Args a;
   if (!ParseArgs(argc, argv, &a)) {
-    std::fprintf(stderr, "usage: gpu_bench --name=N --mode=memory|memory_recompute|offload|kernels "
+    std::fprintf(stderr, "usage: gpu_bench --name=N "
+                         "--mode=memory|memory_recompute|offload|kernels|sizes "
                          "--hidden= --inter= --layers= --heads= --kv_heads= --vocab= --tied= "
                          "--batch= --seq= --micro_batches= [--warmup= --steps= "
                          "--offload_fraction= --head_chunk= --offload_head_chunk= "
@@ -832,6 +840,17 @@ int Main(int argc, char** argv) {
       "\"layers\":%d,\"hidden\":%d,\"vocab\":%d,\"tokens_per_step\":%d",
       a.name, a.mode, a.attention, a.layers, a.hidden, a.vocab,
       a.micro_batches * a.batch * a.seq);
+  if (a.mode == "sizes") {  // arithmetic only: runs without a GPU
+    OffloadRunner runner(a, c);
+    const int64_t state = runner.StateBytes(), working = runner.WorkingSet();
+    const int64_t budget = runner.Budget();
+    std::printf("%s,\"training_state_bytes\":%lld,\"min_working_set_bytes\":%lld,"
+                "\"offload_budget_bytes\":%lld,\"oversubscription\":%.2f}\n",
+                head.c_str(), static_cast<long long>(state), static_cast<long long>(working),
+                static_cast<long long>(budget),
+                static_cast<double>(state) / static_cast<double>(budget));
+    return 0;
+  }
   std::string why;
   if (DeviceCount(&why) == 0) {
     std::printf("%s,\"skipped\":\"no GPU: %s\"}\n", head.c_str(), why.c_str());
