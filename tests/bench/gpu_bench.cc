@@ -165,6 +165,9 @@ struct Result {
   double step_s = 0, loss = 0;
   int64_t budget = 0, peak = 0, state_bytes = 0, min_working_set = 0;
   int64_t h2d_bytes = 0, d2h_bytes = 0;  // per step
+  // offload, per step: seconds the host waited for the host AdamW of a decoder layer, and of
+  // the embedding, norm or head, before it could issue more device work.
+  double wait_layers_s = 0, wait_big_s = 0;
 };
 
 void RandomIds(int64_t n, int64_t vocab, std::vector<int32_t>* in, std::vector<int32_t>* tg) {
@@ -430,6 +433,7 @@ class OffloadRunner {
     for (int64_t s = 0; s < a_.warmup; ++s) RETURN_IF_ERROR(Step(s + 1));
     RETURN_IF_ERROR(Finish());
     h2d_ = d2h_ = 0;
+    wait_layers_s_ = wait_big_s_ = 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t s = 0; s < a_.steps; ++s) RETURN_IF_ERROR(Step(a_.warmup + s + 1));
     RETURN_IF_ERROR(Finish());
@@ -442,6 +446,8 @@ class OffloadRunner {
     r.peak = dev_->peak();
     r.h2d_bytes = h2d_ / a_.steps;
     r.d2h_bytes = d2h_ / a_.steps;
+    r.wait_layers_s = wait_layers_s_ / a_.steps;
+    r.wait_big_s = wait_big_s_ / a_.steps;
     return r;
   }
 
@@ -545,8 +551,13 @@ class OffloadRunner {
     Event ready;  // gradients are in `grad`
   };
 
+  // Waits for group g's AdamW; counts the time the host (which issues the device's work)
+  // was held, for decoder layers and for the embedding, norm and head.
   void WaitOptimizer(size_t g) {
-    if (done_[g].valid()) done_[g].wait();
+    if (!done_[g].valid()) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    done_[g].wait();
+    (static_cast<int64_t>(g) < L_ ? wait_layers_s_ : wait_big_s_) += Seconds(t0);
   }
 
   // Issues the copy of decoder layer l's parameters into slot l % 2 (skipped when held).
@@ -820,6 +831,7 @@ class OffloadRunner {
   int64_t slot_holds_[2] = {-1, -1};
   std::map<int64_t, bool> params_stale_;
   int64_t h2d_ = 0, d2h_ = 0;
+  double wait_layers_s_ = 0, wait_big_s_ = 0;
 };
 
 int Main(int argc, char** argv) {
@@ -889,14 +901,15 @@ int Main(int argc, char** argv) {
       "%s,\"device\":\"%s\",\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"model_flops_per_token\":%.6g,"
       "\"peak_flops\":%.6g,\"mfu\":%s,\"loss\":%.5f,\"device_budget_bytes\":%lld,"
       "\"device_peak_bytes\":%lld,\"training_state_bytes\":%lld,\"oversubscription\":%.2f,"
-      "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld}\n",
+      "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld,"
+      "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f}\n",
       head.c_str(), prop.name, r->step_s, tps, fpt, peak,
       peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss,
       static_cast<long long>(r->budget), static_cast<long long>(r->peak),
       static_cast<long long>(r->state_bytes),
       static_cast<double>(r->state_bytes) / static_cast<double>(r->budget),
       static_cast<long long>(r->min_working_set), static_cast<long long>(r->h2d_bytes),
-      static_cast<long long>(r->d2h_bytes));
+      static_cast<long long>(r->d2h_bytes), r->wait_layers_s, r->wait_big_s);
   return 0;
 }
 

@@ -197,7 +197,12 @@ for name in names:
         elif "error" in b or not b:
             rows.append((f"{name} {label}", "ERROR " + b.get("error", "missing")[:80])); fail = True
         else:
-            extra = f" x{b['oversubscription']:.1f} oversubscribed" if label.endswith("offload") else ""
+            extra = ""
+            if label.endswith("offload"):
+                extra = f" x{b['oversubscription']:.1f} oversubscribed"
+                if "host_wait_optimizer_layers_s" in b:
+                    extra += (f", host waited {b['host_wait_optimizer_layers_s']:.3f} s (layers) + "
+                              f"{b['host_wait_optimizer_embed_head_s']:.3f} s (embedding/head) a step for AdamW")
             mfu = b.get("mfu")
             rows.append((f"{name} {label}", f"{b['tokens_per_s']:.0f} tok/s, MFU {mfu:.3f}{extra}" if mfu is not None else f"{b['tokens_per_s']:.0f} tok/s{extra}"))
     c = {"name": name}
