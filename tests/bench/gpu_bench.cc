@@ -332,9 +332,10 @@ class HostOptimizer {
     engine::AdamWHyper hyper;
     int64_t step;
     std::promise<void> done;
-    // Optional: runs once the gradients are home, before AdamW (the embedding's gradient is
-    // completed there), with the optimizer's threads.
-    std::function<void(engine::ThreadPool&)> before;
+    // Optional: run with the optimizer's threads once the gradients are home, before AdamW
+    // (the embedding's gradient is completed there), and after it (the embedding rows of the
+    // next step are gathered there).
+    std::function<void(engine::ThreadPool&)> before, after;
   };
   HostOptimizer(int device, int threads)
       : device_(device), pool_(threads), thread_([this] { Loop(); }) {}
@@ -380,6 +381,7 @@ class HostOptimizer {
           for (int64_t i = o + b; i < o + e; ++i) job.param_bf16[i] = ToBf16Bits(job.master[i]);
         });
       }
+      if (job.after) job.after(pool_);
       job.done.set_value();
     }
   }
@@ -516,6 +518,7 @@ class OffloadRunner {
     }
     ASSIGN_OR_RETURN(ckpt_, dev_->AllocatePinned(2 * L_ * A_ * n_ * h, "offload: checkpoints"));
     ASSIGN_OR_RETURN(embed_dx_, dev_->AllocatePinned(2 * A_ * n_ * h, "offload: embedding dx"));
+    ASSIGN_OR_RETURN(embed_in_, dev_->AllocatePinned(2 * A_ * n_ * h, "offload: embedding rows"));
     for (Event* e : {&ev_slot_ready_[0], &ev_slot_ready_[1], &ev_slot_free_[0], &ev_slot_free_[1],
                      &ev_act_saved_[0], &ev_act_saved_[1], &ev_grad_saved_[0], &ev_grad_saved_[1],
                      &ev_x_ready_[0], &ev_x_ready_[1], &ev_x_free_[0], &ev_x_free_[1],
@@ -537,6 +540,26 @@ class OffloadRunner {
         std::fill(g + b, g + e, 0.0f);
       });
     }
+    // The embedding's AdamW in two jobs: the rows of the step's tokens (which the next step's
+    // forward needs) first, the others after layer 0's.
+    embed_rows_shape_.segments.clear();
+    embed_rest_shape_.segments.clear();
+    int64_t next_row = 0;
+    for (size_t i = 0; i < embed_rows_.size();) {
+      size_t j = i + 1;
+      while (j < embed_rows_.size() && embed_rows_[j] == embed_rows_[j - 1] + 1) ++j;
+      const int64_t first = embed_rows_[i], count = static_cast<int64_t>(j - i);
+      if (first > next_row) {
+        embed_rest_shape_.segments.push_back({next_row * h, (first - next_row) * h, true});
+      }
+      embed_rows_shape_.segments.push_back({first * h, count * h, true});
+      next_row = first + count;
+      i = j;
+    }
+    if (next_row < c_.vocab_size) {
+      embed_rest_shape_.segments.push_back({next_row * h, (c_.vocab_size - next_row) * h, true});
+    }
+    GatherEmbeddingRows(init_pool);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), in.data(), 4 * A_ * n_, cudaMemcpyHostToDevice),
                          "offload: ids");
     CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.as<int32_t>() + A_ * n_, tg.data(), 4 * A_ * n_,
@@ -608,24 +631,44 @@ class OffloadRunner {
     return absl::OkStatus();
   }
 
-  // Queues group g's AdamW for when everything copied home so far has arrived.
+  // Queues AdamW on `segments` of group g (all of it when null) for when everything copied
+  // home so far has arrived; `done` (default: the group's) receives its completion.
   absl::Status QueueOptimizer(size_t g, int64_t step,
-                              std::function<void(engine::ThreadPool&)> before = nullptr) {
+                              std::function<void(engine::ThreadPool&)> before = nullptr,
+                              std::function<void(engine::ThreadPool&)> after = nullptr,
+                              const TensorGroupShape* segments = nullptr,
+                              std::shared_future<void>* done = nullptr) {
     HostGroup& hg = host_[g];
     RETURN_IF_ERROR(hg.ready.Record(dev_->d2h_stream(), "offload: gradients"));
     HostOptimizer::Job job{hg.ready.get(), hg.master.data(), hg.grad.as<float>(), hg.m.data(),
-                           hg.v.data(), hg.param.as<uint16_t>(), &shapes_[g], Hyper(), step,
-                           std::promise<void>(), std::move(before)};
-    done_[g] = optimizer_->Submit(std::move(job));
+                           hg.v.data(), hg.param.as<uint16_t>(),
+                           segments != nullptr ? segments : &shapes_[g], Hyper(), step,
+                           std::promise<void>(), std::move(before), std::move(after)};
+    *(done != nullptr ? done : &done_[g]) = optimizer_->Submit(std::move(job));
     if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
     return absl::OkStatus();
   }
 
-  // Copies the device gradients of group g home and queues its optimizer.
-  absl::Status SaveGrads(size_t g, const void* src, Event* saved, int64_t step) {
+  // Copies the device gradients of group g home and, unless `queue` is false, queues its
+  // optimizer.
+  absl::Status SaveGrads(size_t g, const void* src, Event* saved, int64_t step,
+                         bool queue = true) {
     RETURN_IF_ERROR(CopyHome(host_[g].grad.get(), src, 4 * shapes_[g].elems, saved,
                              absl::StrCat("offload: gradients of group ", g)));
-    return QueueOptimizer(g, step);
+    return queue ? QueueOptimizer(g, step) : absl::OkStatus();
+  }
+
+  // The step's embedding output, gathered at home from the bf16 embedding: each token's row,
+  // in token order, into embed_in_.
+  void GatherEmbeddingRows(engine::ThreadPool& pool) {
+    const int64_t h = c_.hidden_size;
+    const uint16_t* table = host_[EmbedGroup()].param.as<uint16_t>();
+    uint16_t* out = embed_in_.as<uint16_t>();
+    pool.ParallelFor(A_ * n_, 256, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        std::memcpy(out + t * h, table + static_cast<int64_t>(host_ids_[t]) * h, 2 * h);
+      }
+    });
   }
 
   // Adds each token's input gradient (embed_dx_, bf16) into its embedding row of the host
@@ -649,25 +692,28 @@ class OffloadRunner {
                  d2h = dev_->d2h_stream();
     const int32_t* in = ids_.as<int32_t>();
     const int32_t* tg = in + A_ * n_;
-    // Forward: embedding.
-    RETURN_IF_ERROR(FetchBig(EmbedGroup()));
+    // Forward: the embedding rows of the step's tokens, gathered at home when the previous
+    // step's embedding update of those rows was done.
+    if (embed_rows_done_.valid()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      embed_rows_done_.wait();
+      wait_big_s_ += Seconds(t0);
+    }
     WaitOptimizer(NormGroup());
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(norm_param_.get(), host_[NormGroup()].param.get(), 2 * h,
                                          cudaMemcpyHostToDevice, h2d),
                          "offload: fetch norm");
     RETURN_IF_ERROR(ev_norm_ready_.Record(h2d, "offload: fetch norm"));
     RETURN_IF_ERROR(FetchLayer(0));
-    RETURN_IF_ERROR(ev_big_param_ready_.StreamWait(cs, "offload: embed"));
-    model_->BindEmbedding(big_param_.as<bf16>(), nullptr);  // its gradient is made at home
     int cur = 0;
     RETURN_IF_ERROR(ev_act_saved_[cur].StreamWait(cs, "offload: embed"));
-    for (int64_t a = 0; a < A_; ++a) {
-      RETURN_IF_ERROR(model_->EmbedForward(in + a * n_, a_.batch, a_.seq, Act(cur, a)));
-    }
-    if (!c_.tie_word_embeddings) {
-      RETURN_IF_ERROR(ev_big_param_free_.Record(cs, "offload: embed"));
-      RETURN_IF_ERROR(FetchBig(HeadGroup()));
-    }
+    // On the compute stream: ordered after the previous step's uses of the activations.
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Act(cur, 0), embed_in_.get(), 2 * A_ * n_ * h,
+                                         cudaMemcpyHostToDevice, cs),
+                         "offload: embedding rows");
+    h2d_ += 2 * A_ * n_ * h;
+    const bool tied = c_.tie_word_embeddings;
+    if (!tied) RETURN_IF_ERROR(FetchBig(HeadGroup()));
     // Forward: layers, saving each layer's input for the backward.
     for (int64_t l = 0; l < L_; ++l) {
       RETURN_IF_ERROR(ev_mark_.Record(cs, "offload: checkpoint"));
@@ -680,6 +726,9 @@ class OffloadRunner {
       d2h_ += 2 * A_ * n_ * h;
       RETURN_IF_ERROR(ev_act_saved_[cur].Record(d2h, "offload: checkpoint"));
       if (l + 1 < L_) RETURN_IF_ERROR(FetchLayer(l + 1));
+      // Tied, the head is the embedding, whose last rows are updated after layer 0's AdamW:
+      // fetch it while the device runs the last layers.
+      if (tied && l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(FetchBig(HeadGroup()));
       const int s = static_cast<int>(l % 2);
       RETURN_IF_ERROR(ev_slot_ready_[s].StreamWait(cs, "offload: forward"));
       RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: forward"));
@@ -698,7 +747,7 @@ class OffloadRunner {
     RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: head"));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(norm_grad_.get(), 0, 4 * h, cs), "offload");
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(loss_sum_.get(), 0, 8, cs), "offload");
-    if (c_.tie_word_embeddings) {
+    if (tied) {
       model_->BindEmbedding(big_param_.as<bf16>(), nullptr);
       model_->BindHead(norm_param_.as<bf16>(), norm_grad_.as<float>(), nullptr, nullptr);
     } else {
@@ -734,7 +783,7 @@ class OffloadRunner {
     }
     RETURN_IF_ERROR(ev_big_param_free_.Record(cs, "offload: head"));
     // Tied: the embedding's gradient is added to these rows at the end of the backward.
-    if (!c_.tie_word_embeddings) RETURN_IF_ERROR(QueueOptimizer(head, step));
+    if (!tied) RETURN_IF_ERROR(QueueOptimizer(head, step));
     RETURN_IF_ERROR(SaveGrads(NormGroup(), norm_grad_.get(), nullptr, step));
     int dcur = 1 - cur;
     // Backward, recomputing each layer from its checkpoint.
@@ -773,7 +822,9 @@ class OffloadRunner {
         RETURN_IF_ERROR(ev_x_free_[x].Record(cs, "offload: backward"));
       }
       RETURN_IF_ERROR(ev_slot_free_[s].Record(cs, "offload: backward"));
-      RETURN_IF_ERROR(SaveGrads(l, grad_slot_[k].get(), &ev_grad_saved_[k], step));
+      // Layer 0's AdamW is queued after the embedding rows' (below): the next step needs them
+      // first.
+      RETURN_IF_ERROR(SaveGrads(l, grad_slot_[k].get(), &ev_grad_saved_[k], step, l > 0));
       dcur = 1 - dcur;
     }
     // Embedding backward at home: every token's input gradient goes home, and the optimizer's
@@ -784,7 +835,6 @@ class OffloadRunner {
                                nullptr, "offload: embedding input gradient"));
     }
     const size_t embed = EmbedGroup();
-    const bool tied = c_.tie_word_embeddings;
     float* embed_grad = host_[embed].grad.as<float>();
     RETURN_IF_ERROR(
         QueueOptimizer(embed, step, [this, tied, embed_grad, h](engine::ThreadPool& pool) {
@@ -799,7 +849,11 @@ class OffloadRunner {
                              });
           }
           AddEmbeddingGradient(pool, embed_grad);
-        }));
+        },
+        [this](engine::ThreadPool& pool) { GatherEmbeddingRows(pool); }, &embed_rows_shape_,
+        &embed_rows_done_));
+    RETURN_IF_ERROR(QueueOptimizer(0, step));
+    RETURN_IF_ERROR(QueueOptimizer(embed, step, nullptr, nullptr, &embed_rest_shape_));
     return absl::OkStatus();
   }
 
@@ -808,6 +862,7 @@ class OffloadRunner {
     for (auto& f : done_) {
       if (f.valid()) f.wait();
     }
+    if (embed_rows_done_.valid()) embed_rows_done_.wait();
     return absl::OkStatus();
   }
 
@@ -822,7 +877,10 @@ class OffloadRunner {
   std::vector<HostGroup> host_;
   std::vector<int32_t> host_ids_;    // the input ids of every micro-batch
   std::vector<int64_t> embed_rows_;  // the distinct ones
-  PinnedBuffer ckpt_, embed_dx_;
+  // The segments of the embedding's AdamW jobs: the rows of embed_rows_, and the others.
+  TensorGroupShape embed_rows_shape_, embed_rest_shape_;
+  std::shared_future<void> embed_rows_done_;
+  PinnedBuffer ckpt_, embed_dx_, embed_in_;
   Event ev_slot_ready_[2], ev_slot_free_[2], ev_act_saved_[2], ev_grad_saved_[2];
   Event ev_x_ready_[2], ev_x_free_[2];
   Event ev_big_param_ready_, ev_big_param_free_, ev_block_saved_[2], ev_norm_ready_, ev_mark_;
