@@ -19,6 +19,8 @@
 // No gradient clipping in any mode (the PyTorch side does none either).
 //   gpu_bench --name=1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8
 //             --vocab=128256 --tied=1 --batch=1 --seq=2048 --micro_batches=16 --mode=memory
+#include <sched.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -188,6 +190,14 @@ engine::AdamWHyper Hyper() {
   h.eps = 1e-8;
   h.weight_decay = 0.1;
   return h;
+}
+
+// CPUs this process may run on (a container's share, not the host's count).
+int UsableCpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
@@ -371,15 +381,26 @@ class HostOptimizer {
       }
       cudaEventSynchronize(job.grads_ready);
       if (job.before) job.before(pool_);
-      for (const DeviceTensorGroup::Segment& seg : job.shape->segments) {
+      auto update = [&job](const DeviceTensorGroup::Segment& seg, int64_t b, int64_t e) {
         engine::AdamWHyper h = job.hyper;
         if (!seg.matrix) h.weight_decay = 0;
-        pool_.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) {
-          const int64_t o = seg.offset;
-          engine::AdamWUpdate(job.master + o + b, job.grad + o + b, job.m + o + b,
-                              job.v + o + b, e - b, h, job.step);
-          for (int64_t i = o + b; i < o + e; ++i) job.param_bf16[i] = ToBf16Bits(job.master[i]);
+        const int64_t o = seg.offset;
+        engine::AdamWUpdate(job.master + o + b, job.grad + o + b, job.m + o + b, job.v + o + b,
+                            e - b, h, job.step);
+        for (int64_t i = o + b; i < o + e; ++i) job.param_bf16[i] = ToBf16Bits(job.master[i]);
+      };
+      const std::vector<DeviceTensorGroup::Segment>& segs = job.shape->segments;
+      if (segs.size() > 64) {
+        // The embedding's runs of token rows: thousands of short segments, split by segment
+        // (one ParallelFor each would run most of them on this thread alone).
+        pool_.ParallelFor(static_cast<int64_t>(segs.size()), 1, [&](int64_t sb, int64_t se) {
+          for (int64_t i = sb; i < se; ++i) update(segs[i], 0, segs[i].size);
         });
+      } else {
+        for (const DeviceTensorGroup::Segment& seg : segs) {
+          pool_.ParallelFor(seg.size, 1 << 16,
+                            [&](int64_t b, int64_t e) { update(seg, b, e); });
+        }
       }
       if (job.after) job.after(pool_);
       job.done.set_value();
@@ -414,6 +435,9 @@ class OffloadRunner {
            2 * (2 * A_ * n_ * h) + 2 * (2 * n_ * h) + 8 * A_ * n_ + 4 * A_ * n_ + 8 + scratch +
            (int64_t{32} << 20) + 64 * 256;
   }
+  // The training state as the engine counts it (OffloadRequirements::training_state_bytes):
+  // parameters (bf16 and fp32 master), gradients and AdamW moments, and the step's activation
+  // checkpoints (every layer's input and the last layer's output, every micro-batch).
   int64_t StateBytes() const {
     return ResidentState::Bytes(c_) + 2 * (L_ + 1) * A_ * n_ * c_.hidden_size;
   }
@@ -444,6 +468,9 @@ class OffloadRunner {
     CUDA_RETURN_IF_ERROR(cudaMemcpy(&loss_sum, loss_sum_.get(), 8, cudaMemcpyDeviceToHost),
                          "read loss");
     r.loss = loss_sum / static_cast<double>(A_ * n_);
+    if (!std::isfinite(r.loss)) {
+      return absl::InternalError(absl::StrCat("offload: the loss is ", r.loss));
+    }
     r.budget = dev_->budget();
     r.peak = dev_->peak();
     r.h2d_bytes = h2d_ / a_.steps;
@@ -491,8 +518,7 @@ class OffloadRunner {
     ASSIGN_OR_RETURN(loss_sum_, dev_->Allocate(8, "offload: loss"));
     RETURN_IF_ERROR(model_->EnsureScratch(a_.batch, a_.seq));
     // Host side.
-    const int threads = a_.threads > 0 ? static_cast<int>(a_.threads)
-                                       : std::max(1u, std::thread::hardware_concurrency());
+    const int threads = a_.threads > 0 ? static_cast<int>(a_.threads) : UsableCpus();
     engine::ThreadPool init_pool(threads);
     host_.resize(shapes_.size());
     for (size_t g = 0; g < shapes_.size(); ++g) {
@@ -500,9 +526,16 @@ class OffloadRunner {
       const int64_t e = shapes_[g].elems;
       ASSIGN_OR_RETURN(hg.param, dev_->AllocatePinned(2 * e, "offload: host parameters"));
       ASSIGN_OR_RETURN(hg.grad, dev_->AllocatePinned(4 * e, "offload: host gradients"));
-      hg.master.assign(e, 0.0f);
-      hg.m.assign(e, 0.0f);
-      hg.v.assign(e, 0.0f);
+      // Uninitialised, then filled by the pool (a single-threaded fill of 8b's 33 GB of fp32
+      // state takes tens of seconds).
+      hg.master.reset(new float[e]);
+      hg.m.reset(new float[e]);
+      hg.v.reset(new float[e]);
+      init_pool.ParallelFor(e, 1 << 20, [&](int64_t b, int64_t en) {
+        std::fill(hg.master.get() + b, hg.master.get() + en, 0.0f);
+        std::fill(hg.m.get() + b, hg.m.get() + en, 0.0f);
+        std::fill(hg.v.get() + b, hg.v.get() + en, 0.0f);
+      });
       for (const auto& seg : shapes_[g].segments) {
         init_pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t en) {
           std::mt19937_64 rng(g * 1000003 + seg.offset + b);
@@ -560,17 +593,21 @@ class OffloadRunner {
       embed_rest_shape_.segments.push_back({next_row * h, (c_.vocab_size - next_row) * h, true});
     }
     GatherEmbeddingRows(init_pool);
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), in.data(), 4 * A_ * n_, cudaMemcpyHostToDevice),
+    // On the compute stream, which a plain cudaMemcpy (legacy stream) would not be ordered with.
+    cudaStream_t cs = dev_->compute_stream();
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), in.data(), 4 * A_ * n_,
+                                         cudaMemcpyHostToDevice, cs),
                          "offload: ids");
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.as<int32_t>() + A_ * n_, tg.data(), 4 * A_ * n_,
-                                    cudaMemcpyHostToDevice),
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.as<int32_t>() + A_ * n_, tg.data(), 4 * A_ * n_,
+                                         cudaMemcpyHostToDevice, cs),
                          "offload: ids");
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cs), "offload: ids");
     return absl::OkStatus();
   }
 
   struct HostGroup {
     PinnedBuffer param, grad;
-    std::vector<float> master, m, v;
+    std::unique_ptr<float[]> master, m, v;
     Event ready;  // gradients are in `grad`
   };
 
@@ -640,8 +677,8 @@ class OffloadRunner {
                               std::shared_future<void>* done = nullptr) {
     HostGroup& hg = host_[g];
     RETURN_IF_ERROR(hg.ready.Record(dev_->d2h_stream(), "offload: gradients"));
-    HostOptimizer::Job job{hg.ready.get(), hg.master.data(), hg.grad.as<float>(), hg.m.data(),
-                           hg.v.data(), hg.param.as<uint16_t>(),
+    HostOptimizer::Job job{hg.ready.get(), hg.master.get(), hg.grad.as<float>(), hg.m.get(),
+                           hg.v.get(), hg.param.as<uint16_t>(),
                            segments != nullptr ? segments : &shapes_[g], Hyper(), step,
                            std::promise<void>(), std::move(before), std::move(after)};
     *(done != nullptr ? done : &done_[g]) = optimizer_->Submit(std::move(job));
@@ -704,14 +741,15 @@ class OffloadRunner {
                                          cudaMemcpyHostToDevice, h2d),
                          "offload: fetch norm");
     RETURN_IF_ERROR(ev_norm_ready_.Record(h2d, "offload: fetch norm"));
-    RETURN_IF_ERROR(FetchLayer(0));
     int cur = 0;
     RETURN_IF_ERROR(ev_act_saved_[cur].StreamWait(cs, "offload: embed"));
     // On the compute stream: ordered after the previous step's uses of the activations.
+    // Issued before layer 0's fetch, which waits for layer 0's AdamW.
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(Act(cur, 0), embed_in_.get(), 2 * A_ * n_ * h,
                                          cudaMemcpyHostToDevice, cs),
                          "offload: embedding rows");
     h2d_ += 2 * A_ * n_ * h;
+    RETURN_IF_ERROR(FetchLayer(0));
     const bool tied = c_.tie_word_embeddings;
     if (!tied) RETURN_IF_ERROR(FetchBig(HeadGroup()));
     // Forward: layers, saving each layer's input for the backward.
@@ -915,10 +953,12 @@ int Main(int argc, char** argv) {
     const int64_t state = runner.StateBytes(), working = runner.WorkingSet();
     const int64_t budget = runner.Budget();
     std::printf("%s,\"training_state_bytes\":%lld,\"min_working_set_bytes\":%lld,"
-                "\"offload_budget_bytes\":%lld,\"oversubscription\":%.2f}\n",
+                "\"offload_budget_bytes\":%lld,\"oversubscription\":%.2f,"
+                "\"oversubscription_params_optimizer\":%.2f}\n",
                 head.c_str(), static_cast<long long>(state), static_cast<long long>(working),
                 static_cast<long long>(budget),
-                static_cast<double>(state) / static_cast<double>(budget));
+                static_cast<double>(state) / static_cast<double>(budget),
+                static_cast<double>(ResidentState::Bytes(c)) / static_cast<double>(budget));
     return 0;
   }
   std::string why;
@@ -960,14 +1000,16 @@ int Main(int argc, char** argv) {
       "\"peak_flops\":%.6g,\"mfu\":%s,\"loss\":%.5f,\"device_budget_bytes\":%lld,"
       "\"device_peak_bytes\":%lld,\"training_state_bytes\":%lld,\"oversubscription\":%.2f,"
       "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld,"
-      "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f}\n",
+      "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f,"
+      "\"oversubscription_params_optimizer\":%.2f}\n",
       head.c_str(), prop.name, r->step_s, tps, fpt, peak,
       peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss,
       static_cast<long long>(r->budget), static_cast<long long>(r->peak),
       static_cast<long long>(r->state_bytes),
       static_cast<double>(r->state_bytes) / static_cast<double>(r->budget),
       static_cast<long long>(r->min_working_set), static_cast<long long>(r->h2d_bytes),
-      static_cast<long long>(r->d2h_bytes), r->wait_layers_s, r->wait_big_s);
+      static_cast<long long>(r->d2h_bytes), r->wait_layers_s, r->wait_big_s,
+      static_cast<double>(ResidentState::Bytes(c)) / static_cast<double>(r->budget));
   return 0;
 }
 

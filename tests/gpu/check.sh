@@ -138,7 +138,8 @@ run() {
       fi
       timeout 150 ./gpu_bench --name="$name" --mode="$mode" --warmup=1 --steps=2 $args 2>"$RES/bench_${name}_$mode.err" |
         tee -a "$RES/bench.jsonl"
-      [ "${PIPESTATUS[0]}" = 0 ] || { echo "{\"name\":\"$name\",\"impl\":\"lumen\",\"mode\":\"$mode\",\"error\":\"exit ${PIPESTATUS[0]} (see results/bench_${name}_$mode.err)\"}" >> "$RES/bench.jsonl"; tail -5 "$RES/bench_${name}_$mode.err"; }
+      local brc=${PIPESTATUS[0]}
+      [ "$brc" = 0 ] || { echo "{\"name\":\"$name\",\"impl\":\"lumen\",\"mode\":\"$mode\",\"error\":\"exit $brc (see results/bench_${name}_$mode.err)\"}" >> "$RES/bench.jsonl"; tail -5 "$RES/bench_${name}_$mode.err"; }
     done
     echo "== gpu_bench_torch $name"
     local targs; targs=$(echo "$args" | sed 's/--kv_heads=/--kv-heads=/; s/--micro_batches=/--micro-batches=/')
@@ -200,6 +201,8 @@ for name in names:
             extra = ""
             if label.endswith("offload"):
                 extra = f" x{b['oversubscription']:.1f} oversubscribed"
+                if "oversubscription_params_optimizer" in b:
+                    extra += f" (x{b['oversubscription_params_optimizer']:.1f} without activations)"
                 if "host_wait_optimizer_layers_s" in b:
                     extra += (f", host waited {b['host_wait_optimizer_layers_s']:.3f} s (layers) + "
                               f"{b['host_wait_optimizer_embed_head_s']:.3f} s (embedding/head) a step for AdamW")
