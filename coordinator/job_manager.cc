@@ -78,14 +78,18 @@ absl::Status JobManager::Start() {
   }
   UpdateStateGauges();
   LOG(INFO) << "loaded " << jobs_.size() << " jobs, " << queue_.size() << " queued";
-  // The memstore may still be starting: its calls wait for it, on the dispatcher's thread.
+  // On the dispatcher's thread, before any job runs: the memstore may still be starting
+  // (lumend starts every process at once), so an unreachable one is retried for a minute.
   dispatcher_ = std::thread([this, reclaim] {
     for (const std::string& id : reclaim) {
-      {
-        absl::MutexLock lock(&mu_);
-        if (stopping_) return;
+      for (int attempt = 0;; ++attempt) {
+        {
+          absl::MutexLock lock(&mu_);
+          if (stopping_) return;
+        }
+        if (!absl::IsUnavailable(ReclaimJobTensors(id)) || attempt == 60) break;
+        absl::SleepFor(absl::Seconds(1));
       }
-      ReclaimJobTensors(id);
     }
     DispatchLoop();
   });
@@ -222,8 +226,8 @@ void JobManager::SetJobPlanner(JobPlanner planner) { planner_ = std::move(planne
 
 void JobManager::SetMemstore(MemstoreClient* memstore) { memstore_ = memstore; }
 
-void JobManager::ReclaimJobTensors(const std::string& job_id) {
-  if (memstore_ == nullptr) return;
+absl::Status JobManager::ReclaimJobTensors(const std::string& job_id) {
+  if (memstore_ == nullptr) return absl::OkStatus();
   absl::StatusOr<FreeTensorsReply> freed = memstore_->FreeTensors(job_id + "/");
   if (!freed.ok()) {
     LOG(WARNING) << job_id << ": cannot free the job's tensors in the memstore: "
@@ -233,6 +237,7 @@ void JobManager::ReclaimJobTensors(const std::string& job_id) {
                  << " tensors (" << freed->bytes() << " bytes), " << freed->pins()
                  << " pins, " << freed->writes() << " unfinished writes";
   }
+  return freed.status();
 }
 
 void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {

@@ -86,8 +86,8 @@ class JobManager {
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the job's tensors left in the memstore (none when the worker freed them); logs
-  // failures. Call without the lock (it is an RPC).
-  void ReclaimJobTensors(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
+  // failures and returns the memstore's status. Call without the lock (it is an RPC).
+  absl::Status ReclaimJobTensors(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
   // Stores `job`, updates metrics and tells watchers (with `steps`, if any).
   void Publish(const Job& job, const std::vector<StepRecord>& steps)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -149,7 +149,6 @@ absl::Status GrpcMemstoreClient::Free(const std::string& id) {
 absl::StatusOr<FreeTensorsReply> GrpcMemstoreClient::FreeTensors(const std::string& prefix) {
   grpc::ClientContext context;
   SetDeadline(&context, absl::Seconds(60));  // a job can hold thousands of tensors
-  context.set_wait_for_ready(true);           // the memstore may be starting with the caller
   FreeTensorsRequest request;
   request.set_prefix(prefix);
   FreeTensorsReply reply;

@@ -15,6 +15,7 @@ Tier MemstoreTensorHome::ToTier(engine::HomeTier tier) {
 
 absl::Status MemstoreTensorHome::Put(const std::string& id, const float* data, int64_t n,
                                      engine::HomeTier tier) {
+  put_any_.store(true);  // before the write: a failed one may have left an unfinished write
   return client_->Write(prefix_ + id, data, static_cast<int64_t>(sizeof(float)) * n, "float32",
                         ToTier(tier));
 }
@@ -35,6 +36,9 @@ absl::Status MemstoreTensorHome::Free(const std::string& id) {
   return client_->Free(prefix_ + id);
 }
 
-absl::Status MemstoreTensorHome::FreeAll() { return client_->FreeTensors(prefix_).status(); }
+absl::Status MemstoreTensorHome::FreeAll() {
+  if (!put_any_.load()) return absl::OkStatus();
+  return client_->FreeTensors(prefix_).status();
+}
 
 }  // namespace lumen

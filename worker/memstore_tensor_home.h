@@ -1,9 +1,10 @@
 // A TensorHome backed by the memstore process: each tensor is a memstore tensor (float32) in
 // the tier that OffloadOptions gives its class (host RAM or NVMe). Thread-safe when the
-// client is (MemstoreClient implementations are). Stateless beyond its prefix.
+// client is (MemstoreClient implementations are).
 #ifndef LUMEN_WORKER_MEMSTORE_TENSOR_HOME_H_
 #define LUMEN_WORKER_MEMSTORE_TENSOR_HOME_H_
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -29,12 +30,14 @@ class MemstoreTensorHome : public engine::TensorHome {
 
   static Tier ToTier(engine::HomeTier tier);
 
-  // Frees every tensor under this home's prefix (a job's state when the job ends), in one call.
+  // Frees every tensor under this home's prefix (a job's state when the job ends), in one
+  // call; none when nothing was put (a job that stayed on the device).
   absl::Status FreeAll();
 
  private:
   MemstoreClient* const client_;
   const std::string prefix_;
+  std::atomic<bool> put_any_{false};
 };
 
 }  // namespace lumen

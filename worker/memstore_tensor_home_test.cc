@@ -15,6 +15,37 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// Counts FreeTensors calls.
+class CountingMemstore : public FakeMemstoreClient {
+ public:
+  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix) override {
+    ++free_calls;
+    return FakeMemstoreClient::FreeTensors(prefix);
+  }
+  int free_calls = 0;
+};
+
+TEST(MemstoreTensorHomeTest, FreeAllFreesThePrefixAndAsksNothingWhenNothingWasPut) {
+  CountingMemstore client;
+  ASSERT_TRUE(client.Write("job-2/x", "abcd", 4, "float32", TIER_HOST).ok());
+  {
+    // A job that stayed on the device: no call (the memstore may already be gone at stop).
+    MemstoreTensorHome idle(&client, "job-1/");
+    EXPECT_TRUE(idle.FreeAll().ok());
+    EXPECT_EQ(client.free_calls, 0);
+  }
+  MemstoreTensorHome home(&client, "job-1/");
+  const std::vector<float> x = {1.0f, 2.0f};
+  ASSERT_TRUE(home.Put("a", x.data(), 2, engine::HomeTier::kHost).ok());
+  ASSERT_TRUE(home.Put("b", x.data(), 2, engine::HomeTier::kHost).ok());
+  EXPECT_TRUE(home.FreeAll().ok());
+  EXPECT_EQ(client.free_calls, 1);
+  std::vector<float> y(2);
+  EXPECT_EQ(home.Get("a", y.data(), 2).code(), absl::StatusCode::kNotFound);
+  char other[4];
+  EXPECT_TRUE(client.Read("job-2/x", other, 4).ok());  // another job's tensor stays
+}
+
 TEST(MemstoreTensorHomeTest, RoundTripsThroughTheMemstore) {
   FakeMemstoreClient client;
   MemstoreTensorHome home(&client, "job-1/");
