@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/socket.h>
@@ -28,6 +29,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/json.h"
 #include "common/paths.h"
 #include "common/status_macros.h"
@@ -392,7 +395,8 @@ class Node::Metrics {
 };
 
 absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& options,
-                                                            const std::string& worker_exe) {
+                                                            const std::string& worker_exe,
+                                                            absl::Duration timeout) {
   std::vector<std::string> answers;
   if (options.device != DeviceKind::kCuda) return answers;
   if (worker_exe.empty()) {
@@ -430,16 +434,35 @@ absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& o
       return absl::FailedPreconditionError(
           absl::StrCat("cannot run ", worker_exe, ": ", strerror(rc)));
     }
+    // A probe opens the GPU (a second or so); one that hangs (a wedged driver) is killed.
+    const absl::Time deadline = absl::Now() + timeout;
     std::string output;
+    bool timed_out = false;
     char buf[4096];
-    for (ssize_t n; (n = read(fds[0], buf, sizeof(buf))) != 0;) {
+    for (;;) {
+      pollfd pfd{fds[0], POLLIN, 0};
+      const int64_t left_ms = absl::ToInt64Milliseconds(deadline - absl::Now());
+      if (left_ms <= 0) {
+        timed_out = true;
+        break;
+      }
+      const int ready = poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left_ms, 1000)));
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) continue;
+      const ssize_t n = read(fds[0], buf, sizeof(buf));
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0) break;
+      if (n <= 0) break;
       output.append(buf, n);
     }
     close(fds[0]);
+    if (timed_out) kill(pid, SIGKILL);
     int status = 0;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (timed_out) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--device cuda: worker-", i, "'s probe of GPU ", i, " did not answer within ",
+          absl::FormatDuration(timeout), " (is the driver hung? nvidia-smi should say)"));
     }
     const std::string answer(absl::StripAsciiWhitespace(output));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {

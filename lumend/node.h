@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "common/metrics.h"
 #include "common/node_options.h"
 #include "lumend/supervisor.h"
@@ -76,9 +77,11 @@ absl::StatusOr<ChildBinaries> FindChildBinaries(const std::string& bin_dir,
 // budget N bytes").
 // FAILED_PRECONDITION quoting the worker when one cannot (this build has no CUDA, no driver,
 // fewer GPUs than --workers), so lumend refuses to start instead of restarting workers that
-// cannot run. Empty for the CPU device.
-absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(const NodeOptions& options,
-                                                            const std::string& worker_exe);
+// cannot run; a probe that has not answered within `timeout` is killed and named. Empty for
+// the CPU device.
+absl::StatusOr<std::vector<std::string>> ProbeWorkerDevices(
+    const NodeOptions& options, const std::string& worker_exe,
+    absl::Duration timeout = absl::Seconds(60));
 
 // The metrics port of each child.
 struct ChildPorts {

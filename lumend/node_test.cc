@@ -194,6 +194,17 @@ TEST(ProbeWorkerDevicesTest, AsksEachCudaWorkerAndQuotesTheOneThatCannot) {
   EXPECT_EQ(ProbeWorkerDevices(o, dir + "/missing").status().code(),
             absl::StatusCode::kFailedPrecondition);
 
+  // A probe that hangs (a wedged driver) is killed and named.
+  const std::string hung = dir + "/hung";
+  std::ofstream(hung) << "#!/bin/sh\nexec sleep 30\n";
+  chmod(hung.c_str(), 0755);
+  o.workers = 1;
+  const absl::Time start = absl::Now();
+  answers = ProbeWorkerDevices(o, hung, absl::Milliseconds(300));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(answers.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(answers.status().message(), HasSubstr("did not answer within 300ms"));
+
   o.device = DeviceKind::kCpu;  // nothing to ask
   answers = ProbeWorkerDevices(o, dir + "/missing");
   ASSERT_TRUE(answers.ok());
