@@ -57,14 +57,18 @@ JobManager::~JobManager() { Stop(); }
 
 absl::Status JobManager::Start() {
   ASSIGN_OR_RETURN(std::vector<Job> stored, store_->ListJobs());
-  std::vector<std::string> reclaim;  // jobs whose worker may have left tensors behind
+  // Jobs that ran and may have left tensors in the memstore: one that was running when the
+  // coordinator stopped, or ended while the memstore could not be asked.
+  std::vector<std::string> reclaim;
   absl::MutexLock lock(&mu_);
   // The store is the truth: jobs submitted before Start are in it too.
   jobs_.clear();
   queue_.clear();
   for (Job& job : stored) {
-    if (job.state() == RUNNING) {
+    if (job.state() != QUEUED && job.start_time_unix_ms() != 0 && !job.tensors_freed()) {
       reclaim.push_back(job.id());
+    }
+    if (job.state() == RUNNING) {
       job.set_state(FAILED);
       job.set_end_time_unix_ms(NowMs());
       job.set_failure_reason(absl::StrCat(
@@ -87,7 +91,16 @@ absl::Status JobManager::Start() {
           absl::MutexLock lock(&mu_);
           if (stopping_) return;
         }
-        if (!absl::IsUnavailable(ReclaimJobTensors(id)) || attempt == 60) break;
+        const absl::Status s = ReclaimJobTensors(id);
+        if (s.ok()) {
+          absl::MutexLock lock(&mu_);
+          Job& job = jobs_[id];
+          job.set_tensors_freed(true);
+          if (absl::Status put = store_->PutJob(job); !put.ok()) {
+            LOG(ERROR) << id << ": cannot store the job: " << put;
+          }
+        }
+        if (!absl::IsUnavailable(s) || attempt == 60) break;
         absl::SleepFor(absl::Seconds(1));
       }
     }
@@ -228,7 +241,8 @@ void JobManager::SetMemstore(MemstoreClient* memstore) { memstore_ = memstore; }
 
 absl::Status JobManager::ReclaimJobTensors(const std::string& job_id) {
   if (memstore_ == nullptr) return absl::OkStatus();
-  absl::StatusOr<FreeTensorsReply> freed = memstore_->FreeTensors(job_id + "/");
+  absl::StatusOr<FreeTensorsReply> freed =
+      memstore_->FreeTensors(job_id + "/", absl::Seconds(30));
   if (!freed.ok()) {
     LOG(WARNING) << job_id << ": cannot free the job's tensors in the memstore: "
                  << freed.status();
@@ -279,9 +293,16 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   }
   absl::Status status = worker->RunTask(
       request, [this, &job_id](const TaskEvent& event) { OnTaskEvent(job_id, event); });
-  // A worker that ended the task freed the job's tensors; one that crashed could not.
-  ReclaimJobTensors(job_id);
+  // A worker that ended the task freed the job's tensors; one that crashed could not. When the
+  // node is stopping the memstore may be too (and not answer): the next start frees them.
+  bool stopping;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping = stopping_;
+  }
+  const bool freed = !stopping && ReclaimJobTensors(job_id).ok();
   absl::MutexLock lock(&mu_);
+  jobs_[job_id].set_tensors_freed(freed);
   running_job_.clear();
   running_worker_ = nullptr;
   if (cancel_requested_[job_id]) {

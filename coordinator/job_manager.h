@@ -56,10 +56,11 @@ class JobManager {
   using JobPlanner = std::function<absl::StatusOr<StepSchedule>(const JobSpec& spec)>;
   void SetJobPlanner(JobPlanner planner);
 
-  // Where jobs that ran offloaded keep their tensors (under "<job id>/"). When a job ends and
-  // when Start finds one whose coordinator died while it ran, the manager frees what is left
-  // there (MemstoreClient::FreeTensors): a worker that crashed mid-job cannot free it itself,
-  // and its pins would block the memory forever. Optional; set before Start; not owned.
+  // Where jobs that ran offloaded keep their tensors (under "<job id>/"). When a job ends the
+  // manager frees what is left there (MemstoreClient::FreeTensors): a worker that crashed
+  // mid-job cannot free it itself, and its pins would block the memory forever. It records
+  // that in Job.tensors_freed; Start frees what jobs that ran without it left (the coordinator
+  // died, or the node was stopping). Optional; set before Start; not owned.
   void SetMemstore(MemstoreClient* memstore);
 
   absl::StatusOr<Job> Submit(const std::string& spec_yaml, const std::string& base_dir);

@@ -165,31 +165,46 @@ TEST_F(JobManagerTest, WhatACrashedWorkerLeftInTheMemstoreIsFreed) {
   ASSERT_TRUE(manager.Start().ok());
   auto job = manager.Submit(Spec(2), dir_);
   ASSERT_TRUE(job.ok());
-  // The job is published as ended once its tensors are freed.
-  EXPECT_EQ(WaitForEnd(manager, job->id()).state(), FAILED);
+  // The job is published as ended once its tensors are freed, and says so.
+  const Job end = WaitForEnd(manager, job->id());
+  EXPECT_EQ(end.state(), FAILED);
+  EXPECT_TRUE(end.tensors_freed());
   EXPECT_FALSE(Holds(memstore, job->id() + "/layers.0.params"));
   EXPECT_TRUE(Holds(memstore, "other-job/x"));
 }
 
-TEST_F(JobManagerTest, RestartFreesWhatTheJobThatWasRunningLeft) {
+TEST_F(JobManagerTest, RestartFreesWhatJobsThatRanWithoutBeingCleanedUpLeft) {
   FakeMemstoreClient memstore;
-  ASSERT_TRUE(memstore.Write("job-000001/m", "abcd", 4, "float32", TIER_HOST).ok());
-  ASSERT_TRUE(memstore.Write("job-000002/m", "abcd", 4, "float32", TIER_HOST).ok());
-  Job running, done;
-  running.set_id("job-000001");
-  running.set_state(RUNNING);
-  done.set_id("job-000002");
-  done.set_state(SUCCEEDED);
-  ASSERT_TRUE(store_.PutJob(running).ok());
-  ASSERT_TRUE(store_.PutJob(done).ok());
+  auto job = [&](const std::string& id, JobState state, bool started, bool freed) {
+    ASSERT_TRUE(memstore.Write(id + "/m", "abcd", 4, "float32", TIER_HOST).ok());
+    Job j;
+    j.set_id(id);
+    j.set_state(state);
+    if (started) j.set_start_time_unix_ms(1000);
+    j.set_tensors_freed(freed);
+    ASSERT_TRUE(store_.PutJob(j).ok());
+  };
+  job("job-000001", RUNNING, true, false);    // the coordinator died while it ran
+  job("job-000002", SUCCEEDED, true, true);   // cleaned up when it ended
+  job("job-000003", FAILED, true, false);     // ended while the node was stopping
+  job("job-000004", CANCELLED, false, false); // never ran: not asked about
   JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
   manager.SetMemstore(&memstore);
   ASSERT_TRUE(manager.Start().ok());
-  for (int i = 0; i < 500 && Holds(memstore, "job-000001/m"); ++i) {
+  for (int i = 0; i < 500 && !manager.Get("job-000003")->tensors_freed(); ++i) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   EXPECT_FALSE(Holds(memstore, "job-000001/m"));
-  EXPECT_TRUE(Holds(memstore, "job-000002/m"));  // only jobs that were running
+  EXPECT_TRUE(Holds(memstore, "job-000002/m"));
+  EXPECT_FALSE(Holds(memstore, "job-000003/m"));
+  EXPECT_TRUE(Holds(memstore, "job-000004/m"));
+  // Recorded, so the next start does not ask again.
+  manager.Stop();
+  absl::StatusOr<std::vector<Job>> stored = store_.ListJobs();
+  ASSERT_TRUE(stored.ok());
+  for (const Job& j : *stored) {
+    EXPECT_EQ(j.tensors_freed(), j.id() != "job-000004") << j.id();
+  }
 }
 
 TEST_F(JobManagerTest, CancelStopsARunningJobAndDropsAQueuedOne) {

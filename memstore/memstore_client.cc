@@ -146,9 +146,10 @@ absl::Status GrpcMemstoreClient::Free(const std::string& id) {
   return FromGrpcStatus(Memstore::NewStub(channel_)->FreeTensor(&context, request, &reply));
 }
 
-absl::StatusOr<FreeTensorsReply> GrpcMemstoreClient::FreeTensors(const std::string& prefix) {
+absl::StatusOr<FreeTensorsReply> GrpcMemstoreClient::FreeTensors(const std::string& prefix,
+                                                                  absl::Duration timeout) {
   grpc::ClientContext context;
-  SetDeadline(&context, absl::Seconds(60));  // a job can hold thousands of tensors
+  SetDeadline(&context, timeout);
   FreeTensorsRequest request;
   request.set_prefix(prefix);
   FreeTensorsReply reply;
@@ -208,7 +209,8 @@ absl::Status FakeMemstoreClient::Free(const std::string& id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<FreeTensorsReply> FakeMemstoreClient::FreeTensors(const std::string& prefix) {
+absl::StatusOr<FreeTensorsReply> FakeMemstoreClient::FreeTensors(const std::string& prefix,
+                                                                  absl::Duration) {
   if (prefix.empty()) return absl::InvalidArgumentError("FreeTensors needs a non-empty prefix");
   absl::MutexLock lock(&mu_);
   FreeTensorsReply reply;

@@ -36,8 +36,10 @@ class MemstoreClient {
   virtual absl::Status Move(const std::string& id, Tier tier) = 0;
   virtual absl::Status Free(const std::string& id) = 0;
   // Frees every tensor whose id starts with `prefix`, dropping the pins and unfinished writes
-  // on them (MemstoreService::FreeTensors): for tensors whose owner is gone.
-  virtual absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix) = 0;
+  // on them (MemstoreService::FreeTensors): for tensors whose owner is gone. Fails after
+  // `timeout` (a memstore that is stopping may not answer).
+  virtual absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix,
+                                                       absl::Duration timeout) = 0;
 };
 
 // The memstore process at a Unix socket; the UCX connection is made on first use.
@@ -51,7 +53,8 @@ class GrpcMemstoreClient : public MemstoreClient {
   absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;
   absl::Status Move(const std::string& id, Tier tier) override;
   absl::Status Free(const std::string& id) override;
-  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix) override;
+  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix,
+                                               absl::Duration timeout) override;
 
  private:
   absl::Status EnsureDataPlane() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ucx_mu_);
@@ -70,7 +73,8 @@ class FakeMemstoreClient : public MemstoreClient {
   absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override;
   absl::Status Move(const std::string& id, Tier tier) override;
   absl::Status Free(const std::string& id) override;
-  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix) override;
+  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix,
+                                               absl::Duration timeout) override;
 
  private:
   struct Tensor {

@@ -38,7 +38,9 @@ absl::Status MemstoreTensorHome::Free(const std::string& id) {
 
 absl::Status MemstoreTensorHome::FreeAll() {
   if (!put_any_.load()) return absl::OkStatus();
-  return client_->FreeTensors(prefix_).status();
+  // Bounded: at a node's stop the memstore may be stopping too, and the coordinator frees
+  // whatever is left when the job ends or at its next start.
+  return client_->FreeTensors(prefix_, absl::Seconds(5)).status();
 }
 
 }  // namespace lumen

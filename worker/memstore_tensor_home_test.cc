@@ -18,9 +18,10 @@ using ::testing::HasSubstr;
 // Counts FreeTensors calls.
 class CountingMemstore : public FakeMemstoreClient {
  public:
-  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix) override {
+  absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix,
+                                               absl::Duration timeout) override {
     ++free_calls;
-    return FakeMemstoreClient::FreeTensors(prefix);
+    return FakeMemstoreClient::FreeTensors(prefix, timeout);
   }
   int free_calls = 0;
 };

@@ -31,6 +31,10 @@ class ShutdownTest(unittest.TestCase):
         with open(os.path.join(node.data_dir, "logs", "lumend.log")) as f:
             lumend_log = f.read()
         self.assertLess(elapsed, 10)
+        if "sending SIGKILL" in lumend_log:
+            for name in ("coordinator", "worker-0", "worker-1", "memstore"):
+                with open(os.path.join(node.data_dir, "logs", name + ".log")) as f:
+                    print("==== %s.log (tail)" % name, "".join(f.readlines()[-15:]))
         self.assertNotIn("sending SIGKILL", lumend_log)
         self.assertEqual(lumend_log.count("exited with status 0"), 4, lumend_log)
 
