@@ -164,7 +164,8 @@ float FromBf16Bits(uint16_t b) {
 }
 
 struct Result {
-  double step_s = 0, loss = 0;
+  // loss_first: the first step's (before any update); loss: the last timed step's.
+  double step_s = 0, loss = 0, loss_first = 0;
   int64_t budget = 0, peak = 0, state_bytes = 0, min_working_set = 0;
   int64_t h2d_bytes = 0, d2h_bytes = 0;  // per step
   // offload, per step: seconds the host waited for the host AdamW of a decoder layer, and of
@@ -172,13 +173,30 @@ struct Result {
   double wait_layers_s = 0, wait_big_s = 0;
 };
 
+// Random inputs, each target a fixed function of its input: something every mode learns within
+// a step or two, so their losses can be compared (check.sh) and say more than ln(vocab).
 void RandomIds(int64_t n, int64_t vocab, std::vector<int32_t>* in, std::vector<int32_t>* tg) {
   std::mt19937_64 rng(42);
   in->resize(n);
   tg->resize(n);
   for (int64_t i = 0; i < n; ++i) {
     (*in)[i] = static_cast<int32_t>(rng() % vocab);
-    (*tg)[i] = static_cast<int32_t>(rng() % vocab);
+    (*tg)[i] = static_cast<int32_t>((int64_t{(*in)[i]} * 7 + 3) % vocab);
+  }
+}
+
+// kernels::FillNormal's values on the host (the same hash; float math within an ulp or two),
+// so the offloaded mode starts from the weights ResidentState::InitRandom gives the others.
+void HostFillNormal(float* x, int64_t begin, int64_t end, uint64_t seed, float stddev) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
+    const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+    x[i] = stddev * std::sqrt(-2.0f * std::log(u1)) *
+           static_cast<float>(std::cos(M_PI * static_cast<double>(2.0f * u2)));
   }
 }
 
@@ -217,7 +235,8 @@ absl::StatusOr<Result> RunMemory(const Args& a, const engine::ModelConfig& c) {
   RandomIds(a.micro_batches * a.batch * a.seq, c.vocab_size, &in, &tg);
   Result r;
   for (int64_t s = 0; s < a.warmup; ++s) {
-    RETURN_IF_ERROR(trainer->Step(in, tg, a.micro_batches, Hyper(), 0.0, s + 1).status());
+    ASSIGN_OR_RETURN(auto sr, trainer->Step(in, tg, a.micro_batches, Hyper(), 0.0, s + 1));
+    if (s == 0) r.loss_first = sr.loss;
   }
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < a.steps; ++s) {
@@ -456,7 +475,13 @@ class OffloadRunner {
     o.budget_bytes = Budget();
     ASSIGN_OR_RETURN(dev_, CudaDevice::Create(o));
     RETURN_IF_ERROR(Setup());
-    for (int64_t s = 0; s < a_.warmup; ++s) RETURN_IF_ERROR(Step(s + 1));
+    for (int64_t s = 0; s < a_.warmup; ++s) {
+      RETURN_IF_ERROR(Step(s + 1));
+      if (s == 0) {
+        RETURN_IF_ERROR(Finish());
+        ASSIGN_OR_RETURN(r.loss_first, ReadLoss());
+      }
+    }
     RETURN_IF_ERROR(Finish());
     h2d_ = d2h_ = 0;
     wait_layers_s_ = wait_big_s_ = 0;
@@ -464,10 +489,7 @@ class OffloadRunner {
     for (int64_t s = 0; s < a_.steps; ++s) RETURN_IF_ERROR(Step(a_.warmup + s + 1));
     RETURN_IF_ERROR(Finish());
     r.step_s = Seconds(t0) / a_.steps;
-    double loss_sum = 0;
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(&loss_sum, loss_sum_.get(), 8, cudaMemcpyDeviceToHost),
-                         "read loss");
-    r.loss = loss_sum / static_cast<double>(A_ * n_);
+    ASSIGN_OR_RETURN(r.loss, ReadLoss());
     if (!std::isfinite(r.loss)) {
       return absl::InternalError(absl::StrCat("offload: the loss is ", r.loss));
     }
@@ -536,11 +558,16 @@ class OffloadRunner {
         std::fill(hg.m.get() + b, hg.m.get() + en, 0.0f);
         std::fill(hg.v.get() + b, hg.v.get() + en, 0.0f);
       });
+      // ResidentState::InitRandom(1)'s weights (seed per group and segment).
       for (const auto& seg : shapes_[g].segments) {
+        const uint64_t seed = (uint64_t{1} * 1000003 + g) * 1000003 + seg.offset;
+        float* p = hg.master.get() + seg.offset;
         init_pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t en) {
-          std::mt19937_64 rng(g * 1000003 + seg.offset + b);
-          std::normal_distribution<float> nd(0.0f, static_cast<float>(c_.init_std));
-          for (int64_t i = b; i < en; ++i) hg.master[seg.offset + i] = seg.matrix ? nd(rng) : 1.0f;
+          if (seg.matrix) {
+            HostFillNormal(p, b, en, seed, static_cast<float>(c_.init_std));
+          } else {
+            std::fill(p + b, p + en, 1.0f);
+          }
         });
       }
       uint16_t* pb = hg.param.as<uint16_t>();
@@ -895,6 +922,14 @@ class OffloadRunner {
     return absl::OkStatus();
   }
 
+  // The mean token loss of the last step (after Finish).
+  absl::StatusOr<double> ReadLoss() {
+    double loss_sum = 0;
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(&loss_sum, loss_sum_.get(), 8, cudaMemcpyDeviceToHost),
+                         "read loss");
+    return loss_sum / static_cast<double>(A_ * n_);
+  }
+
   absl::Status Finish() {
     RETURN_IF_ERROR(dev_->SynchronizeAll("offload: finish"));
     for (auto& f : done_) {
@@ -997,13 +1032,15 @@ int Main(int argc, char** argv) {
   const double tps = tokens / r->step_s;
   std::printf(
       "%s,\"device\":\"%s\",\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"model_flops_per_token\":%.6g,"
-      "\"peak_flops\":%.6g,\"mfu\":%s,\"loss\":%.5f,\"device_budget_bytes\":%lld,"
+      "\"peak_flops\":%.6g,\"mfu\":%s,\"loss_first\":%.6f,\"loss\":%.6f,"
+      "\"device_budget_bytes\":%lld,"
       "\"device_peak_bytes\":%lld,\"training_state_bytes\":%lld,\"oversubscription\":%.2f,"
       "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld,"
       "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f,"
       "\"oversubscription_params_optimizer\":%.2f}\n",
       head.c_str(), prop.name, r->step_s, tps, fpt, peak,
-      peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss,
+      peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss_first,
+      r->loss,
       static_cast<long long>(r->budget), static_cast<long long>(r->peak),
       static_cast<long long>(r->state_bytes),
       static_cast<double>(r->state_bytes) / static_cast<double>(r->budget),

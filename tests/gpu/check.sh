@@ -224,6 +224,22 @@ for name in names:
         ok = c["offload_vs_memory_recompute"] >= 0.85 and off["oversubscription"] >= 10
         rows.append((f"{name} offload / in-memory", f"{c['offload_vs_memory_recompute']:.3f} vs same schedule, {c['offload_vs_memory']:.3f} vs kept activations, at x{off['oversubscription']:.1f} (target >= 0.85 at >= x10) {'met' if ok else 'MISS'}"))
         miss |= not ok
+    # The same weights and tokens in every mode: the losses must agree (the schedules differ,
+    # the math must not) and fall (the targets are a function of the inputs).
+    if rec.get("loss_first") is not None:
+        for label, b in (("memory", mem), ("offload", off)):
+            if b.get("loss_first") is None:
+                continue
+            d1 = abs(b["loss_first"] - rec["loss_first"]) / rec["loss_first"]
+            d2 = abs(b["loss"] - rec["loss"]) / rec["loss"]
+            fell = (rec["loss_first"] - rec["loss"]) / rec["loss_first"]
+            ok = d1 <= 1e-3 and d2 <= 1e-2
+            c[f"loss_rel_diff_{label}_vs_memory_recompute"] = [d1, d2]
+            rows.append((f"{name} {label} loss vs memory_recompute",
+                         f"first step {d1:.1e}, last {d2:.1e} apart (limits 1e-3, 1e-2); "
+                         f"loss {rec['loss_first']:.4f} -> {rec['loss']:.4f} ({fell:.1%} lower) "
+                         f"{'ok' if ok else 'MISMATCH'}"))
+            fail |= not ok
     kern = get(name, "lumen", "kernels").get("kernels", {})
     att = [f"{k.replace('attention_', '')} {v['ms']:.2f} ms" for k, v in kern.items() if k.startswith("attention")]
     if att:
