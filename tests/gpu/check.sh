@@ -226,9 +226,9 @@ for name in names:
         miss |= not ok
     # The same weights and tokens in every mode: the losses must agree (the schedules differ,
     # the math must not) and fall (the targets are a function of the inputs).
-    if rec.get("loss_first") is not None:
+    if rec.get("loss_first"):
         for label, b in (("memory", mem), ("offload", off)):
-            if b.get("loss_first") is None:
+            if not b.get("loss_first"):
                 continue
             d1 = abs(b["loss_first"] - rec["loss_first"]) / rec["loss_first"]
             d2 = abs(b["loss"] - rec["loss"]) / rec["loss"]
