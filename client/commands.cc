@@ -171,20 +171,7 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
                            p.up() ? "yes" : "no", p.restarts(), p.metrics_address(), p.log_file());
   }
   out << "\nWORKERS\n";
-  for (const WorkerInfo& w : info.workers()) {
-    if (w.reachable()) {
-      out << absl::StrFormat("%-12s %-6s budget %s", w.name(), w.device(),
-                             FormatBytes(w.device_memory_budget_bytes()));
-      const auto& p = w.profile();
-      if (p.count("fp32_gemm_flops")) {
-        out << absl::StrFormat("  measured: %.1f GFLOP/s fp32 GEMM, %.1f GB/s copies",
-                               p.at("fp32_gemm_flops") / 1e9, p.at("copy_bytes_per_s") / 1e9);
-      }
-      out << "\n";
-    } else {
-      out << absl::StrFormat("%-12s unreachable: %s\n", w.name(), w.error());
-    }
-  }
+  for (const WorkerInfo& w : info.workers()) out << WorkerLine(w) << "\n";
   out << "\nTIERS\n";
   for (const TierInfo& t : info.tiers()) {
     out << absl::StrFormat("%-30s used %s of %s\n", t.name(), FormatBytes(t.used_bytes()),
@@ -215,6 +202,24 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
 }
 
 }  // namespace
+
+std::string WorkerLine(const WorkerInfo& w) {
+  if (!w.reachable()) return absl::StrFormat("%-12s unreachable: %s", w.name(), w.error());
+  std::string line = absl::StrFormat(
+      "%-12s %-6s budget %s", w.name(),
+      w.device_name().empty() ? w.device() : absl::StrCat(w.device(), " ", w.device_name()),
+      FormatBytes(w.device_memory_budget_bytes()));
+  const auto& p = w.profile();
+  auto figure = [&p](const char* key) { return p.count(key) ? p.at(key) : 0.0; };
+  if (p.count("bf16_gemm_flops")) {
+    absl::StrAppendFormat(&line, "  measured: %.1f TFLOP/s bf16 GEMM, %.1f GB/s host->device",
+                          figure("bf16_gemm_flops") / 1e12, figure("h2d_bytes_per_s") / 1e9);
+  } else if (p.count("fp32_gemm_flops")) {
+    absl::StrAppendFormat(&line, "  measured: %.1f GFLOP/s fp32 GEMM, %.1f GB/s copies",
+                          figure("fp32_gemm_flops") / 1e9, figure("copy_bytes_per_s") / 1e9);
+  }
+  return line;
+}
 
 int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err) {
   CLI::App app{"lumenctl: submit and watch Lumen training jobs"};

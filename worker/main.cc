@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
   lumen::WorkerServiceOptions options;
   options.name = absl::StrCat("worker-", id);
   options.device = device;
+  if (cuda) options.device_name = device_description;
   options.runner.worker_name = options.name;
   options.runner.device = cuda ? lumen::DeviceKind::kCuda : lumen::DeviceKind::kCpu;
   options.runner.device_index = id;

@@ -153,6 +153,7 @@ grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerConte
                                                        WorkerInfo* reply) {
   reply->set_name(options_.name);
   reply->set_device(options_.device);
+  reply->set_device_name(options_.device_name);
   reply->set_device_memory_budget_bytes(options_.runner.device_memory_budget_bytes);
   reply->set_num_threads(options_.runner.num_threads);
   reply->set_link_bytes_per_s(options_.runner.link_bytes_per_s);

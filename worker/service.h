@@ -18,6 +18,8 @@ namespace lumen {
 struct WorkerServiceOptions {
   std::string name = "worker-0";
   std::string device = "cpu";
+  // WorkerInfo.device_name: the GPU's name and memory; empty on the CPU device.
+  std::string device_name;
   // Measured device figures, reported by GetWorkerInfo.
   std::map<std::string, double> profile;
   TaskRunnerOptions runner;

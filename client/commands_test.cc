@@ -1,0 +1,38 @@
+#include "client/commands.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace lumen {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(WorkerLineTest, ShowsTheDeviceAndItsMeasuredFigures) {
+  WorkerInfo cpu;
+  cpu.set_name("worker-0");
+  cpu.set_device("cpu");
+  cpu.set_reachable(true);
+  cpu.set_device_memory_budget_bytes(int64_t{1} << 30);
+  (*cpu.mutable_profile())["fp32_gemm_flops"] = 2.5e11;
+  (*cpu.mutable_profile())["copy_bytes_per_s"] = 1.6e10;
+  EXPECT_THAT(WorkerLine(cpu), HasSubstr("worker-0     cpu    budget 1.0 GiB"));
+  EXPECT_THAT(WorkerLine(cpu), HasSubstr("measured: 250.0 GFLOP/s fp32 GEMM, 16.0 GB/s copies"));
+
+  WorkerInfo gpu = cpu;
+  gpu.set_device("cuda");
+  gpu.set_device_name("NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)");
+  gpu.clear_profile();
+  (*gpu.mutable_profile())["bf16_gemm_flops"] = 7.0e14;
+  (*gpu.mutable_profile())["h2d_bytes_per_s"] = 5.2e10;
+  EXPECT_THAT(WorkerLine(gpu), HasSubstr("cuda NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB) budget"));
+  EXPECT_THAT(WorkerLine(gpu), HasSubstr("measured: 700.0 TFLOP/s bf16 GEMM, 52.0 GB/s"));
+
+  WorkerInfo down;
+  down.set_name("worker-1");
+  down.set_error("connection refused");
+  EXPECT_EQ(WorkerLine(down), "worker-1     unreachable: connection refused");
+}
+
+}  // namespace
+}  // namespace lumen
