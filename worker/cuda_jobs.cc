@@ -45,7 +45,6 @@ class CudaDeviceTrainer : public DeviceTrainer {
   CudaDeviceTrainer(std::unique_ptr<cuda::CudaDevice> device,
                     std::unique_ptr<cuda::CudaJobTrainer> job)
       : device_(std::move(device)), job_(std::move(job)) {}
-  ~CudaDeviceTrainer() override { job_.reset(); }  // before the device it allocated on
 
   absl::StatusOr<engine::OffloadStepResult> Step() override {
     ASSIGN_OR_RETURN(engine::StepResult r, job_->Step());
@@ -64,6 +63,7 @@ class CudaDeviceTrainer : public DeviceTrainer {
   const std::vector<engine::TraceEvent>& first_step_trace() const override { return trace_; }
 
  private:
+  // In this order: the job, which allocated on the device, is destroyed first.
   std::unique_ptr<cuda::CudaDevice> device_;
   std::unique_ptr<cuda::CudaJobTrainer> job_;
   const std::vector<engine::TraceEvent> trace_;
