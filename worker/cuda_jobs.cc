@@ -53,13 +53,16 @@ class CudaDeviceTrainer : public DeviceTrainer {
     out.device_memory_budget_bytes = device_->budget();
     out.device_memory_peak_bytes = device_->peak();
     out.compute_seconds = job_->last_device_seconds();
+    out.bytes_home_to_device = job_->last_bytes_home_to_device();
+    out.bytes_device_to_home = job_->last_bytes_device_to_home();
+    out.stall_optimizer_seconds = job_->last_optimizer_wait_seconds();
     return out;
   }
   absl::Status Export(const std::string& dir) override { return job_->Export(dir); }
   int64_t TrainingStateBytes() const override {
     return cuda::ResidentState::Bytes(job_->options().model);
   }
-  bool resident() const override { return true; }
+  bool resident() const override { return !job_->offloaded(); }
   const std::vector<engine::TraceEvent>& first_step_trace() const override { return trace_; }
 
  private:
@@ -69,28 +72,73 @@ class CudaDeviceTrainer : public DeviceTrainer {
   const std::vector<engine::TraceEvent> trace_;
 };
 
-// The options to train with under `budget_bytes`: activations kept when they fit, recomputed
-// otherwise; RESOURCE_EXHAUSTED when neither fits.
-absl::StatusOr<engine::TrainerOptions> FitToDevice(engine::TrainerOptions options,
-                                                   const std::string& worker_name,
-                                                   int64_t budget_bytes) {
+// How a job runs on a GPU.
+struct CudaPlan {
+  engine::TrainerOptions options;  // activation_checkpointing set when resident
+  bool offload = false;
+};
+
+// Host memory this process may still take (MemAvailable), or -1 when unknown.
+int64_t AvailableHostBytes() {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (f == nullptr) return -1;
+  char line[256];
+  int64_t kib = -1;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    long long v = 0;
+    if (std::sscanf(line, "MemAvailable: %lld kB", &v) == 1) {
+      kib = v;
+      break;
+    }
+  }
+  std::fclose(f);
+  return kib < 0 ? -1 : kib * 1024;
+}
+
+// The way to train under `budget_bytes`: everything resident with activations kept when that
+// fits, then with layers recomputed, then streamed through host memory (`host_bytes` of it
+// free; < 0: not checked); RESOURCE_EXHAUSTED naming the sizes when none fits.
+absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
+                                     const std::string& worker_name, int64_t budget_bytes,
+                                     int64_t host_bytes) {
+  CudaPlan plan;
+  int64_t resident = 0;
   for (bool recompute : {false, true}) {
     options.activation_checkpointing = recompute;
-    ASSIGN_OR_RETURN(const int64_t need, cuda::CudaJobTrainer::DeviceBytes(options));
-    if (need + kGemmWorkspaceBytes <= budget_bytes) return options;
-    if (!recompute) continue;
+    ASSIGN_OR_RETURN(resident, cuda::CudaJobTrainer::DeviceBytes(options));
+    if (resident + kGemmWorkspaceBytes <= budget_bytes) {
+      plan.options = options;
+      return plan;
+    }
+  }
+  ASSIGN_OR_RETURN(const int64_t working, cuda::CudaJobTrainer::OffloadDeviceBytes(options));
+  ASSIGN_OR_RETURN(const int64_t host, cuda::CudaJobTrainer::OffloadHostBytes(options));
+  const std::string resident_need = absl::StrCat(
+      "the job needs ", engine::FormatBytes(resident + kGemmWorkspaceBytes),
+      " of GPU memory with everything resident (training state ",
+      engine::FormatBytes(cuda::ResidentState::Bytes(options.model)),
+      ", then layer inputs, scratch and the activation gradients of one micro-batch, layers "
+      "recomputed in the backward)");
+  if (working + kGemmWorkspaceBytes > budget_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "the job needs ", engine::FormatBytes(need + kGemmWorkspaceBytes),
-        " of GPU memory with everything resident (training state ",
-        engine::FormatBytes(cuda::ResidentState::Bytes(options.model)),
-        ", then layer inputs, scratch and the activation gradients of one micro-batch, layers "
-        "recomputed in the backward); ", worker_name, "'s budget is ",
+        resident_need, ", and ", engine::FormatBytes(working + kGemmWorkspaceBytes),
+        " streamed through host memory (two layers, the embedding or head, two activation "
+        "sets of every micro-batch and the head's scratch); ", worker_name, "'s budget is ",
         engine::FormatBytes(budget_bytes),
-        ". The CUDA device does not yet stream larger models through the memstore: lower "
-        "train.micro_batch_size or seq_len, train a smaller model, or start lumend with a "
+        ". Lower train.micro_batch_size, grad_accum_steps or seq_len, or start lumend with a "
         "larger --device-memory"));
   }
-  return options;  // not reached
+  if (host_bytes >= 0 && host > host_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        resident_need, "; streamed, it needs ", engine::FormatBytes(host),
+        " of host memory (bf16 weights, fp32 gradients, master weights and AdamW moments, the "
+        "step's layer inputs) and this node has ", engine::FormatBytes(host_bytes),
+        " available. Train a smaller model or lower grad_accum_steps or seq_len"));
+  }
+  options.activation_checkpointing = true;
+  plan.options = options;
+  plan.offload = true;
+  return plan;
 }
 
 }  // namespace
@@ -112,17 +160,19 @@ absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index) {
 }
 
 absl::Status CheckCudaTask(const engine::TrainerOptions& options, const std::string& worker_name,
-                           int64_t budget_bytes) {
-  return FitToDevice(options, worker_name, budget_bytes).status();
+                           int64_t budget_bytes, int64_t host_bytes) {
+  if (host_bytes == kHostBytesAvailable) host_bytes = AvailableHostBytes();
+  return FitToDevice(options, worker_name, budget_bytes, host_bytes).status();
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
-  ASSIGN_OR_RETURN(const engine::TrainerOptions fitted,
-                   FitToDevice(options, absl::StrCat("GPU ", index), device->budget()));
+  ASSIGN_OR_RETURN(const CudaPlan plan,
+                   FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
+                               AvailableHostBytes()));
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
-                   cuda::CudaJobTrainer::Create(fitted, device.get()));
+                   cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload));
   return std::make_unique<CudaDeviceTrainer>(std::move(device), std::move(job));
 }
 

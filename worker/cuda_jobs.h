@@ -1,7 +1,8 @@
 // The worker's CUDA device (lumend --device cuda): worker i drives GPU i. Jobs train with
-// everything resident on the GPU (cuda::CudaJobTrainer); a job whose training state does not
-// fit the device budget is refused at admission, since streaming through the memstore is built
-// for the CPU device only so far. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
+// everything resident on the GPU when they fit its budget, and otherwise stream through the
+// worker's host memory (cuda::CudaJobTrainer over cuda::CudaOffloadTrainer): the fp32 state
+// stays in host RAM and the GPU holds two layers at a time. The memstore's tiers (NVMe) are not
+// used by the CUDA device yet. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
 // and the only one in builds without the CUDA toolkit) links cuda_jobs_absent.cc, whose
 // functions say it has no CUDA device.
 #ifndef LUMEN_WORKER_CUDA_JOBS_H_
@@ -32,15 +33,19 @@ absl::StatusOr<CudaDeviceInfo> ProbeCudaDevice(int index, int64_t budget_bytes);
 // "h2d_bytes_per_s", "d2h_bytes_per_s", "copy_bytes_per_s".
 absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index);
 
-// Whether a job with these options fits a GPU with `budget_bytes` of device memory, keeping
-// each layer's activations for the backward when they fit and recomputing them otherwise.
-// RESOURCE_EXHAUSTED naming both sizes and what to change when it does not; INVALID_ARGUMENT
-// for options the CUDA model refuses.
+// CheckCudaTask's host_bytes: the host's MemAvailable now.
+inline constexpr int64_t kHostBytesAvailable = -2;
+
+// Whether a job with these options can run on a GPU with `budget_bytes` of device memory:
+// resident, keeping each layer's activations for the backward when they fit and recomputing
+// them otherwise; else streamed through host memory, when its working set fits the GPU and its
+// state `host_bytes` (-1: not checked). RESOURCE_EXHAUSTED naming the sizes and what to change
+// when nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
 absl::Status CheckCudaTask(const engine::TrainerOptions& options, const std::string& worker_name,
-                           int64_t budget_bytes);
+                           int64_t budget_bytes, int64_t host_bytes = kHostBytesAvailable);
 
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
-// choice of kept or recomputed activations).
+// choice of resident with kept or recomputed activations, or streamed).
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes);
 

@@ -17,7 +17,8 @@ absl::StatusOr<CudaDeviceInfo> ProbeCudaDevice(int, int64_t) { return NoCuda(); 
 
 absl::StatusOr<ProfileFigures> MeasureCudaDevice(int) { return NoCuda(); }
 
-absl::Status CheckCudaTask(const engine::TrainerOptions&, const std::string&, int64_t) {
+absl::Status CheckCudaTask(const engine::TrainerOptions&, const std::string&, int64_t,
+                           int64_t) {
   return NoCuda();
 }
 

@@ -305,10 +305,17 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   if (options.device == DeviceKind::kCuda) {
     if (request.schedule().ops_size() > 0) {
       LOG(INFO) << request.job_id() << ": the coordinator's schedule is for streaming "
-                << "through the memstore; on a CUDA device the job stays resident";
+                << "through the memstore; a CUDA device keeps the job resident or streams it "
+                << "through this worker's host memory on its own schedule";
     }
     ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
                                                 options.device_memory_budget_bytes));
+    if (!trainer->resident()) {
+      LOG(INFO) << request.job_id() << ": the training state ("
+                << engine::FormatBytes(trainer->TrainingStateBytes())
+                << ") does not fit the GPU's budget: it streams through host memory, two "
+                << "layers on the GPU at a time";
+    }
   } else {
     if (home != nullptr && options.link_bytes_per_s > 0) {
       link = std::make_unique<engine::ThrottledTensorHome>(home.get(), options.link_bytes_per_s);

@@ -9,6 +9,9 @@
 #include "gtest/gtest.h"
 #include "memstore/memstore_client.h"
 #include "worker/cuda_jobs.h"
+#ifdef LUMEN_CUDA_BUILT
+#include "worker/cuda/job_trainer.h"
+#endif
 
 namespace lumen {
 namespace {
@@ -56,20 +59,47 @@ JobSpec Spec(int micro_batch) {
 }
 
 #ifdef LUMEN_CUDA_BUILT
-// Admission on a CUDA device is arithmetic on the shapes: no GPU needed.
-TEST(CudaTaskTest, AdmissionCountsEverythingResidentOnTheGpu) {
+// Admission on a CUDA device is arithmetic on the shapes: no GPU needed. A job runs resident
+// when it fits the GPU, streamed through host memory when its working set does, and is refused
+// with the sizes otherwise.
+TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   TaskRunnerOptions options;
   options.device = DeviceKind::kCuda;
   JobSpec spec = Spec(1);
   spec.mutable_model()->set_hidden_size(128);  // head_dim 32
   options.device_memory_budget_bytes = int64_t{1} << 30;
   EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options);
-  options.device_memory_budget_bytes = 16 << 20;  // less than cuBLASLt's workspace
-  const absl::Status s = CheckTask(spec, options);
+  absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
+  ASSERT_TRUE(o.ok()) << o.status();
+  constexpr int64_t kWorkspace = int64_t{32} << 20;
+  absl::StatusOr<int64_t> working = cuda::CudaJobTrainer::OffloadDeviceBytes(*o);
+  absl::StatusOr<int64_t> host = cuda::CudaJobTrainer::OffloadHostBytes(*o);
+  engine::TrainerOptions recompute = *o;
+  recompute.activation_checkpointing = true;
+  absl::StatusOr<int64_t> resident = cuda::CudaJobTrainer::DeviceBytes(recompute);
+  ASSERT_TRUE(working.ok() && host.ok() && resident.ok());
+  ASSERT_LT(*working, *resident);
+  // The host holds bf16 weights, fp32 gradients, master weights and both moments at least.
+  EXPECT_GE(*host, cuda::ResidentState::Bytes(o->model));
+  // Streamed: the working set fits, the resident footprint does not.
+  const int64_t streamed = kWorkspace + *working;
+  EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, *host).ok())
+      << CheckCudaTask(*o, "worker-0", streamed, *host);
+  EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, -1).ok());
+  // Too little host memory for the streamed state.
+  const absl::Status no_host = CheckCudaTask(*o, "worker-0", streamed, *host - 1);
+  EXPECT_EQ(no_host.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(no_host.message()), HasSubstr("of host memory"));
+  EXPECT_THAT(std::string(no_host.message()), HasSubstr(engine::FormatBytes(*host)));
+  // Below the working set: refused, naming both footprints and the budget.
+  const absl::Status s = CheckCudaTask(*o, "worker-0", streamed - 1, *host);
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("of GPU memory with everything resident"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("worker-0's budget is 16.00 MiB"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("does not yet stream"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr(engine::FormatBytes(*working + kWorkspace) +
+                        " streamed through host memory"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("worker-0's budget is " + engine::FormatBytes(streamed - 1)));
   // The CUDA attention has kernels for head_dim 32, 64 and 128 only.
   options.device_memory_budget_bytes = int64_t{1} << 30;
   const absl::Status h = CheckTask(Spec(1), options);

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "worker/cuda/device.h"
@@ -460,7 +461,7 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
   const std::string ckpt = (dir / "step-10").string();
   ASSERT_TRUE((*gpu)->Export(ckpt).ok());
   engine::ModelParams live, saved = engine::AllocateParams<float>(c);
-  ASSERT_TRUE((*gpu)->trainer().state().DownloadParams(&live).ok());
+  ASSERT_TRUE((*gpu)->GetParams(&live).ok());
   ASSERT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
   auto lt = engine::NamedTensors(c, &live);
   auto st = engine::NamedTensors(c, &saved);
@@ -480,6 +481,93 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
     ASSERT_TRUE(kept.ok()) << kept.status();
     step_both(**resumed, &loss);
     EXPECT_NEAR(loss, kept->loss, 1e-3 * kept->loss) << "step " << s;
+  }
+  fs::remove_all(dir);
+}
+
+// The offloaded job (CudaOffloadTrainer) on a device capped below the resident footprint:
+// with clipping (AdamW after the norm) and without (AdamW during the backward), every step's
+// loss within 2% of the CPU trainer's on the same token file; its working set within the
+// estimate; its checkpoint its master weights bit for bit; resumed, it continues as the run
+// that kept going.
+TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
+  namespace fs = std::filesystem;
+  const engine::ModelConfig c = SmallConfig(GetParam());
+  const fs::path dir = JobDir(GetParam() ? "offload_job_tied" : "offload_job_untied");
+  const std::string data = WriteTokenFile(dir, c.vocab_size, 17);
+  for (double clip : {1.0, 0.0}) {
+    const int64_t steps = clip > 0 ? 20 : 8, half = steps / 2;
+    engine::TrainerOptions o = JobOptions(c, data, steps);
+    o.optimizer.grad_clip = clip;
+    engine::TrainerOptions ro = o;
+    ro.activation_checkpointing = true;
+    auto resident = CudaJobTrainer::DeviceBytes(ro);
+    auto working = CudaJobTrainer::OffloadDeviceBytes(o);
+    ASSERT_TRUE(resident.ok() && working.ok());
+    ASSERT_LT(*working, *resident);
+    std::printf("clip %.1f: resident %lld bytes, offloaded working set %lld\n", clip,
+                static_cast<long long>(*resident), static_cast<long long>(*working));
+    CudaDeviceOptions capped;
+    capped.budget_bytes = capped.gemm_workspace_bytes + *working + (int64_t{1} << 20);
+    auto dev = CudaDevice::Create(capped);
+    ASSERT_TRUE(dev.ok()) << dev.status();
+    const int64_t before = (*dev)->in_use();
+    auto cpu = engine::Trainer::Create(o);
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    auto gpu = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    ASSERT_TRUE((*gpu)->offloaded());
+    double worst = 0, loss = 0;
+    auto step_both = [&](CudaJobTrainer& job) {
+      auto lc = (*cpu)->Step();
+      ASSERT_TRUE(lc.ok()) << lc.status();
+      auto lg = job.Step();
+      ASSERT_TRUE(lg.ok()) << lg.status();
+      EXPECT_EQ(lg->step, lc->step);
+      EXPECT_DOUBLE_EQ(lg->lr, lc->lr);
+      const double rel = std::fabs(lg->loss - lc->loss) / lc->loss;
+      const double norm_rel = std::fabs(lg->grad_norm - lc->grad_norm) / lc->grad_norm;
+      worst = std::max(worst, rel);
+      std::printf("offloaded step %2lld loss cpu %.5f gpu %.5f rel %.4f, norm cpu %.4f gpu "
+                  "%.4f\n",
+                  static_cast<long long>(lc->step), lc->loss, lg->loss, rel, lc->grad_norm,
+                  lg->grad_norm);
+      EXPECT_LE(rel, 0.02) << "step " << lc->step;
+      EXPECT_LE(norm_rel, 0.05) << "step " << lc->step;
+      EXPECT_GT(job.last_bytes_home_to_device(), 0);
+      EXPECT_GT(job.last_bytes_device_to_home(), 0);
+      loss = lg->loss;
+    };
+    for (int64_t s = 0; s < half; ++s) step_both(**gpu);
+    std::printf("offloaded, clip %.1f: worst relative loss difference %.4f; device peak %lld of "
+                "budget %lld\n",
+                clip, worst, static_cast<long long>((*dev)->peak()),
+                static_cast<long long>((*dev)->budget()));
+    EXPECT_LE((*dev)->peak() - before, *working);
+    EXPECT_GE((*dev)->peak() - before, *working * 9 / 10);
+
+    const std::string ckpt = (dir / absl::StrCat("offload-", clip > 0 ? "clip" : "noclip")).string();
+    ASSERT_TRUE((*gpu)->Export(ckpt).ok());
+    engine::ModelParams live, saved = engine::AllocateParams<float>(c);
+    ASSERT_TRUE((*gpu)->GetParams(&live).ok());
+    ASSERT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
+    auto lt = engine::NamedTensors(c, &live);
+    auto st = engine::NamedTensors(c, &saved);
+    ASSERT_EQ(lt.size(), st.size());
+    for (size_t i = 0; i < lt.size(); ++i) EXPECT_EQ(*lt[i].data, *st[i].data) << lt[i].name;
+
+    engine::TrainerOptions resume = o;
+    resume.init_from = ckpt;
+    auto resumed = CudaJobTrainer::Create(resume, dev->get(), /*offload=*/true);
+    ASSERT_TRUE(resumed.ok()) << resumed.status();
+    ASSERT_TRUE((*resumed)->LoadOptimizerState(ckpt + "/" + engine::kOptimizerFile).ok());
+    EXPECT_EQ((*resumed)->step(), half);
+    for (int64_t s = half; s < steps; ++s) {
+      auto kept = (*gpu)->Step();
+      ASSERT_TRUE(kept.ok()) << kept.status();
+      step_both(**resumed);
+      EXPECT_NEAR(loss, kept->loss, 1e-3 * kept->loss) << "step " << s;
+    }
   }
   fs::remove_all(dir);
 }
@@ -526,6 +614,29 @@ TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   engine::ModelParams saved = engine::AllocateParams<float>(c);
   EXPECT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
   trainer->reset();
+
+  // Below the recompute footprint but above the offloaded working set: admitted, and the job
+  // streams through host memory.
+  auto working = CudaJobTrainer::OffloadDeviceBytes(o);
+  ASSERT_TRUE(working.ok());
+  ASSERT_LT(*working, *recompute);
+  const int64_t small = kWorkspace + *working + (int64_t{1} << 20);
+  EXPECT_TRUE(CheckCudaTask(o, "worker-0", small).ok());
+  auto streamed = CreateCudaTrainer(o, 0, small);
+  ASSERT_TRUE(streamed.ok()) << streamed.status();
+  EXPECT_FALSE((*streamed)->resident());
+  for (int s = 0; s < 3; ++s) {
+    auto r = (*streamed)->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(std::isfinite(r->loss));
+    EXPECT_EQ(r->device_memory_budget_bytes, small);
+    EXPECT_LE(r->device_memory_peak_bytes, small);
+    EXPECT_GT(r->bytes_home_to_device, 0);
+    EXPECT_GT(r->bytes_device_to_home, 0);
+  }
+  ASSERT_TRUE((*streamed)->Export(ckpt).ok());
+  EXPECT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
+  streamed->reset();
   fs::remove_all(dir);
 }
 

@@ -27,8 +27,26 @@ absl::StatusOr<int64_t> CudaJobTrainer::DeviceBytes(const engine::TrainerOptions
   return trainer + ids;
 }
 
+CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& options) {
+  CudaOffloadOptions o;
+  o.batch = options.train.micro_batch_size;
+  o.seq = options.train.seq_len;
+  o.micro_batches = options.train.grad_accum_steps;
+  return o;
+}
+
+absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::TrainerOptions& options) {
+  RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
+  return CudaOffloadTrainer::WorkingSetBytes(options.model, OffloadOptions(options));
+}
+
+absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options) {
+  RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
+  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options));
+}
+
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
-    const engine::TrainerOptions& options, CudaDevice* device) {
+    const engine::TrainerOptions& options, CudaDevice* device, bool offload) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   const engine::TrainConfig& t = options.train;
   std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
@@ -41,9 +59,16 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   } else {
     engine::InitParams(options.model, t.seed, &params);
   }
-  ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model, t.micro_batch_size,
-                                                      t.seq_len, ModelOptions(options)));
-  RETURN_IF_ERROR(job->trainer_->state().Upload(params));
+  if (offload) {
+    ASSIGN_OR_RETURN(job->offload_,
+                     CudaOffloadTrainer::Create(device, options.model, OffloadOptions(options)));
+    RETURN_IF_ERROR(job->offload_->SetParams(params));
+  } else {
+    ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,
+                                                        t.micro_batch_size, t.seq_len,
+                                                        ModelOptions(options)));
+    RETURN_IF_ERROR(job->trainer_->state().Upload(params));
+  }
   const int64_t n = t.grad_accum_steps * t.micro_batch_size * t.seq_len;
   job->inputs_.resize(n);
   job->targets_.resize(n);
@@ -61,9 +86,32 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   const double lr = engine::LearningRate(options_.optimizer, step_, t.steps);
   // CudaTrainer applies the weight decay to matrices only, as AdamWHyperFor does by rank.
   const engine::AdamWHyper hyper = engine::AdamWHyperFor(options_.optimizer, lr, 2);
+  // Offloaded, the next step's inputs too: the embedding rows they need are updated first.
+  if (offload_ != nullptr) {
+    next_inputs_.clear();
+    if (step_ + 1 < t.steps) {
+      next_inputs_.resize(inputs_.size());
+      next_targets_.resize(targets_.size());
+      for (int64_t a = 0; a < A; ++a) {
+        RETURN_IF_ERROR(data_->ReadBatch(step_ + 1, a, A, B, next_inputs_.data() + a * B * T,
+                                         next_targets_.data() + a * B * T));
+      }
+    }
+  }
   const auto device_start = std::chrono::steady_clock::now();
-  absl::StatusOr<CudaStepResult> r =
-      trainer_->Step(inputs_, targets_, A, hyper, options_.optimizer.grad_clip, step_ + 1);
+  absl::StatusOr<CudaStepResult> r;
+  if (offload_ != nullptr) {
+    absl::StatusOr<CudaOffloadStepResult> o = offload_->Step(
+        inputs_, targets_, next_inputs_, hyper, options_.optimizer.grad_clip, step_ + 1);
+    if (o.ok()) {
+      last_ = *o;
+      r = CudaStepResult{o->loss, o->grad_norm};
+    } else {
+      r = o.status();
+    }
+  } else {
+    r = trainer_->Step(inputs_, targets_, A, hyper, options_.optimizer.grad_clip, step_ + 1);
+  }
   const auto end = std::chrono::steady_clock::now();
   if (!r.ok()) {
     if (absl::IsFailedPrecondition(r.status())) {
@@ -86,10 +134,19 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   return out;
 }
 
+absl::Status CudaJobTrainer::GetParams(engine::ModelParams* out) {
+  if (offload_ != nullptr) return offload_->GetParams(out);
+  return trainer_->state().DownloadParams(out);
+}
+
 absl::Status CudaJobTrainer::Export(const std::string& dir) {
   engine::ModelParams params, m, v;
-  RETURN_IF_ERROR(trainer_->state().DownloadParams(&params));
-  RETURN_IF_ERROR(trainer_->state().DownloadMoments(&m, &v));
+  RETURN_IF_ERROR(GetParams(&params));
+  if (offload_ != nullptr) {
+    RETURN_IF_ERROR(offload_->GetMoments(&m, &v));
+  } else {
+    RETURN_IF_ERROR(trainer_->state().DownloadMoments(&m, &v));
+  }
   RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
   return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
                                     step_);
@@ -100,7 +157,11 @@ absl::Status CudaJobTrainer::LoadOptimizerState(const std::string& path) {
   engine::ModelParams v = engine::AllocateParams<float>(options_.model);
   int64_t step = 0;
   RETURN_IF_ERROR(engine::LoadOptimizerState(path, options_.model, &m, &v, &step));
-  RETURN_IF_ERROR(trainer_->state().UploadMoments(m, v));
+  if (offload_ != nullptr) {
+    RETURN_IF_ERROR(offload_->SetMoments(m, v));
+  } else {
+    RETURN_IF_ERROR(trainer_->state().UploadMoments(m, v));
+  }
   step_ = step;
   return absl::OkStatus();
 }

@@ -1,9 +1,10 @@
-// A training job on one CUDA device with everything resident: the counterpart of
-// engine::Trainer for the GPU. It reads the job's token file, initialises the weights exactly
-// as the CPU device does (engine::InitParams from train.seed, or init_from), steps
-// CudaTrainer with the CPU trainer's learning-rate schedule, clipping and data order, and
-// writes and reads the same checkpoints (Hugging Face directory + optimizer.safetensors).
-// Thread-compatible: one thread drives a CudaJobTrainer.
+// A training job on one CUDA device: the counterpart of engine::Trainer for the GPU. It reads
+// the job's token file, initialises the weights exactly as the CPU device does
+// (engine::InitParams from train.seed, or init_from), steps with the CPU trainer's
+// learning-rate schedule, clipping and data order, and writes and reads the same checkpoints
+// (Hugging Face directory + optimizer.safetensors). Everything stays on the device
+// (CudaTrainer), or, for a job larger than the device, streams through host memory
+// (CudaOffloadTrainer). Thread-compatible: one thread drives a CudaJobTrainer.
 #ifndef LUMEN_WORKER_CUDA_JOB_TRAINER_H_
 #define LUMEN_WORKER_CUDA_JOB_TRAINER_H_
 
@@ -15,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/cuda/device.h"
+#include "worker/cuda/offload_trainer.h"
 #include "worker/cuda/trainer.h"
 #include "worker/engine/data.h"
 #include "worker/engine/trainer.h"
@@ -31,11 +33,20 @@ class CudaJobTrainer {
   // ids of one step). INVALID_ARGUMENT for options either trainer refuses.
   static absl::StatusOr<int64_t> DeviceBytes(const engine::TrainerOptions& options);
 
-  // `device` must outlive the trainer. INVALID_ARGUMENT for bad options (naming the field);
-  // the data and init_from errors of TokenDataset::Open and LoadWeights; RESOURCE_EXHAUSTED
-  // naming the allocation when the job does not fit the device's budget.
+  // The offloaded trainer's shape for a job: one micro-batch of train.micro_batch_size x seq_len
+  // tokens, train.grad_accum_steps of them a step.
+  static CudaOffloadOptions OffloadOptions(const engine::TrainerOptions& options);
+  // Device and host bytes the offloaded trainer needs for the job
+  // (CudaOffloadTrainer::WorkingSetBytes / HostBytes). INVALID_ARGUMENT as DeviceBytes.
+  static absl::StatusOr<int64_t> OffloadDeviceBytes(const engine::TrainerOptions& options);
+  static absl::StatusOr<int64_t> OffloadHostBytes(const engine::TrainerOptions& options);
+
+  // `device` must outlive the trainer; `offload`: stream through host memory. INVALID_ARGUMENT
+  // for bad options (naming the field); the data and init_from errors of TokenDataset::Open and
+  // LoadWeights; RESOURCE_EXHAUSTED naming the allocation when the job does not fit the
+  // device's budget (or, offloaded, pinned host memory).
   static absl::StatusOr<std::unique_ptr<CudaJobTrainer>> Create(
-      const engine::TrainerOptions& options, CudaDevice* device);
+      const engine::TrainerOptions& options, CudaDevice* device, bool offload = false);
 
   // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step.
   // On error the parameters, moments and step counter are unchanged. FAILED_PRECONDITION
@@ -47,23 +58,36 @@ class CudaJobTrainer {
   // optimizer.safetensors into `dir`, as engine::Trainer::Export.
   absl::Status Export(const std::string& dir);
 
+  // The fp32 master weights now (after every update in flight).
+  absl::Status GetParams(engine::ModelParams* out);
+
   // Restores AdamW moments and the step counter from an optimizer.safetensors file.
   absl::Status LoadOptimizerState(const std::string& path);
 
   int64_t step() const { return step_; }
+  bool offloaded() const { return offload_ != nullptr; }
+  // Bytes copied between host and device in the last step (0 when resident), and seconds the
+  // host waited in it for host AdamW before it could issue more device work.
+  int64_t last_bytes_home_to_device() const { return last_.bytes_home_to_device; }
+  int64_t last_bytes_device_to_home() const { return last_.bytes_device_to_home; }
+  double last_optimizer_wait_seconds() const {
+    return last_.wait_optimizer_layers_s + last_.wait_optimizer_embed_head_s;
+  }
   // Wall seconds of the last step's device work: from the upload of its token ids to the end
   // of AdamW (the host only waits meanwhile), without reading the token file.
   double last_device_seconds() const { return last_device_seconds_; }
   const engine::TrainerOptions& options() const { return options_; }
-  CudaTrainer& trainer() { return *trainer_; }
 
  private:
   explicit CudaJobTrainer(const engine::TrainerOptions& options) : options_(options) {}
 
   const engine::TrainerOptions options_;
   std::unique_ptr<engine::TokenDataset> data_;
+  // One of the two.
   std::unique_ptr<CudaTrainer> trainer_;
-  std::vector<int32_t> inputs_, targets_;
+  std::unique_ptr<CudaOffloadTrainer> offload_;
+  std::vector<int32_t> inputs_, targets_, next_inputs_, next_targets_;
+  CudaOffloadStepResult last_;
   int64_t step_ = 0;
   double last_device_seconds_ = 0;
 };

@@ -68,6 +68,33 @@ std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& confi
   return out;
 }
 
+absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
+                              size_t g, float* flat, bool to_flat) {
+  if (params->layers.size() != static_cast<size_t>(config.num_hidden_layers)) {
+    return absl::InvalidArgumentError(absl::StrCat("parameters of ", params->layers.size(),
+                                                   " layers for a model of ",
+                                                   config.num_hidden_layers));
+  }
+  const auto host = GroupTensors(config, params);
+  if (g >= host.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
+  for (const HostSegment& hs : host[g]) {
+    if (static_cast<int64_t>(hs.host->size()) != hs.seg.size) {
+      if (to_flat) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor group ", g, ": a tensor of ",
+                                                       hs.host->size(), " values where ",
+                                                       hs.seg.size, " belong"));
+      }
+      hs.host->resize(hs.seg.size);
+    }
+    if (to_flat) {
+      std::memcpy(flat + hs.seg.offset, hs.host->data(), 4 * hs.seg.size);
+    } else {
+      std::memcpy(hs.host->data(), flat + hs.seg.offset, 4 * hs.seg.size);
+    }
+  }
+  return absl::OkStatus();
+}
+
 int64_t ResidentState::Bytes(const engine::ModelConfig& c) {
   int64_t total = 0;
   for (size_t g = 0; g < NumGroups(c); ++g) total += GroupElems(c, g) * (2 + 4 * 4);
@@ -315,9 +342,7 @@ absl::Status CudaTrainer::RunMicroBatch(const int32_t* inputs, const int32_t* ta
   return m.EmbedBackward(inputs, batch_, seq_, dy);
 }
 
-namespace {
-
-absl::Status CheckIds(const std::vector<int32_t>& ids, int64_t vocab, const char* what) {
+absl::Status CheckTokenIds(const std::vector<int32_t>& ids, int64_t vocab, const char* what) {
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab) {
       return absl::InvalidArgumentError(absl::StrCat(what, "[", i, "] = ", ids[i],
@@ -326,8 +351,6 @@ absl::Status CheckIds(const std::vector<int32_t>& ids, int64_t vocab, const char
   }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inputs,
                                                  const std::vector<int32_t>& targets,
@@ -343,8 +366,8 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
                                                    targets.size(), " targets"));
   }
   const int64_t vocab = model_->config().vocab_size;
-  RETURN_IF_ERROR(CheckIds(inputs, vocab, "inputs"));
-  RETURN_IF_ERROR(CheckIds(targets, vocab, "targets"));
+  RETURN_IF_ERROR(CheckTokenIds(inputs, vocab, "inputs"));
+  RETURN_IF_ERROR(CheckTokenIds(targets, vocab, "targets"));
   cudaStream_t st = device_->compute_stream();
   const int64_t id_bytes = 2 * total * static_cast<int64_t>(sizeof(int32_t));
   if (ids_.bytes() < id_bytes) {
@@ -399,8 +422,8 @@ absl::StatusOr<double> CudaTrainer::ForwardBackward(const int32_t* inputs,
   const int64_t n = batch_ * seq_;
   std::vector<int32_t> in(inputs, inputs + n), tg(targets, targets + n);
   const int64_t vocab = model_->config().vocab_size;
-  RETURN_IF_ERROR(CheckIds(in, vocab, "inputs"));
-  RETURN_IF_ERROR(CheckIds(tg, vocab, "targets"));
+  RETURN_IF_ERROR(CheckTokenIds(in, vocab, "inputs"));
+  RETURN_IF_ERROR(CheckTokenIds(tg, vocab, "targets"));
   cudaStream_t st = device_->compute_stream();
   if (ids_.bytes() < 8 * n) {
     ids_.Reset();

@@ -40,6 +40,15 @@ struct TensorGroupShape {
 };
 std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& config);
 
+// Copies group g's tensors of `params` into `flat` (its TensorGroupShapes layout) when
+// `to_flat`, or `flat` into them (resized when they are not the config's sizes) otherwise.
+// INVALID_ARGUMENT for params of another shape.
+absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
+                              size_t g, float* flat, bool to_flat);
+
+// INVALID_ARGUMENT naming `what`[i] for the first id outside [0, vocab).
+absl::Status CheckTokenIds(const std::vector<int32_t>& ids, int64_t vocab, const char* what);
+
 class ResidentState {
  public:
   // Allocates everything (op names "resident state: ..."); RESOURCE_EXHAUSTED when it does

@@ -1,0 +1,176 @@
+// Training a model larger than the GPU (DESIGN.md section 2): the device is capped well below
+// the training state, and everything streams. The fp32 master weights and AdamW moments live in
+// host memory, with pinned bf16 compute copies and fp32 gradients; decoder layers pass through
+// two device slots (the next one fetched on the copy stream while the device computes), layer
+// inputs are checkpointed to pinned host memory and every layer is recomputed in the backward,
+// and AdamW runs on host threads next to the data. The LM head's weight gradient is made in
+// blocks of vocabulary rows sent home as they are done, and the embedding's gradient is added
+// on the host from the tokens' input gradients: neither fp32 [vocab, hidden] gradient is ever on
+// the device.
+//
+// With clipping (max_grad_norm > 0) each layer's AdamW waits for the step's gradient norm and
+// then overlaps the next step's forward; without it, each layer's AdamW starts as soon as its
+// gradient is home, overlapping the backward of the layers below. Either way the update is the
+// exact synchronous one of CudaTrainer up to bf16 rounding.
+// Thread-compatible: one thread drives a CudaOffloadTrainer.
+#ifndef LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
+#define LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
+
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/cuda/attention.h"
+#include "worker/cuda/device.h"
+#include "worker/cuda/model.h"
+#include "worker/cuda/trainer.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optimizer.h"
+#include "worker/engine/thread_pool.h"
+
+namespace lumen::cuda {
+
+struct CudaOffloadOptions {
+  int64_t batch = 1, seq = 2048, micro_batches = 1;
+  // Host threads of the optimizer; 0: every CPU this process may run on.
+  int threads = 0;
+  // Token rows per logits chunk of the head (its [chunk, vocab] logits are the largest
+  // scratch), and vocabulary row blocks of the head's weight gradient.
+  int64_t head_chunk_tokens = 512;
+  int64_t head_blocks = 32;
+  kernels::AttentionKernel attention = kernels::AttentionKernel::kAuto;
+};
+
+struct CudaOffloadStepResult {
+  double loss = 0;       // mean token loss over the step's micro-batches
+  double grad_norm = 0;  // before clipping
+  int64_t bytes_home_to_device = 0, bytes_device_to_home = 0;
+  // Seconds the host, which issues the device's work, waited for the host AdamW of a decoder
+  // layer, and of the embedding, norm or head, during the step.
+  double wait_optimizer_layers_s = 0, wait_optimizer_embed_head_s = 0;
+};
+
+class HostOptimizer;
+
+class CudaOffloadTrainer {
+ public:
+  // Device bytes the schedule holds at once (besides the allocator's rounding and cuBLASLt's
+  // workspace). INVALID_ARGUMENT for a config CudaLlama refuses.
+  static absl::StatusOr<int64_t> WorkingSetBytes(const engine::ModelConfig& config,
+                                                 const CudaOffloadOptions& options);
+  // Pinned and pageable host bytes the trainer allocates: bf16 parameters, fp32 gradients,
+  // master weights and moments, the step's layer-input checkpoints and embedding rows.
+  static int64_t HostBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options);
+  // The training state as the engine counts it (OffloadRequirements::training_state_bytes):
+  // ResidentState::Bytes plus every layer's input and the last layer's output, every
+  // micro-batch.
+  static int64_t StateBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options);
+
+  // `device` must outlive the trainer. Allocates the device slots and the host state (zero
+  // weights: call SetParams or InitRandom). RESOURCE_EXHAUSTED naming the allocation when the
+  // working set does not fit the device's budget or pinned memory runs out.
+  static absl::StatusOr<std::unique_ptr<CudaOffloadTrainer>> Create(
+      CudaDevice* device, const engine::ModelConfig& config, const CudaOffloadOptions& options);
+  ~CudaOffloadTrainer();
+
+  // Sets the master weights and their bf16 copies from `params`; zeroes the moments.
+  absl::Status SetParams(const engine::ModelParams& params);
+  // ResidentState::InitRandom(seed)'s weights, computed on the host.
+  absl::Status InitRandom(uint64_t seed);
+  // Copies of the master weights / moments (after every update in flight has finished).
+  absl::Status GetParams(engine::ModelParams* out);
+  absl::Status GetMoments(engine::ModelParams* m, engine::ModelParams* v);
+  absl::Status SetMoments(const engine::ModelParams& m, const engine::ModelParams& v);
+
+  // One optimizer step over inputs/targets of micro_batches * batch * seq ids, micro-batch
+  // after micro-batch, as CudaTrainer::Step. `next_inputs` are the next step's inputs (empty
+  // when unknown): the embedding rows they need are updated and gathered first. Returns once
+  // the loss and gradient norm are known; AdamW may still run (Flush waits for it).
+  // INVALID_ARGUMENT for an id outside [0, vocab) or wrong sizes; FAILED_PRECONDITION for a
+  // non-finite loss or norm (with clipping, nothing was updated then; without, the layers whose
+  // AdamW had started are updated).
+  absl::StatusOr<CudaOffloadStepResult> Step(const std::vector<int32_t>& inputs,
+                                             const std::vector<int32_t>& targets,
+                                             const std::vector<int32_t>& next_inputs,
+                                             const engine::AdamWHyper& hyper,
+                                             double max_grad_norm, int64_t step);
+
+  // Waits for every copy and host update in flight.
+  absl::Status Flush();
+
+  const engine::ModelConfig& config() const { return config_; }
+  const CudaOffloadOptions& options() const { return options_; }
+
+ private:
+  struct HostGroup;
+  CudaOffloadTrainer(CudaDevice* device, const engine::ModelConfig& config,
+                     const CudaOffloadOptions& options);
+  absl::Status Allocate();
+  int64_t BlockRows() const;
+  size_t EmbedGroup() const { return L_; }
+  size_t NormGroup() const { return L_ + 1; }
+  size_t HeadGroup() const { return config_.tie_word_embeddings ? L_ : L_ + 2; }
+  bf16* Act(int set, int64_t a) const;
+  bf16* Ckpt(int64_t l, int64_t a) const;
+  void WaitOptimizer(size_t g);
+  absl::Status FetchLayer(int64_t l);
+  absl::Status FetchBig(size_t g);
+  absl::Status CopyHome(void* dst, const void* src, int64_t bytes, Event* saved,
+                        const std::string& op);
+  // Records that group g's gradients are home once everything copied so far has arrived.
+  absl::Status MarkGradsHome(size_t g);
+  // Queues AdamW on `segments` of group g (all of it when null), gradients multiplied by `coef`;
+  // `done` (default: the group's) receives its completion; `after` runs with the optimizer's
+  // threads once it is done.
+  void QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step, float coef,
+                  const TensorGroupShape* segments = nullptr,
+                  std::shared_future<void>* done = nullptr,
+                  std::function<void(engine::ThreadPool&)> after = nullptr);
+  // The embedding's AdamW in two jobs: the rows `next` needs (gathered into embed_in_ once
+  // updated; all rows when `next` is empty), and later the other rows.
+  void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
+                          const std::vector<int32_t>& next);
+  void QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step, float coef);
+  // Every token's embedding row of `ids`, in token order, into embed_in_.
+  void GatherEmbeddingRows(const std::vector<int32_t>& ids, engine::ThreadPool* pool);
+  absl::Status CopyGroups(engine::ModelParams* p, bool to_host_state, int which);
+
+  CudaDevice* const device_;
+  const engine::ModelConfig config_;
+  const CudaOffloadOptions options_;
+  const std::vector<TensorGroupShape> shapes_;
+  const int64_t L_, n_, A_;
+  std::unique_ptr<CudaLlama> model_;
+  DeviceBuffer param_slot_[2], grad_slot_[2], act_[2], xslot_[2];
+  DeviceBuffer big_param_, block_grad_[2], lse_, norm_param_, norm_grad_, ids_, loss_sum_,
+      norm_acc_;
+  std::vector<HostGroup> host_;
+  PinnedBuffer ckpt_, embed_dx_, embed_in_, ids_host_;
+  // The ids embed_in_ holds the rows of (or is being gathered for). On the optimizer's thread
+  // only: the embedding rows whose gradient the last step wrote (untied), and the squared norm
+  // of the embedding group's gradient.
+  std::vector<int32_t> gathered_for_;
+  std::vector<int64_t> grad_rows_;
+  double embed_sumsq_ = 0;
+  TensorGroupShape embed_rows_shape_, embed_rest_shape_;
+  std::shared_future<void> embed_rows_done_;
+  Event ev_slot_ready_[2], ev_slot_free_[2], ev_act_saved_[2], ev_grad_saved_[2];
+  Event ev_x_ready_[2], ev_x_free_[2];
+  Event ev_big_param_ready_, ev_big_param_free_, ev_block_saved_[2], ev_norm_ready_, ev_mark_;
+  std::unique_ptr<HostOptimizer> optimizer_;
+  std::vector<std::shared_future<void>> done_;
+  int64_t slot_holds_[2] = {-1, -1};
+  std::map<int64_t, bool> params_stale_;
+  int64_t h2d_ = 0, d2h_ = 0;
+  double wait_layers_s_ = 0, wait_big_s_ = 0;
+};
+
+}  // namespace lumen::cuda
+
+#endif  // LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
