@@ -49,7 +49,9 @@ class CudaJobTrainer {
       const engine::TrainerOptions& options, CudaDevice* device, bool offload = false);
 
   // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step.
-  // On error the parameters, moments and step counter are unchanged. FAILED_PRECONDITION
+  // On error the step counter is unchanged, and so are the parameters and moments, except
+  // when offloaded without clipping (grad_clip 0), where the layers whose AdamW had started are
+  // updated: the job should end there, its last checkpoint intact. FAILED_PRECONDITION
   // naming the step when the loss or gradient norm is not finite; INVALID_ARGUMENT for a
   // token id >= vocab_size in the data.
   absl::StatusOr<engine::StepResult> Step();
@@ -73,8 +75,9 @@ class CudaJobTrainer {
   double last_optimizer_wait_seconds() const {
     return last_.wait_optimizer_layers_s + last_.wait_optimizer_embed_head_s;
   }
-  // Wall seconds of the last step's device work: from the upload of its token ids to the end
-  // of AdamW (the host only waits meanwhile), without reading the token file.
+  // Wall seconds of the last step's device work without reading the token file: resident,
+  // from the upload of its token ids to the end of AdamW (the host only waits meanwhile);
+  // offloaded, until its loss and norm are known (its AdamW continues into the next step).
   double last_device_seconds() const { return last_device_seconds_; }
   const engine::TrainerOptions& options() const { return options_; }
 

@@ -36,6 +36,11 @@ class HostOptimizer {
     cv_.notify_all();
     thread_.join();
   }
+  // The first job skipped because its gradients' event failed; OK when none was.
+  absl::Status error() {
+    std::lock_guard<std::mutex> l(mu_);
+    return error_;
+  }
   // `front`: ahead of every job not yet started.
   std::shared_future<void> Submit(cudaEvent_t ready, Work work, bool front = false) {
     Job job{ready, std::move(work), std::promise<void>()};
@@ -69,8 +74,18 @@ class HostOptimizer {
         job = std::move(jobs_.front());
         jobs_.pop_front();
       }
-      if (job.ready != nullptr) cudaEventSynchronize(job.ready);
-      job.work(pool_);
+      // After a CUDA error the gradients may never have arrived: no update from them.
+      const cudaError_t e = job.ready != nullptr ? cudaEventSynchronize(job.ready) : cudaSuccess;
+      if (e == cudaSuccess) {
+        job.work(pool_);
+      } else {
+        std::lock_guard<std::mutex> l(mu_);
+        if (error_.ok()) {
+          error_ = absl::InternalError(absl::StrCat(
+              "host optimizer: waiting for gradients: ", cudaGetErrorName(e), ": ",
+              cudaGetErrorString(e), " (the update was not applied)"));
+        }
+      }
       job.done.set_value();
     }
   }
@@ -81,6 +96,7 @@ class HostOptimizer {
   std::condition_variable cv_;
   std::deque<Job> jobs_;
   bool stop_ = false;
+  absl::Status error_;
   std::thread thread_;
 };
 
@@ -548,13 +564,16 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   h2d_ = d2h_ = 0;
   wait_layers_s_ = wait_big_s_ = 0;
   cudaStream_t cs = device_->compute_stream(), h2d = device_->h2d_stream();
-  // The pinned staging may still feed the upload of a step that failed after queuing it.
+  // The pinned staging may still feed the upload of a step that failed after queuing it, and
+  // that step's embedding-gradient job may still be queued.
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cs), "offload step: wait for the previous step");
+  if (embed_grad_done_.valid()) embed_grad_done_.wait();
   std::memcpy(ids_host_.get(), inputs.data(), 4 * total);
   std::memcpy(ids_host_.as<int32_t>() + total, targets.data(), 4 * total);
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), ids_host_.get(), 8 * total,
                                        cudaMemcpyHostToDevice, cs),
                        "offload: upload token ids");
+  h2d_ += 8 * total;
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(loss_sum_.get(), 0, 8, cs), "offload");
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(norm_acc_.get(), 0, 8, cs), "offload");
   const int32_t* tg = ids_.as<int32_t>() + total;
@@ -570,11 +589,6 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     GatherEmbeddingRows(inputs, nullptr);
     gathered_for_ = inputs;
   }
-  WaitOptimizer(NormGroup());
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(norm_param_.get(), host_[NormGroup()].param.get(), 2 * h,
-                                       cudaMemcpyHostToDevice, h2d),
-                       "offload: fetch norm");
-  RETURN_IF_ERROR(ev_norm_ready_.Record(h2d, "offload: fetch norm"));
   int cur = 0;
   RETURN_IF_ERROR(ev_act_saved_[cur].StreamWait(cs, "offload: embed"));
   // On the compute stream: ordered after the previous step's uses of the activations. Issued
@@ -585,7 +599,18 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   h2d_ += 2 * total * h;
   RETURN_IF_ERROR(FetchLayer(0));
   const bool tied = config_.tie_word_embeddings;
-  if (!tied) RETURN_IF_ERROR(FetchBig(HeadGroup()));
+  // The final norm and the head (tied: the whole embedding, whose other rows are updated after
+  // layer 0's AdamW), fetched while the device runs the last layers: with clipping their AdamW
+  // comes after every layer's.
+  auto fetch_norm_and_head = [&]() -> absl::Status {
+    WaitOptimizer(NormGroup());
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(norm_param_.get(), host_[NormGroup()].param.get(),
+                                         2 * h, cudaMemcpyHostToDevice, h2d),
+                         "offload: fetch norm");
+    h2d_ += 2 * h;
+    RETURN_IF_ERROR(ev_norm_ready_.Record(h2d, "offload: fetch norm"));
+    return FetchBig(HeadGroup());
+  };
   const int64_t B = options_.batch, T = options_.seq;
   cudaStream_t d2h = device_->d2h_stream();
   // Forward: layers, saving each layer's input for the backward.
@@ -600,9 +625,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     d2h_ += 2 * A_ * n_ * h;
     RETURN_IF_ERROR(ev_act_saved_[cur].Record(d2h, "offload: checkpoint"));
     if (l + 1 < L_) RETURN_IF_ERROR(FetchLayer(l + 1));
-    // Tied, the head is the embedding, whose last rows are updated after layer 0's AdamW:
-    // fetch it while the device runs the last layers.
-    if (tied && l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(FetchBig(HeadGroup()));
+    if (l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(fetch_norm_and_head());
     const int s = static_cast<int>(l % 2);
     RETURN_IF_ERROR(ev_slot_ready_[s].StreamWait(cs, "offload: forward"));
     RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: forward"));
@@ -726,7 +749,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   const size_t embed = EmbedGroup();
   RETURN_IF_ERROR(MarkGradsHome(embed));
   auto ids = std::make_shared<const std::vector<int32_t>>(inputs);
-  std::shared_future<void> embed_grad_done = optimizer_->Submit(
+  embed_grad_done_ = optimizer_->Submit(
       host_[embed].ready.get(),
       [this, tied, embed, h, ids](engine::ThreadPool& pool) {
         float* grad = host_[embed].grad.as<float>();
@@ -767,7 +790,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cs), absl::StrCat("offload step ", step));
   {
     const auto t0 = std::chrono::steady_clock::now();
-    embed_grad_done.wait();
+    embed_grad_done_.wait();
     wait_big_s_ += Seconds(t0);
   }
   CudaOffloadStepResult r;
@@ -811,6 +834,8 @@ absl::Status CudaOffloadTrainer::Flush() {
     if (f.valid()) f.wait();
   }
   if (embed_rows_done_.valid()) embed_rows_done_.wait();
+  if (embed_grad_done_.valid()) embed_grad_done_.wait();
+  if (s.ok() && optimizer_ != nullptr) s = optimizer_->error();
   return s;
 }
 

@@ -9,9 +9,11 @@
 // the device.
 //
 // With clipping (max_grad_norm > 0) each layer's AdamW waits for the step's gradient norm and
-// then overlaps the next step's forward; without it, each layer's AdamW starts as soon as its
-// gradient is home, overlapping the backward of the layers below. Either way the update is the
-// exact synchronous one of CudaTrainer up to bf16 rounding.
+// then overlaps the next step's forward (queued in the order the forward needs them: the
+// embedding rows of the next step's tokens, layers 0..L-1, norm, head, the other embedding
+// rows); without it, each layer's AdamW starts as soon as its gradient is home, overlapping the
+// backward of the layers below. Either way the update is the exact synchronous one of
+// CudaTrainer up to bf16 rounding.
 // Thread-compatible: one thread drives a CudaOffloadTrainer.
 #ifndef LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
 #define LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
@@ -101,7 +103,8 @@ class CudaOffloadTrainer {
                                              const engine::AdamWHyper& hyper,
                                              double max_grad_norm, int64_t step);
 
-  // Waits for every copy and host update in flight.
+  // Waits for every copy and host update in flight. The first CUDA error, or INTERNAL when a
+  // host update was skipped because its gradients never arrived.
   absl::Status Flush();
 
   const engine::ModelConfig& config() const { return config_; }
@@ -159,7 +162,7 @@ class CudaOffloadTrainer {
   std::vector<int64_t> grad_rows_;
   double embed_sumsq_ = 0;
   TensorGroupShape embed_rows_shape_, embed_rest_shape_;
-  std::shared_future<void> embed_rows_done_;
+  std::shared_future<void> embed_rows_done_, embed_grad_done_;
   Event ev_slot_ready_[2], ev_slot_free_[2], ev_act_saved_[2], ev_grad_saved_[2];
   Event ev_x_ready_[2], ev_x_free_[2];
   Event ev_big_param_ready_, ev_big_param_free_, ev_block_saved_[2], ev_norm_ready_, ev_mark_;
