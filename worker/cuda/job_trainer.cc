@@ -42,7 +42,10 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::Trainer
 
 absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
-  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options));
+  // Plus the fp32 copies the job makes next to the trainer's state: the initial weights while
+  // it starts, both moments while it writes a checkpoint.
+  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options)) +
+         8 * engine::ParameterCount(options.model);
 }
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
@@ -140,14 +143,19 @@ absl::Status CudaJobTrainer::GetParams(engine::ModelParams* out) {
 }
 
 absl::Status CudaJobTrainer::Export(const std::string& dir) {
-  engine::ModelParams params, m, v;
-  RETURN_IF_ERROR(GetParams(&params));
+  // One host copy at a time: the weights, then the moments (a streamed job's state already
+  // fills much of host memory).
+  {
+    engine::ModelParams params;
+    RETURN_IF_ERROR(GetParams(&params));
+    RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
+  }
+  engine::ModelParams m, v;
   if (offload_ != nullptr) {
     RETURN_IF_ERROR(offload_->GetMoments(&m, &v));
   } else {
     RETURN_IF_ERROR(trainer_->state().DownloadMoments(&m, &v));
   }
-  RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
   return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
                                     step_);
 }

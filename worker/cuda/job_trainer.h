@@ -36,8 +36,9 @@ class CudaJobTrainer {
   // The offloaded trainer's shape for a job: one micro-batch of train.micro_batch_size x seq_len
   // tokens, train.grad_accum_steps of them a step.
   static CudaOffloadOptions OffloadOptions(const engine::TrainerOptions& options);
-  // Device and host bytes the offloaded trainer needs for the job
-  // (CudaOffloadTrainer::WorkingSetBytes / HostBytes). INVALID_ARGUMENT as DeviceBytes.
+  // Device and host bytes the offloaded job needs (CudaOffloadTrainer::WorkingSetBytes, and
+  // HostBytes plus the fp32 copies of the initial weights or of both moments that starting or
+  // checkpointing makes). INVALID_ARGUMENT as DeviceBytes.
   static absl::StatusOr<int64_t> OffloadDeviceBytes(const engine::TrainerOptions& options);
   static absl::StatusOr<int64_t> OffloadHostBytes(const engine::TrainerOptions& options);
 

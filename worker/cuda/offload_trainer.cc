@@ -600,8 +600,8 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   RETURN_IF_ERROR(FetchLayer(0));
   const bool tied = config_.tie_word_embeddings;
   // The final norm and the head (tied: the whole embedding, whose other rows are updated after
-  // layer 0's AdamW), fetched while the device runs the last layers: with clipping their AdamW
-  // comes after every layer's.
+  // layer 0's AdamW), fetched while the device runs the last two layers: with clipping their
+  // AdamW comes after every layer's.
   auto fetch_norm_and_head = [&]() -> absl::Status {
     WaitOptimizer(NormGroup());
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(norm_param_.get(), host_[NormGroup()].param.get(),
@@ -625,7 +625,6 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     d2h_ += 2 * A_ * n_ * h;
     RETURN_IF_ERROR(ev_act_saved_[cur].Record(d2h, "offload: checkpoint"));
     if (l + 1 < L_) RETURN_IF_ERROR(FetchLayer(l + 1));
-    if (l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(fetch_norm_and_head());
     const int s = static_cast<int>(l % 2);
     RETURN_IF_ERROR(ev_slot_ready_[s].StreamWait(cs, "offload: forward"));
     RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: forward"));
@@ -635,6 +634,8 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
           model_->DecoderLayerForward(static_cast<int>(l), Act(cur, a), Act(1 - cur, a), B, T));
     }
     RETURN_IF_ERROR(ev_slot_free_[s].Record(cs, "offload: forward"));
+    // Once this layer's kernels are queued, so the device computes while the host waits.
+    if (l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(fetch_norm_and_head());
     cur = 1 - cur;
   }
   // Head (forward and backward) without its weight gradient; dy goes to the other activation
