@@ -18,6 +18,7 @@
 #include <exception>
 #include <map>
 #include <set>
+#include <thread>
 
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
@@ -267,6 +268,13 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               o.optimizer_overlap,
               "--link-gbps",
               absl::StrCat(o.link_gbps)};
+    // GPU workers' host threads run AdamW of streamed jobs side by side: a share of the cores
+    // each, rather than every worker a pool of all of them.
+    if (o.device == DeviceKind::kCuda && o.workers > 1) {
+      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      w.argv.push_back("--threads");
+      w.argv.push_back(absl::StrCat(std::max(1, cores / o.workers)));
+    }
     w.log_file = logs + w.name + ".log";
     w.sockets = {socket};
     w.metrics_address = metrics(port);

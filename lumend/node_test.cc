@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -157,6 +158,13 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   specs = BuildChildSpecs(o, bins, ports);
   EXPECT_THAT(specs[3].argv, ::testing::Not(::testing::Contains("--listen")));
   EXPECT_THAT(specs[1].argv, ::testing::Contains("cuda"));
+  // Two GPU workers share the cores for their host AdamW.
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const std::vector<std::string>& a = specs[1].argv;
+  const auto threads = std::find(a.begin(), a.end(), "--threads");
+  ASSERT_NE(threads, a.end());
+  ASSERT_NE(threads + 1, a.end());
+  EXPECT_EQ(*(threads + 1), absl::StrCat(std::max(1, cores / 2)));
 }
 
 // A stand-in worker for the CUDA probe: GPU 0 works, GPU 1 does not (as on a one-GPU machine).

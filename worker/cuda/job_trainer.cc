@@ -32,6 +32,7 @@ CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& 
   o.batch = options.train.micro_batch_size;
   o.seq = options.train.seq_len;
   o.micro_batches = options.train.grad_accum_steps;
+  o.threads = options.num_threads;  // the host AdamW's
   return o;
 }
 
