@@ -97,10 +97,11 @@ int64_t AvailableHostBytes() {
 
 // The way to train under `budget_bytes`: everything resident with activations kept when that
 // fits, then with layers recomputed, then streamed through host memory (`host_bytes` of it
-// free; < 0: not checked); RESOURCE_EXHAUSTED naming the sizes when none fits.
+// free; < 0: not checked; AdamW's moments elsewhere when `moments_at_home`);
+// RESOURCE_EXHAUSTED naming the sizes when none fits.
 absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
                                      const std::string& worker_name, int64_t budget_bytes,
-                                     int64_t host_bytes) {
+                                     int64_t host_bytes, bool moments_at_home) {
   CudaPlan plan;
   int64_t resident = 0;
   for (bool recompute : {false, true}) {
@@ -112,7 +113,8 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
     }
   }
   ASSIGN_OR_RETURN(const int64_t working, cuda::CudaJobTrainer::OffloadDeviceBytes(options));
-  ASSIGN_OR_RETURN(const int64_t host, cuda::CudaJobTrainer::OffloadHostBytes(options));
+  ASSIGN_OR_RETURN(const int64_t host,
+                   cuda::CudaJobTrainer::OffloadHostBytes(options, moments_at_home));
   const std::string resident_need = absl::StrCat(
       "the job needs ", engine::FormatBytes(resident + kGemmWorkspaceBytes),
       " of GPU memory with everything resident (training state ",
@@ -131,9 +133,13 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
   if (host_bytes >= 0 && host > host_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         resident_need, "; streamed, it needs ", engine::FormatBytes(host),
-        " of host memory (bf16 weights, fp32 gradients, master weights and AdamW moments, the "
-        "step's layer inputs) and this node has ", engine::FormatBytes(host_bytes),
-        " available. Train a smaller model or lower grad_accum_steps or seq_len"));
+        moments_at_home ? " of host memory (bf16 weights, fp32 gradients and master weights, the "
+                          "step's layer inputs)"
+                        : " of host memory (bf16 weights, fp32 gradients, master weights and "
+                          "AdamW moments, the step's layer inputs)",
+        " and this node has ", engine::FormatBytes(host_bytes), " available. Train a smaller "
+        "model or lower grad_accum_steps or seq_len",
+        moments_at_home ? "" : ", or keep the moments on NVMe (--optimizer-state-tier nvme)"));
   }
   options.activation_checkpointing = true;
   plan.options = options;
@@ -159,20 +165,35 @@ absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index) {
   return ProfileFigures(figures.begin(), figures.end());
 }
 
-absl::Status CheckCudaTask(const engine::TrainerOptions& options, const std::string& worker_name,
-                           int64_t budget_bytes, int64_t host_bytes) {
+absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
+                                            const std::string& worker_name,
+                                            int64_t budget_bytes, int64_t host_bytes,
+                                            bool moments_in_memstore) {
   if (host_bytes == kHostBytesAvailable) host_bytes = AvailableHostBytes();
-  return FitToDevice(options, worker_name, budget_bytes, host_bytes).status();
+  ASSIGN_OR_RETURN(const CudaPlan plan, FitToDevice(options, worker_name, budget_bytes,
+                                                    host_bytes, moments_in_memstore));
+  CudaJobMemory memory;
+  memory.streamed = plan.offload;
+  if (plan.offload && moments_in_memstore) {
+    memory.moments_home_bytes = 8 * engine::ParameterCount(options.model);
+  }
+  return memory;
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
-    const engine::TrainerOptions& options, int index, int64_t budget_bytes) {
+    const engine::TrainerOptions& options, int index, int64_t budget_bytes,
+    engine::TensorHome* moments_home, engine::HomeTier moments_tier) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
-                               AvailableHostBytes()));
+                               AvailableHostBytes(), moments_home != nullptr));
+  cuda::MomentsHome moments;
+  moments.home = moments_home;
+  moments.prefix = "moments/";
+  moments.tier = moments_tier;
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
-                   cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload));
+                   cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload,
+                                                moments));
   return std::make_unique<CudaDeviceTrainer>(std::move(device), std::move(job));
 }
 

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/profile_cache.h"
 #include "worker/device_trainer.h"
+#include "worker/engine/tensor_home.h"
 #include "worker/engine/trainer.h"
 
 namespace lumen {
@@ -36,18 +37,33 @@ absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index);
 // CheckCudaTask's host_bytes: the host's MemAvailable now.
 inline constexpr int64_t kHostBytesAvailable = -2;
 
+// How a job would use memory on a CUDA worker.
+struct CudaJobMemory {
+  bool streamed = false;  // through host memory (otherwise everything on the GPU)
+  // Streamed with AdamW's moments in the memstore: their bytes there (0 otherwise).
+  int64_t moments_home_bytes = 0;
+};
+
 // Whether a job with these options can run on a GPU with `budget_bytes` of device memory:
 // resident, keeping each layer's activations for the backward when they fit and recomputing
 // them otherwise; else streamed through host memory, when its working set fits the GPU and its
-// state `host_bytes` (-1: not checked). RESOURCE_EXHAUSTED naming the sizes and what to change
-// when nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
-absl::Status CheckCudaTask(const engine::TrainerOptions& options, const std::string& worker_name,
-                           int64_t budget_bytes, int64_t host_bytes = kHostBytesAvailable);
+// state `host_bytes` (-1: not checked), with AdamW's moments in the memstore when
+// `moments_in_memstore` (whose room the caller checks). RESOURCE_EXHAUSTED naming the sizes
+// and what to change when nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
+absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
+                                            const std::string& worker_name,
+                                            int64_t budget_bytes,
+                                            int64_t host_bytes = kHostBytesAvailable,
+                                            bool moments_in_memstore = false);
 
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
-// choice of resident with kept or recomputed activations, or streamed).
+// choice of resident with kept or recomputed activations, or streamed). Streamed, AdamW's
+// moments go to `moments_home` (in `moments_tier`, as tensors "moments/m/<group>" and
+// "moments/v/<group>") when it is not null, else stay in this process.
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
-    const engine::TrainerOptions& options, int index, int64_t budget_bytes);
+    const engine::TrainerOptions& options, int index, int64_t budget_bytes,
+    engine::TensorHome* moments_home = nullptr,
+    engine::HomeTier moments_tier = engine::HomeTier::kNvme);
 
 }  // namespace lumen
 

@@ -17,13 +17,15 @@ absl::StatusOr<CudaDeviceInfo> ProbeCudaDevice(int, int64_t) { return NoCuda(); 
 
 absl::StatusOr<ProfileFigures> MeasureCudaDevice(int) { return NoCuda(); }
 
-absl::Status CheckCudaTask(const engine::TrainerOptions&, const std::string&, int64_t,
-                           int64_t) {
+absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions&, const std::string&,
+                                            int64_t, int64_t, bool) {
   return NoCuda();
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(const engine::TrainerOptions&,
-                                                                 int, int64_t) {
+                                                                 int, int64_t,
+                                                                 engine::TensorHome*,
+                                                                 engine::HomeTier) {
   return NoCuda();
 }
 

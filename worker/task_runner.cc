@@ -222,10 +222,46 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
   return out;
 }
 
+namespace {
+
+// Free bytes of the memstore's host tier and of its NVMe tiers together.
+absl::Status MemstoreFree(MemstoreClient* memstore, int64_t* host_free, int64_t* nvme_free) {
+  ASSIGN_OR_RETURN(GetMemstoreStatsReply stats, memstore->GetStats(absl::Seconds(5)));
+  *host_free = *nvme_free = 0;
+  for (const TierInfo& tier : stats.tiers()) {
+    const int64_t free = std::max<int64_t>(0, tier.capacity_bytes() - tier.used_bytes());
+    (tier.name() == "host" ? *host_free : *nvme_free) += free;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MomentsFitNvme(int64_t moments, int64_t nvme_free) {
+  if (moments <= nvme_free) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "AdamW moments need ", engine::FormatBytes(moments), " on the memstore's NVMe tier but ",
+      engine::FormatBytes(nvme_free),
+      " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
+}
+
+// True when a streamed job on a CUDA worker keeps AdamW's moments in the memstore.
+bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
+  return options.memstore != nullptr &&
+         options.optimizer_state_tier == engine::HomeTier::kNvme;
+}
+
+}  // namespace
+
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
   if (options.device == DeviceKind::kCuda) {
-    return CheckCudaTask(trainer_options, options.worker_name, options.device_memory_budget_bytes);
+    ASSIGN_OR_RETURN(const CudaJobMemory memory,
+                     CheckCudaTask(trainer_options, options.worker_name,
+                                   options.device_memory_budget_bytes, kHostBytesAvailable,
+                                   CudaMomentsInMemstore(options)));
+    if (memory.moments_home_bytes == 0) return absl::OkStatus();
+    int64_t host_free = 0, nvme_free = 0;
+    RETURN_IF_ERROR(MemstoreFree(options.memstore, &host_free, &nvme_free));
+    return MomentsFitNvme(memory.moments_home_bytes, nvme_free);
   }
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
                    engine::OffloadTrainer::Requirements(trainer_options));
@@ -247,12 +283,8 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
         ") does not fit ", options.worker_name, "'s device budget ",
         engine::FormatBytes(budget), " and the worker has no memstore to offload to"));
   }
-  ASSIGN_OR_RETURN(GetMemstoreStatsReply stats, options.memstore->GetStats(absl::Seconds(5)));
   int64_t host_free = 0, nvme_free = 0;
-  for (const TierInfo& tier : stats.tiers()) {
-    const int64_t free = std::max<int64_t>(0, tier.capacity_bytes() - tier.used_bytes());
-    (tier.name() == "host" ? host_free : nvme_free) += free;
-  }
+  RETURN_IF_ERROR(MemstoreFree(options.memstore, &host_free, &nvme_free));
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
   // the optimizer-state tier. AdamW overlapping the backward keeps a second copy of the
@@ -273,13 +305,7 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
         "--host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
   }
-  if (moments_on_nvme && moments > nvme_free) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "AdamW moments need ", engine::FormatBytes(moments),
-        " on the memstore's NVMe tier but ", engine::FormatBytes(nvme_free),
-        " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
-  }
-  return absl::OkStatus();
+  return moments_on_nvme ? MomentsFitNvme(moments, nvme_free) : absl::OkStatus();
 }
 
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
@@ -290,7 +316,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                    TrainerOptionsFromSpec(spec, options.num_threads));
   // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
   std::unique_ptr<MemstoreTensorHome> home;
-  if (options.memstore != nullptr && options.device == DeviceKind::kCpu) {
+  if (options.memstore != nullptr &&
+      (options.device == DeviceKind::kCpu || CudaMomentsInMemstore(options))) {
     home = std::make_unique<MemstoreTensorHome>(options.memstore, request.job_id() + "/");
   }
   struct FreeHome {
@@ -308,8 +335,10 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                 << "through the memstore; a CUDA device keeps the job resident or streams it "
                 << "through this worker's host memory on its own schedule";
     }
+    // Streamed with --optimizer-state-tier nvme, AdamW's moments live in the memstore.
     ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
-                                                options.device_memory_budget_bytes));
+                                                options.device_memory_budget_bytes, home.get(),
+                                                engine::HomeTier::kNvme));
     if (!trainer->resident()) {
       LOG(INFO) << request.job_id() << ": the training state ("
                 << engine::FormatBytes(trainer->TrainingStateBytes())

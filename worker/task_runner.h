@@ -22,7 +22,7 @@ struct TaskRunnerOptions {
   // "worker-0", for messages.
   std::string worker_name = "worker-0";
   // The device this worker drives: the CPU device, or GPU `device_index` (worker/cuda_jobs.h:
-  // jobs must fit it with everything resident).
+  // jobs resident on the GPU, or streamed through this process' host memory).
   DeviceKind device = DeviceKind::kCpu;
   int device_index = 0;
   // Threads for the CPU kernels; 0 uses every core.
@@ -34,6 +34,8 @@ struct TaskRunnerOptions {
   // Where offloaded tensors live; null = nowhere, so a job that does not fit fails.
   MemstoreClient* memstore = nullptr;
   // The memstore tier of the Adam state when offloading (the other classes use host memory).
+  // On a CUDA device, kNvme puts a streamed job's moments in the memstore; kHost keeps them in
+  // this process with the rest of its state.
   engine::HomeTier optimizer_state_tier = engine::HomeTier::kHost;
   // engine::OffloadOptions::overlap_optimizer (lumend --optimizer-overlap backward).
   bool optimizer_overlaps_backward = false;
@@ -58,7 +60,9 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
 
 // Whether `spec` can train on this worker, from its shape alone: its largest op must fit the
 // device budget, and what does not stay on the device must fit the memstore's free space in
-// the tiers it goes to (on a CUDA device, everything must fit the device). RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;
+// the tiers it goes to (on a CUDA device: cuda_jobs.h's CheckCudaTask, and the memstore's NVMe
+// room for AdamW's moments when they go there). RESOURCE_EXHAUSTED naming the op or tier, the
+// bytes, and what to change;
 // INVALID_ARGUMENT for a spec the engine refuses; the memstore's error when it cannot tell how
 // much space is free.
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options);

@@ -83,16 +83,35 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   EXPECT_GE(*host, cuda::ResidentState::Bytes(o->model));
   // Streamed: the working set fits, the resident footprint does not.
   const int64_t streamed = kWorkspace + *working;
-  EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, *host).ok())
-      << CheckCudaTask(*o, "worker-0", streamed, *host);
+  absl::StatusOr<CudaJobMemory> m = CheckCudaTask(*o, "worker-0", streamed, *host);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE(m->streamed);
+  EXPECT_EQ(m->moments_home_bytes, 0);
   EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, -1).ok());
+  // Resident when it fits.
+  m = CheckCudaTask(*o, "worker-0", int64_t{1} << 30, 0);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_FALSE(m->streamed);
   // Too little host memory for the streamed state.
-  const absl::Status no_host = CheckCudaTask(*o, "worker-0", streamed, *host - 1);
+  const absl::Status no_host = CheckCudaTask(*o, "worker-0", streamed, *host - 1).status();
   EXPECT_EQ(no_host.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(no_host.message()), HasSubstr("of host memory"));
   EXPECT_THAT(std::string(no_host.message()), HasSubstr(engine::FormatBytes(*host)));
+  EXPECT_THAT(std::string(no_host.message()), HasSubstr("--optimizer-state-tier nvme"));
+  // With the moments in the memstore the host holds 8 bytes a parameter less (their update
+  // buffers aside), and the memstore holds them.
+  absl::StatusOr<int64_t> host_home = cuda::CudaJobTrainer::OffloadHostBytes(*o, true);
+  ASSERT_TRUE(host_home.ok());
+  const int64_t params = engine::ParameterCount(o->model);
+  EXPECT_LT(*host_home, *host - 4 * params);
+  m = CheckCudaTask(*o, "worker-0", streamed, *host_home, /*moments_in_memstore=*/true);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_TRUE(m->streamed);
+  EXPECT_EQ(m->moments_home_bytes, 8 * params);
+  EXPECT_EQ(CheckCudaTask(*o, "worker-0", streamed, *host_home - 1, true).status().code(),
+            absl::StatusCode::kResourceExhausted);
   // Below the working set: refused, naming both footprints and the budget.
-  const absl::Status s = CheckCudaTask(*o, "worker-0", streamed - 1, *host);
+  const absl::Status s = CheckCudaTask(*o, "worker-0", streamed - 1, *host).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("of GPU memory with everything resident"));
   EXPECT_THAT(std::string(s.message()),
@@ -105,6 +124,34 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   const absl::Status h = CheckTask(Spec(1), options);
   EXPECT_EQ(h.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(h.message()), HasSubstr("head_dim 16"));
+}
+
+// Streamed with --optimizer-state-tier nvme, the moments need room on the memstore's NVMe tier.
+TEST(CudaTaskTest, MomentsOnNvmeNeedRoomThere) {
+  TaskRunnerOptions options;
+  options.device = DeviceKind::kCuda;
+  JobSpec spec = Spec(1);
+  spec.mutable_model()->set_hidden_size(128);
+  absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
+  ASSERT_TRUE(o.ok());
+  absl::StatusOr<int64_t> working = cuda::CudaJobTrainer::OffloadDeviceBytes(*o);
+  ASSERT_TRUE(working.ok());
+  options.device_memory_budget_bytes = (int64_t{32} << 20) + *working;  // streamed
+  options.optimizer_state_tier = engine::HomeTier::kNvme;
+  const int64_t moments = 8 * engine::ParameterCount(o->model);
+  SizedMemstore small(int64_t{1} << 30, moments - 1);
+  options.memstore = &small;
+  const absl::Status s = CheckTask(spec, options);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("on the memstore's NVMe tier"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(engine::FormatBytes(moments)));
+  SizedMemstore roomy(int64_t{1} << 30, moments);
+  options.memstore = &roomy;
+  EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options);
+  // Kept in the worker, the memstore is not asked.
+  options.optimizer_state_tier = engine::HomeTier::kHost;
+  options.memstore = &small;
+  EXPECT_TRUE(CheckTask(spec, options).ok());
 }
 
 TEST(CudaTaskTest, RunWithoutAGpuSaysWhy) {

@@ -41,7 +41,8 @@ build() {
   echo "   nvcc took $((SECONDS - t0)) s"
   echo "== g++"
   local SRCS="worker/cuda/device.cc worker/cuda/gemm.cc worker/cuda/model.cc worker/cuda/trainer.cc
-    worker/cuda/offload_trainer.cc worker/cuda/job_trainer.cc worker/cuda/measure.cc worker/cuda_jobs.cc
+    worker/cuda/layout.cc worker/cuda/host_state.cc worker/cuda/offload_trainer.cc
+    worker/cuda/job_trainer.cc worker/cuda/measure.cc worker/cuda_jobs.cc
     worker/engine/offload_trainer.cc worker/engine/tensor_home.cc worker/engine/transfers.cc
     worker/engine/model.cc worker/engine/optimizer.cc
     worker/engine/thread_pool.cc worker/engine/trainer.cc worker/engine/data.cc
@@ -62,6 +63,7 @@ build() {
     -labsl_base -labsl_strerror -labsl_exponential_biased -Wl,-Bdynamic -Wl,--end-group"
   local LIB="$OBJ/kernels.cu.o $OBJ/attention.cu.o $OBJ/attention_tc.cu.o $OBJ/worker_cuda_device.cc.o
     $OBJ/worker_cuda_gemm.cc.o $OBJ/worker_cuda_model.cc.o $OBJ/worker_cuda_trainer.cc.o
+    $OBJ/worker_cuda_layout.cc.o $OBJ/worker_cuda_host_state.cc.o
     $OBJ/worker_cuda_offload_trainer.cc.o $OBJ/worker_cuda_job_trainer.cc.o $OBJ/worker_cuda_measure.cc.o $OBJ/worker_cuda_jobs.cc.o
     $OBJ/worker_engine_offload_trainer.cc.o $OBJ/worker_engine_tensor_home.cc.o
     $OBJ/worker_engine_transfers.cc.o $OBJ/worker_engine_trainer.cc.o $OBJ/worker_engine_data.cc.o

@@ -23,6 +23,7 @@
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
+#include "worker/engine/tensor_home.h"
 #include "worker/engine/thread_pool.h"
 #include "worker/engine/trainer.h"
 
@@ -579,6 +580,44 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
   fs::remove_all(dir);
 }
 
+// AdamW's moments in a TensorHome (the memstore's NVMe tier in the worker) train the same job
+// as moments in the trainer's memory.
+TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {
+  namespace fs = std::filesystem;
+  const engine::ModelConfig c = SmallConfig(GetParam());
+  const fs::path dir = JobDir(GetParam() ? "moments_home_tied" : "moments_home_untied");
+  const engine::TrainerOptions o = JobOptions(c, WriteTokenFile(dir, c.vocab_size, 19), 6);
+  auto working = CudaJobTrainer::OffloadDeviceBytes(o);
+  ASSERT_TRUE(working.ok());
+  CudaDeviceOptions capped;
+  capped.budget_bytes = capped.gemm_workspace_bytes + 2 * *working + (int64_t{1} << 20);
+  auto dev = CudaDevice::Create(capped);
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  engine::MemoryTensorHome home;
+  MomentsHome moments{&home, "job/moments/", engine::HomeTier::kNvme};
+  auto in_memory = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
+  auto at_home = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, moments);
+  ASSERT_TRUE(in_memory.ok()) << in_memory.status();
+  ASSERT_TRUE(at_home.ok()) << at_home.status();
+  const int64_t groups = static_cast<int64_t>(TensorGroupShapes(c).size());
+  EXPECT_EQ(home.num_tensors(), 2 * groups);
+  for (int s = 0; s < 6; ++s) {
+    auto a = (*in_memory)->Step();
+    auto b = (*at_home)->Step();
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+    EXPECT_NEAR(b->loss, a->loss, 1e-3 * a->loss) << "step " << s;
+    EXPECT_NEAR(b->grad_norm, a->grad_norm, 1e-2 * a->grad_norm) << "step " << s;
+  }
+  const std::string ca = (dir / "a").string(), cb = (dir / "b").string();
+  ASSERT_TRUE((*in_memory)->Export(ca).ok());
+  ASSERT_TRUE((*at_home)->Export(cb).ok());
+  EXPECT_GT(home.bytes_out(), 0);
+  EXPECT_EQ(home.bytes_stored(engine::HomeTier::kHost), 0);
+  at_home->reset();
+  EXPECT_EQ(home.num_tensors(), 0);  // freed with the trainer
+  fs::remove_all(dir);
+}
+
 // The worker's side (worker/cuda_jobs.h): admission, the choice between kept and recomputed
 // activations by budget, and a job's steps and checkpoint through the DeviceTrainer interface.
 TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
@@ -599,7 +638,8 @@ TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   // Between the two: admitted, and trains recomputing each layer within the budget.
   const int64_t budget = kWorkspace + (*recompute + *keep) / 2;
   EXPECT_TRUE(CheckCudaTask(o, "worker-0", budget).ok());
-  const absl::Status refused = CheckCudaTask(o, "worker-0", kWorkspace + *recompute / 2);
+  const absl::Status refused =
+      CheckCudaTask(o, "worker-0", kWorkspace + *recompute / 2, -1).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
   auto trainer = CreateCudaTrainer(o, 0, budget);
   ASSERT_TRUE(trainer.ok()) << trainer.status();

@@ -27,8 +27,10 @@ absl::StatusOr<int64_t> CudaJobTrainer::DeviceBytes(const engine::TrainerOptions
   return trainer + ids;
 }
 
-CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& options) {
+CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& options,
+                                                  const MomentsHome& moments) {
   CudaOffloadOptions o;
+  o.moments = moments;
   o.batch = options.train.micro_batch_size;
   o.seq = options.train.seq_len;
   o.micro_batches = options.train.grad_accum_steps;
@@ -41,16 +43,18 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::Trainer
   return CudaOffloadTrainer::WorkingSetBytes(options.model, OffloadOptions(options));
 }
 
-absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options) {
+absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options,
+                                                         bool moments_at_home) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   // Plus the fp32 copies the job makes next to the trainer's state: the initial weights while
   // it starts, both moments while it writes a checkpoint.
-  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options)) +
+  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options), moments_at_home) +
          8 * engine::ParameterCount(options.model);
 }
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
-    const engine::TrainerOptions& options, CudaDevice* device, bool offload) {
+    const engine::TrainerOptions& options, CudaDevice* device, bool offload,
+    const MomentsHome& moments) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   const engine::TrainConfig& t = options.train;
   std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
@@ -65,7 +69,8 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   }
   if (offload) {
     ASSIGN_OR_RETURN(job->offload_,
-                     CudaOffloadTrainer::Create(device, options.model, OffloadOptions(options)));
+                     CudaOffloadTrainer::Create(device, options.model,
+                                                OffloadOptions(options, moments)));
     RETURN_IF_ERROR(job->offload_->SetParams(params));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,

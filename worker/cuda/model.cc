@@ -12,32 +12,6 @@
 #include "worker/cuda/gemm.h"
 
 namespace lumen::cuda {
-namespace {
-
-int64_t Align128(int64_t n) { return (n + 127) / 128 * 128; }
-
-}  // namespace
-
-LayerLayout LayerLayout::For(const engine::ModelConfig& c) {
-  LayerLayout l;
-  const int64_t h = c.hidden_size, I = c.intermediate_size;
-  l.q_dim = c.num_attention_heads * c.head_dim();
-  l.kv_dim = c.num_key_value_heads * c.head_dim();
-  int64_t off = 0;
-  auto take = [&off](int64_t n) {
-    const int64_t at = off;
-    off += Align128(n);
-    return at;
-  };
-  l.input_layernorm = take(h);
-  l.qkv = take((l.q_dim + 2 * l.kv_dim) * h);
-  l.o_proj = take(h * l.q_dim);
-  l.post_attention_layernorm = take(h);
-  l.gate_up = take(2 * I * h);
-  l.down_proj = take(h * I);
-  l.total = off;
-  return l;
-}
 
 void RopeTablesF32(int64_t seq, int64_t head_dim, double theta, float* cos_table,
                    float* sin_table) {

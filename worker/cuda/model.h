@@ -17,21 +17,10 @@
 #include "worker/cuda/attention.h"
 #include "worker/cuda/device.h"
 #include "worker/cuda/kernels.h"
+#include "worker/cuda/layout.h"
 #include "worker/engine/model.h"
 
 namespace lumen::cuda {
-
-// Element offsets of one decoder layer's tensors in its contiguous buffer; every tensor starts
-// at a multiple of 128 elements (256 bytes in bf16). The same layout holds the bf16
-// parameters, fp32 gradients, master weights and AdamW moments. q, k, v rows are adjacent (one
-// fused [q_dim + 2 kv_dim, hidden] product), as are gate and up ([2 intermediate, hidden]).
-struct LayerLayout {
-  int64_t input_layernorm = 0, qkv = 0, o_proj = 0, post_attention_layernorm = 0, gate_up = 0,
-          down_proj = 0, total = 0;
-  int64_t q_dim = 0, kv_dim = 0;
-
-  static LayerLayout For(const engine::ModelConfig& config);
-};
 
 // A layer's tensors on the device, in LayerLayout. grads may be null for forward-only calls.
 struct LayerView {

@@ -21,121 +21,12 @@
 
 namespace lumen::cuda {
 
-// Runs host jobs in submission order on one thread that splits each over a ThreadPool; a job
-// starts once its CUDA event (the copies home it reads) has completed.
-class HostOptimizer {
- public:
-  using Work = std::function<void(engine::ThreadPool&)>;
-  HostOptimizer(int device, int threads)
-      : device_(device), pool_(threads), thread_([this] { Loop(); }) {}
-  ~HostOptimizer() {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  // The first job skipped because its gradients' event failed; OK when none was.
-  absl::Status error() {
-    std::lock_guard<std::mutex> l(mu_);
-    return error_;
-  }
-  // `front`: ahead of every job not yet started.
-  std::shared_future<void> Submit(cudaEvent_t ready, Work work, bool front = false) {
-    Job job{ready, std::move(work), std::promise<void>()};
-    std::shared_future<void> f = job.done.get_future().share();
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (front) {
-        jobs_.push_front(std::move(job));
-      } else {
-        jobs_.push_back(std::move(job));
-      }
-    }
-    cv_.notify_all();
-    return f;
-  }
-
- private:
-  struct Job {
-    cudaEvent_t ready;
-    Work work;
-    std::promise<void> done;
-  };
-  void Loop() {
-    cudaSetDevice(device_);
-    for (;;) {
-      Job job;
-      {
-        std::unique_lock<std::mutex> l(mu_);
-        cv_.wait(l, [this] { return stop_ || !jobs_.empty(); });
-        if (jobs_.empty()) return;
-        job = std::move(jobs_.front());
-        jobs_.pop_front();
-      }
-      // After a CUDA error the gradients may never have arrived: no update from them.
-      const cudaError_t e = job.ready != nullptr ? cudaEventSynchronize(job.ready) : cudaSuccess;
-      if (e == cudaSuccess) {
-        job.work(pool_);
-      } else {
-        std::lock_guard<std::mutex> l(mu_);
-        if (error_.ok()) {
-          error_ = absl::InternalError(absl::StrCat(
-              "host optimizer: waiting for gradients: ", cudaGetErrorName(e), ": ",
-              cudaGetErrorString(e), " (the update was not applied)"));
-        }
-      }
-      job.done.set_value();
-    }
-  }
-
-  const int device_;
-  engine::ThreadPool pool_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Job> jobs_;
-  bool stop_ = false;
-  absl::Status error_;
-  std::thread thread_;
-};
-
 struct CudaOffloadTrainer::HostGroup {
-  PinnedBuffer param, grad;  // bf16 compute copy, fp32 gradient
-  std::unique_ptr<float[]> master, m, v;
-  Event ready;  // the step's gradients are in `grad`
+  PinnedBuffer param, grad;  // bf16 compute copy, fp32 gradient (HostTrainingState's buffers)
+  Event ready;               // the step's gradients are in `grad`
 };
 
 namespace {
-
-uint16_t ToBf16Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float FromBf16Bits(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// kernels::FillNormal's values on the host (the same hash; float math within an ulp or two).
-void HostFillNormal(float* x, int64_t begin, int64_t end, uint64_t seed, float stddev) {
-  for (int64_t i = begin; i < end; ++i) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
-    const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
-    x[i] = stddev * std::sqrt(-2.0f * std::log(u1)) *
-           static_cast<float>(std::cos(M_PI * static_cast<double>(2.0f * u2)));
-  }
-}
 
 // CPUs this process may run on (a container's share, not the host's count).
 int UsableCpus() {
@@ -155,41 +46,6 @@ CudaLlamaOptions ModelOptions(const CudaOffloadOptions& o) {
   m.head_chunk_tokens = o.head_chunk_tokens;
   m.attention = o.attention;
   return m;
-}
-
-// Sum of squares of x over `segments`, in fixed chunks summed in order (deterministic whatever
-// the threads).
-double SumSquares(engine::ThreadPool& pool, const float* x,
-                  const std::vector<DeviceTensorGroup::Segment>& segments) {
-  constexpr int64_t kChunk = int64_t{1} << 16;
-  struct Range {
-    int64_t begin, end;
-  };
-  std::vector<Range> ranges;
-  for (const auto& s : segments) {
-    for (int64_t b = s.offset; b < s.offset + s.size; b += kChunk) {
-      ranges.push_back({b, std::min(b + kChunk, s.offset + s.size)});
-    }
-  }
-  std::vector<double> partial(ranges.size(), 0.0);
-  pool.ParallelFor(static_cast<int64_t>(ranges.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      double s = 0;
-      for (int64_t i = ranges[r].begin; i < ranges[r].end; ++i) s += double{x[i]} * x[i];
-      partial[r] = s;
-    }
-  });
-  double total = 0;
-  for (double p : partial) total += p;
-  return total;
-}
-
-// The distinct rows of `ids`, sorted.
-std::vector<int64_t> DistinctRows(const std::vector<int32_t>& ids) {
-  std::vector<int64_t> rows(ids.begin(), ids.end());
-  std::sort(rows.begin(), rows.end());
-  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-  return rows;
 }
 
 }  // namespace
@@ -220,12 +76,15 @@ absl::StatusOr<int64_t> CudaOffloadTrainer::WorkingSetBytes(const engine::ModelC
          2 * (2 * A * n * h) + 2 * (2 * n * h) + 8 * A * n + 4 * A * n + 16 + scratch + 64 * 256;
 }
 
-int64_t CudaOffloadTrainer::HostBytes(const engine::ModelConfig& c, const CudaOffloadOptions& o) {
+int64_t CudaOffloadTrainer::HostBytes(const engine::ModelConfig& c, const CudaOffloadOptions& o,
+                                      bool moments_at_home) {
   int64_t elems = 0;
   for (const TensorGroupShape& s : TensorGroupShapes(c)) elems += s.elems;
   const int64_t n = o.batch * o.seq, A = o.micro_batches, h = c.hidden_size;
-  return elems * (2 + 4 + 3 * 4) + 2 * c.num_hidden_layers * A * n * h + 2 * (2 * A * n * h) +
-         8 * A * n;
+  // Pinned bf16 weights and fp32 gradients, the host state's own, checkpoints of every layer's
+  // input, the embedding's input gradients and gathered rows, token ids.
+  return elems * (2 + 4) + HostTrainingState::OwnBytes(c, moments_at_home) +
+         2 * c.num_hidden_layers * A * n * h + 2 * (2 * A * n * h) + 8 * A * n;
 }
 
 int64_t CudaOffloadTrainer::StateBytes(const engine::ModelConfig& c,
@@ -274,31 +133,21 @@ absl::Status CudaOffloadTrainer::Allocate() {
   ASSIGN_OR_RETURN(loss_sum_, dev->Allocate(8, "offload: loss"));
   ASSIGN_OR_RETURN(norm_acc_, dev->Allocate(8, "offload: gradient norm"));
   RETURN_IF_ERROR(model_->EnsureScratch(options_.batch, options_.seq));
-  // Host side: pinned where the copy engines read or write, pageable for what only the host
-  // optimizer touches.
-  const int threads = options_.threads > 0 ? options_.threads : UsableCpus();
-  engine::ThreadPool init_pool(threads);
+  // Host side: pinned where the copy engines read or write; the master weights and moments
+  // (HostTrainingState) only the host optimizer touches.
+  engine::ThreadPool init_pool(Threads());
   host_.resize(shapes_.size());
+  std::vector<HostGroupBuffers> buffers;
   for (size_t g = 0; g < shapes_.size(); ++g) {
     HostGroup& hg = host_[g];
     const int64_t e = shapes_[g].elems;
     ASSIGN_OR_RETURN(hg.param, dev->AllocatePinned(2 * e, "offload: host parameters"));
     ASSIGN_OR_RETURN(hg.grad, dev->AllocatePinned(4 * e, "offload: host gradients"));
-    hg.master.reset(new float[e]);
-    hg.m.reset(new float[e]);
-    hg.v.reset(new float[e]);
-    // Filled by the pool: a single-threaded fill of tens of GB takes tens of seconds.
-    float* gr = hg.grad.as<float>();
-    uint16_t* pb = hg.param.as<uint16_t>();
-    init_pool.ParallelFor(e, 1 << 20, [&](int64_t b, int64_t en) {
-      std::fill(hg.master.get() + b, hg.master.get() + en, 0.0f);
-      std::fill(hg.m.get() + b, hg.m.get() + en, 0.0f);
-      std::fill(hg.v.get() + b, hg.v.get() + en, 0.0f);
-      std::fill(gr + b, gr + en, 0.0f);
-      std::fill(pb + b, pb + en, uint16_t{0});
-    });
     ASSIGN_OR_RETURN(hg.ready, Event::Create("offload: group event"));
+    buffers.push_back({hg.param.as<uint16_t>(), hg.grad.as<float>()});
   }
+  ASSIGN_OR_RETURN(state_, HostTrainingState::Create(config_, std::move(buffers),
+                                                     options_.moments, init_pool));
   ASSIGN_OR_RETURN(ckpt_, dev->AllocatePinned(2 * L_ * A_ * n_ * h, "offload: checkpoints"));
   ASSIGN_OR_RETURN(embed_dx_, dev->AllocatePinned(2 * A_ * n_ * h, "offload: embedding dx"));
   ASSIGN_OR_RETURN(embed_in_, dev->AllocatePinned(2 * A_ * n_ * h, "offload: embedding rows"));
@@ -310,84 +159,49 @@ absl::Status CudaOffloadTrainer::Allocate() {
                    &ev_block_saved_[1], &ev_norm_ready_, &ev_mark_}) {
     ASSIGN_OR_RETURN(*e, Event::Create("offload: events"));
   }
-  optimizer_ = std::make_unique<HostOptimizer>(dev->device_index(), threads);
+  const int device = dev->device_index();
+  queue_ = std::make_unique<HostJobQueue>(Threads(), [device] { cudaSetDevice(device); });
   done_.resize(shapes_.size());
   return absl::OkStatus();
 }
 
-absl::Status CudaOffloadTrainer::CopyGroups(engine::ModelParams* p, bool to_host_state,
-                                            int which) {
-  RETURN_IF_ERROR(Flush());
-  if (!to_host_state && p->layers.size() != static_cast<size_t>(L_)) {
-    *p = engine::AllocateParams<float>(config_);
-  }
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    HostGroup& hg = host_[g];
-    float* flat = which == 0 ? hg.master.get() : which == 1 ? hg.m.get() : hg.v.get();
-    RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, to_host_state));
-  }
-  return absl::OkStatus();
+int CudaOffloadTrainer::Threads() const {
+  return options_.threads > 0 ? options_.threads : UsableCpus();
+}
+
+void CudaOffloadTrainer::ParamsChanged() {
+  for (int64_t l = 0; l < L_; ++l) params_stale_[l] = true;
+  gathered_for_.clear();
 }
 
 absl::Status CudaOffloadTrainer::SetParams(const engine::ModelParams& params) {
-  auto* p = const_cast<engine::ModelParams*>(&params);  // only read: to_host_state
-  RETURN_IF_ERROR(CopyGroups(p, true, 0));
-  engine::ThreadPool pool(options_.threads > 0 ? options_.threads : UsableCpus());
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    HostGroup& hg = host_[g];
-    uint16_t* pb = hg.param.as<uint16_t>();
-    pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
-      std::fill(hg.m.get() + b, hg.m.get() + e, 0.0f);
-      std::fill(hg.v.get() + b, hg.v.get() + e, 0.0f);
-      for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(hg.master[i]);
-    });
-  }
-  for (int64_t l = 0; l < L_; ++l) params_stale_[l] = true;
-  gathered_for_.clear();
-  return absl::OkStatus();
+  RETURN_IF_ERROR(Flush());
+  engine::ThreadPool pool(Threads());
+  ParamsChanged();
+  return state_->SetParams(params, pool);
 }
 
 absl::Status CudaOffloadTrainer::InitRandom(uint64_t seed) {
   RETURN_IF_ERROR(Flush());
-  engine::ThreadPool pool(options_.threads > 0 ? options_.threads : UsableCpus());
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    HostGroup& hg = host_[g];
-    for (const auto& seg : shapes_[g].segments) {
-      const uint64_t s = (seed * 1000003 + g) * 1000003 + seg.offset;
-      float* p = hg.master.get() + seg.offset;
-      pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) {
-        if (seg.matrix) {
-          HostFillNormal(p, b, e, s, static_cast<float>(config_.init_std));
-        } else {
-          std::fill(p + b, p + e, 1.0f);
-        }
-      });
-    }
-    uint16_t* pb = hg.param.as<uint16_t>();
-    pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
-      std::fill(hg.m.get() + b, hg.m.get() + e, 0.0f);
-      std::fill(hg.v.get() + b, hg.v.get() + e, 0.0f);
-      for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(hg.master[i]);
-    });
-  }
-  for (int64_t l = 0; l < L_; ++l) params_stale_[l] = true;
-  gathered_for_.clear();
-  return absl::OkStatus();
+  engine::ThreadPool pool(Threads());
+  ParamsChanged();
+  return state_->InitRandom(seed, pool);
 }
 
 absl::Status CudaOffloadTrainer::GetParams(engine::ModelParams* out) {
-  return CopyGroups(out, false, 0);
+  RETURN_IF_ERROR(Flush());
+  return state_->GetParams(out);
 }
 
 absl::Status CudaOffloadTrainer::GetMoments(engine::ModelParams* m, engine::ModelParams* v) {
-  RETURN_IF_ERROR(CopyGroups(m, false, 1));
-  return CopyGroups(v, false, 2);
+  RETURN_IF_ERROR(Flush());
+  return state_->GetMoments(m, v);
 }
 
 absl::Status CudaOffloadTrainer::SetMoments(const engine::ModelParams& m,
                                             const engine::ModelParams& v) {
-  RETURN_IF_ERROR(CopyGroups(const_cast<engine::ModelParams*>(&m), true, 1));
-  return CopyGroups(const_cast<engine::ModelParams*>(&v), true, 2);
+  RETURN_IF_ERROR(Flush());
+  return state_->SetMoments(m, v);
 }
 
 void CudaOffloadTrainer::WaitOptimizer(size_t g) {
@@ -447,100 +261,62 @@ absl::Status CudaOffloadTrainer::MarkGradsHome(size_t g) {
   return host_[g].ready.Record(device_->d2h_stream(), "offload: gradients");
 }
 
-void CudaOffloadTrainer::QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step,
-                                    float coef, const TensorGroupShape* segments,
-                                    std::shared_future<void>* done,
-                                    std::function<void(engine::ThreadPool&)> after) {
-  HostGroup* hg = &host_[g];
-  // A copy: the step's row segments are rebuilt by the next step while this may still wait.
-  auto shape = std::make_shared<const TensorGroupShape>(segments != nullptr ? *segments
-                                                                            : shapes_[g]);
-  auto work = [hg, shape, hyper, step, coef, after](engine::ThreadPool& pool) {
-    auto update = [&](const DeviceTensorGroup::Segment& seg, int64_t b, int64_t e) {
-      engine::AdamWHyper h = hyper;
-      if (!seg.matrix) h.weight_decay = 0;
-      const int64_t o = seg.offset;
-      float* grad = hg->grad.as<float>();
-      if (coef != 1.0f) {
-        for (int64_t i = o + b; i < o + e; ++i) grad[i] *= coef;
-      }
-      engine::AdamWUpdate(hg->master.get() + o + b, grad + o + b, hg->m.get() + o + b,
-                          hg->v.get() + o + b, e - b, h, step);
-      uint16_t* pb = hg->param.as<uint16_t>();
-      for (int64_t i = o + b; i < o + e; ++i) pb[i] = ToBf16Bits(hg->master[i]);
-    };
-    const std::vector<DeviceTensorGroup::Segment>& segs = shape->segments;
-    if (segs.size() > 64) {
-      // The embedding's runs of token rows: thousands of short segments, split by segment (one
-      // ParallelFor each would run most of them on this thread alone).
-      pool.ParallelFor(static_cast<int64_t>(segs.size()), 1, [&](int64_t sb, int64_t se) {
-        for (int64_t i = sb; i < se; ++i) update(segs[i], 0, segs[i].size);
-      });
-    } else {
-      for (const DeviceTensorGroup::Segment& seg : segs) {
-        pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) { update(seg, b, e); });
-      }
-    }
-    if (after) after(pool);
+HostJobQueue::Ready CudaOffloadTrainer::GradsHome(size_t g) const {
+  cudaEvent_t ev = host_[g].ready.get();
+  return [ev, g]() -> absl::Status {
+    const cudaError_t e = cudaEventSynchronize(ev);
+    if (e == cudaSuccess) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat("waiting for the gradients of tensor group ", g,
+                                            ": ", cudaGetErrorName(e), ": ",
+                                            cudaGetErrorString(e)));
   };
-  *(done != nullptr ? done : &done_[g]) = optimizer_->Submit(hg->ready.get(), std::move(work));
-  if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
 }
 
-void CudaOffloadTrainer::GatherEmbeddingRows(const std::vector<int32_t>& ids,
-                                             engine::ThreadPool* pool) {
-  const int64_t h = config_.hidden_size;
-  const uint16_t* table = host_[EmbedGroup()].param.as<uint16_t>();
-  uint16_t* out = embed_in_.as<uint16_t>();
-  auto gather = [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      std::memcpy(out + t * h, table + static_cast<int64_t>(ids[t]) * h, 2 * h);
-    }
+void CudaOffloadTrainer::QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step,
+                                    float coef, const std::vector<GroupSegment>* segments,
+                                    std::shared_future<void>* done,
+                                    std::function<void(engine::ThreadPool&)> after) {
+  // A copy: the step's row segments are rebuilt by the next step while this may still wait.
+  std::shared_ptr<const std::vector<GroupSegment>> segs;
+  if (segments != nullptr) segs = std::make_shared<const std::vector<GroupSegment>>(*segments);
+  HostTrainingState* state = state_.get();
+  auto work = [state, g, segs, hyper, step, coef, after](engine::ThreadPool& pool) {
+    RETURN_IF_ERROR(state->AdamW(g, segs.get(), hyper, step, coef, pool));
+    if (after) after(pool);
+    return absl::OkStatus();
   };
-  if (pool != nullptr) {
-    pool->ParallelFor(static_cast<int64_t>(ids.size()), 256, gather);
-  } else {
-    gather(0, static_cast<int64_t>(ids.size()));
-  }
+  *(done != nullptr ? done : &done_[g]) = queue_->Submit(GradsHome(g), std::move(work));
+  if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
 }
 
 void CudaOffloadTrainer::QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step,
                                             float coef, const std::vector<int32_t>& next) {
   const size_t embed = EmbedGroup();
-  const int64_t h = config_.hidden_size, V = config_.vocab_size;
-  embed_rows_shape_.segments.clear();
-  embed_rest_shape_.segments.clear();
-  if (next.empty()) {  // the next step's rows are unknown: the whole table, gathered next step
+  embed_rows_.clear();
+  embed_rest_.clear();
+  // The next step's rows are unknown, or the moments live in a home (read and written whole
+  // by each update): the whole table, gathered by the next step.
+  if (next.empty() || state_->moments_at_home()) {
     gathered_for_.clear();
     QueueAdamW(embed, hyper, step, coef);
     return;
   }
-  const std::vector<int64_t> rows = DistinctRows(next);
-  int64_t next_row = 0;
-  for (size_t i = 0; i < rows.size();) {
-    size_t j = i + 1;
-    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
-    const int64_t first = rows[i], count = static_cast<int64_t>(j - i);
-    if (first > next_row) {
-      embed_rest_shape_.segments.push_back({next_row * h, (first - next_row) * h, true});
-    }
-    embed_rows_shape_.segments.push_back({first * h, count * h, true});
-    next_row = first + count;
-    i = j;
-  }
-  if (next_row < V) embed_rest_shape_.segments.push_back({next_row * h, (V - next_row) * h, true});
+  HostTrainingState::SplitEmbeddingRows(next, config_.vocab_size, config_.hidden_size,
+                                        &embed_rows_, &embed_rest_);
   gathered_for_ = next;
   auto ids = std::make_shared<const std::vector<int32_t>>(next);
-  QueueAdamW(embed, hyper, step, coef, &embed_rows_shape_, &embed_rows_done_,
-             [this, ids](engine::ThreadPool& pool) { GatherEmbeddingRows(*ids, &pool); });
+  HostTrainingState* state = state_.get();
+  uint16_t* out = embed_in_.as<uint16_t>();
+  QueueAdamW(embed, hyper, step, coef, &embed_rows_, &embed_rows_done_,
+             [state, ids, out](engine::ThreadPool& pool) {
+               state->GatherEmbeddingRows(*ids, out, &pool);
+             });
   done_[embed] = embed_rows_done_;
 }
 
 void CudaOffloadTrainer::QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step,
                                             float coef) {
-  if (!embed_rest_shape_.segments.empty()) {
-    QueueAdamW(EmbedGroup(), hyper, step, coef, &embed_rest_shape_);
-  }
+  if (!embed_rest_.empty()) QueueAdamW(EmbedGroup(), hyper, step, coef, &embed_rest_);
 }
 
 absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
@@ -586,7 +362,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   }
   if (gathered_for_ != inputs) {
     WaitOptimizer(EmbedGroup());
-    GatherEmbeddingRows(inputs, nullptr);
+    state_->GatherEmbeddingRows(inputs, embed_in_.as<uint16_t>(), nullptr);
     gathered_for_ = inputs;
   }
   int cur = 0;
@@ -750,35 +526,13 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   const size_t embed = EmbedGroup();
   RETURN_IF_ERROR(MarkGradsHome(embed));
   auto ids = std::make_shared<const std::vector<int32_t>>(inputs);
-  embed_grad_done_ = optimizer_->Submit(
-      host_[embed].ready.get(),
-      [this, tied, embed, h, ids](engine::ThreadPool& pool) {
-        float* grad = host_[embed].grad.as<float>();
-        const std::vector<int64_t> rows = DistinctRows(*ids);
-        // Untied, the gradient holds only the embedding's: zero the rows the last step wrote.
-        if (!tied) {
-          pool.ParallelFor(static_cast<int64_t>(grad_rows_.size()), 64, [&](int64_t b, int64_t e) {
-            for (int64_t i = b; i < e; ++i) std::fill_n(grad + grad_rows_[i] * h, h, 0.0f);
-          });
-        }
-        // Threads split the columns, so no two write the same element.
-        const uint16_t* dx = embed_dx_.as<uint16_t>();
-        const int64_t tokens = static_cast<int64_t>(ids->size());
-        pool.ParallelFor(h, 64, [&](int64_t b, int64_t e) {
-          for (int64_t t = 0; t < tokens; ++t) {
-            float* row = grad + static_cast<int64_t>((*ids)[t]) * h;
-            const uint16_t* d = dx + t * h;
-            for (int64_t j = b; j < e; ++j) row[j] += FromBf16Bits(d[j]);
-          }
-        });
-        if (tied) {
-          embed_sumsq_ = SumSquares(pool, grad, shapes_[embed].segments);
-        } else {
-          std::vector<DeviceTensorGroup::Segment> segs;
-          for (int64_t r : rows) segs.push_back({r * h, h, true});
-          embed_sumsq_ = SumSquares(pool, grad, segs);
-        }
-        grad_rows_ = rows;
+  HostTrainingState* state = state_.get();
+  const uint16_t* dx = embed_dx_.as<uint16_t>();
+  embed_grad_done_ = queue_->Submit(
+      GradsHome(embed),
+      [this, state, ids, dx](engine::ThreadPool& pool) {
+        embed_sumsq_ = state->AddEmbeddingGradient(*ids, dx, pool);
+        return absl::OkStatus();
       },
       /*front=*/true);
   // The loss and the device's part of the norm.
@@ -836,7 +590,7 @@ absl::Status CudaOffloadTrainer::Flush() {
   }
   if (embed_rows_done_.valid()) embed_rows_done_.wait();
   if (embed_grad_done_.valid()) embed_grad_done_.wait();
-  if (s.ok() && optimizer_ != nullptr) s = optimizer_->error();
+  if (s.ok() && queue_ != nullptr) s = queue_->error();
   return s;
 }
 

@@ -30,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "worker/cuda/attention.h"
 #include "worker/cuda/device.h"
+#include "worker/cuda/host_state.h"
 #include "worker/cuda/model.h"
 #include "worker/cuda/trainer.h"
 #include "worker/engine/model.h"
@@ -47,6 +48,10 @@ struct CudaOffloadOptions {
   int64_t head_chunk_tokens = 512;
   int64_t head_blocks = 32;
   kernels::AttentionKernel attention = kernels::AttentionKernel::kAuto;
+  // Where AdamW's moments live: in this process (default), or in a TensorHome such as the
+  // memstore, whose NVMe tier holds what host RAM cannot (8 bytes per parameter read and
+  // written every step; the embedding's update then runs as one job).
+  MomentsHome moments;
 };
 
 struct CudaOffloadStepResult {
@@ -58,8 +63,6 @@ struct CudaOffloadStepResult {
   double wait_optimizer_layers_s = 0, wait_optimizer_embed_head_s = 0;
 };
 
-class HostOptimizer;
-
 class CudaOffloadTrainer {
  public:
   // Device bytes the schedule holds at once (besides the allocator's rounding and cuBLASLt's
@@ -67,8 +70,10 @@ class CudaOffloadTrainer {
   static absl::StatusOr<int64_t> WorkingSetBytes(const engine::ModelConfig& config,
                                                  const CudaOffloadOptions& options);
   // Pinned and pageable host bytes the trainer allocates: bf16 parameters, fp32 gradients,
-  // master weights and moments, the step's layer-input checkpoints and embedding rows.
-  static int64_t HostBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options);
+  // master weights and, unless `moments_at_home` (options.moments will name a home), the
+  // moments; the step's layer-input checkpoints and embedding rows.
+  static int64_t HostBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options,
+                           bool moments_at_home);
   // The training state as the engine counts it (OffloadRequirements::training_state_bytes):
   // ResidentState::Bytes plus every layer's input and the last layer's output, every
   // micro-batch.
@@ -115,6 +120,9 @@ class CudaOffloadTrainer {
   CudaOffloadTrainer(CudaDevice* device, const engine::ModelConfig& config,
                      const CudaOffloadOptions& options);
   absl::Status Allocate();
+  int Threads() const;
+  // After new weights: every layer is fetched again and the embedding rows gathered again.
+  void ParamsChanged();
   int64_t BlockRows() const;
   size_t EmbedGroup() const { return L_; }
   size_t NormGroup() const { return L_ + 1; }
@@ -126,23 +134,22 @@ class CudaOffloadTrainer {
   absl::Status FetchBig(size_t g);
   absl::Status CopyHome(void* dst, const void* src, int64_t bytes, Event* saved,
                         const std::string& op);
-  // Records that group g's gradients are home once everything copied so far has arrived.
+  // Records that group g's gradients are home once everything copied so far has arrived, and
+  // the wait for that a host job makes.
   absl::Status MarkGradsHome(size_t g);
+  HostJobQueue::Ready GradsHome(size_t g) const;
   // Queues AdamW on `segments` of group g (all of it when null), gradients multiplied by `coef`;
-  // `done` (default: the group's) receives its completion; `after` runs with the optimizer's
+  // `done` (default: the group's) receives its completion; `after` runs with the queue's
   // threads once it is done.
   void QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step, float coef,
-                  const TensorGroupShape* segments = nullptr,
+                  const std::vector<GroupSegment>* segments = nullptr,
                   std::shared_future<void>* done = nullptr,
                   std::function<void(engine::ThreadPool&)> after = nullptr);
   // The embedding's AdamW in two jobs: the rows `next` needs (gathered into embed_in_ once
-  // updated; all rows when `next` is empty), and later the other rows.
+  // updated; all rows when `next` is empty or the moments are in a home), and later the others.
   void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
                           const std::vector<int32_t>& next);
   void QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step, float coef);
-  // Every token's embedding row of `ids`, in token order, into embed_in_.
-  void GatherEmbeddingRows(const std::vector<int32_t>& ids, engine::ThreadPool* pool);
-  absl::Status CopyGroups(engine::ModelParams* p, bool to_host_state, int which);
 
   CudaDevice* const device_;
   const engine::ModelConfig config_;
@@ -154,19 +161,18 @@ class CudaOffloadTrainer {
   DeviceBuffer big_param_, block_grad_[2], lse_, norm_param_, norm_grad_, ids_, loss_sum_,
       norm_acc_;
   std::vector<HostGroup> host_;
+  std::unique_ptr<HostTrainingState> state_;
   PinnedBuffer ckpt_, embed_dx_, embed_in_, ids_host_;
-  // The ids embed_in_ holds the rows of (or is being gathered for). On the optimizer's thread
-  // only: the embedding rows whose gradient the last step wrote (untied), and the squared norm
-  // of the embedding group's gradient.
+  // The ids embed_in_ holds the rows of (or is being gathered for); the squared norm of the
+  // embedding group's gradient (written by a queued job, read after waiting for it).
   std::vector<int32_t> gathered_for_;
-  std::vector<int64_t> grad_rows_;
   double embed_sumsq_ = 0;
-  TensorGroupShape embed_rows_shape_, embed_rest_shape_;
+  std::vector<GroupSegment> embed_rows_, embed_rest_;
   std::shared_future<void> embed_rows_done_, embed_grad_done_;
   Event ev_slot_ready_[2], ev_slot_free_[2], ev_act_saved_[2], ev_grad_saved_[2];
   Event ev_x_ready_[2], ev_x_free_[2];
   Event ev_big_param_ready_, ev_big_param_free_, ev_block_saved_[2], ev_norm_ready_, ev_mark_;
-  std::unique_ptr<HostOptimizer> optimizer_;
+  std::unique_ptr<HostJobQueue> queue_;
   std::vector<std::shared_future<void>> done_;
   int64_t slot_holds_[2] = {-1, -1};
   std::map<int64_t, bool> params_stale_;

@@ -11,93 +11,10 @@
 #include "worker/cuda/kernels.h"
 
 namespace lumen::cuda {
-namespace {
-
-struct HostSegment {
-  DeviceTensorGroup::Segment seg;
-  std::vector<float>* host;
-};
-
-// Groups in ResidentState order, each with its tensors' offsets and the host tensors of `p`.
-std::vector<std::vector<HostSegment>> GroupTensors(const engine::ModelConfig& c,
-                                                   engine::ModelParams* p) {
-  const LayerLayout L = LayerLayout::For(c);
-  const int64_t h = c.hidden_size, I = c.intermediate_size, qd = L.q_dim, kd = L.kv_dim;
-  std::vector<std::vector<HostSegment>> groups;
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    engine::LayerParams& lp = p->layers[l];
-    groups.push_back({{{L.input_layernorm, h, false}, &lp.input_layernorm},
-                      {{L.qkv, qd * h, true}, &lp.q_proj},
-                      {{L.qkv + qd * h, kd * h, true}, &lp.k_proj},
-                      {{L.qkv + (qd + kd) * h, kd * h, true}, &lp.v_proj},
-                      {{L.o_proj, h * qd, true}, &lp.o_proj},
-                      {{L.post_attention_layernorm, h, false}, &lp.post_attention_layernorm},
-                      {{L.gate_up, I * h, true}, &lp.gate_proj},
-                      {{L.gate_up + I * h, I * h, true}, &lp.up_proj},
-                      {{L.down_proj, h * I, true}, &lp.down_proj}});
-  }
-  groups.push_back({{{0, c.vocab_size * h, true}, &p->embed_tokens}});
-  groups.push_back({{{0, h, false}, &p->norm}});
-  if (!c.tie_word_embeddings) groups.push_back({{{0, c.vocab_size * h, true}, &p->lm_head}});
-  return groups;
-}
-
-int64_t GroupElems(const engine::ModelConfig& c, size_t g) {
-  const int64_t L = c.num_hidden_layers;
-  if (static_cast<int64_t>(g) < L) return LayerLayout::For(c).total;
-  if (static_cast<int64_t>(g) == L) return c.vocab_size * c.hidden_size;
-  if (static_cast<int64_t>(g) == L + 1) return c.hidden_size;
-  return c.vocab_size * c.hidden_size;
-}
-
-size_t NumGroups(const engine::ModelConfig& c) {
-  return c.num_hidden_layers + (c.tie_word_embeddings ? 2 : 3);
-}
-
-}  // namespace
-
-std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& config) {
-  engine::ModelParams empty;
-  empty.layers.resize(config.num_hidden_layers);
-  const auto host = GroupTensors(config, &empty);
-  std::vector<TensorGroupShape> out(host.size());
-  for (size_t g = 0; g < host.size(); ++g) {
-    out[g].elems = GroupElems(config, g);
-    for (const HostSegment& hs : host[g]) out[g].segments.push_back(hs.seg);
-  }
-  return out;
-}
-
-absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
-                              size_t g, float* flat, bool to_flat) {
-  if (params->layers.size() != static_cast<size_t>(config.num_hidden_layers)) {
-    return absl::InvalidArgumentError(absl::StrCat("parameters of ", params->layers.size(),
-                                                   " layers for a model of ",
-                                                   config.num_hidden_layers));
-  }
-  const auto host = GroupTensors(config, params);
-  if (g >= host.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
-  for (const HostSegment& hs : host[g]) {
-    if (static_cast<int64_t>(hs.host->size()) != hs.seg.size) {
-      if (to_flat) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor group ", g, ": a tensor of ",
-                                                       hs.host->size(), " values where ",
-                                                       hs.seg.size, " belong"));
-      }
-      hs.host->resize(hs.seg.size);
-    }
-    if (to_flat) {
-      std::memcpy(flat + hs.seg.offset, hs.host->data(), 4 * hs.seg.size);
-    } else {
-      std::memcpy(hs.host->data(), flat + hs.seg.offset, 4 * hs.seg.size);
-    }
-  }
-  return absl::OkStatus();
-}
 
 int64_t ResidentState::Bytes(const engine::ModelConfig& c) {
   int64_t total = 0;
-  for (size_t g = 0; g < NumGroups(c); ++g) total += GroupElems(c, g) * (2 + 4 * 4);
+  for (const TensorGroupShape& s : TensorGroupShapes(c)) total += s.elems * (2 + 4 * 4);
   return total;
 }
 
@@ -105,13 +22,11 @@ absl::StatusOr<std::unique_ptr<ResidentState>> ResidentState::Create(
     CudaDevice* device, const engine::ModelConfig& config) {
   RETURN_IF_ERROR(engine::CheckModelConfig(config));
   std::unique_ptr<ResidentState> s(new ResidentState(device, config));
-  engine::ModelParams empty;
-  empty.layers.resize(config.num_hidden_layers);
-  const auto host = GroupTensors(config, &empty);
-  for (size_t g = 0; g < host.size(); ++g) {
+  const std::vector<TensorGroupShape> shapes = TensorGroupShapes(config);
+  for (size_t g = 0; g < shapes.size(); ++g) {
     DeviceTensorGroup grp;
-    grp.elems = GroupElems(config, g);
-    for (const HostSegment& hs : host[g]) grp.segments.push_back(hs.seg);
+    grp.elems = shapes[g].elems;
+    grp.segments = shapes[g].segments;
     const std::string what = absl::StrCat("resident state: group ", g, " (", grp.elems,
                                           " elements) ");
     ASSIGN_OR_RETURN(grp.param, device->Allocate(2 * grp.elems, what + "bf16 parameters"));
@@ -128,19 +43,12 @@ absl::StatusOr<std::unique_ptr<ResidentState>> ResidentState::Create(
 absl::Status ResidentState::UploadF32(const engine::ModelParams& in,
                                      DeviceBuffer DeviceTensorGroup::*which) {
   RETURN_IF_ERROR(device_->MakeCurrent("upload"));
-  auto host = GroupTensors(config_, const_cast<engine::ModelParams*>(&in));
   cudaStream_t st = device_->compute_stream();
   for (size_t g = 0; g < groups_.size(); ++g) {
     DeviceTensorGroup& grp = groups_[g];
     std::vector<float> staging(grp.elems, 0.0f);
-    for (const HostSegment& hs : host[g]) {
-      if (static_cast<int64_t>(hs.host->size()) != hs.seg.size) {
-        return absl::InvalidArgumentError(absl::StrCat("upload: group ", g, " tensor at ",
-                                                       hs.seg.offset, " has ", hs.host->size(),
-                                                       " elements, want ", hs.seg.size));
-      }
-      std::memcpy(staging.data() + hs.seg.offset, hs.host->data(), 4 * hs.seg.size);
-    }
+    RETURN_IF_ERROR(CopyGroupTensors(config_, const_cast<engine::ModelParams*>(&in), g,
+                                     staging.data(), /*to_flat=*/true));
     const std::string op = absl::StrCat("upload group ", g);
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync((grp.*which).get(), staging.data(), 4 * grp.elems,
                                          cudaMemcpyHostToDevice, st),
@@ -201,7 +109,6 @@ absl::Status ResidentState::Download(DeviceBuffer DeviceTensorGroup::*which,
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     *out = engine::AllocateParams<float>(config_);
   }
-  auto host = GroupTensors(config_, out);
   cudaStream_t st = device_->compute_stream();
   for (size_t g = 0; g < groups_.size(); ++g) {
     DeviceTensorGroup& grp = groups_[g];
@@ -211,10 +118,7 @@ absl::Status ResidentState::Download(DeviceBuffer DeviceTensorGroup::*which,
                                          cudaMemcpyDeviceToHost, st),
                          op);
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), op);
-    for (const HostSegment& hs : host[g]) {
-      hs.host->assign(staging.begin() + hs.seg.offset,
-                      staging.begin() + hs.seg.offset + hs.seg.size);
-    }
+    RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, staging.data(), /*to_flat=*/false));
   }
   return absl::OkStatus();
 }
@@ -315,7 +219,7 @@ absl::StatusOr<int64_t> CudaTrainer::DeviceBytes(const engine::ModelConfig& conf
   auto rounded = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };  // as Allocate does
   // State (5 buffers a group, and the norm accumulator), checkpoints, two activation
   // gradients, the loss sum, then the scratch (whose formulas already allow for rounding).
-  return ResidentState::Bytes(config) + 5 * 256 * static_cast<int64_t>(NumGroups(config)) +
+  return ResidentState::Bytes(config) + 5 * 256 * static_cast<int64_t>(TensorGroupShapes(config).size()) +
          rounded(sizeof(double)) + rounded(2 * (config.num_hidden_layers + 1) * n * h) +
          2 * rounded(2 * n * h) + rounded(sizeof(double)) + model->LayerScratchBytes(batch, seq) +
          model->HeadScratchBytes(batch, seq);

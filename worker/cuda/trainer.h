@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/cuda/device.h"
+#include "worker/cuda/layout.h"
 #include "worker/cuda/model.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
@@ -24,27 +25,9 @@ namespace lumen::cuda {
 struct DeviceTensorGroup {
   int64_t elems = 0;
   DeviceBuffer param, master, grad, m, v;
-  // (offset, size, is a matrix: gets weight decay) of each tensor inside the group.
-  struct Segment {
-    int64_t offset, size;
-    bool matrix;
-  };
+  using Segment = GroupSegment;
   std::vector<Segment> segments;
 };
-
-// The tensor groups of a model in ResidentState order: decoder layers 0..L-1, embed_tokens,
-// norm, then lm_head when untied. Layers use LayerLayout; the others are one tensor each.
-struct TensorGroupShape {
-  int64_t elems = 0;
-  std::vector<DeviceTensorGroup::Segment> segments;
-};
-std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& config);
-
-// Copies group g's tensors of `params` into `flat` (its TensorGroupShapes layout) when
-// `to_flat`, or `flat` into them (resized when they are not the config's sizes) otherwise.
-// INVALID_ARGUMENT for params of another shape.
-absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
-                              size_t g, float* flat, bool to_flat);
 
 // INVALID_ARGUMENT naming `what`[i] for the first id outside [0, vocab).
 absl::Status CheckTokenIds(const std::vector<int32_t>& ids, int64_t vocab, const char* what);

@@ -1,0 +1,419 @@
+#include "worker/cuda/host_state.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace lumen::cuda {
+
+HostJobQueue::HostJobQueue(int threads, std::function<void()> on_start)
+    : pool_(threads), thread_([this, on_start] { Loop(on_start); }) {}
+
+HostJobQueue::~HostJobQueue() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+std::shared_future<void> HostJobQueue::Submit(Ready ready, Work work, bool front) {
+  Job job{std::move(ready), std::move(work), std::promise<void>()};
+  std::shared_future<void> f = job.done.get_future().share();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (front) {
+      jobs_.push_front(std::move(job));
+    } else {
+      jobs_.push_back(std::move(job));
+    }
+  }
+  cv_.notify_all();
+  return f;
+}
+
+absl::Status HostJobQueue::error() {
+  std::lock_guard<std::mutex> l(mu_);
+  return error_;
+}
+
+void HostJobQueue::Loop(std::function<void()> on_start) {
+  if (on_start) on_start();
+  for (;;) {
+    Job job;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [this] { return stop_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    // When what the job reads never arrived (a CUDA error), nothing is updated from it.
+    absl::Status s = job.ready ? job.ready() : absl::OkStatus();
+    if (s.ok()) {
+      s = job.work(pool_);
+    } else {
+      s = absl::Status(s.code(), absl::StrCat(s.message(), " (the job did not run)"));
+    }
+    if (!s.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      if (error_.ok()) error_ = absl::Status(s.code(), absl::StrCat("host job: ", s.message()));
+    }
+    job.done.set_value();
+  }
+}
+
+uint16_t ToBf16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float FromBf16Bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+namespace {
+
+// kernels::FillNormal's values on the host (the same hash; float math within an ulp or two).
+void HostFillNormal(float* x, int64_t begin, int64_t end, uint64_t seed, float stddev) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
+    const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+    x[i] = stddev * std::sqrt(-2.0f * std::log(u1)) *
+           static_cast<float>(std::cos(M_PI * static_cast<double>(2.0f * u2)));
+  }
+}
+
+// The distinct rows of `ids`, sorted.
+std::vector<int64_t> DistinctRows(const std::vector<int32_t>& ids) {
+  std::vector<int64_t> rows(ids.begin(), ids.end());
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+void Zero(engine::ThreadPool& pool, float* x, int64_t n) {
+  pool.ParallelFor(n, 1 << 20, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, 0.0f); });
+}
+
+}  // namespace
+
+HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
+                                     std::vector<HostGroupBuffers> buffers,
+                                     const MomentsHome& moments)
+    : config_(config), shapes_(TensorGroupShapes(config)), buffers_(std::move(buffers)),
+      moments_(moments) {}
+
+HostTrainingState::~HostTrainingState() {
+  if (moments_.home == nullptr) return;
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    (void)moments_.home->Free(MomentId('m', g));
+    (void)moments_.home->Free(MomentId('v', g));
+  }
+}
+
+int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool moments_at_home) {
+  int64_t elems = 0, largest = 0;
+  for (const TensorGroupShape& s : TensorGroupShapes(config)) {
+    elems += s.elems;
+    largest = std::max(largest, s.elems);
+  }
+  return 4 * elems + (moments_at_home ? 2 * 4 * largest : 2 * 4 * elems);
+}
+
+absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
+    const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
+    const MomentsHome& moments, engine::ThreadPool& pool) {
+  RETURN_IF_ERROR(engine::CheckModelConfig(config));
+  const size_t groups = TensorGroupShapes(config).size();
+  if (buffers.size() != groups) {
+    return absl::InvalidArgumentError(absl::StrCat("host state: ", buffers.size(),
+                                                   " group buffers for a model of ", groups,
+                                                   " tensor groups"));
+  }
+  for (size_t g = 0; g < groups; ++g) {
+    if (buffers[g].param == nullptr || buffers[g].grad == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("host state: group ", g, " has no buffer"));
+    }
+  }
+  std::unique_ptr<HostTrainingState> s(
+      new HostTrainingState(config, std::move(buffers), moments));
+  int64_t largest = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    const int64_t e = s->shapes_[g].elems;
+    largest = std::max(largest, e);
+    // Uninitialised, then filled by the pool: a single-threaded fill of tens of GB takes tens
+    // of seconds.
+    s->master_.emplace_back(new float[e]);
+    Zero(pool, s->master_.back().get(), e);
+    Zero(pool, s->buffers_[g].grad, e);
+    if (moments.home == nullptr) {
+      s->m_.emplace_back(new float[e]);
+      s->v_.emplace_back(new float[e]);
+    }
+  }
+  if (moments.home != nullptr) {
+    s->scratch_m_.reset(new float[largest]);
+    s->scratch_v_.reset(new float[largest]);
+  }
+  s->WriteBf16(pool);
+  RETURN_IF_ERROR(s->ResetMoments(pool));
+  return s;
+}
+
+std::string HostTrainingState::MomentId(char which, size_t g) const {
+  return absl::StrCat(moments_.prefix, std::string(1, which), "/", g);
+}
+
+void HostTrainingState::WriteBf16(engine::ThreadPool& pool) {
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    const float* master = master_[g].get();
+    uint16_t* pb = buffers_[g].param;
+    pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(master[i]);
+    });
+  }
+}
+
+absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    const int64_t e = shapes_[g].elems;
+    if (moments_.home == nullptr) {
+      Zero(pool, m_[g].get(), e);
+      Zero(pool, v_[g].get(), e);
+      continue;
+    }
+    Zero(pool, scratch_m_.get(), e);
+    RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g), scratch_m_.get(), e, moments_.tier));
+    RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g), scratch_m_.get(), e, moments_.tier));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::SetParams(const engine::ModelParams& params,
+                                          engine::ThreadPool& pool) {
+  RETURN_IF_ERROR(CopyIn(0, params));
+  WriteBf16(pool);
+  return ResetMoments(pool);
+}
+
+absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& pool) {
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    for (const GroupSegment& seg : shapes_[g].segments) {
+      const uint64_t s = (seed * 1000003 + g) * 1000003 + seg.offset;
+      float* p = master_[g].get() + seg.offset;
+      pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) {
+        if (seg.matrix) {
+          HostFillNormal(p, b, e, s, static_cast<float>(config_.init_std));
+        } else {
+          std::fill(p + b, p + e, 1.0f);
+        }
+      });
+    }
+  }
+  WriteBf16(pool);
+  return ResetMoments(pool);
+}
+
+absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) const {
+  if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
+    *out = engine::AllocateParams<float>(config_);
+  }
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    const float* flat = nullptr;
+    if (which == 0) {
+      flat = master_[g].get();
+    } else if (moments_.home == nullptr) {
+      flat = which == 1 ? m_[g].get() : v_[g].get();
+    } else {
+      RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g), scratch_m_.get(),
+                                         shapes_[g].elems));
+      flat = scratch_m_.get();
+    }
+    RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, const_cast<float*>(flat), false));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in) {
+  auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    if (which == 0 || moments_.home == nullptr) {
+      float* flat = which == 0 ? master_[g].get() : which == 1 ? m_[g].get() : v_[g].get();
+      RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, true));
+      continue;
+    }
+    std::fill(scratch_m_.get(), scratch_m_.get() + shapes_[g].elems, 0.0f);
+    RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, scratch_m_.get(), true));
+    RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g), scratch_m_.get(),
+                                       shapes_[g].elems, moments_.tier));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::GetParams(engine::ModelParams* out) const {
+  return CopyOut(0, out);
+}
+
+absl::Status HostTrainingState::GetMoments(engine::ModelParams* m, engine::ModelParams* v) const {
+  RETURN_IF_ERROR(CopyOut(1, m));
+  return CopyOut(2, v);
+}
+
+absl::Status HostTrainingState::SetMoments(const engine::ModelParams& m,
+                                           const engine::ModelParams& v) {
+  RETURN_IF_ERROR(CopyIn(1, m));
+  return CopyIn(2, v);
+}
+
+absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>* segments,
+                                      const engine::AdamWHyper& hyper, int64_t step, float coef,
+                                      engine::ThreadPool& pool) {
+  const int64_t elems = shapes_[g].elems;
+  float *m = nullptr, *v = nullptr;
+  if (moments_.home == nullptr) {
+    m = m_[g].get();
+    v = v_[g].get();
+  } else {
+    m = scratch_m_.get();
+    v = scratch_v_.get();
+    RETURN_IF_ERROR(moments_.home->Get(MomentId('m', g), m, elems));
+    RETURN_IF_ERROR(moments_.home->Get(MomentId('v', g), v, elems));
+  }
+  float* master = master_[g].get();
+  float* grad = buffers_[g].grad;
+  uint16_t* pb = buffers_[g].param;
+  auto update = [&](const GroupSegment& seg, int64_t b, int64_t e) {
+    engine::AdamWHyper h = hyper;
+    if (!seg.matrix) h.weight_decay = 0;
+    const int64_t o = seg.offset;
+    if (coef != 1.0f) {
+      for (int64_t i = o + b; i < o + e; ++i) grad[i] *= coef;
+    }
+    engine::AdamWUpdate(master + o + b, grad + o + b, m + o + b, v + o + b, e - b, h, step);
+    for (int64_t i = o + b; i < o + e; ++i) pb[i] = ToBf16Bits(master[i]);
+  };
+  const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
+  if (segs.size() > 64) {
+    // The embedding's runs of token rows: thousands of short segments, split by segment (one
+    // ParallelFor each would run most of them on this thread alone).
+    pool.ParallelFor(static_cast<int64_t>(segs.size()), 1, [&](int64_t sb, int64_t se) {
+      for (int64_t i = sb; i < se; ++i) update(segs[i], 0, segs[i].size);
+    });
+  } else {
+    for (const GroupSegment& seg : segs) {
+      pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) { update(seg, b, e); });
+    }
+  }
+  if (moments_.home != nullptr) {
+    RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g), m, elems, moments_.tier));
+    RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g), v, elems, moments_.tier));
+  }
+  return absl::OkStatus();
+}
+
+double HostTrainingState::AddEmbeddingGradient(const std::vector<int32_t>& ids,
+                                               const uint16_t* dx, engine::ThreadPool& pool) {
+  const size_t embed = embed_group();
+  const int64_t h = config_.hidden_size;
+  float* grad = buffers_[embed].grad;
+  const bool tied = config_.tie_word_embeddings;
+  const std::vector<int64_t> rows = DistinctRows(ids);
+  if (!tied) {
+    pool.ParallelFor(static_cast<int64_t>(grad_rows_.size()), 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) std::fill_n(grad + grad_rows_[i] * h, h, 0.0f);
+    });
+  }
+  // Threads split the columns, so no two write the same element; tokens in order.
+  const int64_t tokens = static_cast<int64_t>(ids.size());
+  pool.ParallelFor(h, 64, [&](int64_t b, int64_t e) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* row = grad + static_cast<int64_t>(ids[t]) * h;
+      const uint16_t* d = dx + t * h;
+      for (int64_t j = b; j < e; ++j) row[j] += FromBf16Bits(d[j]);
+    }
+  });
+  grad_rows_ = rows;
+  if (tied) return SumSquares(pool, grad, shapes_[embed].segments);
+  std::vector<GroupSegment> segs;
+  segs.reserve(rows.size());
+  for (int64_t r : rows) segs.push_back({r * h, h, true});
+  return SumSquares(pool, grad, segs);
+}
+
+void HostTrainingState::GatherEmbeddingRows(const std::vector<int32_t>& ids, uint16_t* out,
+                                            engine::ThreadPool* pool) const {
+  const int64_t h = config_.hidden_size;
+  const uint16_t* table = buffers_[embed_group()].param;
+  auto gather = [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      std::memcpy(out + t * h, table + static_cast<int64_t>(ids[t]) * h, 2 * h);
+    }
+  };
+  if (pool != nullptr) {
+    pool->ParallelFor(static_cast<int64_t>(ids.size()), 256, gather);
+  } else {
+    gather(0, static_cast<int64_t>(ids.size()));
+  }
+}
+
+void HostTrainingState::SplitEmbeddingRows(const std::vector<int32_t>& ids, int64_t vocab,
+                                           int64_t hidden, std::vector<GroupSegment>* rows_out,
+                                           std::vector<GroupSegment>* rest) {
+  rows_out->clear();
+  rest->clear();
+  const std::vector<int64_t> rows = DistinctRows(ids);
+  int64_t next_row = 0;
+  for (size_t i = 0; i < rows.size();) {
+    size_t j = i + 1;
+    while (j < rows.size() && rows[j] == rows[j - 1] + 1) ++j;
+    const int64_t first = rows[i], count = static_cast<int64_t>(j - i);
+    if (first > next_row) rest->push_back({next_row * hidden, (first - next_row) * hidden, true});
+    rows_out->push_back({first * hidden, count * hidden, true});
+    next_row = first + count;
+    i = j;
+  }
+  if (next_row < vocab) rest->push_back({next_row * hidden, (vocab - next_row) * hidden, true});
+}
+
+double HostTrainingState::SumSquares(engine::ThreadPool& pool, const float* x,
+                                     const std::vector<GroupSegment>& segments) {
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  struct Range {
+    int64_t begin, end;
+  };
+  std::vector<Range> ranges;
+  for (const GroupSegment& s : segments) {
+    for (int64_t b = s.offset; b < s.offset + s.size; b += kChunk) {
+      ranges.push_back({b, std::min(b + kChunk, s.offset + s.size)});
+    }
+  }
+  std::vector<double> partial(ranges.size(), 0.0);
+  pool.ParallelFor(static_cast<int64_t>(ranges.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      double s = 0;
+      for (int64_t i = ranges[r].begin; i < ranges[r].end; ++i) s += double{x[i]} * x[i];
+      partial[r] = s;
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+}  // namespace lumen::cuda

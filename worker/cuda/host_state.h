@@ -1,0 +1,162 @@
+// The host side of the streamed CUDA trainer (offload_trainer.h), without CUDA, so it builds
+// and is tested on every machine: the fp32 master weights and AdamW moments of each tensor
+// group (layout.h), the updates that write the bf16 compute copies the device fetches, the
+// embedding's gradient made from the tokens' input gradients, and the queue that runs these
+// jobs in order on host threads.
+#ifndef LUMEN_WORKER_CUDA_HOST_STATE_H_
+#define LUMEN_WORKER_CUDA_HOST_STATE_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/cuda/layout.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optimizer.h"
+#include "worker/engine/tensor_home.h"
+#include "worker/engine/thread_pool.h"
+
+namespace lumen::cuda {
+
+// Runs jobs in submission order on one thread that splits each over a ThreadPool. A job first
+// waits for what it reads (`ready`); when that fails the job's work is skipped. error() keeps
+// the first failure of either. Thread-safe.
+class HostJobQueue {
+ public:
+  using Work = std::function<absl::Status(engine::ThreadPool&)>;
+  using Ready = std::function<absl::Status()>;
+  // `on_start` runs first on the queue's thread (e.g. to make a CUDA device current).
+  explicit HostJobQueue(int threads, std::function<void()> on_start = nullptr);
+  // Runs every job already queued, then stops.
+  ~HostJobQueue();
+  // `ready` may be null; `front`: ahead of every job not yet started.
+  std::shared_future<void> Submit(Ready ready, Work work, bool front = false);
+  absl::Status error();
+
+ private:
+  struct Job {
+    Ready ready;
+    Work work;
+    std::promise<void> done;
+  };
+  void Loop(std::function<void()> on_start);
+
+  engine::ThreadPool pool_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+  absl::Status error_;
+  std::thread thread_;
+};
+
+// The memory of one group that the caller owns (pinned, for the copy engines): the bf16
+// compute copy and the fp32 gradient, TensorGroupShapes' elems each.
+struct HostGroupBuffers {
+  uint16_t* param = nullptr;
+  float* grad = nullptr;
+};
+
+// Where AdamW's moments live when not in this process' memory: a TensorHome (the memstore,
+// whose NVMe tier holds what host RAM cannot), as tensors "<prefix>m/<group>" and
+// "<prefix>v/<group>".
+struct MomentsHome {
+  engine::TensorHome* home = nullptr;  // not owned; null: in this process
+  std::string prefix;
+  engine::HomeTier tier = engine::HomeTier::kNvme;
+};
+
+// bf16 (round to nearest even; NaN stays NaN) to and from fp32 bits, as the device's casts.
+uint16_t ToBf16Bits(float f);
+float FromBf16Bits(uint16_t b);
+
+// Thread-compatible: one thread at a time calls the mutating methods (the queue's, in the
+// streamed trainer).
+class HostTrainingState {
+ public:
+  // `buffers`: one per group of TensorGroupShapes(config). Master weights start at zero (call
+  // SetParams or InitRandom). INVALID_ARGUMENT for a bad config or buffer count.
+  static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
+      const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
+      const MomentsHome& moments, engine::ThreadPool& pool);
+  // Frees the moments it put in a home.
+  ~HostTrainingState();
+
+  // Bytes the state allocates itself: master weights, and the moments (or, when they live in a
+  // home, two buffers of the largest group to update them in).
+  static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home);
+
+  // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
+  // zero moments.
+  absl::Status SetParams(const engine::ModelParams& params, engine::ThreadPool& pool);
+  // The device's ResidentState::InitRandom(seed) values (kernels::FillNormal's hash), zero
+  // moments.
+  absl::Status InitRandom(uint64_t seed, engine::ThreadPool& pool);
+  absl::Status GetParams(engine::ModelParams* out) const;
+  absl::Status GetMoments(engine::ModelParams* m, engine::ModelParams* v) const;
+  absl::Status SetMoments(const engine::ModelParams& m, const engine::ModelParams& v);
+
+  // AdamW on `segments` of group g (all of it when null) at 1-based `step`: the gradients are
+  // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
+  // written. Moments in a home are read and written whole. Errors of the home.
+  absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
+                     const engine::AdamWHyper& hyper, int64_t step, float coef,
+                     engine::ThreadPool& pool);
+
+  // Adds the tokens' input gradients `dx` (bf16, [ids.size(), hidden]) into their rows of the
+  // embedding group's gradient: untied, after zeroing the rows the previous call wrote (the
+  // group holds only the embedding's gradient); tied, onto the head's gradient already there.
+  // Returns the group's squared L2 norm (untied: over the rows of `ids`, the others are zero).
+  double AddEmbeddingGradient(const std::vector<int32_t>& ids, const uint16_t* dx,
+                              engine::ThreadPool& pool);
+  // Each token's row of the bf16 embedding, in token order, into `out` ([ids.size(), hidden]).
+  // `pool` may be null (this thread only).
+  void GatherEmbeddingRows(const std::vector<int32_t>& ids, uint16_t* out,
+                           engine::ThreadPool* pool) const;
+  // The embedding group's segments holding the rows `ids` uses (runs of adjacent rows), and
+  // the others; together they cover the table once.
+  static void SplitEmbeddingRows(const std::vector<int32_t>& ids, int64_t vocab, int64_t hidden,
+                                 std::vector<GroupSegment>* rows,
+                                 std::vector<GroupSegment>* rest);
+  // Sum of squares of x over `segments` in fixed chunks summed in order (the same result
+  // whatever the threads).
+  static double SumSquares(engine::ThreadPool& pool, const float* x,
+                           const std::vector<GroupSegment>& segments);
+
+  const std::vector<TensorGroupShape>& shapes() const { return shapes_; }
+  size_t embed_group() const { return config_.num_hidden_layers; }
+  bool moments_at_home() const { return moments_.home != nullptr; }
+  const HostGroupBuffers& buffers(size_t g) const { return buffers_[g]; }
+
+ private:
+  HostTrainingState(const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
+                    const MomentsHome& moments);
+  std::string MomentId(char which, size_t g) const;
+  // Writes every group's bf16 copy from its master weights, and zero moments.
+  absl::Status ResetMoments(engine::ThreadPool& pool);
+  void WriteBf16(engine::ThreadPool& pool);
+  // which: 0 master, 1 m, 2 v.
+  absl::Status CopyOut(int which, engine::ModelParams* out) const;
+  absl::Status CopyIn(int which, const engine::ModelParams& in);
+
+  const engine::ModelConfig config_;
+  const std::vector<TensorGroupShape> shapes_;
+  const std::vector<HostGroupBuffers> buffers_;
+  const MomentsHome moments_;
+  std::vector<std::unique_ptr<float[]>> master_, m_, v_;  // m_, v_ empty with a home
+  std::unique_ptr<float[]> scratch_m_, scratch_v_;       // with a home
+  std::vector<int64_t> grad_rows_;                        // rows the last gradient wrote
+};
+
+}  // namespace lumen::cuda
+
+#endif  // LUMEN_WORKER_CUDA_HOST_STATE_H_

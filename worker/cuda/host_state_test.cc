@@ -1,0 +1,371 @@
+// The streamed CUDA trainer's host side on the CPU: its AdamW against the engine's on the same
+// tensors, moments in a TensorHome, the embedding's rows split and gathered, the embedding's
+// gradient from the tokens' input gradients, and the job queue.
+#include "worker/cuda/host_state.h"
+
+#include <atomic>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optimizer.h"
+#include "worker/engine/tensor_home.h"
+#include "worker/engine/thread_pool.h"
+
+namespace lumen::cuda {
+namespace {
+
+using ::testing::HasSubstr;
+
+engine::ModelConfig Config(bool tied) {
+  engine::ModelConfig c;
+  c.hidden_size = 64;
+  c.intermediate_size = 176;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.vocab_size = 256;
+  c.max_position_embeddings = 64;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+engine::ModelParams RandomParams(const engine::ModelConfig& c, uint64_t seed, float scale) {
+  engine::ModelParams p = engine::AllocateParams<float>(c);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  for (auto& t : engine::NamedTensors(c, &p)) {
+    for (float& x : *t.data) x = normal(rng);
+  }
+  return p;
+}
+
+// The pinned buffers the trainer would own, as plain vectors.
+struct Buffers {
+  explicit Buffers(const engine::ModelConfig& c) {
+    for (const TensorGroupShape& s : TensorGroupShapes(c)) {
+      params.emplace_back(s.elems, 0);
+      grads.emplace_back(s.elems, 0.0f);
+    }
+  }
+  std::vector<HostGroupBuffers> Views() {
+    std::vector<HostGroupBuffers> v;
+    for (size_t g = 0; g < params.size(); ++g) v.push_back({params[g].data(), grads[g].data()});
+    return v;
+  }
+  std::vector<std::vector<uint16_t>> params;
+  std::vector<std::vector<float>> grads;
+};
+
+engine::AdamWHyper Hyper() {
+  engine::AdamWHyper h;
+  h.lr = 1e-2;
+  h.beta1 = 0.9;
+  h.beta2 = 0.95;
+  h.eps = 1e-8;
+  h.weight_decay = 0.1;
+  return h;
+}
+
+// The engine's update of every tensor (weight decay on matrices only), gradients scaled first.
+void EngineAdamW(const engine::ModelConfig& c, engine::ModelParams* p, engine::ModelParams* g,
+                 engine::ModelParams* m, engine::ModelParams* v, int64_t step, float coef) {
+  auto ps = engine::NamedTensors(c, p);
+  auto gs = engine::NamedTensors(c, g);
+  auto ms = engine::NamedTensors(c, m);
+  auto vs = engine::NamedTensors(c, v);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    engine::AdamWHyper h = Hyper();
+    if (ps[i].shape.size() < 2) h.weight_decay = 0;
+    for (float& x : *gs[i].data) x *= coef;
+    engine::AdamWUpdate(ps[i].data->data(), gs[i].data->data(), ms[i].data->data(),
+                        vs[i].data->data(), static_cast<int64_t>(ps[i].data->size()), h, step);
+  }
+}
+
+void ExpectSame(const engine::ModelConfig& c, engine::ModelParams a, engine::ModelParams b,
+                const std::string& what) {
+  auto at = engine::NamedTensors(c, &a);
+  auto bt = engine::NamedTensors(c, &b);
+  ASSERT_EQ(at.size(), bt.size());
+  for (size_t i = 0; i < at.size(); ++i) EXPECT_EQ(*at[i].data, *bt[i].data) << what << " " << at[i].name;
+}
+
+// Runs three steps on the host state (gradients copied into its buffers, clipped by `coef` on
+// the second) and on the engine, and expects the same weights, moments and bf16 copies.
+void ExpectMatchesEngine(bool tied, engine::TensorHome* home) {
+  const engine::ModelConfig c = Config(tied);
+  engine::ThreadPool pool(3);
+  Buffers buf(c);
+  MomentsHome mh;
+  mh.home = home;
+  mh.prefix = "job/";
+  auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
+  ASSERT_TRUE(state.ok()) << state.status();
+  engine::ModelParams p = RandomParams(c, 1, 0.02f);
+  ASSERT_TRUE((*state)->SetParams(p, pool).ok());
+  engine::ModelParams m = engine::AllocateParams<float>(c), v = engine::AllocateParams<float>(c);
+  const size_t groups = (*state)->shapes().size();
+  for (int64_t step = 1; step <= 3; ++step) {
+    engine::ModelParams g = RandomParams(c, 100 + step, 1.0f);
+    for (size_t k = 0; k < groups; ++k) {
+      ASSERT_TRUE(CopyGroupTensors(c, &g, k, buf.grads[k].data(), true).ok());
+    }
+    const float coef = step == 2 ? 0.25f : 1.0f;
+    EngineAdamW(c, &p, &g, &m, &v, step, coef);
+    for (size_t k = 0; k < groups; ++k) {
+      ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), step, coef, pool).ok());
+    }
+  }
+  engine::ModelParams got;
+  ASSERT_TRUE((*state)->GetParams(&got).ok());
+  ExpectSame(c, got, p, "master");
+  engine::ModelParams gm, gv;
+  ASSERT_TRUE((*state)->GetMoments(&gm, &gv).ok());
+  ExpectSame(c, gm, m, "m");
+  ExpectSame(c, gv, v, "v");
+  // The bf16 copies are the master weights rounded.
+  for (size_t k = 0; k < groups; ++k) {
+    std::vector<float> flat(buf.grads[k].size(), 0.0f);
+    ASSERT_TRUE(CopyGroupTensors(c, &p, k, flat.data(), true).ok());
+    for (size_t i = 0; i < flat.size(); ++i) {
+      ASSERT_EQ(buf.params[k][i], ToBf16Bits(flat[i])) << "group " << k << " element " << i;
+    }
+  }
+}
+
+TEST(HostTrainingStateTest, AdamWMatchesTheEngine) {
+  ExpectMatchesEngine(false, nullptr);
+  ExpectMatchesEngine(true, nullptr);
+}
+
+TEST(HostTrainingStateTest, MomentsInAHomeGiveTheSameUpdates) {
+  engine::MemoryTensorHome home;
+  ExpectMatchesEngine(false, &home);
+  // Freed with the state.
+  EXPECT_EQ(home.num_tensors(), 0);
+  ExpectMatchesEngine(true, &home);
+  EXPECT_EQ(home.num_tensors(), 0);
+  EXPECT_GT(home.bytes_in(), 0);
+}
+
+TEST(HostTrainingStateTest, MomentsInAHomeLiveInItsTier) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  Buffers buf(c);
+  engine::MemoryTensorHome home;
+  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
+  ASSERT_TRUE(state.ok()) << state.status();
+  const size_t groups = (*state)->shapes().size();
+  EXPECT_EQ(home.num_tensors(), static_cast<int64_t>(2 * groups));
+  int64_t elems = 0;
+  for (const TensorGroupShape& s : (*state)->shapes()) elems += s.elems;
+  EXPECT_EQ(home.bytes_stored(engine::HomeTier::kNvme), 8 * elems);
+  engine::HomeTier tier;
+  ASSERT_TRUE(home.TierOf("j/m/0", &tier).ok());
+  EXPECT_EQ(tier, engine::HomeTier::kNvme);
+  // The state keeps the master weights and two buffers of the largest group, not the moments.
+  EXPECT_LT(HostTrainingState::OwnBytes(c, true), HostTrainingState::OwnBytes(c, false));
+  // A home that fails is reported by the update that needed it.
+  ASSERT_TRUE(home.Free("j/v/1").ok());
+  const absl::Status s = (*state)->AdamW(1, nullptr, Hyper(), 1, 1.0f, pool);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+}
+
+TEST(HostTrainingStateTest, EmbeddingRowsSplitCoverTheTableOnce) {
+  const int64_t V = 50, h = 4;
+  const std::vector<int32_t> ids = {7, 3, 4, 5, 7, 49, 0, 20, 21};
+  std::vector<GroupSegment> rows, rest;
+  HostTrainingState::SplitEmbeddingRows(ids, V, h, &rows, &rest);
+  std::vector<int> covered(V * h, 0);
+  for (const auto* segs : {&rows, &rest}) {
+    for (const GroupSegment& s : *segs) {
+      EXPECT_TRUE(s.matrix);
+      for (int64_t i = s.offset; i < s.offset + s.size; ++i) covered[i]++;
+    }
+  }
+  for (int64_t i = 0; i < V * h; ++i) ASSERT_EQ(covered[i], 1) << i;
+  // Rows 0, 3-5, 7, 20-21 and 49 as runs.
+  ASSERT_EQ(rows.size(), 5u);
+  EXPECT_EQ(rows[1].offset, 3 * h);
+  EXPECT_EQ(rows[1].size, 3 * h);
+  int64_t row_elems = 0;
+  for (const GroupSegment& s : rows) row_elems += s.size;
+  EXPECT_EQ(row_elems, 8 * h);
+}
+
+TEST(HostTrainingStateTest, SplitUpdateEqualsTheWholeUpdate) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  Buffers a(c), b(c);
+  auto sa = HostTrainingState::Create(c, a.Views(), {}, pool);
+  auto sb = HostTrainingState::Create(c, b.Views(), {}, pool);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  const engine::ModelParams p = RandomParams(c, 3, 0.02f);
+  ASSERT_TRUE((*sa)->SetParams(p, pool).ok());
+  ASSERT_TRUE((*sb)->SetParams(p, pool).ok());
+  const size_t e = (*sa)->embed_group();
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal;
+  for (size_t i = 0; i < a.grads[e].size(); ++i) a.grads[e][i] = b.grads[e][i] = normal(rng);
+  std::vector<GroupSegment> rows, rest;
+  HostTrainingState::SplitEmbeddingRows({1, 2, 9, 100, 255}, c.vocab_size, c.hidden_size, &rows,
+                                        &rest);
+  ASSERT_TRUE((*sa)->AdamW(e, &rows, Hyper(), 1, 0.5f, pool).ok());
+  ASSERT_TRUE((*sa)->AdamW(e, &rest, Hyper(), 1, 0.5f, pool).ok());
+  ASSERT_TRUE((*sb)->AdamW(e, nullptr, Hyper(), 1, 0.5f, pool).ok());
+  engine::ModelParams pa, pb;
+  ASSERT_TRUE((*sa)->GetParams(&pa).ok());
+  ASSERT_TRUE((*sb)->GetParams(&pb).ok());
+  ExpectSame(c, pa, pb, "split vs whole");
+  EXPECT_EQ(a.params[e], b.params[e]);
+}
+
+// dx for `ids` tokens, bf16, and the engine-side reference: each token's row added in order.
+std::vector<uint16_t> RandomDx(int64_t tokens, int64_t h, uint64_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<uint16_t> dx(tokens * h);
+  for (uint16_t& x : dx) x = ToBf16Bits(normal(rng));
+  return dx;
+}
+
+TEST(HostTrainingStateTest, EmbeddingGradientFromTheTokensInputGradients) {
+  for (bool tied : {false, true}) {
+    const engine::ModelConfig c = Config(tied);
+    const int64_t h = c.hidden_size, V = c.vocab_size;
+    engine::ThreadPool pool(3);
+    Buffers buf(c);
+    auto state = HostTrainingState::Create(c, buf.Views(), {}, pool);
+    ASSERT_TRUE(state.ok());
+    const size_t e = (*state)->embed_group();
+    std::vector<float>& grad = buf.grads[e];
+    std::vector<float> head(V * h);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal;
+    for (float& x : head) x = normal(rng);
+    for (int step = 0; step < 2; ++step) {
+      const std::vector<int32_t> ids =
+          step == 0 ? std::vector<int32_t>{5, 9, 5, 200} : std::vector<int32_t>{9, 17, 17};
+      const std::vector<uint16_t> dx = RandomDx(ids.size(), h, 10 + step);
+      // Tied, the head's gradient blocks arrive first and the tokens' gradients are added on.
+      if (tied) grad = head;
+      std::vector<float> want = tied ? head : std::vector<float>(V * h, 0.0f);
+      for (size_t t = 0; t < ids.size(); ++t) {
+        for (int64_t j = 0; j < h; ++j) want[ids[t] * h + j] += FromBf16Bits(dx[t * h + j]);
+      }
+      const double sumsq = (*state)->AddEmbeddingGradient(ids, dx.data(), pool);
+      // Untied, the rows of the previous step are zero again.
+      ASSERT_EQ(grad, want) << (tied ? "tied" : "untied") << " step " << step;
+      double want_sumsq = 0;
+      for (float x : want) want_sumsq += double{x} * x;
+      EXPECT_NEAR(sumsq, want_sumsq, 1e-9 * want_sumsq);
+    }
+  }
+}
+
+TEST(HostTrainingStateTest, GathersEachTokensRowInTokenOrder) {
+  const engine::ModelConfig c = Config(true);
+  engine::ThreadPool pool(2);
+  Buffers buf(c);
+  auto state = HostTrainingState::Create(c, buf.Views(), {}, pool);
+  ASSERT_TRUE(state.ok());
+  ASSERT_TRUE((*state)->SetParams(RandomParams(c, 6, 0.02f), pool).ok());
+  const std::vector<int32_t> ids = {3, 3, 255, 0};
+  const int64_t h = c.hidden_size;
+  std::vector<uint16_t> out(ids.size() * h), out1(ids.size() * h);
+  (*state)->GatherEmbeddingRows(ids, out.data(), &pool);
+  (*state)->GatherEmbeddingRows(ids, out1.data(), nullptr);
+  EXPECT_EQ(out, out1);
+  const std::vector<uint16_t>& table = buf.params[(*state)->embed_group()];
+  for (size_t t = 0; t < ids.size(); ++t) {
+    for (int64_t j = 0; j < h; ++j) ASSERT_EQ(out[t * h + j], table[ids[t] * h + j]);
+  }
+}
+
+TEST(HostTrainingStateTest, InitRandomIsSeededNormalMatricesAndUnitNorms) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  Buffers a(c), b(c);
+  auto sa = HostTrainingState::Create(c, a.Views(), {}, pool);
+  auto sb = HostTrainingState::Create(c, b.Views(), {}, pool);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  ASSERT_TRUE((*sa)->InitRandom(7, pool).ok());
+  ASSERT_TRUE((*sb)->InitRandom(7, pool).ok());
+  EXPECT_EQ(a.params, b.params);
+  engine::ModelParams p;
+  ASSERT_TRUE((*sa)->GetParams(&p).ok());
+  EXPECT_EQ(p.norm, std::vector<float>(c.hidden_size, 1.0f));
+  double sum = 0, sumsq = 0;
+  for (float x : p.embed_tokens) {
+    sum += x;
+    sumsq += double{x} * x;
+  }
+  const double n = static_cast<double>(p.embed_tokens.size());
+  EXPECT_NEAR(sum / n, 0.0, 0.002);
+  EXPECT_NEAR(std::sqrt(sumsq / n), c.init_std, 0.05 * c.init_std);
+}
+
+TEST(HostTrainingStateTest, RefusesParamsOfAnotherShape) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(1);
+  Buffers buf(c);
+  auto state = HostTrainingState::Create(c, buf.Views(), {}, pool);
+  ASSERT_TRUE(state.ok());
+  engine::ModelParams p = engine::AllocateParams<float>(c);
+  p.norm.resize(3);
+  const absl::Status s = (*state)->SetParams(p, pool);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("3 values where 64 belong"));
+  auto few = HostTrainingState::Create(c, {}, {}, pool);
+  EXPECT_EQ(few.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(HostJobQueueTest, RunsInOrderFrontFirstAndSkipsJobsWhoseInputNeverCame) {
+  std::atomic<bool> started{false};
+  std::vector<int> order;
+  std::promise<void> release;
+  std::shared_future<void> gate = release.get_future().share();
+  {
+    HostJobQueue q(2, [&] { started = true; });
+    // The first job holds the queue until released, so the others are all queued behind it.
+    std::promise<void> running;
+    q.Submit(nullptr, [&](engine::ThreadPool&) {
+      running.set_value();
+      gate.wait();
+      order.push_back(0);
+      return absl::OkStatus();
+    });
+    running.get_future().wait();
+    auto push = [&](int i) {
+      return [&order, i](engine::ThreadPool&) {
+        order.push_back(i);
+        return absl::OkStatus();
+      };
+    };
+    q.Submit(nullptr, push(1));
+    q.Submit([] { return absl::InternalError("event failed"); }, push(99));
+    q.Submit(nullptr, push(2));
+    auto front = q.Submit(nullptr, push(3), /*front=*/true);
+    auto failing = q.Submit(nullptr, [](engine::ThreadPool&) {
+      return absl::NotFoundError("no such tensor");
+    });
+    release.set_value();
+    front.wait();
+    failing.wait();
+    const absl::Status e = q.error();
+    EXPECT_EQ(e.code(), absl::StatusCode::kInternal);
+    EXPECT_THAT(std::string(e.message()), HasSubstr("event failed"));
+    EXPECT_THAT(std::string(e.message()), HasSubstr("did not run"));
+  }
+  EXPECT_TRUE(started);
+  EXPECT_EQ(order, (std::vector<int>{0, 3, 1, 2}));
+}
+
+}  // namespace
+}  // namespace lumen::cuda
