@@ -1,8 +1,8 @@
 // The worker's CUDA device (lumend --device cuda): worker i drives GPU i. Jobs train with
 // everything resident on the GPU when they fit its budget, and otherwise stream through the
 // worker's host memory (cuda::CudaJobTrainer over cuda::CudaOffloadTrainer): the fp32 state
-// stays in host RAM and the GPU holds two layers at a time. The memstore's tiers (NVMe) are not
-// used by the CUDA device yet. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
+// stays in host RAM, AdamW's moments there or in the memstore (--optimizer-state-tier nvme),
+// and the GPU holds two layers at a time. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
 // and the only one in builds without the CUDA toolkit) links cuda_jobs_absent.cc, whose
 // functions say it has no CUDA device.
 #ifndef LUMEN_WORKER_CUDA_JOBS_H_
