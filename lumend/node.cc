@@ -18,7 +18,6 @@
 #include <exception>
 #include <map>
 #include <set>
-#include <thread>
 
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
@@ -32,6 +31,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/cpus.h"
 #include "common/json.h"
 #include "common/paths.h"
 #include "common/status_macros.h"
@@ -271,9 +271,8 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
     // GPU workers' host threads run AdamW of streamed jobs side by side: a share of the cores
     // each, rather than every worker a pool of all of them.
     if (o.device == DeviceKind::kCuda && o.workers > 1) {
-      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
       w.argv.push_back("--threads");
-      w.argv.push_back(absl::StrCat(std::max(1, cores / o.workers)));
+      w.argv.push_back(absl::StrCat(std::max(1, UsableCpus() / o.workers)));
     }
     w.log_file = logs + w.name + ".log";
     w.sockets = {socket};

@@ -10,11 +10,11 @@
 #include <fstream>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/cpus.h"
 #include "common/node_options.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -159,7 +159,7 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   EXPECT_THAT(specs[3].argv, ::testing::Not(::testing::Contains("--listen")));
   EXPECT_THAT(specs[1].argv, ::testing::Contains("cuda"));
   // Two GPU workers share the cores for their host AdamW.
-  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = UsableCpus();
   const std::vector<std::string>& a = specs[1].argv;
   const auto threads = std::find(a.begin(), a.end(), "--threads");
   ASSERT_NE(threads, a.end());

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "worker/cuda/device.h"
+#include "worker/cuda/host_state.h"
 #include "worker/cuda/job_trainer.h"
 #include "worker/cuda/measure.h"
 
@@ -175,7 +176,7 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
   CudaJobMemory memory;
   memory.streamed = plan.offload;
   if (plan.offload && moments_in_memstore) {
-    memory.moments_home_bytes = 8 * engine::ParameterCount(options.model);
+    memory.moments_home_bytes = cuda::HostTrainingState::MomentsBytes(options.model);
   }
   return memory;
 }
@@ -191,6 +192,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
   moments.home = moments_home;
   moments.prefix = "moments/";
   moments.tier = moments_tier;
+  moments.freed_by_owner = true;  // RunTask frees the job's tensors in one call
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
                    cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload,
                                                 moments));

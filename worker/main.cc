@@ -1,10 +1,10 @@
 // worker: drives one device and runs the training tasks the coordinator sends. Started by lumend.
 #include <iostream>
 #include <string>
-#include <thread>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "common/cpus.h"
 #include "common/metrics.h"
 #include "common/process.h"
 #include "glog/logging.h"
@@ -110,9 +110,7 @@ int main(int argc, char** argv) {
   auto profile = lumen::CachedProfile(data_dir, options.name, reprofile, [&] {
     auto figures =
         cuda ? lumen::MeasureCudaDevice(id)
-             : lumen::MeasureCpuDevice(threads > 0 ? threads
-                                                   : static_cast<int>(
-                                                         std::thread::hardware_concurrency()));
+             : lumen::MeasureCpuDevice(threads > 0 ? threads : lumen::UsableCpus());
     if (figures.ok() && memstore_up) {
       auto call = lumen::MeasureMemstoreCall(memstore.get(), options.name);
       if (call.ok()) {

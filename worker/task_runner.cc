@@ -4,11 +4,11 @@
 #include <fstream>
 #include <optional>
 #include <system_error>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "client/tokenizer_info.h"
+#include "common/cpus.h"
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -142,8 +142,7 @@ absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spe
                                                   : engine::DataOrder::kSequential;
   o.data.seed = d.seed();
   o.init_from = spec.init_from();
-  o.num_threads = num_threads > 0 ? num_threads
-                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  o.num_threads = num_threads > 0 ? num_threads : UsableCpus();
   return o;
 }
 

@@ -46,7 +46,7 @@ build() {
     worker/engine/offload_trainer.cc worker/engine/tensor_home.cc worker/engine/transfers.cc
     worker/engine/model.cc worker/engine/optimizer.cc
     worker/engine/thread_pool.cc worker/engine/trainer.cc worker/engine/data.cc
-    worker/engine/checkpoint.cc worker/engine/safetensors.cc common/json.cc
+    worker/engine/checkpoint.cc worker/engine/safetensors.cc common/json.cc common/cpus.cc
     tests/gpu/cblas_shim/cblas_shim.cc tests/gpu/glibc_compat.cc tests/gpu/gpu_test_util.cc
     tests/gpu/gpu_test_main.cc
     worker/cuda/kernels_test.cc tests/gpu/training_test.cc tests/bench/gpu_bench.cc"
@@ -68,6 +68,7 @@ build() {
     $OBJ/worker_engine_offload_trainer.cc.o $OBJ/worker_engine_tensor_home.cc.o
     $OBJ/worker_engine_transfers.cc.o $OBJ/worker_engine_trainer.cc.o $OBJ/worker_engine_data.cc.o
     $OBJ/worker_engine_checkpoint.cc.o $OBJ/worker_engine_safetensors.cc.o $OBJ/common_json.cc.o
+    $OBJ/common_cpus.cc.o
     $OBJ/worker_engine_model.cc.o $OBJ/worker_engine_optimizer.cc.o
     $OBJ/worker_engine_thread_pool.cc.o $OBJ/tests_gpu_cblas_shim_cblas_shim.cc.o
     $OBJ/tests_gpu_glibc_compat.cc.o"

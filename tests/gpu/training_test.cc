@@ -11,6 +11,7 @@
 #include <fstream>
 #include <memory>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -612,6 +613,23 @@ TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {
   ASSERT_TRUE((*in_memory)->Export(ca).ok());
   ASSERT_TRUE((*at_home)->Export(cb).ok());
   EXPECT_GT(home.bytes_out(), 0);
+  // The same weights and moments (up to the device's run-to-run summation order).
+  engine::ModelParams pa = engine::AllocateParams<float>(c), pb = pa, ma = pa, va = pa,
+                      mb = pa, vb = pa;
+  int64_t sa = 0, sb = 0;
+  ASSERT_TRUE(engine::LoadWeights(ca, c, &pa).ok());
+  ASSERT_TRUE(engine::LoadWeights(cb, c, &pb).ok());
+  ASSERT_TRUE(engine::LoadOptimizerState(ca + "/" + engine::kOptimizerFile, c, &ma, &va, &sa).ok());
+  ASSERT_TRUE(engine::LoadOptimizerState(cb + "/" + engine::kOptimizerFile, c, &mb, &vb, &sb).ok());
+  EXPECT_EQ(sa, sb);
+  for (auto [x, y, what] : {std::make_tuple(&pa, &pb, "weights"), std::make_tuple(&ma, &mb, "m"),
+                            std::make_tuple(&va, &vb, "v")}) {
+    auto xt = engine::NamedTensors(c, x);
+    auto yt = engine::NamedTensors(c, y);
+    for (size_t i = 0; i < xt.size(); ++i) {
+      EXPECT_LE(NormwiseError(*yt[i].data, *xt[i].data), 1e-3) << what << " " << xt[i].name;
+    }
+  }
   EXPECT_EQ(home.bytes_stored(engine::HomeTier::kHost), 0);
   at_home->reset();
   EXPECT_EQ(home.num_tensors(), 0);  // freed with the trainer

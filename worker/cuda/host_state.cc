@@ -120,7 +120,7 @@ HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
       moments_(moments) {}
 
 HostTrainingState::~HostTrainingState() {
-  if (moments_.home == nullptr) return;
+  if (moments_.home == nullptr || moments_.freed_by_owner) return;
   for (size_t g = 0; g < shapes_.size(); ++g) {
     (void)moments_.home->Free(MomentId('m', g));
     (void)moments_.home->Free(MomentId('v', g));
@@ -134,6 +134,12 @@ int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool mome
     largest = std::max(largest, s.elems);
   }
   return 4 * elems + (moments_at_home ? 2 * 4 * largest : 2 * 4 * elems);
+}
+
+int64_t HostTrainingState::MomentsBytes(const engine::ModelConfig& config) {
+  int64_t elems = 0;
+  for (const TensorGroupShape& s : TensorGroupShapes(config)) elems += s.elems;
+  return 2 * 4 * elems;
 }
 
 absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(

@@ -73,6 +73,9 @@ struct MomentsHome {
   engine::TensorHome* home = nullptr;  // not owned; null: in this process
   std::string prefix;
   engine::HomeTier tier = engine::HomeTier::kNvme;
+  // The owner of `home` frees everything under its prefix itself (the worker, once per job):
+  // the state does not free its tensors one by one when destroyed.
+  bool freed_by_owner = false;
 };
 
 // bf16 (round to nearest even; NaN stays NaN) to and from fp32 bits, as the device's casts.
@@ -88,12 +91,14 @@ class HostTrainingState {
   static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
       const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
       const MomentsHome& moments, engine::ThreadPool& pool);
-  // Frees the moments it put in a home.
+  // Frees the moments it put in a home (unless MomentsHome::freed_by_owner).
   ~HostTrainingState();
 
   // Bytes the state allocates itself: master weights, and the moments (or, when they live in a
   // home, two buffers of the largest group to update them in).
   static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home);
+  // Bytes of both moments of every group (what a home holds).
+  static int64_t MomentsBytes(const engine::ModelConfig& config);
 
   // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
   // zero moments.

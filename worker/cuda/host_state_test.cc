@@ -171,10 +171,24 @@ TEST(HostTrainingStateTest, MomentsInAHomeLiveInItsTier) {
   EXPECT_EQ(tier, engine::HomeTier::kNvme);
   // The state keeps the master weights and two buffers of the largest group, not the moments.
   EXPECT_LT(HostTrainingState::OwnBytes(c, true), HostTrainingState::OwnBytes(c, false));
+  EXPECT_EQ(HostTrainingState::MomentsBytes(c), 8 * elems);
   // A home that fails is reported by the update that needed it.
   ASSERT_TRUE(home.Free("j/v/1").ok());
   const absl::Status s = (*state)->AdamW(1, nullptr, Hyper(), 1, 1.0f, pool);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+}
+
+TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
+  const engine::ModelConfig c = Config(true);
+  engine::ThreadPool pool(1);
+  Buffers buf(c);
+  engine::MemoryTensorHome home;
+  {
+    MomentsHome mh{&home, "j/", engine::HomeTier::kHost, /*freed_by_owner=*/true};
+    auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
+    ASSERT_TRUE(state.ok());
+  }
+  EXPECT_EQ(home.num_tensors(), static_cast<int64_t>(2 * TensorGroupShapes(c).size()));
 }
 
 TEST(HostTrainingStateTest, EmbeddingRowsSplitCoverTheTableOnce) {
@@ -213,9 +227,13 @@ TEST(HostTrainingStateTest, SplitUpdateEqualsTheWholeUpdate) {
   std::mt19937 rng(4);
   std::normal_distribution<float> normal;
   for (size_t i = 0; i < a.grads[e].size(); ++i) a.grads[e][i] = b.grads[e][i] = normal(rng);
+  // Every third row: more than 64 runs, which the update splits by segment.
+  std::vector<int32_t> ids = {1, 2, 100, 255};
+  for (int32_t r = 4; r < 255; r += 3) ids.push_back(r);
   std::vector<GroupSegment> rows, rest;
-  HostTrainingState::SplitEmbeddingRows({1, 2, 9, 100, 255}, c.vocab_size, c.hidden_size, &rows,
-                                        &rest);
+  HostTrainingState::SplitEmbeddingRows(ids, c.vocab_size, c.hidden_size, &rows, &rest);
+  ASSERT_GT(rows.size(), 64u);
+  ASSERT_GT(rest.size(), 64u);
   ASSERT_TRUE((*sa)->AdamW(e, &rows, Hyper(), 1, 0.5f, pool).ok());
   ASSERT_TRUE((*sa)->AdamW(e, &rest, Hyper(), 1, 0.5f, pool).ok());
   ASSERT_TRUE((*sb)->AdamW(e, nullptr, Hyper(), 1, 0.5f, pool).ok());

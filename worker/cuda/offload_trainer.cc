@@ -1,7 +1,5 @@
 #include "worker/cuda/offload_trainer.h"
 
-#include <sched.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +12,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/cpus.h"
 #include "common/status_macros.h"
 #include "worker/cuda/cuda_status.h"
 #include "worker/cuda/kernels.h"
@@ -27,14 +26,6 @@ struct CudaOffloadTrainer::HostGroup {
 };
 
 namespace {
-
-// CPUs this process may run on (a container's share, not the host's count).
-int UsableCpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-}
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -344,6 +335,9 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   // that step's embedding-gradient job may still be queued.
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cs), "offload step: wait for the previous step");
   if (embed_grad_done_.valid()) embed_grad_done_.wait();
+  // A host update that failed (the moments' home, a CUDA error) ends the job here, not at the
+  // next checkpoint.
+  RETURN_IF_ERROR(queue_->error());
   std::memcpy(ids_host_.get(), inputs.data(), 4 * total);
   std::memcpy(ids_host_.as<int32_t>() + total, targets.data(), 4 * total);
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids_.get(), ids_host_.get(), 8 * total,
@@ -548,6 +542,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     embed_grad_done_.wait();
     wait_big_s_ += Seconds(t0);
   }
+  RETURN_IF_ERROR(queue_->error());
   CudaOffloadStepResult r;
   r.loss = loss_sum / static_cast<double>(total);
   r.grad_norm = std::sqrt(device_sumsq + embed_sumsq_);
