@@ -102,7 +102,7 @@ int64_t AvailableHostBytes() {
 // RESOURCE_EXHAUSTED naming the sizes when none fits.
 absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
                                      const std::string& worker_name, int64_t budget_bytes,
-                                     int64_t host_bytes, bool moments_at_home) {
+                                     int64_t host_bytes, bool moments_at_home, bool speculate) {
   CudaPlan plan;
   int64_t resident = 0;
   for (bool recompute : {false, true}) {
@@ -115,7 +115,7 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
   }
   ASSIGN_OR_RETURN(const int64_t working, cuda::CudaJobTrainer::OffloadDeviceBytes(options));
   ASSIGN_OR_RETURN(const int64_t host,
-                   cuda::CudaJobTrainer::OffloadHostBytes(options, moments_at_home));
+                   cuda::CudaJobTrainer::OffloadHostBytes(options, moments_at_home, speculate));
   const std::string resident_need = absl::StrCat(
       "the job needs ", engine::FormatBytes(resident + kGemmWorkspaceBytes),
       " of GPU memory with everything resident (training state ",
@@ -138,8 +138,12 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
                           "step's layer inputs)"
                         : " of host memory (bf16 weights, fp32 gradients, master weights and "
                           "AdamW moments, the step's layer inputs)",
+        speculate ? " with a second generation of master weights and moments for "
+                    "--optimizer-overlap backward"
+                  : "",
         " and this node has ", engine::FormatBytes(host_bytes), " available. Train a smaller "
         "model or lower grad_accum_steps or seq_len",
+        speculate ? ", or use --optimizer-overlap forward" : "",
         moments_at_home ? "" : ", or keep the moments on NVMe (--optimizer-state-tier nvme)"));
   }
   options.activation_checkpointing = true;
@@ -169,10 +173,11 @@ absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index) {
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
                                             const std::string& worker_name,
                                             int64_t budget_bytes, int64_t host_bytes,
-                                            bool moments_in_memstore) {
+                                            bool moments_in_memstore, bool overlap_backward) {
   if (host_bytes == kHostBytesAvailable) host_bytes = AvailableHostBytes();
-  ASSIGN_OR_RETURN(const CudaPlan plan, FitToDevice(options, worker_name, budget_bytes,
-                                                    host_bytes, moments_in_memstore));
+  ASSIGN_OR_RETURN(const CudaPlan plan,
+                   FitToDevice(options, worker_name, budget_bytes, host_bytes,
+                               moments_in_memstore, overlap_backward && !moments_in_memstore));
   CudaJobMemory memory;
   memory.streamed = plan.offload;
   if (plan.offload && moments_in_memstore) {
@@ -183,11 +188,13 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
-    engine::TensorHome* moments_home, engine::HomeTier moments_tier) {
+    engine::TensorHome* moments_home, engine::HomeTier moments_tier, bool overlap_backward) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
+  // Speculation keeps a second generation of the moments, which only this process' memory can.
+  const bool speculate = overlap_backward && moments_home == nullptr;
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
-                               AvailableHostBytes(), moments_home != nullptr));
+                               AvailableHostBytes(), moments_home != nullptr, speculate));
   cuda::MomentsHome moments;
   moments.home = moments_home;
   moments.prefix = "moments/";
@@ -195,7 +202,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
   moments.freed_by_owner = true;  // RunTask frees the job's tensors in one call
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
                    cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload,
-                                                moments));
+                                                moments, speculate));
   return std::make_unique<CudaDeviceTrainer>(std::move(device), std::move(job));
 }
 

@@ -48,13 +48,17 @@ struct CudaJobMemory {
 // resident, keeping each layer's activations for the backward when they fit and recomputing
 // them otherwise; else streamed through host memory, when its working set fits the GPU and its
 // state `host_bytes` (-1: not checked), with AdamW's moments in the memstore when
-// `moments_in_memstore` (whose room the caller checks). RESOURCE_EXHAUSTED naming the sizes
-// and what to change when nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
+// `moments_in_memstore` (whose room the caller checks). `overlap_backward` (lumend
+// --optimizer-overlap backward): a streamed job with its moments in the worker updates each
+// layer during the backward beside its current weights and moments (12 more bytes per
+// parameter of host memory). RESOURCE_EXHAUSTED naming the sizes and what to change when
+// nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
                                             const std::string& worker_name,
                                             int64_t budget_bytes,
                                             int64_t host_bytes = kHostBytesAvailable,
-                                            bool moments_in_memstore = false);
+                                            bool moments_in_memstore = false,
+                                            bool overlap_backward = false);
 
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
 // choice of resident with kept or recomputed activations, or streamed). Streamed, AdamW's
@@ -63,7 +67,7 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* moments_home = nullptr,
-    engine::HomeTier moments_tier = engine::HomeTier::kNvme);
+    engine::HomeTier moments_tier = engine::HomeTier::kNvme, bool overlap_backward = false);
 
 }  // namespace lumen
 

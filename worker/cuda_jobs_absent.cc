@@ -18,14 +18,14 @@ absl::StatusOr<CudaDeviceInfo> ProbeCudaDevice(int, int64_t) { return NoCuda(); 
 absl::StatusOr<ProfileFigures> MeasureCudaDevice(int) { return NoCuda(); }
 
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions&, const std::string&,
-                                            int64_t, int64_t, bool) {
+                                            int64_t, int64_t, bool, bool) {
   return NoCuda();
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(const engine::TrainerOptions&,
                                                                  int, int64_t,
                                                                  engine::TensorHome*,
-                                                                 engine::HomeTier) {
+                                                                 engine::HomeTier, bool) {
   return NoCuda();
 }
 

@@ -256,7 +256,8 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
     ASSIGN_OR_RETURN(const CudaJobMemory memory,
                      CheckCudaTask(trainer_options, options.worker_name,
                                    options.device_memory_budget_bytes, kHostBytesAvailable,
-                                   CudaMomentsInMemstore(options)));
+                                   CudaMomentsInMemstore(options),
+                                   options.optimizer_overlaps_backward));
     if (memory.moments_home_bytes == 0) return absl::OkStatus();
     int64_t host_free = 0, nvme_free = 0;
     RETURN_IF_ERROR(MemstoreFree(options.memstore, &host_free, &nvme_free));
@@ -337,7 +338,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     // Streamed with --optimizer-state-tier nvme, AdamW's moments live in the memstore.
     ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
                                                 options.device_memory_budget_bytes, home.get(),
-                                                engine::HomeTier::kNvme));
+                                                engine::HomeTier::kNvme,
+                                                options.optimizer_overlaps_backward));
     if (!trainer->resident()) {
       LOG(INFO) << request.job_id() << ": the training state ("
                 << engine::FormatBytes(trainer->TrainingStateBytes())

@@ -12,6 +12,7 @@
 #include <memory>
 #include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -497,7 +498,12 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
   const engine::ModelConfig c = SmallConfig(GetParam());
   const fs::path dir = JobDir(GetParam() ? "offload_job_tied" : "offload_job_untied");
   const std::string data = WriteTokenFile(dir, c.vocab_size, 17);
-  for (double clip : {1.0, 0.0}) {
+  // Clipped (AdamW after the norm); unclipped (AdamW during the backward, in place); and
+  // speculating during the backward with a clip that is never reached (every update kept) and
+  // one that always is (every update redone).
+  const std::vector<std::pair<double, bool>> variants = {
+      {1.0, false}, {0.0, false}, {1e9, true}, {0.05, true}};
+  for (const auto& [clip, speculate] : variants) {
     const int64_t steps = clip > 0 ? 20 : 8, half = steps / 2;
     engine::TrainerOptions o = JobOptions(c, data, steps);
     o.optimizer.grad_clip = clip;
@@ -507,8 +513,9 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
     auto working = CudaJobTrainer::OffloadDeviceBytes(o);
     ASSERT_TRUE(resident.ok() && working.ok());
     ASSERT_LT(*working, *resident);
-    std::printf("clip %.1f: resident %lld bytes, offloaded working set %lld\n", clip,
-                static_cast<long long>(*resident), static_cast<long long>(*working));
+    std::printf("clip %g%s: resident %lld bytes, offloaded working set %lld\n", clip,
+                speculate ? " speculating" : "", static_cast<long long>(*resident),
+                static_cast<long long>(*working));
     CudaDeviceOptions capped;
     capped.budget_bytes = capped.gemm_workspace_bytes + *working + (int64_t{1} << 20);
     auto dev = CudaDevice::Create(capped);
@@ -516,7 +523,7 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
     const int64_t before = (*dev)->in_use();
     auto cpu = engine::Trainer::Create(o);
     ASSERT_TRUE(cpu.ok()) << cpu.status();
-    auto gpu = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
+    auto gpu = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, {}, speculate);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     ASSERT_TRUE((*gpu)->offloaded());
     double worst = 0, loss = 0;
@@ -541,14 +548,15 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
       loss = lg->loss;
     };
     for (int64_t s = 0; s < half; ++s) step_both(**gpu);
-    std::printf("offloaded, clip %.1f: worst relative loss difference %.4f; device peak %lld of "
+    std::printf("offloaded, clip %g: worst relative loss difference %.4f; device peak %lld of "
                 "budget %lld\n",
                 clip, worst, static_cast<long long>((*dev)->peak()),
                 static_cast<long long>((*dev)->budget()));
     EXPECT_LE((*dev)->peak() - before, *working);
     EXPECT_GE((*dev)->peak() - before, *working * 9 / 10);
 
-    const std::string ckpt = (dir / absl::StrCat("offload-", clip > 0 ? "clip" : "noclip")).string();
+    const std::string ckpt =
+        (dir / absl::StrCat("offload-", clip, speculate ? "-speculating" : "")).string();
     ASSERT_TRUE((*gpu)->Export(ckpt).ok());
     engine::ModelParams live, saved = engine::AllocateParams<float>(c);
     ASSERT_TRUE((*gpu)->GetParams(&live).ok());
@@ -569,7 +577,7 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
     gpu->reset();
     engine::TrainerOptions resume = o;
     resume.init_from = ckpt;
-    auto resumed = CudaJobTrainer::Create(resume, dev->get(), /*offload=*/true);
+    auto resumed = CudaJobTrainer::Create(resume, dev->get(), /*offload=*/true, {}, speculate);
     ASSERT_TRUE(resumed.ok()) << resumed.status();
     ASSERT_TRUE((*resumed)->LoadOptimizerState(ckpt + "/" + engine::kOptimizerFile).ok());
     EXPECT_EQ((*resumed)->step(), half);

@@ -127,13 +127,18 @@ HostTrainingState::~HostTrainingState() {
   }
 }
 
-int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool moments_at_home) {
+int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool moments_at_home,
+                                    bool two_generations) {
+  const std::vector<TensorGroupShape> shapes = TensorGroupShapes(config);
   int64_t elems = 0, largest = 0;
-  for (const TensorGroupShape& s : TensorGroupShapes(config)) {
+  for (const TensorGroupShape& s : shapes) {
     elems += s.elems;
     largest = std::max(largest, s.elems);
   }
-  return 4 * elems + (moments_at_home ? 2 * 4 * largest : 2 * 4 * elems);
+  const int64_t own = 4 * elems + (moments_at_home ? 2 * 4 * largest : 2 * 4 * elems);
+  if (!two_generations) return own;
+  const int64_t embed = shapes[config.num_hidden_layers].elems;
+  return own + 3 * 4 * (elems - embed);
 }
 
 int64_t HostTrainingState::MomentsBytes(const engine::ModelConfig& config) {
@@ -144,7 +149,7 @@ int64_t HostTrainingState::MomentsBytes(const engine::ModelConfig& config) {
 
 absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
-    const MomentsHome& moments, engine::ThreadPool& pool) {
+    const MomentsHome& moments, engine::ThreadPool& pool, bool two_generations) {
   RETURN_IF_ERROR(engine::CheckModelConfig(config));
   const size_t groups = TensorGroupShapes(config).size();
   if (buffers.size() != groups) {
@@ -157,21 +162,30 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
       return absl::InvalidArgumentError(absl::StrCat("host state: group ", g, " has no buffer"));
     }
   }
+  if (two_generations && moments.home != nullptr) {
+    return absl::InvalidArgumentError(
+        "host state: two generations of the moments need them in this process, not a home");
+  }
   std::unique_ptr<HostTrainingState> s(
       new HostTrainingState(config, std::move(buffers), moments));
+  s->current_.assign(groups, 0);
   int64_t largest = 0;
   for (size_t g = 0; g < groups; ++g) {
     const int64_t e = s->shapes_[g].elems;
     largest = std::max(largest, e);
     // Uninitialised, then filled by the pool: a single-threaded fill of tens of GB takes tens
     // of seconds.
-    s->master_.emplace_back(new float[e]);
-    Zero(pool, s->master_.back().get(), e);
-    Zero(pool, s->buffers_[g].grad, e);
-    if (moments.home == nullptr) {
-      s->m_.emplace_back(new float[e]);
-      s->v_.emplace_back(new float[e]);
+    const int gens = two_generations && g != s->embed_group() ? 2 : 1;
+    for (int gen = 0; gen < 2; ++gen) {
+      const bool held = gen < gens;
+      s->master_[gen].emplace_back(held ? new float[e] : nullptr);
+      if (held) Zero(pool, s->master_[gen].back().get(), e);
+      if (moments.home == nullptr) {
+        s->m_[gen].emplace_back(held ? new float[e] : nullptr);
+        s->v_[gen].emplace_back(held ? new float[e] : nullptr);
+      }
     }
+    Zero(pool, s->buffers_[g].grad, e);
   }
   if (moments.home != nullptr) {
     s->scratch_m_.reset(new float[largest]);
@@ -186,22 +200,24 @@ std::string HostTrainingState::MomentId(char which, size_t g) const {
   return absl::StrCat(moments_.prefix, std::string(1, which), "/", g);
 }
 
+void HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
+  const float* master = Master(g, current_[g]);
+  uint16_t* pb = buffers_[g].param;
+  pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(master[i]);
+  });
+}
+
 void HostTrainingState::WriteBf16(engine::ThreadPool& pool) {
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    const float* master = master_[g].get();
-    uint16_t* pb = buffers_[g].param;
-    pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(master[i]);
-    });
-  }
+  for (size_t g = 0; g < shapes_.size(); ++g) RewriteBf16(g, pool);
 }
 
 absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
   for (size_t g = 0; g < shapes_.size(); ++g) {
     const int64_t e = shapes_[g].elems;
     if (moments_.home == nullptr) {
-      Zero(pool, m_[g].get(), e);
-      Zero(pool, v_[g].get(), e);
+      Zero(pool, M(g, current_[g]), e);
+      Zero(pool, V(g, current_[g]), e);
       continue;
     }
     Zero(pool, scratch_m_.get(), e);
@@ -222,7 +238,7 @@ absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& po
   for (size_t g = 0; g < shapes_.size(); ++g) {
     for (const GroupSegment& seg : shapes_[g].segments) {
       const uint64_t s = (seed * 1000003 + g) * 1000003 + seg.offset;
-      float* p = master_[g].get() + seg.offset;
+      float* p = Master(g, current_[g]) + seg.offset;
       pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) {
         if (seg.matrix) {
           HostFillNormal(p, b, e, s, static_cast<float>(config_.init_std));
@@ -242,10 +258,11 @@ absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) con
   }
   for (size_t g = 0; g < shapes_.size(); ++g) {
     const float* flat = nullptr;
+    const int gen = current_[g];
     if (which == 0) {
-      flat = master_[g].get();
+      flat = Master(g, gen);
     } else if (moments_.home == nullptr) {
-      flat = which == 1 ? m_[g].get() : v_[g].get();
+      flat = which == 1 ? M(g, gen) : V(g, gen);
     } else {
       RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g), scratch_m_.get(),
                                          shapes_[g].elems));
@@ -260,7 +277,8 @@ absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in)
   auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
   for (size_t g = 0; g < shapes_.size(); ++g) {
     if (which == 0 || moments_.home == nullptr) {
-      float* flat = which == 0 ? master_[g].get() : which == 1 ? m_[g].get() : v_[g].get();
+      const int gen = current_[g];
+      float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
       RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, true));
       continue;
     }
@@ -289,30 +307,48 @@ absl::Status HostTrainingState::SetMoments(const engine::ModelParams& m,
 
 absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>* segments,
                                       const engine::AdamWHyper& hyper, int64_t step, float coef,
-                                      engine::ThreadPool& pool) {
+                                      engine::ThreadPool& pool, int from, int to) {
+  if (from < 0) from = current_[g];
+  if (to < 0) to = current_[g];
+  if (Master(g, from) == nullptr || Master(g, to) == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "host state: group ", g, " has no generation ", Master(g, from) == nullptr ? from : to));
+  }
   const int64_t elems = shapes_[g].elems;
-  float *m = nullptr, *v = nullptr;
+  float *m_in = nullptr, *v_in = nullptr, *m = nullptr, *v = nullptr;
   if (moments_.home == nullptr) {
-    m = m_[g].get();
-    v = v_[g].get();
+    m_in = M(g, from);
+    v_in = V(g, from);
+    m = M(g, to);
+    v = V(g, to);
   } else {
-    m = scratch_m_.get();
-    v = scratch_v_.get();
+    m_in = m = scratch_m_.get();
+    v_in = v = scratch_v_.get();
     RETURN_IF_ERROR(moments_.home->Get(MomentId('m', g), m, elems));
     RETURN_IF_ERROR(moments_.home->Get(MomentId('v', g), v, elems));
   }
-  float* master = master_[g].get();
-  float* grad = buffers_[g].grad;
+  const float* master_in = Master(g, from);
+  float* master = Master(g, to);
+  const float* grad_in = buffers_[g].grad;
   uint16_t* pb = buffers_[g].param;
   auto update = [&](const GroupSegment& seg, int64_t b, int64_t e) {
     engine::AdamWHyper h = hyper;
     if (!seg.matrix) h.weight_decay = 0;
-    const int64_t o = seg.offset;
-    if (coef != 1.0f) {
-      for (int64_t i = o + b; i < o + e; ++i) grad[i] *= coef;
+    const int64_t o = seg.offset + b, n = e - b;
+    if (master != master_in) {  // beside the current values: start from a copy of them
+      std::memcpy(master + o, master_in + o, 4 * n);
+      std::memcpy(m + o, m_in + o, 4 * n);
+      std::memcpy(v + o, v_in + o, 4 * n);
     }
-    engine::AdamWUpdate(master + o + b, grad + o + b, m + o + b, v + o + b, e - b, h, step);
-    for (int64_t i = o + b; i < o + e; ++i) pb[i] = ToBf16Bits(master[i]);
+    // The scaled gradient in a small buffer: the gradients stay as they came, so a dropped
+    // update can be redone with another coefficient.
+    float scaled[4096];
+    for (int64_t c = 0; c < n; c += 4096) {
+      const int64_t k = std::min<int64_t>(4096, n - c);
+      for (int64_t i = 0; i < k; ++i) scaled[i] = grad_in[o + c + i] * coef;
+      engine::AdamWUpdate(master + o + c, scaled, m + o + c, v + o + c, k, h, step);
+    }
+    for (int64_t i = o; i < o + n; ++i) pb[i] = ToBf16Bits(master[i]);
   };
   const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
   if (segs.size() > 64) {

@@ -87,16 +87,21 @@ float FromBf16Bits(uint16_t b);
 class HostTrainingState {
  public:
   // `buffers`: one per group of TensorGroupShapes(config). Master weights start at zero (call
-  // SetParams or InitRandom). INVALID_ARGUMENT for a bad config or buffer count.
+  // SetParams or InitRandom). With `two_generations`, every group but the embedding's holds its
+  // master weights and moments twice (generations 0 and 1), so an update can be written beside
+  // the current values and kept or dropped later (AdamW's `from` / `to`, SetCurrent); moments
+  // in a home cannot. INVALID_ARGUMENT for a bad config or buffer count, or two generations
+  // with a home.
   static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
       const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
-      const MomentsHome& moments, engine::ThreadPool& pool);
+      const MomentsHome& moments, engine::ThreadPool& pool, bool two_generations = false);
   // Frees the moments it put in a home (unless MomentsHome::freed_by_owner).
   ~HostTrainingState();
 
   // Bytes the state allocates itself: master weights, and the moments (or, when they live in a
   // home, two buffers of the largest group to update them in).
-  static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home);
+  static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home,
+                          bool two_generations = false);
   // Bytes of both moments of every group (what a home holds).
   static int64_t MomentsBytes(const engine::ModelConfig& config);
 
@@ -112,10 +117,17 @@ class HostTrainingState {
 
   // AdamW on `segments` of group g (all of it when null) at 1-based `step`: the gradients are
   // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
-  // written. Moments in a home are read and written whole. Errors of the home.
+  // written. It reads generation `from` and writes generation `to` (-1: the current one; equal:
+  // in place); the gradients are left as they were, so the update can run again. Moments in a
+  // home are read and written whole. Errors of the home.
   absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
                      const engine::AdamWHyper& hyper, int64_t step, float coef,
-                     engine::ThreadPool& pool);
+                     engine::ThreadPool& pool, int from = -1, int to = -1);
+  // The generation GetParams, GetMoments, SetParams, SetMoments and AdamW's default use.
+  int current(size_t g) const { return current_[g]; }
+  void SetCurrent(size_t g, int generation) { current_[g] = generation; }
+  // Rewrites group g's bf16 copy from its current master weights (after dropping an update).
+  void RewriteBf16(size_t g, engine::ThreadPool& pool);
 
   // Adds the tokens' input gradients `dx` (bf16, [ids.size(), hidden]) into their rows of the
   // embedding group's gradient: untied, after zeroing the rows the previous call wrote (the
@@ -149,6 +161,9 @@ class HostTrainingState {
   // Writes every group's bf16 copy from its master weights, and zero moments.
   absl::Status ResetMoments(engine::ThreadPool& pool);
   void WriteBf16(engine::ThreadPool& pool);
+  float* Master(size_t g, int gen) const { return master_[gen][g].get(); }
+  float* M(size_t g, int gen) const { return m_[gen][g].get(); }
+  float* V(size_t g, int gen) const { return v_[gen][g].get(); }
   // which: 0 master, 1 m, 2 v.
   absl::Status CopyOut(int which, engine::ModelParams* out) const;
   absl::Status CopyIn(int which, const engine::ModelParams& in);
@@ -157,7 +172,10 @@ class HostTrainingState {
   const std::vector<TensorGroupShape> shapes_;
   const std::vector<HostGroupBuffers> buffers_;
   const MomentsHome moments_;
-  std::vector<std::unique_ptr<float[]>> master_, m_, v_;  // m_, v_ empty with a home
+  // Per generation and group; generation 1 only with two generations (none for the
+  // embedding), m_ and v_ empty with a home.
+  std::vector<std::unique_ptr<float[]>> master_[2], m_[2], v_[2];
+  std::vector<int> current_;
   std::unique_ptr<float[]> scratch_m_, scratch_v_;       // with a home
   std::vector<int64_t> grad_rows_;                        // rows the last gradient wrote
 };

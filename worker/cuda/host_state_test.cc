@@ -191,6 +191,71 @@ TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
   EXPECT_EQ(home.num_tensors(), static_cast<int64_t>(2 * TensorGroupShapes(c).size()));
 }
 
+// An update written beside the current values is kept by SetCurrent, or redone with a clipped
+// gradient, or dropped with the bf16 copy rewritten: each as the engine's update from the same
+// weights.
+TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  Buffers buf(c);
+  auto state = HostTrainingState::Create(c, buf.Views(), {}, pool, /*two_generations=*/true);
+  ASSERT_TRUE(state.ok()) << state.status();
+  const engine::ModelParams p0 = RandomParams(c, 8, 0.02f);
+  ASSERT_TRUE((*state)->SetParams(p0, pool).ok());
+  const engine::ModelParams g0 = RandomParams(c, 9, 1.0f);
+  const size_t groups = (*state)->shapes().size(), embed = (*state)->embed_group();
+  for (size_t k = 0; k < groups; ++k) {
+    ASSERT_TRUE(CopyGroupTensors(c, const_cast<engine::ModelParams*>(&g0), k,
+                                 buf.grads[k].data(), true).ok());
+  }
+  auto engine_step = [&](float coef) {
+    engine::ModelParams p = p0, g = g0, m = engine::AllocateParams<float>(c), v = m;
+    EngineAdamW(c, &p, &g, &m, &v, 1, coef);
+    return p;
+  };
+  const std::vector<uint16_t> bf16_before = buf.params[0];
+  // Speculative: beside generation 0; the current weights are unchanged.
+  for (size_t k = 0; k < groups; ++k) {
+    if (k == embed) continue;
+    ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 1.0f, pool, 0, 1).ok());
+  }
+  engine::ModelParams got;
+  ASSERT_TRUE((*state)->GetParams(&got).ok());
+  ExpectSame(c, got, p0, "before keeping");
+  EXPECT_NE(buf.params[0], bf16_before);  // the bf16 copy is the update's
+  // Dropped: the bf16 copy is the current weights' again.
+  (*state)->RewriteBf16(0, pool);
+  EXPECT_EQ(buf.params[0], bf16_before);
+  // Redone with a clipped gradient (the gradients were left as they came), then kept.
+  for (size_t k = 0; k < groups; ++k) {
+    if (k == embed) {
+      ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 0.5f, pool).ok());
+      continue;
+    }
+    ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 0.5f, pool, 0, 1).ok());
+    (*state)->SetCurrent(k, 1);
+  }
+  ASSERT_TRUE((*state)->GetParams(&got).ok());
+  ExpectSame(c, got, engine_step(0.5f), "redone and kept");
+  for (size_t k = 0; k < groups; ++k) {
+    std::vector<float> flat(buf.grads[k].size(), 0.0f);
+    ASSERT_TRUE(CopyGroupTensors(c, const_cast<engine::ModelParams*>(&g0), k, flat.data(), true)
+                    .ok());
+    EXPECT_EQ(buf.grads[k], flat) << "group " << k;
+  }
+  // The embedding has one generation; moments in a home cannot have two.
+  EXPECT_EQ((*state)->AdamW(embed, nullptr, Hyper(), 2, 1.0f, pool, 0, 1).code(),
+            absl::StatusCode::kFailedPrecondition);
+  engine::MemoryTensorHome home;
+  Buffers other(c);
+  EXPECT_EQ(HostTrainingState::Create(c, other.Views(), {&home, "x/"}, pool, true).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  int64_t elems = 0;
+  for (const TensorGroupShape& sh : (*state)->shapes()) elems += sh.elems;
+  EXPECT_EQ(HostTrainingState::OwnBytes(c, false, true) - HostTrainingState::OwnBytes(c, false),
+            12 * (elems - (*state)->shapes()[embed].elems));
+}
+
 TEST(HostTrainingStateTest, EmbeddingRowsSplitCoverTheTableOnce) {
   const int64_t V = 50, h = 4;
   const std::vector<int32_t> ids = {7, 3, 4, 5, 7, 49, 0, 20, 21};

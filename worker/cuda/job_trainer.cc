@@ -28,9 +28,10 @@ absl::StatusOr<int64_t> CudaJobTrainer::DeviceBytes(const engine::TrainerOptions
 }
 
 CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& options,
-                                                  const MomentsHome& moments) {
+                                                  const MomentsHome& moments, bool speculate) {
   CudaOffloadOptions o;
   o.moments = moments;
+  o.speculate = speculate;
   o.batch = options.train.micro_batch_size;
   o.seq = options.train.seq_len;
   o.micro_batches = options.train.grad_accum_steps;
@@ -44,17 +45,18 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::Trainer
 }
 
 absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options,
-                                                         bool moments_at_home) {
+                                                         bool moments_at_home, bool speculate) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   // Plus the fp32 copies the job makes next to the trainer's state: the initial weights while
   // it starts, both moments while it writes a checkpoint.
-  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options), moments_at_home) +
+  return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options, {}, speculate),
+                                       moments_at_home) +
          8 * engine::ParameterCount(options.model);
 }
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     const engine::TrainerOptions& options, CudaDevice* device, bool offload,
-    const MomentsHome& moments) {
+    const MomentsHome& moments, bool speculate) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   const engine::TrainConfig& t = options.train;
   std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
@@ -70,7 +72,7 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   if (offload) {
     ASSIGN_OR_RETURN(job->offload_,
                      CudaOffloadTrainer::Create(device, options.model,
-                                                OffloadOptions(options, moments)));
+                                                OffloadOptions(options, moments, speculate)));
     RETURN_IF_ERROR(job->offload_->SetParams(params));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,

@@ -36,23 +36,27 @@ class CudaJobTrainer {
   // The offloaded trainer's shape for a job: one micro-batch of train.micro_batch_size x seq_len
   // tokens, train.grad_accum_steps of them a step.
   static CudaOffloadOptions OffloadOptions(const engine::TrainerOptions& options,
-                                           const MomentsHome& moments = {});
+                                           const MomentsHome& moments = {},
+                                           bool speculate = false);
   // Device and host bytes the offloaded job needs (CudaOffloadTrainer::WorkingSetBytes, and
   // HostBytes plus the fp32 copies of the initial weights or of both moments that starting or
-  // checkpointing makes), with the moments in this process or in a home.
-  // INVALID_ARGUMENT as DeviceBytes.
+  // checkpointing makes), with the moments in this process or in a home, and with a second
+  // generation when speculating (CudaOffloadOptions::speculate). INVALID_ARGUMENT as
+  // DeviceBytes.
   static absl::StatusOr<int64_t> OffloadDeviceBytes(const engine::TrainerOptions& options);
   static absl::StatusOr<int64_t> OffloadHostBytes(const engine::TrainerOptions& options,
-                                                  bool moments_at_home = false);
+                                                  bool moments_at_home = false,
+                                                  bool speculate = false);
 
   // `device` must outlive the trainer; `offload`: stream through host memory, with AdamW's
-  // moments in `moments` (default: this process' memory). INVALID_ARGUMENT
+  // moments in `moments` (default: this process' memory), speculating AdamW during the
+  // backward when `speculate` (CudaOffloadOptions::speculate). INVALID_ARGUMENT
   // for bad options (naming the field); the data and init_from errors of TokenDataset::Open and
   // LoadWeights; RESOURCE_EXHAUSTED naming the allocation when the job does not fit the
   // device's budget (or, offloaded, pinned host memory).
   static absl::StatusOr<std::unique_ptr<CudaJobTrainer>> Create(
       const engine::TrainerOptions& options, CudaDevice* device, bool offload = false,
-      const MomentsHome& moments = {});
+      const MomentsHome& moments = {}, bool speculate = false);
 
   // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step.
   // On error the step counter is unchanged, and so are the parameters and moments, except

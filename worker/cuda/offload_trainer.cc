@@ -74,7 +74,7 @@ int64_t CudaOffloadTrainer::HostBytes(const engine::ModelConfig& c, const CudaOf
   const int64_t n = o.batch * o.seq, A = o.micro_batches, h = c.hidden_size;
   // Pinned bf16 weights and fp32 gradients, the host state's own, checkpoints of every layer's
   // input, the embedding's input gradients and gathered rows, token ids.
-  return elems * (2 + 4) + HostTrainingState::OwnBytes(c, moments_at_home) +
+  return elems * (2 + 4) + HostTrainingState::OwnBytes(c, moments_at_home, o.speculate) +
          2 * c.num_hidden_layers * A * n * h + 2 * (2 * A * n * h) + 8 * A * n;
 }
 
@@ -138,7 +138,9 @@ absl::Status CudaOffloadTrainer::Allocate() {
     buffers.push_back({hg.param.as<uint16_t>(), hg.grad.as<float>()});
   }
   ASSIGN_OR_RETURN(state_, HostTrainingState::Create(config_, std::move(buffers),
-                                                     options_.moments, init_pool));
+                                                     options_.moments, init_pool,
+                                                     options_.speculate));
+  cur_gen_.assign(shapes_.size(), 0);
   ASSIGN_OR_RETURN(ckpt_, dev->AllocatePinned(2 * L_ * A_ * n_ * h, "offload: checkpoints"));
   ASSIGN_OR_RETURN(embed_dx_, dev->AllocatePinned(2 * A_ * n_ * h, "offload: embedding dx"));
   ASSIGN_OR_RETURN(embed_in_, dev->AllocatePinned(2 * A_ * n_ * h, "offload: embedding rows"));
@@ -266,13 +268,14 @@ HostJobQueue::Ready CudaOffloadTrainer::GradsHome(size_t g) const {
 void CudaOffloadTrainer::QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step,
                                     float coef, const std::vector<GroupSegment>* segments,
                                     std::shared_future<void>* done,
-                                    std::function<void(engine::ThreadPool&)> after) {
+                                    std::function<void(engine::ThreadPool&)> after, int from,
+                                    int to) {
   // A copy: the step's row segments are rebuilt by the next step while this may still wait.
   std::shared_ptr<const std::vector<GroupSegment>> segs;
   if (segments != nullptr) segs = std::make_shared<const std::vector<GroupSegment>>(*segments);
   HostTrainingState* state = state_.get();
-  auto work = [state, g, segs, hyper, step, coef, after](engine::ThreadPool& pool) {
-    RETURN_IF_ERROR(state->AdamW(g, segs.get(), hyper, step, coef, pool));
+  auto work = [state, g, segs, hyper, step, coef, after, from, to](engine::ThreadPool& pool) {
+    RETURN_IF_ERROR(state->AdamW(g, segs.get(), hyper, step, coef, pool, from, to));
     if (after) after(pool);
     return absl::OkStatus();
   };
@@ -327,7 +330,21 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   RETURN_IF_ERROR(CheckTokenIds(inputs, vocab, "inputs"));
   RETURN_IF_ERROR(CheckTokenIds(targets, vocab, "targets"));
   RETURN_IF_ERROR(CheckTokenIds(next_inputs, vocab, "next inputs"));
-  const bool overlap = max_grad_norm <= 0;  // no clipping: AdamW need not wait for the norm
+  // AdamW starts as each group's gradients arrive: in place without clipping (nothing to wait
+  // for), or beside the current values when speculating (kept, redone or dropped once the norm
+  // is known).
+  const bool speculate = options_.speculate;
+  const bool early = speculate || max_grad_norm <= 0;
+  spec_.clear();
+  auto queue_early = [&](size_t g) {
+    if (!early) return;
+    if (!speculate) {
+      QueueAdamW(g, hyper, step, 1.0f);
+      return;
+    }
+    QueueAdamW(g, hyper, step, 1.0f, nullptr, nullptr, nullptr, cur_gen_[g], 1 - cur_gen_[g]);
+    spec_.push_back(g);
+  };
   h2d_ = d2h_ = 0;
   wait_layers_s_ = wait_big_s_ = 0;
   cudaStream_t cs = device_->compute_stream(), h2d = device_->h2d_stream();
@@ -454,13 +471,13 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   RETURN_IF_ERROR(ev_big_param_free_.Record(cs, "offload: head"));
   if (!tied) {
     RETURN_IF_ERROR(MarkGradsHome(head));
-    if (overlap) QueueAdamW(head, hyper, step, 1.0f);
+    queue_early(head);
   }
   RETURN_IF_ERROR(kernels::SumSquares(norm_grad_.as<float>(), h, norm_acc, cs));
   RETURN_IF_ERROR(CopyHome(host_[NormGroup()].grad.get(), norm_grad_.get(), 4 * h, nullptr,
                            "offload: norm gradient"));
   RETURN_IF_ERROR(MarkGradsHome(NormGroup()));
-  if (overlap) QueueAdamW(NormGroup(), hyper, step, 1.0f);
+  queue_early(NormGroup());
   int dcur = 1 - cur;
   // Backward, recomputing each layer from its checkpoint.
   int64_t idx = 0;
@@ -504,7 +521,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     RETURN_IF_ERROR(MarkGradsHome(l));
     // Layer 0's AdamW is queued after the embedding rows' (below): the next step needs them
     // first.
-    if (overlap && l > 0) QueueAdamW(l, hyper, step, 1.0f);
+    if (l > 0) queue_early(l);
     dcur = 1 - dcur;
   }
   // Embedding backward at home: every token's input gradient goes home, and the optimizer's
@@ -548,9 +565,20 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   r.grad_norm = std::sqrt(device_sumsq + embed_sumsq_);
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
     gathered_for_.clear();
+    // Speculative updates are dropped: their bf16 copies are rewritten from the current
+    // weights.
+    HostTrainingState* state = state_.get();
+    for (size_t g : spec_) {
+      done_[g] = queue_->Submit(nullptr, [state, g](engine::ThreadPool& pool) {
+        state->RewriteBf16(g, pool);
+        return absl::OkStatus();
+      });
+      if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
+    }
+    const bool applied = early && !speculate;
     return absl::FailedPreconditionError(absl::StrCat(
         "loss ", r.loss, ", gradient norm ", r.grad_norm, " (update ", step,
-        overlap ? " applied to the layers whose AdamW had started: the weights held now are "
+        applied ? " applied to the layers whose AdamW had started: the weights held now are "
                   "not to be kept)"
                 : " not applied: parameters and moments unchanged)"));
   }
@@ -560,14 +588,30 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     if (c < 1.0) coef = static_cast<float>(c);
   }
   // The updates the next step's forward needs first come first: the embedding rows of its
-  // tokens, then layer 0, 1, ..., the norm and head.
-  // Without clipping the other layers, the norm and the head are queued already.
+  // tokens, then layer 0, 1, ..., the norm and head. Queued early, the other layers, the norm
+  // and the head only remain to be kept (speculative, redone first when clipped).
   QueueEmbeddingRows(hyper, step, coef, next_inputs);
   QueueAdamW(0, hyper, step, coef);
-  if (!overlap) {
+  if (!early) {
     for (int64_t l = 1; l < L_; ++l) QueueAdamW(l, hyper, step, coef);
     QueueAdamW(NormGroup(), hyper, step, coef);
     if (!tied) QueueAdamW(head, hyper, step, coef);
+  } else if (speculate) {
+    std::vector<size_t> order = spec_;
+    std::sort(order.begin(), order.end());  // layers ascending, then the norm and the head
+    HostTrainingState* state = state_.get();
+    for (size_t g : order) {
+      const int next = 1 - cur_gen_[g];
+      if (coef < 1.0f) {
+        QueueAdamW(g, hyper, step, coef, nullptr, nullptr, nullptr, cur_gen_[g], next);
+      }
+      done_[g] = queue_->Submit(nullptr, [state, g, next](engine::ThreadPool&) {
+        state->SetCurrent(g, next);
+        return absl::OkStatus();
+      });
+      cur_gen_[g] = next;
+    }
+    spec_.clear();
   }
   QueueEmbeddingRest(hyper, step, coef);
   r.bytes_home_to_device = h2d_;

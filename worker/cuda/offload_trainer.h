@@ -9,7 +9,7 @@
 // the device.
 //
 // With clipping (max_grad_norm > 0) each layer's AdamW waits for the step's gradient norm and
-// then overlaps the next step's forward (queued in the order the forward needs them: the
+// then overlaps the next step's forward, unless it speculates (CudaOffloadOptions::speculate) (queued in the order the forward needs them: the
 // embedding rows of the next step's tokens, layers 0..L-1, norm, head, the other embedding
 // rows); without it, each layer's AdamW starts as soon as its gradient is home, overlapping the
 // backward of the layers below. Either way the update is the exact synchronous one of
@@ -52,6 +52,12 @@ struct CudaOffloadOptions {
   // memstore, whose NVMe tier holds what host RAM cannot (8 bytes per parameter read and
   // written every step; the embedding's update then runs as one job).
   MomentsHome moments;
+  // AdamW of each decoder layer, the norm and the untied head starts as soon as its gradients
+  // are home even with clipping, written beside the current weights and moments (a second
+  // generation: 12 more bytes per parameter of host memory), and is kept once the step's norm
+  // needs no clipping, redone with the clipped gradients when it does, dropped when the norm is
+  // not finite. Needs the moments in this process.
+  bool speculate = false;
 };
 
 struct CudaOffloadStepResult {
@@ -100,8 +106,8 @@ class CudaOffloadTrainer {
   // when unknown): the embedding rows they need are updated and gathered first. Returns once
   // the loss and gradient norm are known; AdamW may still run (Flush waits for it).
   // INVALID_ARGUMENT for an id outside [0, vocab) or wrong sizes; FAILED_PRECONDITION for a
-  // non-finite loss or norm (with clipping, nothing was updated then; without, the layers whose
-  // AdamW had started are updated).
+  // non-finite loss or norm (nothing was updated then, except without clipping and without
+  // speculation, where the layers whose AdamW had started are updated).
   absl::StatusOr<CudaOffloadStepResult> Step(const std::vector<int32_t>& inputs,
                                              const std::vector<int32_t>& targets,
                                              const std::vector<int32_t>& next_inputs,
@@ -144,7 +150,8 @@ class CudaOffloadTrainer {
   void QueueAdamW(size_t g, const engine::AdamWHyper& hyper, int64_t step, float coef,
                   const std::vector<GroupSegment>* segments = nullptr,
                   std::shared_future<void>* done = nullptr,
-                  std::function<void(engine::ThreadPool&)> after = nullptr);
+                  std::function<void(engine::ThreadPool&)> after = nullptr, int from = -1,
+                  int to = -1);
   // The embedding's AdamW in two jobs: the rows `next` needs (gathered into embed_in_ once
   // updated; all rows when `next` is empty or the moments are in a home), and later the others.
   void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
@@ -162,6 +169,10 @@ class CudaOffloadTrainer {
       norm_acc_;
   std::vector<HostGroup> host_;
   std::unique_ptr<HostTrainingState> state_;
+  // On the driving thread: each group's current generation as of the jobs queued so far, and
+  // the groups whose update of the running step was queued speculatively.
+  std::vector<int> cur_gen_;
+  std::vector<size_t> spec_;
   PinnedBuffer ckpt_, embed_dx_, embed_in_, ids_host_;
   // The ids embed_in_ holds the rows of (or is being gathered for); the squared norm of the
   // embedding group's gradient (written by a queued job, read after waiting for it).
