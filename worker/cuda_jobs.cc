@@ -79,6 +79,14 @@ struct CudaPlan {
   bool offload = false;
 };
 
+// Whether a streamed job updates during the backward beside its current state: asked for,
+// with clipping to speculate about (without, the update runs in place during the backward
+// anyway), and with the moments in this process (a home holds one generation).
+bool Speculates(const engine::TrainerOptions& options, bool overlap_backward,
+                bool moments_at_home) {
+  return overlap_backward && options.optimizer.grad_clip > 0 && !moments_at_home;
+}
+
 // Host memory this process may still take (MemAvailable), or -1 when unknown.
 int64_t AvailableHostBytes() {
   FILE* f = std::fopen("/proc/meminfo", "r");
@@ -177,7 +185,8 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
   if (host_bytes == kHostBytesAvailable) host_bytes = AvailableHostBytes();
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, worker_name, budget_bytes, host_bytes,
-                               moments_in_memstore, overlap_backward && !moments_in_memstore));
+                               moments_in_memstore,
+                               Speculates(options, overlap_backward, moments_in_memstore)));
   CudaJobMemory memory;
   memory.streamed = plan.offload;
   if (plan.offload && moments_in_memstore) {
@@ -190,8 +199,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* moments_home, engine::HomeTier moments_tier, bool overlap_backward) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
-  // Speculation keeps a second generation of the moments, which only this process' memory can.
-  const bool speculate = overlap_backward && moments_home == nullptr;
+  const bool speculate = Speculates(options, overlap_backward, moments_home != nullptr);
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
                                AvailableHostBytes(), moments_home != nullptr, speculate));

@@ -49,9 +49,9 @@ struct CudaJobMemory {
 // them otherwise; else streamed through host memory, when its working set fits the GPU and its
 // state `host_bytes` (-1: not checked), with AdamW's moments in the memstore when
 // `moments_in_memstore` (whose room the caller checks). `overlap_backward` (lumend
-// --optimizer-overlap backward): a streamed job with its moments in the worker updates each
-// layer during the backward beside its current weights and moments (12 more bytes per
-// parameter of host memory). RESOURCE_EXHAUSTED naming the sizes and what to change when
+// --optimizer-overlap backward): a streamed job that clips, with its moments in the worker,
+// updates each layer during the backward beside its current weights and moments (12 more
+// bytes per parameter of host memory). RESOURCE_EXHAUSTED naming the sizes and what to change when
 // nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
                                             const std::string& worker_name,

@@ -113,16 +113,22 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   EXPECT_EQ(CheckCudaTask(*o, "worker-0", streamed, *host_home - 1, true).status().code(),
             absl::StatusCode::kResourceExhausted);
   // --optimizer-overlap backward keeps a second generation of all but the embedding's master
-  // weights and moments in the worker (not with the moments in the memstore).
+  // weights and moments in the worker for a job that clips (not with the moments in the
+  // memstore; without clipping the update runs in place during the backward anyway).
   absl::StatusOr<int64_t> host_spec = cuda::CudaJobTrainer::OffloadHostBytes(*o, false, true);
   ASSERT_TRUE(host_spec.ok());
   EXPECT_GT(*host_spec, *host);
-  EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, *host_spec, false, true).ok());
+  engine::TrainerOptions clipped = *o;
+  clipped.optimizer.grad_clip = 1.0;
+  EXPECT_TRUE(CheckCudaTask(clipped, "worker-0", streamed, *host_spec, false, true).ok());
   const absl::Status no_spec =
-      CheckCudaTask(*o, "worker-0", streamed, *host_spec - 1, false, true).status();
+      CheckCudaTask(clipped, "worker-0", streamed, *host_spec - 1, false, true).status();
   EXPECT_EQ(no_spec.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(no_spec.message()), HasSubstr("--optimizer-overlap forward"));
-  EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, *host_home, true, true).ok());
+  EXPECT_TRUE(CheckCudaTask(clipped, "worker-0", streamed, *host_home, true, true).ok());
+  engine::TrainerOptions unclipped = *o;
+  unclipped.optimizer.grad_clip = 0;
+  EXPECT_TRUE(CheckCudaTask(unclipped, "worker-0", streamed, *host, false, true).ok());
   // Below the working set: refused, naming both footprints and the budget.
   const absl::Status s = CheckCudaTask(*o, "worker-0", streamed - 1, *host).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);

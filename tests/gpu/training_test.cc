@@ -589,6 +589,54 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
   fs::remove_all(dir);
 }
 
+// Speculative updates (AdamW during the backward beside the current state) give the
+// synchronous ones: with a clip every step reaches (each update redone), weights and moments
+// after six steps match the run that waits for the norm.
+TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
+  namespace fs = std::filesystem;
+  const engine::ModelConfig c = SmallConfig(GetParam());
+  const fs::path dir = JobDir(GetParam() ? "speculate_tied" : "speculate_untied");
+  engine::TrainerOptions o = JobOptions(c, WriteTokenFile(dir, c.vocab_size, 23), 6);
+  o.optimizer.grad_clip = 0.05;
+  auto working = CudaJobTrainer::OffloadDeviceBytes(o);
+  ASSERT_TRUE(working.ok());
+  CudaDeviceOptions capped;
+  capped.budget_bytes = capped.gemm_workspace_bytes + 2 * *working + (int64_t{1} << 20);
+  auto dev = CudaDevice::Create(capped);
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  auto sync = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
+  auto spec = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, {}, /*speculate=*/true);
+  ASSERT_TRUE(sync.ok() && spec.ok()) << sync.status() << " " << spec.status();
+  for (int s = 0; s < 6; ++s) {
+    auto a = (*sync)->Step();
+    auto b = (*spec)->Step();
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+    ASSERT_GT(a->grad_norm, o.optimizer.grad_clip) << "step " << s << " did not clip";
+    EXPECT_NEAR(b->loss, a->loss, 1e-3 * a->loss) << "step " << s;
+  }
+  engine::ModelParams pa, pb, ma, va, mb, vb;
+  ASSERT_TRUE((*sync)->GetParams(&pa).ok());
+  ASSERT_TRUE((*spec)->GetParams(&pb).ok());
+  const std::string ca = (dir / "sync").string(), cb = (dir / "spec").string();
+  ASSERT_TRUE((*sync)->Export(ca).ok());
+  ASSERT_TRUE((*spec)->Export(cb).ok());
+  int64_t sa = 0, sb = 0;
+  ma = va = mb = vb = engine::AllocateParams<float>(c);
+  ASSERT_TRUE(engine::LoadOptimizerState(ca + "/" + engine::kOptimizerFile, c, &ma, &va, &sa).ok());
+  ASSERT_TRUE(engine::LoadOptimizerState(cb + "/" + engine::kOptimizerFile, c, &mb, &vb, &sb).ok());
+  EXPECT_EQ(sa, 6);
+  EXPECT_EQ(sb, 6);
+  for (auto [x, y, what] : {std::make_tuple(&pa, &pb, "weights"), std::make_tuple(&ma, &mb, "m"),
+                            std::make_tuple(&va, &vb, "v")}) {
+    auto xt = engine::NamedTensors(c, x);
+    auto yt = engine::NamedTensors(c, y);
+    for (size_t i = 0; i < xt.size(); ++i) {
+      EXPECT_LE(NormwiseError(*yt[i].data, *xt[i].data), 1e-3) << what << " " << xt[i].name;
+    }
+  }
+  fs::remove_all(dir);
+}
+
 // AdamW's moments in a TensorHome (the memstore's NVMe tier in the worker) train the same job
 // as moments in the trainer's memory.
 TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {

@@ -193,67 +193,97 @@ TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
 
 // An update written beside the current values is kept by SetCurrent, or redone with a clipped
 // gradient, or dropped with the bf16 copy rewritten: each as the engine's update from the same
-// weights.
+// weights and moments, over two steps (generation 0 to 1, then 1 to 0).
 TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
   const engine::ModelConfig c = Config(false);
   engine::ThreadPool pool(2);
   Buffers buf(c);
   auto state = HostTrainingState::Create(c, buf.Views(), {}, pool, /*two_generations=*/true);
   ASSERT_TRUE(state.ok()) << state.status();
-  const engine::ModelParams p0 = RandomParams(c, 8, 0.02f);
-  ASSERT_TRUE((*state)->SetParams(p0, pool).ok());
-  const engine::ModelParams g0 = RandomParams(c, 9, 1.0f);
-  const size_t groups = (*state)->shapes().size(), embed = (*state)->embed_group();
-  for (size_t k = 0; k < groups; ++k) {
-    ASSERT_TRUE(CopyGroupTensors(c, const_cast<engine::ModelParams*>(&g0), k,
-                                 buf.grads[k].data(), true).ok());
+  HostTrainingState& st = **state;
+  engine::ModelParams p = RandomParams(c, 8, 0.02f);
+  // Moments as after some training (v positive).
+  engine::ModelParams m = RandomParams(c, 9, 0.01f), v = RandomParams(c, 10, 0.01f);
+  for (auto& t : engine::NamedTensors(c, &v)) {
+    for (float& x : *t.data) x = x * x;
   }
-  auto engine_step = [&](float coef) {
-    engine::ModelParams p = p0, g = g0, m = engine::AllocateParams<float>(c), v = m;
-    EngineAdamW(c, &p, &g, &m, &v, 1, coef);
-    return p;
-  };
-  const std::vector<uint16_t> bf16_before = buf.params[0];
-  // Speculative: beside generation 0; the current weights are unchanged.
-  for (size_t k = 0; k < groups; ++k) {
-    if (k == embed) continue;
-    ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 1.0f, pool, 0, 1).ok());
-  }
-  engine::ModelParams got;
-  ASSERT_TRUE((*state)->GetParams(&got).ok());
-  ExpectSame(c, got, p0, "before keeping");
-  EXPECT_NE(buf.params[0], bf16_before);  // the bf16 copy is the update's
-  // Dropped: the bf16 copy is the current weights' again.
-  (*state)->RewriteBf16(0, pool);
-  EXPECT_EQ(buf.params[0], bf16_before);
-  // Redone with a clipped gradient (the gradients were left as they came), then kept.
-  for (size_t k = 0; k < groups; ++k) {
-    if (k == embed) {
-      ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 0.5f, pool).ok());
-      continue;
+  ASSERT_TRUE(st.SetParams(p, pool).ok());
+  ASSERT_TRUE(st.SetMoments(m, v).ok());
+  const size_t groups = st.shapes().size(), embed = st.embed_group();
+  auto set_grads = [&](const engine::ModelParams& g) {
+    for (size_t k = 0; k < groups; ++k) {
+      ASSERT_TRUE(CopyGroupTensors(c, const_cast<engine::ModelParams*>(&g), k,
+                                   buf.grads[k].data(), true).ok());
     }
-    ASSERT_TRUE((*state)->AdamW(k, nullptr, Hyper(), 1, 0.5f, pool, 0, 1).ok());
-    (*state)->SetCurrent(k, 1);
-  }
-  ASSERT_TRUE((*state)->GetParams(&got).ok());
-  ExpectSame(c, got, engine_step(0.5f), "redone and kept");
-  for (size_t k = 0; k < groups; ++k) {
-    std::vector<float> flat(buf.grads[k].size(), 0.0f);
-    ASSERT_TRUE(CopyGroupTensors(c, const_cast<engine::ModelParams*>(&g0), k, flat.data(), true)
-                    .ok());
-    EXPECT_EQ(buf.grads[k], flat) << "group " << k;
+  };
+  auto expect_state = [&](const std::string& what) {
+    engine::ModelParams gp, gm, gv;
+    ASSERT_TRUE(st.GetParams(&gp).ok());
+    ASSERT_TRUE(st.GetMoments(&gm, &gv).ok());
+    ExpectSame(c, gp, p, what + " weights");
+    ExpectSame(c, gm, m, what + " m");
+    ExpectSame(c, gv, v, what + " v");
+    for (size_t k = 0; k < groups; ++k) {
+      std::vector<float> flat(buf.grads[k].size(), 0.0f);
+      ASSERT_TRUE(CopyGroupTensors(c, &p, k, flat.data(), true).ok());
+      for (size_t i = 0; i < flat.size(); ++i) {
+        ASSERT_EQ(buf.params[k][i], ToBf16Bits(flat[i])) << what << " group " << k << " " << i;
+      }
+    }
+  };
+  for (int64_t step = 1; step <= 2; ++step) {
+    const int from = st.current(0), to = 1 - from;
+    const engine::ModelParams g = RandomParams(c, 20 + step, 1.0f);
+    set_grads(g);
+    // Speculative, beside the current generation: the current weights and moments stay.
+    for (size_t k = 0; k < groups; ++k) {
+      if (k != embed) ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 1.0f, pool, from, to).ok());
+    }
+    engine::ModelParams gp;
+    ASSERT_TRUE(st.GetParams(&gp).ok());
+    ExpectSame(c, gp, p, "speculated");
+    if (step == 1) {
+      // Dropped: the bf16 copies are the current weights' again.
+      for (size_t k = 0; k < groups; ++k) st.RewriteBf16(k, pool);
+      expect_state("dropped");
+      // Redone with a clipped gradient (the gradients were left as they came) and kept.
+      for (size_t k = 0; k < groups; ++k) {
+        if (k == embed) {
+          ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 0.5f, pool).ok());
+        } else {
+          ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 0.5f, pool, from, to).ok());
+          st.SetCurrent(k, to);
+        }
+      }
+      engine::ModelParams ge = g;
+      EngineAdamW(c, &p, &ge, &m, &v, step, 0.5f);
+      expect_state("redone and kept");
+    } else {
+      // Kept as speculated (no clipping needed).
+      for (size_t k = 0; k < groups; ++k) {
+        if (k == embed) {
+          ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 1.0f, pool).ok());
+        } else {
+          st.SetCurrent(k, to);
+        }
+      }
+      engine::ModelParams ge = g;
+      EngineAdamW(c, &p, &ge, &m, &v, step, 1.0f);
+      expect_state("kept");
+      EXPECT_EQ(st.current(0), 0);  // back to generation 0
+    }
   }
   // The embedding has one generation; moments in a home cannot have two.
-  EXPECT_EQ((*state)->AdamW(embed, nullptr, Hyper(), 2, 1.0f, pool, 0, 1).code(),
+  EXPECT_EQ(st.AdamW(embed, nullptr, Hyper(), 3, 1.0f, pool, 0, 1).code(),
             absl::StatusCode::kFailedPrecondition);
   engine::MemoryTensorHome home;
   Buffers other(c);
   EXPECT_EQ(HostTrainingState::Create(c, other.Views(), {&home, "x/"}, pool, true).status().code(),
             absl::StatusCode::kInvalidArgument);
   int64_t elems = 0;
-  for (const TensorGroupShape& sh : (*state)->shapes()) elems += sh.elems;
+  for (const TensorGroupShape& sh : st.shapes()) elems += sh.elems;
   EXPECT_EQ(HostTrainingState::OwnBytes(c, false, true) - HostTrainingState::OwnBytes(c, false),
-            12 * (elems - (*state)->shapes()[embed].elems));
+            12 * (elems - st.shapes()[embed].elems));
 }
 
 TEST(HostTrainingStateTest, EmbeddingRowsSplitCoverTheTableOnce) {

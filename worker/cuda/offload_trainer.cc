@@ -333,9 +333,10 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   // AdamW starts as each group's gradients arrive: in place without clipping (nothing to wait
   // for), or beside the current values when speculating (kept, redone or dropped once the norm
   // is known).
-  const bool speculate = options_.speculate;
+  const bool speculate = options_.speculate && max_grad_norm > 0;
   const bool early = speculate || max_grad_norm <= 0;
-  spec_.clear();
+  // A step that failed after speculating left those groups' bf16 copies holding its updates.
+  DropSpeculation();
   auto queue_early = [&](size_t g) {
     if (!early) return;
     if (!speculate) {
@@ -565,16 +566,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   r.grad_norm = std::sqrt(device_sumsq + embed_sumsq_);
   if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
     gathered_for_.clear();
-    // Speculative updates are dropped: their bf16 copies are rewritten from the current
-    // weights.
-    HostTrainingState* state = state_.get();
-    for (size_t g : spec_) {
-      done_[g] = queue_->Submit(nullptr, [state, g](engine::ThreadPool& pool) {
-        state->RewriteBf16(g, pool);
-        return absl::OkStatus();
-      });
-      if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
-    }
+    DropSpeculation();
     const bool applied = early && !speculate;
     return absl::FailedPreconditionError(absl::StrCat(
         "loss ", r.loss, ", gradient norm ", r.grad_norm, " (update ", step,
@@ -619,6 +611,18 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   r.wait_optimizer_layers_s = wait_layers_s_;
   r.wait_optimizer_embed_head_s = wait_big_s_;
   return r;
+}
+
+void CudaOffloadTrainer::DropSpeculation() {
+  HostTrainingState* state = state_.get();
+  for (size_t g : spec_) {
+    done_[g] = queue_->Submit(nullptr, [state, g](engine::ThreadPool& pool) {
+      state->RewriteBf16(g, pool);
+      return absl::OkStatus();
+    });
+    if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
+  }
+  spec_.clear();
 }
 
 absl::Status CudaOffloadTrainer::Flush() {

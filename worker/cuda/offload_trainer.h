@@ -56,7 +56,7 @@ struct CudaOffloadOptions {
   // are home even with clipping, written beside the current weights and moments (a second
   // generation: 12 more bytes per parameter of host memory), and is kept once the step's norm
   // needs no clipping, redone with the clipped gradients when it does, dropped when the norm is
-  // not finite. Needs the moments in this process.
+  // not finite. Needs the moments in this process; steps without clipping update in place.
   bool speculate = false;
 };
 
@@ -157,6 +157,9 @@ class CudaOffloadTrainer {
   void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
                           const std::vector<int32_t>& next);
   void QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step, float coef);
+  // Drops the speculative updates of spec_ (their bf16 copies rewritten from the current
+  // weights, refetched by the device) and forgets them.
+  void DropSpeculation();
 
   CudaDevice* const device_;
   const engine::ModelConfig config_;
