@@ -12,11 +12,16 @@
 //                     gradient is made in --head_blocks blocks of vocabulary rows and the
 //                     embedding's gradient is added on the host: neither fp32 gradient of a
 //                     [vocab, hidden] matrix is ever on the device.
+//   offload_clip      offload as a job with grad_clip 1.0 runs it under lumend
+//                     --optimizer-overlap backward: AdamW during the backward beside the
+//                     current state, kept or redone once the norm is known
+//                     (CudaOffloadOptions::speculate); clipped_steps says how many timed steps
+//                     needed the redo
 //   kernels           per-kernel times (attention on both kernel sets, GEMMs, RMSNorm, SwiGLU,
 //                     cross-entropy) at the shape of one micro-batch
 //   sizes             no GPU needed: the training state, offload's working set and the
 //                     budget and oversubscription offload would run at
-// No gradient clipping in any mode (the PyTorch side does none either).
+// No gradient clipping in any mode but offload_clip (the PyTorch side does none either).
 //   gpu_bench --name=1b --hidden=2048 --inter=8192 --layers=16 --heads=32 --kv_heads=8
 //             --vocab=128256 --tied=1 --batch=1 --seq=2048 --micro_batches=16 --mode=memory
 #include <algorithm>
@@ -89,6 +94,7 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     }
   }
   return (a->mode == "memory" || a->mode == "memory_recompute" || a->mode == "offload" ||
+          a->mode == "offload_clip" ||
           a->mode == "kernels" || a->mode == "sizes") &&
          (a->attention == "auto" || a->attention == "cuda_cores" ||
           a->attention == "tensor_cores");
@@ -148,6 +154,7 @@ struct Result {
   // offload, per step: seconds the host waited for the host AdamW of a decoder layer, and of
   // the embedding, norm or head, before it could issue more device work.
   double wait_layers_s = 0, wait_big_s = 0;
+  int64_t clipped_steps = -1;  // offload_clip: timed steps whose norm exceeded the clip
 };
 
 // Random inputs, each target a fixed function of its input: something every mode learns within
@@ -314,6 +321,7 @@ class OffloadRunner {
     o_.head_chunk_tokens = a.offload_head_chunk;
     o_.head_blocks = a.head_blocks;
     o_.attention = AttentionOf(a);
+    o_.speculate = a.mode == "offload_clip";
   }
 
   // Device bytes the schedule holds at once, cuBLASLt's workspace included.
@@ -341,16 +349,19 @@ class OffloadRunner {
     RETURN_IF_ERROR(t->InitRandom(1));
     std::vector<int32_t> in, tg;
     RandomIds(a_.micro_batches * a_.batch * a_.seq, c_.vocab_size, &in, &tg);
+    const double clip = o_.speculate ? 1.0 : 0.0;
+    if (o_.speculate) r.clipped_steps = 0;
     for (int64_t s = 0; s < a_.warmup; ++s) {
-      ASSIGN_OR_RETURN(CudaOffloadStepResult sr, t->Step(in, tg, in, Hyper(), 0, s + 1));
+      ASSIGN_OR_RETURN(CudaOffloadStepResult sr, t->Step(in, tg, in, Hyper(), clip, s + 1));
       if (s == 0) r.loss_first = sr.loss;
     }
     RETURN_IF_ERROR(t->Flush());
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t s = 0; s < a_.steps; ++s) {
       ASSIGN_OR_RETURN(CudaOffloadStepResult sr,
-                       t->Step(in, tg, in, Hyper(), 0, a_.warmup + s + 1));
+                       t->Step(in, tg, in, Hyper(), clip, a_.warmup + s + 1));
       r.loss = sr.loss;
+      if (o_.speculate && sr.grad_norm > clip) ++r.clipped_steps;
       r.h2d_bytes += sr.bytes_home_to_device;
       r.d2h_bytes += sr.bytes_device_to_home;
       r.wait_layers_s += sr.wait_optimizer_layers_s;
@@ -380,7 +391,7 @@ int Main(int argc, char** argv) {
   Args a;
   if (!ParseArgs(argc, argv, &a)) {
     std::fprintf(stderr, "usage: gpu_bench --name=N "
-                         "--mode=memory|memory_recompute|offload|kernels|sizes "
+                         "--mode=memory|memory_recompute|offload|offload_clip|kernels|sizes "
                          "--hidden= --inter= --layers= --heads= --kv_heads= --vocab= --tied= "
                          "--batch= --seq= --micro_batches= [--warmup= --steps= "
                          "--offload_fraction= --head_chunk= --offload_head_chunk= "
@@ -424,7 +435,7 @@ int Main(int argc, char** argv) {
     return 0;
   }
   absl::StatusOr<Result> r;
-  if (a.mode == "offload") {
+  if (a.mode == "offload" || a.mode == "offload_clip") {
     OffloadRunner runner(a, c);
     r = runner.Run();
   } else {
@@ -448,7 +459,7 @@ int Main(int argc, char** argv) {
       "\"device_peak_bytes\":%lld,\"training_state_bytes\":%lld,\"oversubscription\":%.2f,"
       "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld,"
       "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f,"
-      "\"oversubscription_params_optimizer\":%.2f}\n",
+      "\"oversubscription_params_optimizer\":%.2f%s}\n",
       head.c_str(), prop.name, r->step_s, tps, fpt, peak,
       peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss_first,
       r->loss,
@@ -457,7 +468,10 @@ int Main(int argc, char** argv) {
       static_cast<double>(r->state_bytes) / static_cast<double>(r->budget),
       static_cast<long long>(r->min_working_set), static_cast<long long>(r->h2d_bytes),
       static_cast<long long>(r->d2h_bytes), r->wait_layers_s, r->wait_big_s,
-      static_cast<double>(ResidentState::Bytes(c)) / static_cast<double>(r->budget));
+      static_cast<double>(ResidentState::Bytes(c)) / static_cast<double>(r->budget),
+      r->clipped_steps >= 0
+          ? absl::StrFormat(",\"clipped_steps\":%d", r->clipped_steps).c_str()
+          : "");
   return 0;
 }
 
