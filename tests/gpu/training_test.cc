@@ -420,6 +420,40 @@ engine::TrainerOptions JobOptions(const engine::ModelConfig& c, const std::strin
   return o;
 }
 
+// The checkpoint in `dir` holds the job's fp32 master weights bit for bit.
+void ExpectCheckpointHoldsTheMasterWeights(CudaJobTrainer& job, const std::string& dir) {
+  const engine::ModelConfig& c = job.options().model;
+  engine::ModelParams live, saved = engine::AllocateParams<float>(c);
+  ASSERT_TRUE(job.GetParams(&live).ok());
+  ASSERT_TRUE(engine::LoadWeights(dir, c, &saved).ok());
+  auto lt = engine::NamedTensors(c, &live);
+  auto st = engine::NamedTensors(c, &saved);
+  ASSERT_EQ(lt.size(), st.size());
+  for (size_t i = 0; i < lt.size(); ++i) EXPECT_EQ(*lt[i].data, *st[i].data) << lt[i].name;
+}
+
+// Two checkpoints of the same step whose weights and AdamW moments agree within `tolerance`
+// (normwise, per tensor).
+void ExpectCheckpointsClose(const engine::ModelConfig& c, const std::string& a,
+                            const std::string& b, double tolerance) {
+  engine::ModelParams pa = engine::AllocateParams<float>(c), pb = pa, ma = pa, va = pa,
+                      mb = pa, vb = pa;
+  int64_t sa = 0, sb = 0;
+  ASSERT_TRUE(engine::LoadWeights(a, c, &pa).ok());
+  ASSERT_TRUE(engine::LoadWeights(b, c, &pb).ok());
+  ASSERT_TRUE(engine::LoadOptimizerState(a + "/" + engine::kOptimizerFile, c, &ma, &va, &sa).ok());
+  ASSERT_TRUE(engine::LoadOptimizerState(b + "/" + engine::kOptimizerFile, c, &mb, &vb, &sb).ok());
+  EXPECT_EQ(sa, sb);
+  for (auto [x, y, what] : {std::make_tuple(&pa, &pb, "weights"), std::make_tuple(&ma, &mb, "m"),
+                            std::make_tuple(&va, &vb, "v")}) {
+    auto xt = engine::NamedTensors(c, x);
+    auto yt = engine::NamedTensors(c, y);
+    for (size_t i = 0; i < xt.size(); ++i) {
+      EXPECT_LE(NormwiseError(*yt[i].data, *xt[i].data), tolerance) << what << " " << xt[i].name;
+    }
+  }
+}
+
 TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
@@ -463,13 +497,7 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
   // The checkpoint holds the device's fp32 master weights bit for bit, and the step.
   const std::string ckpt = (dir / "step-10").string();
   ASSERT_TRUE((*gpu)->Export(ckpt).ok());
-  engine::ModelParams live, saved = engine::AllocateParams<float>(c);
-  ASSERT_TRUE((*gpu)->GetParams(&live).ok());
-  ASSERT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
-  auto lt = engine::NamedTensors(c, &live);
-  auto st = engine::NamedTensors(c, &saved);
-  ASSERT_EQ(lt.size(), st.size());
-  for (size_t i = 0; i < lt.size(); ++i) EXPECT_EQ(*lt[i].data, *st[i].data) << lt[i].name;
+  ExpectCheckpointHoldsTheMasterWeights(**gpu, ckpt);
 
   // Resumed from the checkpoint, the job continues as the one that kept running (up to the
   // run-to-run spread of the fp32 atomics in the embedding and norm gradients).
@@ -558,13 +586,7 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
     const std::string ckpt =
         (dir / absl::StrCat("offload-", clip, speculate ? "-speculating" : "")).string();
     ASSERT_TRUE((*gpu)->Export(ckpt).ok());
-    engine::ModelParams live, saved = engine::AllocateParams<float>(c);
-    ASSERT_TRUE((*gpu)->GetParams(&live).ok());
-    ASSERT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
-    auto lt = engine::NamedTensors(c, &live);
-    auto st = engine::NamedTensors(c, &saved);
-    ASSERT_EQ(lt.size(), st.size());
-    for (size_t i = 0; i < lt.size(); ++i) EXPECT_EQ(*lt[i].data, *st[i].data) << lt[i].name;
+    ExpectCheckpointHoldsTheMasterWeights(**gpu, ckpt);
 
     // The run that kept going, then (the device holds one trainer) the one resumed from the
     // checkpoint.
@@ -614,26 +636,10 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
     ASSERT_GT(a->grad_norm, o.optimizer.grad_clip) << "step " << s << " did not clip";
     EXPECT_NEAR(b->loss, a->loss, 1e-3 * a->loss) << "step " << s;
   }
-  engine::ModelParams pa, pb, ma, va, mb, vb;
-  ASSERT_TRUE((*sync)->GetParams(&pa).ok());
-  ASSERT_TRUE((*spec)->GetParams(&pb).ok());
   const std::string ca = (dir / "sync").string(), cb = (dir / "spec").string();
   ASSERT_TRUE((*sync)->Export(ca).ok());
   ASSERT_TRUE((*spec)->Export(cb).ok());
-  int64_t sa = 0, sb = 0;
-  ma = va = mb = vb = engine::AllocateParams<float>(c);
-  ASSERT_TRUE(engine::LoadOptimizerState(ca + "/" + engine::kOptimizerFile, c, &ma, &va, &sa).ok());
-  ASSERT_TRUE(engine::LoadOptimizerState(cb + "/" + engine::kOptimizerFile, c, &mb, &vb, &sb).ok());
-  EXPECT_EQ(sa, 6);
-  EXPECT_EQ(sb, 6);
-  for (auto [x, y, what] : {std::make_tuple(&pa, &pb, "weights"), std::make_tuple(&ma, &mb, "m"),
-                            std::make_tuple(&va, &vb, "v")}) {
-    auto xt = engine::NamedTensors(c, x);
-    auto yt = engine::NamedTensors(c, y);
-    for (size_t i = 0; i < xt.size(); ++i) {
-      EXPECT_LE(NormwiseError(*yt[i].data, *xt[i].data), 1e-3) << what << " " << xt[i].name;
-    }
-  }
+  ExpectCheckpointsClose(c, ca, cb, 1e-3);
   fs::remove_all(dir);
 }
 
@@ -670,22 +676,7 @@ TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {
   ASSERT_TRUE((*at_home)->Export(cb).ok());
   EXPECT_GT(home.bytes_out(), 0);
   // The same weights and moments (up to the device's run-to-run summation order).
-  engine::ModelParams pa = engine::AllocateParams<float>(c), pb = pa, ma = pa, va = pa,
-                      mb = pa, vb = pa;
-  int64_t sa = 0, sb = 0;
-  ASSERT_TRUE(engine::LoadWeights(ca, c, &pa).ok());
-  ASSERT_TRUE(engine::LoadWeights(cb, c, &pb).ok());
-  ASSERT_TRUE(engine::LoadOptimizerState(ca + "/" + engine::kOptimizerFile, c, &ma, &va, &sa).ok());
-  ASSERT_TRUE(engine::LoadOptimizerState(cb + "/" + engine::kOptimizerFile, c, &mb, &vb, &sb).ok());
-  EXPECT_EQ(sa, sb);
-  for (auto [x, y, what] : {std::make_tuple(&pa, &pb, "weights"), std::make_tuple(&ma, &mb, "m"),
-                            std::make_tuple(&va, &vb, "v")}) {
-    auto xt = engine::NamedTensors(c, x);
-    auto yt = engine::NamedTensors(c, y);
-    for (size_t i = 0; i < xt.size(); ++i) {
-      EXPECT_LE(NormwiseError(*yt[i].data, *xt[i].data), 1e-3) << what << " " << xt[i].name;
-    }
-  }
+  ExpectCheckpointsClose(c, ca, cb, 1e-3);
   EXPECT_EQ(home.bytes_stored(engine::HomeTier::kHost), 0);
   at_home->reset();
   EXPECT_EQ(home.num_tensors(), 0);  // freed with the trainer
