@@ -135,6 +135,10 @@ absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::
       LOG(WARNING) << "admission check skipped: " << workers_.front()->name() << ": " << fits;
     }
   }
+  // The number, the submit time and the queue position under one lock: concurrent submits
+  // queue in id order (jobs run first submitted, first served, by id).
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return absl::UnavailableError("the coordinator is shutting down");
   ASSIGN_OR_RETURN(int64_t number, store_->NextJobNumber());
   Job job;
   job.set_id(absl::StrFormat("job-%06d", number));
@@ -145,8 +149,6 @@ absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::
   job.set_parameter_count(ParameterCount(job.spec().model()));
   job.set_output_dir(
       (std::filesystem::path(options_.data_dir) / "jobs" / job.id()).string());
-  absl::MutexLock lock(&mu_);
-  if (stopping_) return absl::UnavailableError("the coordinator is shutting down");
   RETURN_IF_ERROR(store_->PutJob(job));
   jobs_[job.id()] = job;
   queue_.push_back(job.id());

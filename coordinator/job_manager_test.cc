@@ -1,6 +1,7 @@
 #include "coordinator/job_manager.h"
 
 #include <fstream>
+#include <thread>
 #include <vector>
 
 #include "absl/synchronization/notification.h"
@@ -137,6 +138,43 @@ TEST_F(JobManagerTest, RunsJobsInFifoOrderWithStepHistory) {
   ASSERT_EQ(steps.size(), 6u);
   EXPECT_EQ(steps.back().step(), 6);
   EXPECT_EQ(manager.JobsByState()["SUCCEEDED"], 3);
+}
+
+// A store whose second job number takes 100 ms to hand out, as a slow disk might.
+class SlowSecondNumberStore : public MemoryJobStore {
+ public:
+  absl::StatusOr<int64_t> NextJobNumber() override {
+    absl::StatusOr<int64_t> n = MemoryJobStore::NextJobNumber();
+    if (n.ok() && *n == 2) absl::SleepFor(absl::Milliseconds(100));
+    return n;
+  }
+};
+
+// Two clients submit at once while a job runs: the queue is in id order, whichever submit's
+// number came back first.
+TEST_F(JobManagerTest, ConcurrentSubmitsQueueInIdOrder) {
+  SlowSecondNumberStore store;
+  JobManager manager(&store, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  worker_.block_ = true;
+  auto first = manager.Submit(Spec(1), dir_);
+  ASSERT_TRUE(first.ok()) << first.status();
+  worker_.started_.WaitForNotification();
+  worker_.block_ = false;  // read again only by the next task, after the cancel below
+  absl::StatusOr<Job> second, third;
+  std::thread a([&] { second = manager.Submit(Spec(2), dir_); });
+  absl::SleepFor(absl::Milliseconds(20));  // a's number is being handed out now
+  std::thread b([&] { third = manager.Submit(Spec(3), dir_); });
+  a.join();
+  b.join();
+  ASSERT_TRUE(second.ok() && third.ok()) << second.status() << " " << third.status();
+  EXPECT_EQ(second->id(), "job-000002");
+  EXPECT_EQ(third->id(), "job-000003");
+  ASSERT_TRUE(manager.Cancel(first->id()).ok());
+  WaitForEnd(manager, second->id());
+  WaitForEnd(manager, third->id());
+  EXPECT_EQ(worker_.order(),
+            (std::vector<std::string>{first->id(), second->id(), third->id()}));
 }
 
 TEST_F(JobManagerTest, WorkerFailureFailsTheJobNamingTheWorker) {
