@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -122,8 +123,10 @@ HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
 HostTrainingState::~HostTrainingState() {
   if (moments_.home == nullptr || moments_.freed_by_owner) return;
   for (size_t g = 0; g < shapes_.size(); ++g) {
-    (void)moments_.home->Free(MomentId('m', g));
-    (void)moments_.home->Free(MomentId('v', g));
+    for (int64_t c = 0; c < Chunks(g); ++c) {
+      (void)moments_.home->Free(MomentId('m', g, c));
+      (void)moments_.home->Free(MomentId('v', g, c));
+    }
   }
 }
 
@@ -135,7 +138,8 @@ int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool mome
     elems += s.elems;
     largest = std::max(largest, s.elems);
   }
-  const int64_t own = 4 * elems + (moments_at_home ? 2 * 4 * largest : 2 * 4 * elems);
+  const int64_t chunk = std::min(largest, MomentsHome().chunk_elems);
+  const int64_t own = 4 * elems + (moments_at_home ? 3 * 2 * 4 * chunk : 2 * 4 * elems);
   if (!two_generations) return own;
   const int64_t embed = shapes[config.num_hidden_layers].elems;
   return own + 3 * 4 * (elems - embed);
@@ -188,16 +192,41 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     Zero(pool, s->buffers_[g].grad, e);
   }
   if (moments.home != nullptr) {
-    s->scratch_m_.reset(new float[largest]);
-    s->scratch_v_.reset(new float[largest]);
+    if (moments.chunk_elems <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("host state: moments chunk of ",
+                                                     moments.chunk_elems, " values"));
+    }
+    s->slots_.reset(new float[3 * 2 * std::min(largest, moments.chunk_elems)]);
   }
   s->WriteBf16(pool);
   RETURN_IF_ERROR(s->ResetMoments(pool));
   return s;
 }
 
-std::string HostTrainingState::MomentId(char which, size_t g) const {
-  return absl::StrCat(moments_.prefix, std::string(1, which), "/", g);
+std::string HostTrainingState::MomentId(char which, size_t g, int64_t chunk) const {
+  return absl::StrCat(moments_.prefix, std::string(1, which), "/", g, "/", chunk);
+}
+
+int64_t HostTrainingState::Chunks(size_t g) const {
+  return (shapes_[g].elems + moments_.chunk_elems - 1) / moments_.chunk_elems;
+}
+
+absl::Status HostTrainingState::GetMoment(char which, size_t g, float* flat) const {
+  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  for (int64_t c = 0; c < Chunks(g); ++c) {
+    const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
+    RETURN_IF_ERROR(moments_.home->Get(MomentId(which, g, c), flat + lo, n));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::PutMoment(char which, size_t g, const float* flat) {
+  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  for (int64_t c = 0; c < Chunks(g); ++c) {
+    const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
+    RETURN_IF_ERROR(moments_.home->Put(MomentId(which, g, c), flat + lo, n, moments_.tier));
+  }
+  return absl::OkStatus();
 }
 
 void HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
@@ -220,9 +249,14 @@ absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
       Zero(pool, V(g, current_[g]), e);
       continue;
     }
-    Zero(pool, scratch_m_.get(), e);
-    RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g), scratch_m_.get(), e, moments_.tier));
-    RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g), scratch_m_.get(), e, moments_.tier));
+    const int64_t chunk = std::min(e, moments_.chunk_elems);
+    float* zeros = slots_.get();
+    Zero(pool, zeros, chunk);
+    for (int64_t c = 0; c < Chunks(g); ++c) {
+      const int64_t n = std::min(chunk, e - c * chunk);
+      RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g, c), zeros, n, moments_.tier));
+      RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g, c), zeros, n, moments_.tier));
+    }
   }
   return absl::OkStatus();
 }
@@ -256,25 +290,27 @@ absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) con
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     *out = engine::AllocateParams<float>(config_);
   }
+  std::vector<float> staging;  // one group's moment from a home
   for (size_t g = 0; g < shapes_.size(); ++g) {
-    const float* flat = nullptr;
     const int gen = current_[g];
+    float* flat = nullptr;
     if (which == 0) {
       flat = Master(g, gen);
     } else if (moments_.home == nullptr) {
       flat = which == 1 ? M(g, gen) : V(g, gen);
     } else {
-      RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g), scratch_m_.get(),
-                                         shapes_[g].elems));
-      flat = scratch_m_.get();
+      staging.assign(shapes_[g].elems, 0.0f);
+      RETURN_IF_ERROR(GetMoment(which == 1 ? 'm' : 'v', g, staging.data()));
+      flat = staging.data();
     }
-    RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, const_cast<float*>(flat), false));
+    RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, flat, false));
   }
   return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in) {
   auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
+  std::vector<float> staging;
   for (size_t g = 0; g < shapes_.size(); ++g) {
     if (which == 0 || moments_.home == nullptr) {
       const int gen = current_[g];
@@ -282,10 +318,9 @@ absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in)
       RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, true));
       continue;
     }
-    std::fill(scratch_m_.get(), scratch_m_.get() + shapes_[g].elems, 0.0f);
-    RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, scratch_m_.get(), true));
-    RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g), scratch_m_.get(),
-                                       shapes_[g].elems, moments_.tier));
+    staging.assign(shapes_[g].elems, 0.0f);
+    RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, staging.data(), true));
+    RETURN_IF_ERROR(PutMoment(which == 1 ? 'm' : 'v', g, staging.data()));
   }
   return absl::OkStatus();
 }
@@ -305,52 +340,53 @@ absl::Status HostTrainingState::SetMoments(const engine::ModelParams& m,
   return CopyIn(2, v);
 }
 
+namespace {
+
+// AdamW on [b, e) of one tensor: the gradients scaled by `coef` in a small buffer (the
+// gradients stay as they came, so a dropped update can be redone with another coefficient),
+// the moments at m and v (indexed from b), then the bf16 copy.
+void UpdateRange(float* master, const float* grad, float* m, float* v, uint16_t* bf16,
+                 int64_t b, int64_t e, const engine::AdamWHyper& h, int64_t step, float coef) {
+  float scaled[4096];
+  for (int64_t c = b; c < e; c += 4096) {
+    const int64_t k = std::min<int64_t>(4096, e - c);
+    for (int64_t i = 0; i < k; ++i) scaled[i] = grad[c + i] * coef;
+    engine::AdamWUpdate(master + c, scaled, m + (c - b), v + (c - b), k, h, step);
+  }
+  for (int64_t i = b; i < e; ++i) bf16[i] = ToBf16Bits(master[i]);
+}
+
+engine::AdamWHyper HyperFor(const GroupSegment& seg, engine::AdamWHyper h) {
+  if (!seg.matrix) h.weight_decay = 0;
+  return h;
+}
+
+}  // namespace
+
 absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>* segments,
                                       const engine::AdamWHyper& hyper, int64_t step, float coef,
                                       engine::ThreadPool& pool, int from, int to) {
+  const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
+  if (moments_.home != nullptr) return HomeAdamW(g, segs, hyper, step, coef, pool);
   if (from < 0) from = current_[g];
   if (to < 0) to = current_[g];
   if (Master(g, from) == nullptr || Master(g, to) == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "host state: group ", g, " has no generation ", Master(g, from) == nullptr ? from : to));
   }
-  const int64_t elems = shapes_[g].elems;
-  float *m_in = nullptr, *v_in = nullptr, *m = nullptr, *v = nullptr;
-  if (moments_.home == nullptr) {
-    m_in = M(g, from);
-    v_in = V(g, from);
-    m = M(g, to);
-    v = V(g, to);
-  } else {
-    m_in = m = scratch_m_.get();
-    v_in = v = scratch_v_.get();
-    RETURN_IF_ERROR(moments_.home->Get(MomentId('m', g), m, elems));
-    RETURN_IF_ERROR(moments_.home->Get(MomentId('v', g), v, elems));
-  }
-  const float* master_in = Master(g, from);
-  float* master = Master(g, to);
-  const float* grad_in = buffers_[g].grad;
+  const float *master_in = Master(g, from), *m_in = M(g, from), *v_in = V(g, from);
+  float *master = Master(g, to), *m = M(g, to), *v = V(g, to);
+  const float* grad = buffers_[g].grad;
   uint16_t* pb = buffers_[g].param;
   auto update = [&](const GroupSegment& seg, int64_t b, int64_t e) {
-    engine::AdamWHyper h = hyper;
-    if (!seg.matrix) h.weight_decay = 0;
     const int64_t o = seg.offset + b, n = e - b;
     if (master != master_in) {  // beside the current values: start from a copy of them
       std::memcpy(master + o, master_in + o, 4 * n);
       std::memcpy(m + o, m_in + o, 4 * n);
       std::memcpy(v + o, v_in + o, 4 * n);
     }
-    // The scaled gradient in a small buffer: the gradients stay as they came, so a dropped
-    // update can be redone with another coefficient.
-    float scaled[4096];
-    for (int64_t c = 0; c < n; c += 4096) {
-      const int64_t k = std::min<int64_t>(4096, n - c);
-      for (int64_t i = 0; i < k; ++i) scaled[i] = grad_in[o + c + i] * coef;
-      engine::AdamWUpdate(master + o + c, scaled, m + o + c, v + o + c, k, h, step);
-    }
-    for (int64_t i = o; i < o + n; ++i) pb[i] = ToBf16Bits(master[i]);
+    UpdateRange(master, grad, m + o, v + o, pb, o, o + n, HyperFor(seg, hyper), step, coef);
   };
-  const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
   if (segs.size() > 64) {
     // The embedding's runs of token rows: thousands of short segments, split by segment (one
     // ParallelFor each would run most of them on this thread alone).
@@ -362,11 +398,67 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
       pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) { update(seg, b, e); });
     }
   }
-  if (moments_.home != nullptr) {
-    RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g), m, elems, moments_.tier));
-    RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g), v, elems, moments_.tier));
-  }
   return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegment>& segs,
+                                          const engine::AdamWHyper& hyper, int64_t step,
+                                          float coef, engine::ThreadPool& pool) {
+  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems, chunks = Chunks(g);
+  const int64_t slot_elems = std::min(chunk, std::max<int64_t>(1, elems));
+  engine::TensorHome* home = moments_.home;
+  auto slot_m = [&](int64_t c) { return slots_.get() + (c % 3) * 2 * slot_elems; };
+  auto slot_v = [&](int64_t c) { return slot_m(c) + slot_elems; };
+  auto size_of = [&](int64_t c) { return std::min(chunk, elems - c * chunk); };
+  // Chunk c is read into slot c % 3 while chunk c - 1 is updated and chunk c - 2 written.
+  std::future<absl::Status> reads[3], writes[3];
+  auto read = [&](int64_t c) {
+    reads[c % 3] = std::async(std::launch::async, [this, home, c, g, m = slot_m(c),
+                                                    v = slot_v(c), n = size_of(c)] {
+      RETURN_IF_ERROR(home->Get(MomentId('m', g, c), m, n));
+      return home->Get(MomentId('v', g, c), v, n);
+    });
+  };
+  absl::Status status;
+  auto settle = [&status](std::future<absl::Status>& f) {
+    if (!f.valid()) return;
+    absl::Status s = f.get();
+    if (status.ok() && !s.ok()) status = s;
+  };
+  float* master = Master(g, current_[g]);
+  const float* grad = buffers_[g].grad;
+  uint16_t* pb = buffers_[g].param;
+  if (chunks > 0) read(0);
+  for (int64_t c = 0; c < chunks && status.ok(); ++c) {
+    if (c + 1 < chunks) {
+      settle(writes[(c + 1) % 3]);  // the slot's last write (chunk c - 2) is done
+      if (!status.ok()) break;
+      read(c + 1);
+    }
+    settle(reads[c % 3]);
+    if (!status.ok()) break;
+    const int64_t lo = c * chunk, hi = lo + size_of(c);
+    float *m = slot_m(c), *v = slot_v(c);
+    for (const GroupSegment& seg : segs) {
+      const int64_t b = std::max(lo, seg.offset), e = std::min(hi, seg.offset + seg.size);
+      if (b >= e) continue;
+      const engine::AdamWHyper h = HyperFor(seg, hyper);
+      pool.ParallelFor(e - b, 1 << 16, [&](int64_t rb, int64_t re) {
+        UpdateRange(master, grad, m + (b + rb - lo), v + (b + rb - lo), pb, b + rb, b + re, h,
+                    step, coef);
+      });
+    }
+    writes[c % 3] = std::async(std::launch::async, [this, home, c, g, m, v, n = hi - lo] {
+      RETURN_IF_ERROR(home->Put(MomentId('m', g, c), m, n, moments_.tier));
+      return home->Put(MomentId('v', g, c), v, n, moments_.tier);
+    });
+  }
+  // Nothing may still use the slots when this returns.
+  for (int i = 0; i < 3; ++i) {
+    settle(reads[i]);
+    settle(writes[i]);
+  }
+  return status;
 }
 
 double HostTrainingState::AddEmbeddingGradient(const std::vector<int32_t>& ids,

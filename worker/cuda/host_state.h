@@ -67,12 +67,14 @@ struct HostGroupBuffers {
 };
 
 // Where AdamW's moments live when not in this process' memory: a TensorHome (the memstore,
-// whose NVMe tier holds what host RAM cannot), as tensors "<prefix>m/<group>" and
-// "<prefix>v/<group>".
+// whose NVMe tier holds what host RAM cannot), as tensors "<prefix>m/<group>/<chunk>" and
+// "<prefix>v/<group>/<chunk>" of chunk_elems values (the last of a group shorter). An update
+// reads the next chunk and writes the previous one while it computes this one.
 struct MomentsHome {
   engine::TensorHome* home = nullptr;  // not owned; null: in this process
   std::string prefix;
   engine::HomeTier tier = engine::HomeTier::kNvme;
+  int64_t chunk_elems = int64_t{16} << 20;
   // The owner of `home` frees everything under its prefix itself (the worker, once per job):
   // the state does not free its tensors one by one when destroyed.
   bool freed_by_owner = false;
@@ -99,7 +101,7 @@ class HostTrainingState {
   ~HostTrainingState();
 
   // Bytes the state allocates itself: master weights, and the moments (or, when they live in a
-  // home, two buffers of the largest group to update them in).
+  // home, three chunks of each to update them in).
   static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home,
                           bool two_generations = false);
   // Bytes of both moments of every group (what a home holds).
@@ -119,7 +121,8 @@ class HostTrainingState {
   // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
   // written. It reads generation `from` and writes generation `to` (-1: the current one; equal:
   // in place); the gradients are left as they were, so the update can run again. Moments in a
-  // home are read and written whole. Errors of the home.
+  // home are read and written a chunk at a time, overlapping the update (the first error of
+  // the home is returned, once nothing is in flight).
   absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
                      const engine::AdamWHyper& hyper, int64_t step, float coef,
                      engine::ThreadPool& pool, int from = -1, int to = -1);
@@ -157,7 +160,15 @@ class HostTrainingState {
  private:
   HostTrainingState(const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
                     const MomentsHome& moments);
-  std::string MomentId(char which, size_t g) const;
+  std::string MomentId(char which, size_t g, int64_t chunk) const;
+  int64_t Chunks(size_t g) const;
+  // AdamW of group g with its moments in the home, chunk by chunk.
+  absl::Status HomeAdamW(size_t g, const std::vector<GroupSegment>& segments,
+                         const engine::AdamWHyper& hyper, int64_t step, float coef,
+                         engine::ThreadPool& pool);
+  // Group g's moment `which` ('m' or 'v') to and from a flat buffer of its elements.
+  absl::Status GetMoment(char which, size_t g, float* flat) const;
+  absl::Status PutMoment(char which, size_t g, const float* flat);
   // Writes every group's bf16 copy from its master weights, and zero moments.
   absl::Status ResetMoments(engine::ThreadPool& pool);
   void WriteBf16(engine::ThreadPool& pool);
@@ -176,7 +187,9 @@ class HostTrainingState {
   // embedding), m_ and v_ empty with a home.
   std::vector<std::unique_ptr<float[]>> master_[2], m_[2], v_[2];
   std::vector<int> current_;
-  std::unique_ptr<float[]> scratch_m_, scratch_v_;       // with a home
+  // With a home: three chunk slots of m and v each (one updated, one being read, one being
+  // written).
+  std::unique_ptr<float[]> slots_;
   std::vector<int64_t> grad_rows_;                        // rows the last gradient wrote
 };
 

@@ -104,6 +104,7 @@ void ExpectMatchesEngine(bool tied, engine::TensorHome* home) {
   MomentsHome mh;
   mh.home = home;
   mh.prefix = "job/";
+  mh.chunk_elems = 1000;  // many chunks a group, the last of each shorter
   auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
   ASSERT_TRUE(state.ok()) << state.status();
   engine::ModelParams p = RandomParams(c, 1, 0.02f);
@@ -159,23 +160,68 @@ TEST(HostTrainingStateTest, MomentsInAHomeLiveInItsTier) {
   Buffers buf(c);
   engine::MemoryTensorHome home;
   MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  mh.chunk_elems = 4096;
   auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
   ASSERT_TRUE(state.ok()) << state.status();
-  const size_t groups = (*state)->shapes().size();
-  EXPECT_EQ(home.num_tensors(), static_cast<int64_t>(2 * groups));
-  int64_t elems = 0;
-  for (const TensorGroupShape& s : (*state)->shapes()) elems += s.elems;
+  int64_t elems = 0, chunks = 0;
+  for (const TensorGroupShape& s : (*state)->shapes()) {
+    elems += s.elems;
+    chunks += (s.elems + 4095) / 4096;
+  }
+  EXPECT_EQ(home.num_tensors(), 2 * chunks);
   EXPECT_EQ(home.bytes_stored(engine::HomeTier::kNvme), 8 * elems);
   engine::HomeTier tier;
-  ASSERT_TRUE(home.TierOf("j/m/0", &tier).ok());
+  ASSERT_TRUE(home.TierOf("j/m/0/0", &tier).ok());
   EXPECT_EQ(tier, engine::HomeTier::kNvme);
-  // The state keeps the master weights and two buffers of the largest group, not the moments.
-  EXPECT_LT(HostTrainingState::OwnBytes(c, true), HostTrainingState::OwnBytes(c, false));
+  // The state keeps the master weights and three chunks of each moment, not the moments (on a
+  // model larger than a chunk).
+  engine::ModelConfig big = c;
+  big.hidden_size = 4096;
+  big.intermediate_size = 14336;
+  big.num_attention_heads = 32;
+  big.num_key_value_heads = 8;
+  big.vocab_size = 128256;
+  int64_t big_elems = 0;
+  for (const TensorGroupShape& s : TensorGroupShapes(big)) big_elems += s.elems;
+  EXPECT_EQ(HostTrainingState::OwnBytes(big, false) - HostTrainingState::OwnBytes(big, true),
+            8 * big_elems - 3 * 2 * 4 * MomentsHome().chunk_elems);
   EXPECT_EQ(HostTrainingState::MomentsBytes(c), 8 * elems);
   // A home that fails is reported by the update that needed it.
-  ASSERT_TRUE(home.Free("j/v/1").ok());
+  ASSERT_TRUE(home.Free("j/v/1/2").ok());
   const absl::Status s = (*state)->AdamW(1, nullptr, Hyper(), 1, 1.0f, pool);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+}
+
+// A home whose writes start failing after `ok_puts` of them.
+class FailingHome : public engine::MemoryTensorHome {
+ public:
+  explicit FailingHome(int ok_puts) : ok_puts_(ok_puts) {}
+  absl::Status Put(const std::string& id, const float* data, int64_t n,
+                   engine::HomeTier tier) override {
+    if (puts_++ >= ok_puts_) return absl::UnavailableError("memstore: connection reset");
+    return MemoryTensorHome::Put(id, data, n, tier);
+  }
+
+ private:
+  const int ok_puts_;
+  std::atomic<int> puts_{0};
+};
+
+// An update whose writes fail returns the first error once nothing is in flight.
+TEST(HostTrainingStateTest, AFailingHomeFailsTheUpdate) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  Buffers buf(c);
+  int64_t chunks = 0;
+  for (const TensorGroupShape& s : TensorGroupShapes(c)) chunks += (s.elems + 999) / 1000;
+  FailingHome home(2 * chunks + 3);  // the zero moments, then three writes of the update
+  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  mh.chunk_elems = 1000;
+  auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
+  ASSERT_TRUE(state.ok()) << state.status();
+  const absl::Status s = (*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("connection reset"));
 }
 
 TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
@@ -184,11 +230,16 @@ TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
   Buffers buf(c);
   engine::MemoryTensorHome home;
   {
-    MomentsHome mh{&home, "j/", engine::HomeTier::kHost, /*freed_by_owner=*/true};
+    MomentsHome mh{&home, "j/", engine::HomeTier::kHost};
+    mh.freed_by_owner = true;
     auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
     ASSERT_TRUE(state.ok());
   }
-  EXPECT_EQ(home.num_tensors(), static_cast<int64_t>(2 * TensorGroupShapes(c).size()));
+  int64_t chunks = 0;
+  for (const TensorGroupShape& sh : TensorGroupShapes(c)) {
+    chunks += (sh.elems + MomentsHome().chunk_elems - 1) / MomentsHome().chunk_elems;
+  }
+  EXPECT_EQ(home.num_tensors(), 2 * chunks);
 }
 
 // An update written beside the current values is kept by SetCurrent, or redone with a clipped
