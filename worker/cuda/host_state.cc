@@ -170,6 +170,10 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     return absl::InvalidArgumentError(
         "host state: two generations of the moments need them in this process, not a home");
   }
+  if (moments.home != nullptr && moments.chunk_elems <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("host state: moments chunk of ", moments.chunk_elems, " values"));
+  }
   std::unique_ptr<HostTrainingState> s(
       new HostTrainingState(config, std::move(buffers), moments));
   s->current_.assign(groups, 0);
@@ -192,10 +196,6 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     Zero(pool, s->buffers_[g].grad, e);
   }
   if (moments.home != nullptr) {
-    if (moments.chunk_elems <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("host state: moments chunk of ",
-                                                     moments.chunk_elems, " values"));
-    }
     s->slots_.reset(new float[3 * 2 * std::min(largest, moments.chunk_elems)]);
   }
   s->WriteBf16(pool);
@@ -209,24 +209,6 @@ std::string HostTrainingState::MomentId(char which, size_t g, int64_t chunk) con
 
 int64_t HostTrainingState::Chunks(size_t g) const {
   return (shapes_[g].elems + moments_.chunk_elems - 1) / moments_.chunk_elems;
-}
-
-absl::Status HostTrainingState::GetMoment(char which, size_t g, float* flat) const {
-  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
-  for (int64_t c = 0; c < Chunks(g); ++c) {
-    const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
-    RETURN_IF_ERROR(moments_.home->Get(MomentId(which, g, c), flat + lo, n));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status HostTrainingState::PutMoment(char which, size_t g, const float* flat) {
-  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
-  for (int64_t c = 0; c < Chunks(g); ++c) {
-    const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
-    RETURN_IF_ERROR(moments_.home->Put(MomentId(which, g, c), flat + lo, n, moments_.tier));
-  }
-  return absl::OkStatus();
 }
 
 void HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
@@ -290,27 +272,27 @@ absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) con
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     *out = engine::AllocateParams<float>(config_);
   }
-  std::vector<float> staging;  // one group's moment from a home
   for (size_t g = 0; g < shapes_.size(); ++g) {
     const int gen = current_[g];
-    float* flat = nullptr;
-    if (which == 0) {
-      flat = Master(g, gen);
-    } else if (moments_.home == nullptr) {
-      flat = which == 1 ? M(g, gen) : V(g, gen);
-    } else {
-      staging.assign(shapes_[g].elems, 0.0f);
-      RETURN_IF_ERROR(GetMoment(which == 1 ? 'm' : 'v', g, staging.data()));
-      flat = staging.data();
+    if (which == 0 || moments_.home == nullptr) {
+      float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
+      RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, flat, false));
+      continue;
     }
-    RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, flat, false));
+    // From a home a chunk at a time, through the first slot.
+    const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+    for (int64_t c = 0; c < Chunks(g); ++c) {
+      const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
+      RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
+                                         hi - lo));
+      RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, slots_.get(), false));
+    }
   }
   return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in) {
   auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
-  std::vector<float> staging;
   for (size_t g = 0; g < shapes_.size(); ++g) {
     if (which == 0 || moments_.home == nullptr) {
       const int gen = current_[g];
@@ -318,9 +300,14 @@ absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in)
       RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, true));
       continue;
     }
-    staging.assign(shapes_[g].elems, 0.0f);
-    RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, staging.data(), true));
-    RETURN_IF_ERROR(PutMoment(which == 1 ? 'm' : 'v', g, staging.data()));
+    const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+    for (int64_t c = 0; c < Chunks(g); ++c) {
+      const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
+      std::fill(slots_.get(), slots_.get() + (hi - lo), 0.0f);  // the padding between tensors
+      RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slots_.get(), true));
+      RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
+                                         hi - lo, moments_.tier));
+    }
   }
   return absl::OkStatus();
 }
@@ -367,9 +354,15 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
                                       const engine::AdamWHyper& hyper, int64_t step, float coef,
                                       engine::ThreadPool& pool, int from, int to) {
   const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
-  if (moments_.home != nullptr) return HomeAdamW(g, segs, hyper, step, coef, pool);
   if (from < 0) from = current_[g];
   if (to < 0) to = current_[g];
+  if (moments_.home != nullptr) {
+    if (from != current_[g] || to != current_[g]) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "host state: group ", g, "'s moments are in a home, which holds one generation"));
+    }
+    return HomeAdamW(g, segs, hyper, step, coef, pool);
+  }
   if (Master(g, from) == nullptr || Master(g, to) == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "host state: group ", g, " has no generation ", Master(g, from) == nullptr ? from : to));

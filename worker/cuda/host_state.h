@@ -121,8 +121,9 @@ class HostTrainingState {
   // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
   // written. It reads generation `from` and writes generation `to` (-1: the current one; equal:
   // in place); the gradients are left as they were, so the update can run again. Moments in a
-  // home are read and written a chunk at a time, overlapping the update (the first error of
-  // the home is returned, once nothing is in flight).
+  // home are read and written a chunk at a time, overlapping the update, in the one generation
+  // a home holds (FAILED_PRECONDITION for another); the first error of the home is returned
+  // once nothing is in flight, with the chunks before it updated and the rest not.
   absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
                      const engine::AdamWHyper& hyper, int64_t step, float coef,
                      engine::ThreadPool& pool, int from = -1, int to = -1);
@@ -166,9 +167,6 @@ class HostTrainingState {
   absl::Status HomeAdamW(size_t g, const std::vector<GroupSegment>& segments,
                          const engine::AdamWHyper& hyper, int64_t step, float coef,
                          engine::ThreadPool& pool);
-  // Group g's moment `which` ('m' or 'v') to and from a flat buffer of its elements.
-  absl::Status GetMoment(char which, size_t g, float* flat) const;
-  absl::Status PutMoment(char which, size_t g, const float* flat);
   // Writes every group's bf16 copy from its master weights, and zero moments.
   absl::Status ResetMoments(engine::ThreadPool& pool);
   void WriteBf16(engine::ThreadPool& pool);

@@ -224,6 +224,23 @@ TEST(HostTrainingStateTest, AFailingHomeFailsTheUpdate) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("connection reset"));
 }
 
+TEST(HostTrainingStateTest, AHomeHoldsOneGenerationOfChunksOfSomeSize) {
+  const engine::ModelConfig c = Config(true);
+  engine::ThreadPool pool(1);
+  Buffers buf(c);
+  engine::MemoryTensorHome home;
+  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  mh.chunk_elems = 0;
+  EXPECT_EQ(HostTrainingState::Create(c, buf.Views(), mh, pool).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  mh.chunk_elems = 5000;
+  auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
+  ASSERT_TRUE(state.ok()) << state.status();
+  EXPECT_EQ((*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool, 0, 1).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE((*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool, 0, 0).ok());
+}
+
 TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
   const engine::ModelConfig c = Config(true);
   engine::ThreadPool pool(1);

@@ -1,5 +1,6 @@
 #include "worker/cuda/layout.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -81,8 +82,8 @@ std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& confi
   return out;
 }
 
-absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
-                              size_t g, float* flat, bool to_flat) {
+absl::Status CopyGroupRange(const engine::ModelConfig& config, engine::ModelParams* params,
+                            size_t g, int64_t lo, int64_t hi, float* flat, bool to_flat) {
   if (params->layers.size() != static_cast<size_t>(config.num_hidden_layers)) {
     return absl::InvalidArgumentError(absl::StrCat("parameters of ", params->layers.size(),
                                                    " layers for a model of ",
@@ -99,13 +100,23 @@ absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelPa
       }
       hs.host->resize(hs.seg.size);
     }
+    const int64_t b = std::max(lo, hs.seg.offset);
+    const int64_t e = std::min(hi, hs.seg.offset + hs.seg.size);
+    if (b >= e) continue;
+    float* tensor = hs.host->data() + (b - hs.seg.offset);
     if (to_flat) {
-      std::memcpy(flat + hs.seg.offset, hs.host->data(), 4 * hs.seg.size);
+      std::memcpy(flat + (b - lo), tensor, 4 * (e - b));
     } else {
-      std::memcpy(hs.host->data(), flat + hs.seg.offset, 4 * hs.seg.size);
+      std::memcpy(tensor, flat + (b - lo), 4 * (e - b));
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
+                              size_t g, float* flat, bool to_flat) {
+  const int64_t elems = GroupElems(config, g);
+  return CopyGroupRange(config, params, g, 0, elems, flat, to_flat);
 }
 
 }  // namespace lumen::cuda

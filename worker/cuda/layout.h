@@ -47,6 +47,10 @@ std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& confi
 // INVALID_ARGUMENT for params of another shape.
 absl::Status CopyGroupTensors(const engine::ModelConfig& config, engine::ModelParams* params,
                               size_t g, float* flat, bool to_flat);
+// The same for the elements [lo, hi) of the group only, `flat` holding element lo (padding
+// between tensors is not touched).
+absl::Status CopyGroupRange(const engine::ModelConfig& config, engine::ModelParams* params,
+                            size_t g, int64_t lo, int64_t hi, float* flat, bool to_flat);
 
 }  // namespace lumen::cuda
 
