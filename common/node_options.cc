@@ -317,11 +317,12 @@ absl::StatusOr<NodeOptions> ParseNodeOptions(int argc, const char* const* argv) 
        "Link model: host<->device GB/s per direction for offloaded tensors (default 0 = off)"},
       {"optimizer-state-tier",
        "Memstore tier of the Adam state of jobs larger than --device-memory: host or nvme "
-       "(default host)"},
+       "(default host; on a GPU worker host keeps a streamed job's moments in the worker)"},
       {"optimizer-overlap",
        "When jobs larger than --device-memory run AdamW on the host: forward (once the "
        "gradient norm is known, during the next step's forward) or backward (as each gradient "
-       "completes; needs a second copy of parameters and moments) (default forward)"},
+       "completes; needs a second copy of parameters and moments, in the memstore on the CPU "
+       "device and in the worker on a GPU) (default forward)"},
   };
   for (const std::string& name : ScalarFlags()) {
     options[name] = app.add_option("--" + name, bound[name], help.at(name));

@@ -71,13 +71,15 @@ struct NodeOptions {
   std::string bin_dir;
 
   // Where jobs larger than the device budget keep their Adam state in the memstore: "host" or
-  // "nvme" (needs --nvme-dir). NVMe saves host RAM at the price of drive writes every step.
+  // "nvme" (needs --nvme-dir). NVMe saves host RAM at the price of drive writes every step. On
+  // a GPU worker, "host" keeps a streamed job's moments in the worker itself.
   std::string optimizer_state_tier = "host";
 
   // When offloaded jobs run AdamW on the host: "forward" (once the step's gradient norm is
   // known, overlapping the next step's forward) or "backward" (each tensor as soon as its
   // gradient is complete, overlapping the backward, kept when the norm needs no clipping; the
-  // memstore holds a second copy of parameters and moments). On the CPU device the backward's
+  // memstore holds a second copy of parameters and moments, or on a GPU worker the worker, for
+  // jobs that clip, except the embedding's). On the CPU device the backward's
   // cores are the optimizer's, so backward measured 5-13% slower steps there; on a GPU node
   // the host CPU is otherwise idle during the backward.
   std::string optimizer_overlap = "forward";

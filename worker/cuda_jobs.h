@@ -62,8 +62,9 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
 
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
 // choice of resident with kept or recomputed activations, or streamed). Streamed, AdamW's
-// moments go to `moments_home` (in `moments_tier`, as tensors "moments/m/<group>" and
-// "moments/v/<group>", which the caller frees) when it is not null, else stay in this process.
+// moments go to `moments_home` (in `moments_tier`, as tensors "moments/m/<group>/<chunk>" and
+// "moments/v/<group>/<chunk>", which the caller frees) when it is not null, else stay in this
+// process.
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* moments_home = nullptr,

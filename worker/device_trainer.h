@@ -24,7 +24,8 @@ class DeviceTrainer {
   virtual absl::Status Export(const std::string& dir) = 0;
   // Bytes of parameters, gradients and AdamW state.
   virtual int64_t TrainingStateBytes() const = 0;
-  // Whether everything stays on the device (nothing streams through the memstore).
+  // Whether everything stays on the device (nothing streams through host memory or the
+  // memstore).
   virtual bool resident() const = 0;
   // The first step's ops, for trace-step-1.json; empty when the device records none.
   virtual const std::vector<engine::TraceEvent>& first_step_trace() const = 0;

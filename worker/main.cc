@@ -30,17 +30,22 @@ int main(int argc, char** argv) {
                  "Device memory budget in bytes (with --device cuda, 0 = the GPU's free memory "
                  "less 1 GiB)")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--threads", threads, "CPU kernel threads (0 = all cores)");
+  app.add_option("--threads", threads,
+                 "The CPU device's kernel threads, or a GPU worker's host AdamW threads (0 = "
+                 "every CPU this process may use)");
   std::string memstore_socket, optimizer_state_tier = "host";
   app.add_option("--memstore-socket", memstore_socket,
-                 "The memstore, where jobs larger than --device-memory keep their tensors");
+                 "The memstore, where jobs larger than --device-memory keep their tensors (on "
+                 "a GPU worker, only their AdamW moments, with --optimizer-state-tier nvme)");
   app.add_option("--optimizer-state-tier", optimizer_state_tier,
-                 "Memstore tier of offloaded Adam state")
+                 "Memstore tier of offloaded Adam state (on a GPU worker: host keeps a streamed "
+                 "job's moments in this process, nvme in the memstore's NVMe tier)")
       ->check(CLI::IsMember({"host", "nvme"}));
   std::string optimizer_overlap = "forward";
   app.add_option("--optimizer-overlap", optimizer_overlap,
                  "When offloaded jobs run AdamW on the host: during the next step's forward or "
-                 "during the backward")
+                 "during the backward (on a GPU worker: speculatively, for jobs that clip, with "
+                 "the moments in this process)")
       ->check(CLI::IsMember({"forward", "backward"}));
   double link_gbps = 0;
   app.add_option("--link-gbps", link_gbps,

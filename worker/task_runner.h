@@ -25,19 +25,22 @@ struct TaskRunnerOptions {
   // jobs resident on the GPU, or streamed through this process' host memory).
   DeviceKind device = DeviceKind::kCpu;
   int device_index = 0;
-  // Threads for the CPU kernels; 0 uses every core.
+  // Threads for the CPU kernels, or a GPU worker's host AdamW; 0 uses every CPU this process
+  // may run on.
   int num_threads = 0;
   // Device memory the training may use. A job whose training state does not fit streams its
   // tensors through `memstore` layer by layer (engine::OffloadTrainer); losses and weights are
   // the same bit for bit either way.
   int64_t device_memory_budget_bytes = 0;
-  // Where offloaded tensors live; null = nowhere, so a job that does not fit fails.
+  // Where offloaded tensors live; null = nowhere, so a CPU-device job that does not fit fails
+  // (a GPU job streams through the worker's memory, its moments here only with kNvme below).
   MemstoreClient* memstore = nullptr;
   // The memstore tier of the Adam state when offloading (the other classes use host memory).
   // On a CUDA device, kNvme puts a streamed job's moments in the memstore; kHost keeps them in
   // this process with the rest of its state.
   engine::HomeTier optimizer_state_tier = engine::HomeTier::kHost;
-  // engine::OffloadOptions::overlap_optimizer (lumend --optimizer-overlap backward).
+  // engine::OffloadOptions::overlap_optimizer (lumend --optimizer-overlap backward); on a GPU,
+  // cuda::CudaOffloadOptions::speculate for streamed jobs that clip.
   bool optimizer_overlaps_backward = false;
   // The link model: host<->device bytes/s per direction for offloaded tensors; 0 = as fast as
   // the memstore serves them. Lets the CPU device run at a GPU node's FLOPs-per-byte ratio.

@@ -310,7 +310,8 @@ absl::StatusOr<std::string> RunKernels(const Args& a, const engine::ModelConfig&
 // ---- Offloaded ----
 
 // CudaOffloadTrainer, the worker's offloaded trainer, at --offload_fraction of the training
-// state, with the same weights and tokens as the in-memory modes and no clipping.
+// state, with the same weights and tokens as the in-memory modes; no clipping (offload), or
+// clipping at 1.0 with speculative AdamW (offload_clip).
 class OffloadRunner {
  public:
   OffloadRunner(const Args& a, const engine::ModelConfig& c) : a_(a), c_(c) {

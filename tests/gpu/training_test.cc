@@ -2,7 +2,9 @@
 // backward, a full training step (loss, gradients, updated weights), a 50-step job whose
 // losses must stay within 2% of the CPU's at every step, and a job as the worker runs it
 // (CudaJobTrainer from the job's token file and options against engine::Trainer, its
-// checkpoint, and a resume from that checkpoint). bf16 through a whole network is
+// checkpoint, and a resume from that checkpoint), resident and streamed through host memory
+// (CudaOffloadTrainer: clipped, unclipped and speculative; moments in a TensorHome), and the
+// worker's CreateCudaTrainer choosing between them by budget. bf16 through a whole network is
 // looser than one kernel, so layer and gradient tolerances are 3e-2 / 5e-2 (normwise).
 #include <algorithm>
 #include <cmath>

@@ -92,8 +92,8 @@ class HostTrainingState {
   // SetParams or InitRandom). With `two_generations`, every group but the embedding's holds its
   // master weights and moments twice (generations 0 and 1), so an update can be written beside
   // the current values and kept or dropped later (AdamW's `from` / `to`, SetCurrent); moments
-  // in a home cannot. INVALID_ARGUMENT for a bad config or buffer count, or two generations
-  // with a home.
+  // in a home cannot. INVALID_ARGUMENT for a bad config, buffer count or null buffer, two
+  // generations with a home, or a chunk_elems <= 0 with a home.
   static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
       const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
       const MomentsHome& moments, engine::ThreadPool& pool, bool two_generations = false);

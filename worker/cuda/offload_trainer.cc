@@ -288,8 +288,8 @@ void CudaOffloadTrainer::QueueEmbeddingRows(const engine::AdamWHyper& hyper, int
   const size_t embed = EmbedGroup();
   embed_rows_.clear();
   embed_rest_.clear();
-  // The next step's rows are unknown, or the moments live in a home (read and written whole
-  // by each update): the whole table, gathered by the next step.
+  // The next step's rows are unknown, or the moments live in a home (each update streams all
+  // of the group's moment chunks): the whole table, gathered by the next step.
   if (next.empty() || state_->moments_at_home()) {
     gathered_for_.clear();
     QueueAdamW(embed, hyper, step, coef);

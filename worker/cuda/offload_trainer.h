@@ -9,11 +9,14 @@
 // the device.
 //
 // With clipping (max_grad_norm > 0) each layer's AdamW waits for the step's gradient norm and
-// then overlaps the next step's forward, unless it speculates (CudaOffloadOptions::speculate) (queued in the order the forward needs them: the
+// then overlaps the next step's forward, queued in the order the forward needs them (the
 // embedding rows of the next step's tokens, layers 0..L-1, norm, head, the other embedding
-// rows); without it, each layer's AdamW starts as soon as its gradient is home, overlapping the
-// backward of the layers below. Either way the update is the exact synchronous one of
-// CudaTrainer up to bf16 rounding.
+// rows); or, speculating (CudaOffloadOptions::speculate), it starts during the backward beside
+// the current state and is kept or redone once the norm is known. Without clipping, each
+// layer's AdamW starts as soon as its gradient is home, overlapping the backward of the layers
+// below. Either way the update is the exact synchronous one of CudaTrainer up to bf16
+// rounding. The moments may live in a TensorHome (the memstore's NVMe tier) instead of host
+// memory.
 // Thread-compatible: one thread drives a CudaOffloadTrainer.
 #ifndef LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
 #define LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
@@ -77,7 +80,8 @@ class CudaOffloadTrainer {
                                                  const CudaOffloadOptions& options);
   // Pinned and pageable host bytes the trainer allocates: bf16 parameters, fp32 gradients,
   // master weights and, unless `moments_at_home` (options.moments will name a home), the
-  // moments; the step's layer-input checkpoints and embedding rows.
+  // moments, a second generation when options.speculate; the step's layer-input checkpoints
+  // and embedding rows.
   static int64_t HostBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options,
                            bool moments_at_home);
   // The training state as the engine counts it (OffloadRequirements::training_state_bytes):
