@@ -104,7 +104,9 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   absl::StatusOr<int64_t> host_home = cuda::CudaJobTrainer::OffloadHostBytes(*o, true);
   ASSERT_TRUE(host_home.ok());
   const int64_t params = engine::ParameterCount(o->model);
-  EXPECT_LT(*host_home, *host - 4 * params);
+  EXPECT_LT(*host_home, *host);
+  EXPECT_EQ(*host - *host_home, cuda::HostTrainingState::OwnBytes(o->model, false) -
+                                    cuda::HostTrainingState::OwnBytes(o->model, true));
   m = CheckCudaTask(*o, "worker-0", streamed, *host_home, /*moments_in_memstore=*/true);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_TRUE(m->streamed);
