@@ -7,6 +7,7 @@
 #include "common/status_macros.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/optimizer.h"
+#include "worker/engine/thread_pool.h"
 
 namespace lumen::cuda {
 
@@ -67,7 +68,8 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     params = engine::AllocateParams<float>(options.model);
     RETURN_IF_ERROR(engine::LoadWeights(options.init_from, options.model, &params));
   } else {
-    engine::InitParams(options.model, t.seed, &params);
+    engine::ThreadPool pool(options.num_threads);
+    engine::InitParams(options.model, t.seed, &params, &pool);
   }
   if (offload) {
     ASSIGN_OR_RETURN(job->offload_,

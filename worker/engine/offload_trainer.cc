@@ -247,7 +247,7 @@ absl::Status OffloadTrainer::Init() {
     init = AllocateParams<float>(c);
     RETURN_IF_ERROR(LoadWeights(options_.init_from, c, &init));
   } else {
-    InitParams(c, t.seed, &init);
+    InitParams(c, t.seed, &init, pool_.get());
   }
   for (NamedTensor<float> &p : NamedTensors(c, &init)) {
     const int64_t size = Numel(p);

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -39,29 +41,73 @@ absl::Status CheckGradNormFinite(int64_t step, double grad_norm, double loss,
       "or set optimizer.grad_clip"));
 }
 
-void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params) {
+void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params,
+                ThreadPool* pool) {
   *params = AllocateParams<float>(config);
-  std::mt19937_64 rng(seed);
-  bool has_spare = false;
-  double spare = 0;
-  auto normal = [&]() {
-    if (has_spare) {
-      has_spare = false;
-      return spare;
-    }
-    const double u1 = static_cast<double>((rng() >> 11) + 1) * 0x1.0p-53;
-    const double u2 = static_cast<double>(rng() >> 11) * 0x1.0p-53;
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    spare = r * std::sin(2.0 * M_PI * u2);
-    has_spare = true;
-    return r * std::cos(2.0 * M_PI * u2);
-  };
+  // The matrices in order form one stream of values: value 2p is pair p's cosine, 2p + 1 its
+  // sine, pair p drawing numbers 2p and 2p + 1 of the generator.
+  std::vector<float*> mats;
+  std::vector<int64_t> starts;  // each matrix's first value in the stream
+  int64_t total = 0;
   for (NamedTensor<float>& t : NamedTensors(config, params)) {
     if (t.shape.size() == 1) {
       std::fill(t.data->begin(), t.data->end(), 1.0f);
-    } else {
-      for (float& x : *t.data) x = static_cast<float>(config.init_std * normal());
+      continue;
     }
+    mats.push_back(t.data->data());
+    starts.push_back(total);
+    total += static_cast<int64_t>(t.data->size());
+  }
+  const double init_std = config.init_std;
+  // Values [2 * pb, 2 * pe) of the stream (those below `total`) from raw numbers `raw` of pairs
+  // [pb, pe) (raw[0] is pair `first`'s first number).
+  auto values = [&](const uint64_t* raw, int64_t first, int64_t pb, int64_t pe) {
+    int64_t k = 2 * pb;
+    size_t m = std::upper_bound(starts.begin(), starts.end(), k) - starts.begin() - 1;
+    for (int64_t p = pb; p < pe; ++p) {
+      const uint64_t x1 = raw[2 * (p - first)], x2 = raw[2 * (p - first) + 1];
+      const double u1 = static_cast<double>((x1 >> 11) + 1) * 0x1.0p-53;
+      const double u2 = static_cast<double>(x2 >> 11) * 0x1.0p-53;
+      const double r = std::sqrt(-2.0 * std::log(u1));
+      const double z[2] = {r * std::cos(2.0 * M_PI * u2), r * std::sin(2.0 * M_PI * u2)};
+      for (int j = 0; j < 2 && k < total; ++j, ++k) {
+        while (m + 1 < starts.size() && k >= starts[m + 1]) ++m;
+        mats[m][k - starts[m]] = static_cast<float>(init_std * z[j]);
+      }
+    }
+  };
+  const int64_t pairs = (total + 1) / 2;
+  std::mt19937_64 rng(seed);
+  if (pool == nullptr || pool->num_threads() <= 1) {
+    constexpr int64_t kPairs = 4096;
+    std::vector<uint64_t> raw(2 * kPairs);
+    for (int64_t p0 = 0; p0 < pairs; p0 += kPairs) {
+      const int64_t n = std::min(kPairs, pairs - p0);
+      for (int64_t i = 0; i < 2 * n; ++i) raw[i] = rng();
+      values(raw.data(), p0, p0, p0 + n);
+    }
+    return;
+  }
+  // Blocks of pairs: this thread draws the next block while the pool computes this one.
+  constexpr int64_t kBlock = int64_t{1} << 20;
+  std::vector<uint64_t> raw[2] = {std::vector<uint64_t>(2 * kBlock),
+                                  std::vector<uint64_t>(2 * kBlock)};
+  auto draw = [&](int64_t block) {
+    const int64_t n = std::min(kBlock, pairs - block * kBlock);
+    uint64_t* out = raw[block % 2].data();
+    for (int64_t i = 0; i < 2 * n; ++i) out[i] = rng();
+  };
+  const int64_t blocks = (pairs + kBlock - 1) / kBlock;
+  if (blocks > 0) draw(0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    std::thread next;
+    if (b + 1 < blocks) next = std::thread(draw, b + 1);
+    const int64_t p0 = b * kBlock, n = std::min(kBlock, pairs - p0);
+    const uint64_t* block_raw = raw[b % 2].data();
+    pool->ParallelFor(n, 4096, [&](int64_t pb, int64_t pe) {
+      values(block_raw, p0, p0 + pb, p0 + pe);
+    });
+    if (next.joinable()) next.join();
   }
 }
 
@@ -103,7 +149,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
   if (!options.init_from.empty()) {
     RETURN_IF_ERROR(LoadWeights(options.init_from, options.model, &tr->model_->params()));
   } else {
-    InitParams(options.model, t.seed, &tr->model_->params());
+    InitParams(options.model, t.seed, &tr->model_->params(), tr->pool_.get());
   }
   tr->exp_avg_ = AllocateParams<float>(options.model);
   tr->exp_avg_sq_ = AllocateParams<float>(options.model);

@@ -53,16 +53,19 @@ struct StepResult {
   double step_time_s = 0;    // wall time of the step
 };
 
-// Random initialisation: one std::mt19937_64(seed) stream over the tensors in NamedTensors
-// order (HF named_parameters order); each element of a 2-D tensor is init_std * z with z from
-// Box–Muller on that stream (u1 = ((x1 >> 11) + 1) * 2^-53, u2 = (x2 >> 11) * 2^-53,
-// z0 = sqrt(-2 ln u1) cos(2 pi u2) used first, then z1 = ... sin(2 pi u2); the pair spans
-// tensors). Norm weights are 1 and draw nothing.
 // Checks the options both trainers share (model config, train geometry, warmup); errors are
 // INVALID_ARGUMENT naming the field.
 absl::Status ValidateTrainerOptions(const TrainerOptions& options);
 
-void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params);
+// Random initialisation: one std::mt19937_64(seed) stream over the tensors in NamedTensors
+// order (HF named_parameters order); each element of a 2-D tensor is init_std * z with z from
+// Box–Muller on that stream (u1 = ((x1 >> 11) + 1) * 2^-53, u2 = (x2 >> 11) * 2^-53,
+// z0 = sqrt(-2 ln u1) cos(2 pi u2) used first, then z1 = ... sin(2 pi u2); the pair spans
+// tensors). Norm weights are 1 and draw nothing. With `pool` (of more than one thread) this
+// thread draws the stream while the pool's threads turn it into values: the same values,
+// several times faster on a large model.
+void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params,
+                ThreadPool* pool = nullptr);
 
 // Step()'s check of the global gradient norm, exposed for tests: OK when `grad_norm` is
 // finite, else FAILED_PRECONDITION "step S: gradient norm is nan (loss L; first non-finite

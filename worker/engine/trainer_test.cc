@@ -15,6 +15,7 @@
 #include "worker/engine/test_util.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/safetensors.h"
+#include "worker/engine/thread_pool.h"
 
 namespace lumen::engine {
 namespace {
@@ -71,6 +72,58 @@ bool SameWeights(const ModelConfig& c, const ModelParams& a, const ModelParams& 
     }
   }
   return true;
+}
+
+// The original single-stream draw, as InitParams documents it.
+void ReferenceInit(const ModelConfig& c, uint64_t seed, ModelParams* p) {
+  *p = AllocateParams<float>(c);
+  std::mt19937_64 rng(seed);
+  bool has_spare = false;
+  double spare = 0;
+  auto normal = [&]() {
+    if (has_spare) {
+      has_spare = false;
+      return spare;
+    }
+    const double u1 = static_cast<double>((rng() >> 11) + 1) * 0x1.0p-53;
+    const double u2 = static_cast<double>(rng() >> 11) * 0x1.0p-53;
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    spare = r * std::sin(2.0 * M_PI * u2);
+    has_spare = true;
+    return r * std::cos(2.0 * M_PI * u2);
+  };
+  for (NamedTensor<float>& t : NamedTensors(c, p)) {
+    for (float& x : *t.data) {
+      x = t.shape.size() == 1 ? 1.0f : static_cast<float>(c.init_std * normal());
+    }
+  }
+}
+
+// The pooled initialisation gives the documented stream's values bit for bit, across the
+// blocks it draws ahead and matrices of odd sizes (a pair spanning two tensors).
+TEST(TrainerTest, InitParamsWithAPoolIsTheSameStream) {
+  ModelConfig c = SmallOptions(false).model;
+  c.hidden_size = 96;
+  c.intermediate_size = 203;  // odd matrix sizes
+  c.num_attention_heads = 3;
+  c.num_key_value_heads = 1;
+  c.vocab_size = 12345;
+  c.num_hidden_layers = 12;  // ~3.5M values: more than one block of 2^20 pairs
+  ModelParams want, seq, pooled;
+  ReferenceInit(c, 17, &want);
+  InitParams(c, 17, &seq);
+  ThreadPool pool(3);
+  InitParams(c, 17, &pooled, &pool);
+  auto w = NamedTensors(c, &want);
+  auto s = NamedTensors(c, &seq);
+  auto p = NamedTensors(c, &pooled);
+  int64_t total = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    EXPECT_EQ(*s[i].data, *w[i].data) << w[i].name;
+    EXPECT_EQ(*p[i].data, *w[i].data) << w[i].name;
+    total += static_cast<int64_t>(w[i].data->size());
+  }
+  EXPECT_GT(total, int64_t{2} << 20);
 }
 
 TEST(TrainerTest, DeterministicAcrossRunsAndCheckpointing) {
