@@ -254,6 +254,11 @@ absl::Status CudaOffloadTrainer::MarkGradsHome(size_t g) {
   return host_[g].ready.Record(device_->d2h_stream(), "offload: gradients");
 }
 
+// The job synchronises on the group's event as recorded when the job runs, not when it was
+// queued. That is the right record because every re-record of host_[g].ready (MarkGradsHome)
+// comes after the host waited for the group's last queued job (WaitOptimizer in the fetches,
+// or before the embedding's input gradients go home): keep it so when adding a path that
+// records it.
 HostJobQueue::Ready CudaOffloadTrainer::GradsHome(size_t g) const {
   cudaEvent_t ev = host_[g].ready.get();
   return [ev, g]() -> absl::Status {
