@@ -53,7 +53,7 @@ class CudaDeviceTrainer : public DeviceTrainer {
     static_cast<engine::StepResult&>(out) = r;
     out.device_memory_budget_bytes = device_->budget();
     out.device_memory_peak_bytes = device_->peak();
-    out.compute_seconds = job_->last_device_seconds();
+    out.compute_seconds = job_->last_compute_seconds();
     out.bytes_home_to_device = job_->last_bytes_home_to_device();
     out.bytes_device_to_home = job_->last_bytes_device_to_home();
     out.stall_optimizer_seconds = job_->last_optimizer_wait_seconds();

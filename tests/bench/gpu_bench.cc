@@ -155,6 +155,7 @@ struct Result {
   // the embedding, norm or head, before it could issue more device work.
   double wait_layers_s = 0, wait_big_s = 0;
   int64_t clipped_steps = -1;  // offload_clip: timed steps whose norm exceeded the clip
+  double busy = -1;            // offload: the device's computing share of the timed steps
 };
 
 // Random inputs, each target a fixed function of its input: something every mode learns within
@@ -357,6 +358,7 @@ class OffloadRunner {
       if (s == 0) r.loss_first = sr.loss;
     }
     RETURN_IF_ERROR(t->Flush());
+    double compute_s = 0;
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t s = 0; s < a_.steps; ++s) {
       ASSIGN_OR_RETURN(CudaOffloadStepResult sr,
@@ -367,9 +369,11 @@ class OffloadRunner {
       r.d2h_bytes += sr.bytes_device_to_home;
       r.wait_layers_s += sr.wait_optimizer_layers_s;
       r.wait_big_s += sr.wait_optimizer_embed_head_s;
+      compute_s += sr.compute_seconds;
     }
     RETURN_IF_ERROR(t->Flush());
     r.step_s = Seconds(t0) / a_.steps;
+    r.busy = compute_s / (r.step_s * a_.steps);
     if (!std::isfinite(r.loss)) {
       return absl::InternalError(absl::StrCat("offload: the loss is ", r.loss));
     }
@@ -460,7 +464,7 @@ int Main(int argc, char** argv) {
       "\"device_peak_bytes\":%lld,\"training_state_bytes\":%lld,\"oversubscription\":%.2f,"
       "\"min_working_set_bytes\":%lld,\"h2d_bytes_per_step\":%lld,\"d2h_bytes_per_step\":%lld,"
       "\"host_wait_optimizer_layers_s\":%.4f,\"host_wait_optimizer_embed_head_s\":%.4f,"
-      "\"oversubscription_params_optimizer\":%.2f%s}\n",
+      "\"oversubscription_params_optimizer\":%.2f%s%s}\n",
       head.c_str(), prop.name, r->step_s, tps, fpt, peak,
       peak > 0 ? absl::StrFormat("%.4f", fpt * tps / peak).c_str() : "null", r->loss_first,
       r->loss,
@@ -472,7 +476,8 @@ int Main(int argc, char** argv) {
       static_cast<double>(ResidentState::Bytes(c)) / static_cast<double>(r->budget),
       r->clipped_steps >= 0
           ? absl::StrFormat(",\"clipped_steps\":%d", r->clipped_steps).c_str()
-          : "");
+          : "",
+      r->busy >= 0 ? absl::StrFormat(",\"device_busy_fraction\":%.3f", r->busy).c_str() : "");
   return 0;
 }
 

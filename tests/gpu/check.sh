@@ -218,6 +218,8 @@ for name in names:
                 extra = f" x{b['oversubscription']:.1f} oversubscribed"
                 if "oversubscription_params_optimizer" in b:
                     extra += f" (x{b['oversubscription_params_optimizer']:.1f} without activations)"
+                if "device_busy_fraction" in b:
+                    extra += f", device busy {b['device_busy_fraction']:.0%}"
                 if "host_wait_optimizer_layers_s" in b:
                     extra += (f", host waited {b['host_wait_optimizer_layers_s']:.3f} s (layers) + "
                               f"{b['host_wait_optimizer_embed_head_s']:.3f} s (embedding/head) a step for AdamW")

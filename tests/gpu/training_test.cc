@@ -575,6 +575,9 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
       EXPECT_LE(norm_rel, 0.05) << "step " << lc->step;
       EXPECT_GT(job.last_bytes_home_to_device(), 0);
       EXPECT_GT(job.last_bytes_device_to_home(), 0);
+      // Timed kernels: more than nothing, less than the step.
+      EXPECT_GT(job.last_compute_seconds(), 0);
+      EXPECT_LE(job.last_compute_seconds(), lg->step_time_s);
       loss = lg->loss;
     };
     for (int64_t s = 0; s < half; ++s) step_both(**gpu);

@@ -96,6 +96,19 @@ absl::Status Event::Synchronize(const std::string& op) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<Event> Event::CreateTimed(const std::string& op) {
+  Event e;
+  CUDA_RETURN_IF_ERROR(cudaEventCreate(&e.ev_), op);
+  return e;
+}
+
+absl::StatusOr<double> Event::ElapsedSeconds(const Event& start, const Event& end,
+                                             const std::string& op) {
+  float ms = 0;
+  CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.ev_, end.ev_), op);
+  return ms / 1e3;
+}
+
 absl::StatusOr<std::unique_ptr<CudaDevice>> CudaDevice::Create(const CudaDeviceOptions& options) {
   std::string why;
   const int count = DeviceCount(&why);

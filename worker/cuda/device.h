@@ -78,7 +78,12 @@ class PinnedBuffer {
 // A CUDA event without timing. Movable.
 class Event {
  public:
+  // Without timing (the cheap kind, for ordering streams), or with it (for ElapsedSeconds).
   static absl::StatusOr<Event> Create(const std::string& op);
+  static absl::StatusOr<Event> CreateTimed(const std::string& op);
+  // Seconds between two completed Records of timed events.
+  static absl::StatusOr<double> ElapsedSeconds(const Event& start, const Event& end,
+                                               const std::string& op);
   Event() = default;
   Event(Event&& o) noexcept : ev_(o.ev_) { o.ev_ = nullptr; }
   Event& operator=(Event&& o) noexcept;

@@ -85,6 +85,11 @@ class CudaJobTrainer {
   double last_optimizer_wait_seconds() const {
     return last_.wait_optimizer_layers_s + last_.wait_optimizer_embed_head_s;
   }
+  // Seconds the device computed in the last step: offloaded, from timed events around its
+  // kernels; resident, last_device_seconds() (nothing waits between its kernels).
+  double last_compute_seconds() const {
+    return offload_ != nullptr ? last_.compute_seconds : last_device_seconds_;
+  }
   // Wall seconds of the last step's device work without reading the token file: resident,
   // from the upload of its token ids to the end of AdamW (the host only waits meanwhile);
   // offloaded, until its loss and norm are known (its AdamW continues into the next step).

@@ -353,6 +353,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   };
   h2d_ = d2h_ = 0;
   wait_layers_s_ = wait_big_s_ = 0;
+  timing_used_ = 0;
   cudaStream_t cs = device_->compute_stream(), h2d = device_->h2d_stream();
   // The pinned staging may still feed the upload of a step that failed after queuing it, and
   // that step's embedding-gradient job may still be queued.
@@ -422,10 +423,12 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     RETURN_IF_ERROR(ev_slot_ready_[s].StreamWait(cs, "offload: forward"));
     RETURN_IF_ERROR(ev_act_saved_[1 - cur].StreamWait(cs, "offload: forward"));
     model_->BindLayer(static_cast<int>(l), LayerView{param_slot_[s].as<bf16>(), nullptr});
+    RETURN_IF_ERROR(BeginCompute());
     for (int64_t a = 0; a < A_; ++a) {
       RETURN_IF_ERROR(
           model_->DecoderLayerForward(static_cast<int>(l), Act(cur, a), Act(1 - cur, a), B, T));
     }
+    RETURN_IF_ERROR(EndCompute());
     RETURN_IF_ERROR(ev_slot_free_[s].Record(cs, "offload: forward"));
     // Once this layer's kernels are queued, so the device computes while the host waits.
     if (l == std::max<int64_t>(0, L_ - 2)) RETURN_IF_ERROR(fetch_norm_and_head());
@@ -447,11 +450,13 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   const float micro_scale = static_cast<float>(1.0 / static_cast<double>(A_));
   float* lse = lse_.as<float>();
   double* norm_acc = norm_acc_.as<double>();
+  RETURN_IF_ERROR(BeginCompute());
   for (int64_t a = 0; a < A_; ++a) {
     RETURN_IF_ERROR(model_->HeadForwardBackwardNoWeightGrad(
         Act(cur, a), tg + a * n_, B, T, micro_scale, Act(1 - cur, a), loss_sum_.as<double>(),
         Act(cur, a), lse + a * n_));
   }
+  RETURN_IF_ERROR(EndCompute());
   // The head's weight gradient, a block of vocabulary rows at a time, each sent home into the
   // group's host gradient while the next is made.
   const size_t head = HeadGroup();
@@ -460,6 +465,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     const int64_t rows = std::min(vb, V - v0);
     const int k = static_cast<int>(j % 2);
     RETURN_IF_ERROR(ev_block_saved_[k].StreamWait(cs, "offload: head gradient"));
+    RETURN_IF_ERROR(BeginCompute());
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(block_grad_[k].get(), 0, 4 * rows * h, cs),
                          "offload: head gradient");
     for (int64_t a = 0; a < A_; ++a) {
@@ -467,6 +473,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
                                                  micro_scale, big_param_.as<bf16>() + v0 * h, v0,
                                                  rows, block_grad_[k].as<float>()));
     }
+    RETURN_IF_ERROR(EndCompute());
     // Tied, the embedding's gradient is added to these rows at home: the norm is taken there.
     if (!tied) {
       RETURN_IF_ERROR(kernels::SumSquares(block_grad_[k].as<float>(), rows * h, norm_acc, cs));
@@ -515,8 +522,10 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
       RETURN_IF_ERROR(fetch_ckpt(idx + 1));
       const int x = static_cast<int>(idx % 2);
       RETURN_IF_ERROR(ev_x_ready_[x].StreamWait(cs, "offload: backward"));
+      RETURN_IF_ERROR(BeginCompute());
       RETURN_IF_ERROR(model_->DecoderLayerBackward(static_cast<int>(l), xslot_[x].as<bf16>(),
                                                    Act(dcur, a), Act(1 - dcur, a), B, T));
+      RETURN_IF_ERROR(EndCompute());
       RETURN_IF_ERROR(ev_x_free_[x].Record(cs, "offload: backward"));
     }
     RETURN_IF_ERROR(ev_slot_free_[s].Record(cs, "offload: backward"));
@@ -560,6 +569,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
                                        cudaMemcpyDeviceToHost, cs),
                        "read gradient norm");
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(cs), absl::StrCat("offload step ", step));
+  ASSIGN_OR_RETURN(const double compute_seconds, ComputeSeconds());
   {
     const auto t0 = std::chrono::steady_clock::now();
     embed_grad_done_.wait();
@@ -611,11 +621,37 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
     spec_.clear();
   }
   QueueEmbeddingRest(hyper, step, coef);
+  r.compute_seconds = compute_seconds;
   r.bytes_home_to_device = h2d_;
   r.bytes_device_to_home = d2h_;
   r.wait_optimizer_layers_s = wait_layers_s_;
   r.wait_optimizer_embed_head_s = wait_big_s_;
   return r;
+}
+
+absl::Status CudaOffloadTrainer::BeginCompute() {
+  while (timing_.size() < 2 * (timing_used_ + 1)) {
+    ASSIGN_OR_RETURN(Event e, Event::CreateTimed("offload: compute timing"));
+    timing_.push_back(std::move(e));
+  }
+  return timing_[2 * timing_used_].Record(device_->compute_stream(), "offload: compute timing");
+}
+
+absl::Status CudaOffloadTrainer::EndCompute() {
+  RETURN_IF_ERROR(
+      timing_[2 * timing_used_ + 1].Record(device_->compute_stream(), "offload: compute timing"));
+  ++timing_used_;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<double> CudaOffloadTrainer::ComputeSeconds() const {
+  double total = 0;
+  for (size_t i = 0; i < timing_used_; ++i) {
+    ASSIGN_OR_RETURN(const double s, Event::ElapsedSeconds(timing_[2 * i], timing_[2 * i + 1],
+                                                           "offload: compute timing"));
+    total += s;
+  }
+  return total;
 }
 
 void CudaOffloadTrainer::DropSpeculation() {

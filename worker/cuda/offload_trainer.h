@@ -66,6 +66,9 @@ struct CudaOffloadOptions {
 struct CudaOffloadStepResult {
   double loss = 0;       // mean token loss over the step's micro-batches
   double grad_norm = 0;  // before clipping
+  // Seconds the device computed (timed events around each layer's and the head's kernels,
+  // so not the waits for copies or host updates between them).
+  double compute_seconds = 0;
   int64_t bytes_home_to_device = 0, bytes_device_to_home = 0;
   // Seconds the host, which issues the device's work, waited for the host AdamW of a decoder
   // layer, and of the embedding, norm or head, during the step.
@@ -161,6 +164,11 @@ class CudaOffloadTrainer {
   void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
                           const std::vector<int32_t>& next);
   void QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step, float coef);
+  // Bracket device compute on the compute stream (timed events, for compute_seconds), and
+  // their sum once the stream is synchronised.
+  absl::Status BeginCompute();
+  absl::Status EndCompute();
+  absl::StatusOr<double> ComputeSeconds() const;
   // Drops the speculative updates of spec_ (their bf16 copies rewritten from the current
   // weights, refetched by the device) and forgets them.
   void DropSpeculation();
@@ -195,6 +203,8 @@ class CudaOffloadTrainer {
   int64_t slot_holds_[2] = {-1, -1};
   std::map<int64_t, bool> params_stale_;
   int64_t h2d_ = 0, d2h_ = 0;
+  std::vector<Event> timing_;  // start and end of each compute section, pairs
+  size_t timing_used_ = 0;     // sections recorded in the running step
   double wait_layers_s_ = 0, wait_big_s_ = 0;
 };
 
