@@ -39,23 +39,6 @@ std::string Time(int64_t unix_ms) {
                           absl::LocalTimeZone());
 }
 
-std::string StepLine(const Job& job, const StepRecord& s) {
-  std::string line =
-      absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
-                      job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
-                      s.grad_norm(), s.tokens_per_s(), s.step_time_s());
-  if (s.predicted_step_time_s() > 0) {
-    // The planner's steady-state step time on this node, for comparison.
-    absl::StrAppendFormat(&line, " (predicted %.3fs)", s.predicted_step_time_s());
-  }
-  if (!s.bytes_moved().empty()) {
-    // Offloaded: how well transfers hid behind compute.
-    absl::StrAppendFormat(&line, "  busy %.0f%%  prefetched %.0f%%", 100 * s.device_busy_fraction(),
-                          100 * s.prefetch_hit_rate());
-  }
-  return line;
-}
-
 int Fail(std::ostream& err, const absl::Status& status) {
   err << "lumenctl: " << status.message() << "\n";
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -202,6 +185,25 @@ void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
 }
 
 }  // namespace
+
+std::string StepLine(const Job& job, const StepRecord& s) {
+  std::string line =
+      absl::StrFormat("%s step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %.0f tokens/s  %.3fs",
+                      job.id(), s.step(), job.spec().train().steps(), s.loss(), s.lr(),
+                      s.grad_norm(), s.tokens_per_s(), s.step_time_s());
+  if (s.predicted_step_time_s() > 0) {
+    // The planner's steady-state step time on this node, for comparison.
+    absl::StrAppendFormat(&line, " (predicted %.3fs)", s.predicted_step_time_s());
+  }
+  if (!s.bytes_moved().empty()) {
+    // Offloaded: how well transfers hid behind compute (reads counted on the CPU device only).
+    absl::StrAppendFormat(&line, "  busy %.0f%%", 100 * s.device_busy_fraction());
+    if (s.stall_seconds().contains("transfer")) {
+      absl::StrAppendFormat(&line, "  prefetched %.0f%%", 100 * s.prefetch_hit_rate());
+    }
+  }
+  return line;
+}
 
 std::string WorkerLine(const WorkerInfo& w) {
   if (!w.reachable()) return absl::StrFormat("%-12s unreachable: %s", w.name(), w.error());

@@ -13,6 +13,11 @@ namespace lumen {
 // Parses argv and runs the command it names.
 int RunLumenctl(int argc, char** argv, std::ostream& out, std::ostream& err);
 
+// One step's line in `lumenctl submit --watch`, `watch` and `logs`: loss, rate, the predicted
+// step time, and for an offloaded job the device's busy fraction and (where reads are counted,
+// on the CPU device) the share prefetched in time.
+std::string StepLine(const Job& job, const StepRecord& s);
+
 // One worker's line in `lumenctl cluster`: name, device (with the GPU's name), budget and the
 // measured figures of its kind of device.
 std::string WorkerLine(const WorkerInfo& w);

@@ -34,5 +34,30 @@ TEST(WorkerLineTest, ShowsTheDeviceAndItsMeasuredFigures) {
   EXPECT_EQ(WorkerLine(down), "worker-1     unreachable: connection refused");
 }
 
+TEST(StepLineTest, OffloadedStepsShowTheBusyFractionAndPrefetchesWhereCounted) {
+  Job job;
+  job.set_id("job-000001");
+  job.mutable_spec()->mutable_train()->set_steps(10);
+  StepRecord s;
+  s.set_step(3);
+  s.set_loss(4.5);
+  s.set_tokens_per_s(1000);
+  s.set_step_time_s(1.2);
+  EXPECT_THAT(StepLine(job, s), HasSubstr("job-000001 step 3/10  loss 4.5000"));
+  EXPECT_THAT(StepLine(job, s), ::testing::Not(HasSubstr("busy")));  // resident
+  // Streamed on the CPU device: reads from the memstore are counted.
+  (*s.mutable_bytes_moved())["host->device"] = 1000;
+  s.set_device_busy_fraction(0.9);
+  s.set_prefetch_hit_rate(0.75);
+  (*s.mutable_stall_seconds())["transfer"] = 0.1;
+  (*s.mutable_stall_seconds())["optimizer"] = 0.0;
+  EXPECT_THAT(StepLine(job, s), HasSubstr("busy 90%  prefetched 75%"));
+  // Streamed on a GPU: no read counts, so no prefetch figure.
+  s.mutable_stall_seconds()->erase("transfer");
+  s.clear_prefetch_hit_rate();
+  EXPECT_THAT(StepLine(job, s), HasSubstr("busy 90%"));
+  EXPECT_THAT(StepLine(job, s), ::testing::Not(HasSubstr("prefetched")));
+}
+
 }  // namespace
 }  // namespace lumen

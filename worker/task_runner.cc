@@ -416,10 +416,14 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     record->set_compute_s(result.compute_seconds);
     record->set_device_busy_fraction(result.device_busy_fraction());
     if (!trainer->resident()) {
-      (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
       (*record->mutable_stall_seconds())["optimizer"] = result.stall_optimizer_seconds;
-      (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
-      record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+      // Reads from the memstore are timed and counted on the CPU device; a streamed GPU job's
+      // copies are not (its stalls show in the busy fraction instead).
+      if (result.home_reads > 0) {
+        (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
+        (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
+        record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+      }
       record->set_optimizer_overlapped(result.optimizer_overlap_kept);
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
