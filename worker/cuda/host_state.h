@@ -156,7 +156,6 @@ class HostTrainingState {
   const std::vector<TensorGroupShape>& shapes() const { return shapes_; }
   size_t embed_group() const { return config_.num_hidden_layers; }
   bool moments_at_home() const { return moments_.home != nullptr; }
-  const HostGroupBuffers& buffers(size_t g) const { return buffers_[g]; }
 
  private:
   HostTrainingState(const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,

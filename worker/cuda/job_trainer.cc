@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -92,10 +93,16 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   const auto start = std::chrono::steady_clock::now();
   const engine::TrainConfig& t = options_.train;
   const int64_t A = t.grad_accum_steps, B = t.micro_batch_size, T = t.seq_len;
-  for (int64_t a = 0; a < A; ++a) {
-    RETURN_IF_ERROR(data_->ReadBatch(step_, a, A, B, inputs_.data() + a * B * T,
-                                     targets_.data() + a * B * T));
+  if (next_step_ == step_) {  // read as the previous step's next batch
+    std::swap(inputs_, next_inputs_);
+    std::swap(targets_, next_targets_);
+  } else {
+    for (int64_t a = 0; a < A; ++a) {
+      RETURN_IF_ERROR(data_->ReadBatch(step_, a, A, B, inputs_.data() + a * B * T,
+                                       targets_.data() + a * B * T));
+    }
   }
+  next_step_ = -1;
   const double lr = engine::LearningRate(options_.optimizer, step_, t.steps);
   // CudaTrainer applies the weight decay to matrices only, as AdamWHyperFor does by rank.
   const engine::AdamWHyper hyper = engine::AdamWHyperFor(options_.optimizer, lr, 2);
@@ -109,6 +116,7 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
         RETURN_IF_ERROR(data_->ReadBatch(step_ + 1, a, A, B, next_inputs_.data() + a * B * T,
                                          next_targets_.data() + a * B * T));
       }
+      next_step_ = step_ + 1;
     }
   }
   const auto device_start = std::chrono::steady_clock::now();

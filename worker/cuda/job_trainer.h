@@ -105,6 +105,7 @@ class CudaJobTrainer {
   std::unique_ptr<CudaTrainer> trainer_;
   std::unique_ptr<CudaOffloadTrainer> offload_;
   std::vector<int32_t> inputs_, targets_, next_inputs_, next_targets_;
+  int64_t next_step_ = -1;  // the step whose batch next_inputs_/next_targets_ hold, or -1
   CudaOffloadStepResult last_;
   int64_t step_ = 0;
   double last_device_seconds_ = 0;

@@ -88,7 +88,7 @@ absl::Status ResidentState::InitRandom(uint64_t seed) {
     for (DeviceBuffer* b : {&grp.master, &grp.grad, &grp.m, &grp.v}) {
       CUDA_RETURN_IF_ERROR(cudaMemsetAsync(b->get(), 0, 4 * grp.elems, st), op);
     }
-    for (const DeviceTensorGroup::Segment& seg : grp.segments) {
+    for (const GroupSegment& seg : grp.segments) {
       float* p = grp.master.as<float>() + seg.offset;
       if (seg.matrix) {
         RETURN_IF_ERROR(kernels::FillNormal(
@@ -175,7 +175,7 @@ absl::Status ResidentState::AdamWStep(const engine::AdamWHyper& hyper, int64_t s
                                       double grad_scale) {
   cudaStream_t st = device_->compute_stream();
   for (DeviceTensorGroup& grp : groups_) {
-    for (const DeviceTensorGroup::Segment& seg : grp.segments) {
+    for (const GroupSegment& seg : grp.segments) {
       const kernels::AdamWScalars s = kernels::MakeAdamWScalars(
           hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, seg.matrix ? hyper.weight_decay : 0.0,
           step, grad_scale);

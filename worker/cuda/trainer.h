@@ -25,8 +25,7 @@ namespace lumen::cuda {
 struct DeviceTensorGroup {
   int64_t elems = 0;
   DeviceBuffer param, master, grad, m, v;
-  using Segment = GroupSegment;
-  std::vector<Segment> segments;
+  std::vector<GroupSegment> segments;
 };
 
 // INVALID_ARGUMENT naming `what`[i] for the first id outside [0, vocab).
