@@ -10,6 +10,13 @@ def _cuda_configure_impl(ctx):
         ctx.symlink(cuda + "/include", "include")
         ctx.symlink(cuda + "/lib64", "lib64")
         build.append("""
+# The toolkit's headers alone: what the CPU emulator (tests/cuda_emu) builds against.
+cc_library(
+    name = "headers",
+    hdrs = glob(["include/**"]),
+    includes = ["include"],
+)
+
 cc_library(
     name = "cudart_static",
     # All of include/: CUDA 13's cuda_fp16.h includes extension-less headers (<nv/target>).
