@@ -4,8 +4,9 @@
 // bf16 A and B with fp32 compute and scale are supported, C/D bf16 or fp32, which is what the
 // project uses; anything else is NOT_SUPPORTED. Descriptors whose shapes do not agree, and
 // matrices that are not inside device allocations, are INVALID_VALUE with a line on stderr
-// (a GPU would fault later or compute garbage). Products run on the stream's thread with fp32
-// sums in k order; C is not read when beta is 0.
+// (a GPU would fault later or compute garbage). Products run on the stream's thread, in fp32
+// by OpenBLAS (cuBLAS's summation order is its own too); C is not read when beta is 0.
+#include <cblas.h>
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -84,15 +85,24 @@ cublasStatus_t Queue(cudaStream_t stream, int64_t m, int64_t n, int64_t k, float
                    ")");
   }
   const cudaError_t err = cuda_emu::EnqueueHostWork(stream, [=] {
+    // op(A) and op(B) as row-major floats, multiplied by OpenBLAS in fp32.
+    std::vector<float> ar(m * k), br(k * n), dr(m * n);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t p = 0; p < k; ++p) {
+        ar[i * k + p] = Load(a.p, a.type, a.trans ? i * a.ld + p : p * a.ld + i);
+      }
+    }
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t j = 0; j < n; ++j) {
+        br[p * n + j] = Load(b.p, b.type, b.trans ? p * b.ld + j : j * b.ld + p);
+      }
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m),
+                static_cast<int>(n), static_cast<int>(k), alpha, ar.data(), static_cast<int>(k),
+                br.data(), static_cast<int>(n), 0.0f, dr.data(), static_cast<int>(n));
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t i = 0; i < m; ++i) {
-        float acc = 0.0f;
-        for (int64_t p = 0; p < k; ++p) {
-          const float x = Load(a.p, a.type, a.trans ? i * a.ld + p : p * a.ld + i);
-          const float y = Load(b.p, b.type, b.trans ? p * b.ld + j : j * b.ld + p);
-          acc += x * y;
-        }
-        float v = alpha * acc;
+        float v = dr[i * n + j];
         if (beta != 0.0f) v += beta * Load(c, out, j * ldc + i);
         Store(d, out, j * ldd + i, v);
       }

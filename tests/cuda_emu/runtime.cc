@@ -1,14 +1,13 @@
 // The CUDA runtime on the CPU (tests/cuda_emu/README.md): device memory is host memory that
 // the emulator tracks, every stream is a thread that runs its work in order, events are
 // tickets on those threads, and a kernel's blocks run one after another on the stream's thread
-// with one fiber per CUDA thread. Every entry point the project calls is here, with CUDA's
+// with one fiber per CUDA thread (x86-64). Every entry point the project calls is here, with CUDA's
 // signature (from CUDA's headers) and CUDA's documented checks: copies whose pointers do not
 // match their direction or run past a device allocation, bad launch configurations and shared
 // memory beyond the opt-in all fail as they would on a GPU. What no GPU would say is printed
 // to stderr with "cuda_emu:" before the error is returned.
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 
 #include <algorithm>
 #include <atomic>
@@ -98,12 +97,50 @@ Where Classify(const void* p, size_t bytes) {
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kGuardBytes = 4096;
 
+// Saves the callee-saved registers on the current stack, stores its pointer in *save and
+// continues on the stack `to` (made by NewContext or saved by an earlier switch). ucontext's
+// swapcontext does the same plus a signal-mask system call, which made barriers 50x slower.
+extern "C" void cuda_emu_switch(void** save, void* to);
+asm(R"(
+.text
+.globl cuda_emu_switch
+.type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size cuda_emu_switch, .-cuda_emu_switch
+)");
+
+// A stack that starts `entry` (which must never return) on the first switch to it.
+void* NewContext(char* stack, size_t bytes, void (*entry)()) {
+  auto* sp = reinterpret_cast<void**>(
+      (reinterpret_cast<uintptr_t>(stack) + bytes) & ~static_cast<uintptr_t>(15));
+  *--sp = nullptr;  // entry's return address: it never returns
+  *--sp = reinterpret_cast<void*>(entry);
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
+  return sp;
+}
+
 struct Fiber {
-  ucontext_t ctx;
+  void* sp = nullptr;
   uint3 tid;
   int linear = 0;
   enum State { kReady, kBlockWait, kWarpWait, kDone } state = kReady;
   uint64_t wait_gen = 0;
+  uint64_t shuffles = 0;
 };
 
 class BlockRunner {
@@ -119,7 +156,6 @@ class BlockRunner {
     const int n = static_cast<int>(block.x * block.y * block.z);
     EnsureStacks(n);
     fibers_.resize(n);
-    shuffle_.assign(n, 0);
     const int warps = (n + 31) / 32;
     warp_live_.assign(warps, 0);
     warp_arrived_.assign(warps, 0);
@@ -142,7 +178,7 @@ class BlockRunner {
     f.state = Fiber::kBlockWait;
     f.wait_gen = block_gen_;
     if (++block_arrived_ == live_) ReleaseBlock();
-    swapcontext(&f.ctx, &sched_);
+    cuda_emu_switch(&f.sp, sched_);
   }
 
   void SyncWarp() {
@@ -151,23 +187,27 @@ class BlockRunner {
     f.state = Fiber::kWarpWait;
     f.wait_gen = warp_gen_[w];
     if (++warp_arrived_[w] == warp_live_[w]) ReleaseWarp(w);
-    swapcontext(&f.ctx, &sched_);
+    cuda_emu_switch(&f.sp, sched_);
   }
 
+  // One barrier a shuffle: consecutive shuffles use alternate slots, and a lane cannot write
+  // a slot again before every lane has passed the next barrier, i.e. has read it. Each slot
+  // also holds the writer's shuffle count, so a lane that never took part is caught.
   uint64_t ShuffleXor(uint64_t bits, int lane_mask, int width) {
-    const int me = fibers_[current_].linear;
-    shuffle_[me] = bits;
+    Fiber& f = fibers_[current_];
+    const int me = f.linear;
+    const uint64_t round = ++f.shuffles;
+    std::vector<std::pair<uint64_t, uint64_t>>& buf = shuffle_[round & 1];
+    buf[me] = {round, bits};
     SyncWarp();
     const int lane = me % 32;
     const int seg = width > 0 ? width : 32;
     const int partner_lane = (lane ^ lane_mask) % 32;
     const int partner = (lane / seg == partner_lane / seg) ? me - lane + partner_lane : me;
-    if (partner >= static_cast<int>(fibers_.size()) || fibers_[partner].state == Fiber::kDone) {
+    if (partner >= static_cast<int>(fibers_.size()) || buf[partner].first != round) {
       Abort("__shfl_xor_sync reads a lane that has exited or does not exist");
     }
-    const uint64_t got = shuffle_[partner];
-    SyncWarp();
-    return got;
+    return buf[partner].second;
   }
 
   const uint3& thread_idx() const { return fibers_[current_].tid; }
@@ -195,6 +235,8 @@ class BlockRunner {
 
   void RunBlock(int n) {
     std::memset(smem_.data(), 0xff, smem_.size());
+    shuffle_[0].assign(n, {0, 0});
+    shuffle_[1].assign(n, {0, 0});
     live_ = n;
     block_arrived_ = 0;
     std::fill(warp_arrived_.begin(), warp_arrived_.end(), 0);
@@ -205,12 +247,12 @@ class BlockRunner {
       f.linear = i;
       f.tid = uint3{i % b.x, (i / b.x) % b.y, i / (b.x * b.y)};
       f.state = Fiber::kReady;
+      f.shuffles = 0;
       ++warp_live_[i / 32];
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = stacks_ + i * (kStackBytes + kGuardBytes) + kGuardBytes;
-      f.ctx.uc_stack.ss_size = kStackBytes;
-      f.ctx.uc_link = &sched_;
-      makecontext(&f.ctx, &BlockRunner::Entry, 0);
+      // Stack tops staggered within a page, so that the fibers' hot frames do not all fall in
+      // the same cache sets.
+      f.sp = NewContext(stacks_ + i * (kStackBytes + kGuardBytes) + kGuardBytes,
+                        kStackBytes - (i * 64) % 4096, &BlockRunner::Entry);
     }
     while (live_ > 0) {
       bool ran = false;
@@ -220,7 +262,7 @@ class BlockRunner {
         f.state = Fiber::kReady;
         current_ = i;
         ran = true;
-        swapcontext(&sched_, &f.ctx);
+        cuda_emu_switch(&sched_, f.sp);
         current_ = -1;
       }
       if (!ran && live_ > 0) Deadlock();
@@ -287,13 +329,13 @@ class BlockRunner {
   const std::function<void()>* body_ = nullptr;
   BlockInfo info_{};
   std::vector<Fiber> fibers_;
-  std::vector<uint64_t> shuffle_;
+  std::vector<std::pair<uint64_t, uint64_t>> shuffle_[2];  // (writer's round, value)
   std::vector<int> warp_live_, warp_arrived_;
   std::vector<uint64_t> warp_gen_;
   std::vector<unsigned char> smem_;
   int live_ = 0, block_arrived_ = 0, current_ = -1;
   uint64_t block_gen_ = 0;
-  ucontext_t sched_;
+  void* sched_ = nullptr;  // the scheduler's stack while a fiber runs
   char* stacks_ = nullptr;
   int stack_slots_ = 0;
 };
@@ -309,7 +351,10 @@ void BlockRunner::Entry() {
   BlockRunner& r = *t_runner;
   (*r.body_)();
   r.Finish();
-}  // returns to sched_ through uc_link
+  Fiber& f = r.fibers_[r.current_];
+  cuda_emu_switch(&f.sp, r.sched_);  // never resumed
+  std::abort();
+}
 
 BlockRunner& KernelRunner(const char* call) {
   if (t_runner == nullptr || !t_runner->in_kernel()) {
