@@ -228,7 +228,8 @@ absl::StatusOr<std::string> RunKernels(const Args& a, const engine::ModelConfig&
   ASSIGN_OR_RETURN(DeviceBuffer lse, dev->Allocate(4 * n * H, "lse"));
   ASSIGN_OR_RETURN(DeviceBuffer delta, dev->Allocate(4 * n * H, "delta"));
   ASSIGN_OR_RETURN(DeviceBuffer x, dev->Allocate(2 * n * 2 * I, "x"));
-  ASSIGN_OR_RETURN(DeviceBuffer w, dev->Allocate(2 * 2 * I * h, "w"));
+  // fp32-sized: the weight-gradient product writes [2I, h] in fp32 into it.
+  ASSIGN_OR_RETURN(DeviceBuffer w, dev->Allocate(4 * 2 * I * h, "w"));
   ASSIGN_OR_RETURN(DeviceBuffer y, dev->Allocate(2 * n * 2 * I, "y"));
   ASSIGN_OR_RETURN(DeviceBuffer logits, dev->Allocate(2 * chunk * c.vocab_size, "logits"));
   ASSIGN_OR_RETURN(DeviceBuffer losses, dev->Allocate(4 * chunk, "losses"));
