@@ -11,6 +11,7 @@
 #include "worker/cuda/host_state.h"
 #include "worker/cuda/job_trainer.h"
 #include "worker/cuda/measure.h"
+#include "worker/cuda/model.h"
 
 namespace lumen {
 namespace {
@@ -111,6 +112,7 @@ int64_t AvailableHostBytes() {
 absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
                                      const std::string& worker_name, int64_t budget_bytes,
                                      int64_t host_bytes, bool moments_at_home, bool speculate) {
+  RETURN_IF_ERROR(cuda::CheckCudaModelConfig(options.model));
   CudaPlan plan;
   int64_t resident = 0;
   for (bool recompute : {false, true}) {

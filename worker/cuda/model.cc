@@ -55,17 +55,25 @@ CudaLlama::CudaLlama(CudaDevice* device, const engine::ModelConfig& config,
 
 CudaLlama::~CudaLlama() = default;
 
+absl::Status CheckCudaModelConfig(const engine::ModelConfig& config) {
+  RETURN_IF_ERROR(engine::CheckModelConfig(config));
+  const int64_t d = config.head_dim();
+  if (d != 32 && d != 64 && d != 128) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model: head_dim ", d, " (hidden_size ", config.hidden_size, " / num_attention_heads ",
+        config.num_attention_heads,
+        ") is not supported by the CUDA attention, which needs 32, 64 or 128; change "
+        "num_attention_heads"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<CudaLlama>> CudaLlama::Create(
     CudaDevice* device, const engine::ModelConfig& config, const CudaLlamaOptions& options) {
-  RETURN_IF_ERROR(engine::CheckModelConfig(config));
+  RETURN_IF_ERROR(CheckCudaModelConfig(config));
   if (options.head_chunk_tokens <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("head_chunk_tokens ", options.head_chunk_tokens, " must be > 0"));
-  }
-  const int64_t d = config.head_dim();
-  if (d != 32 && d != 64 && d != 128) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("head_dim ", d, " unsupported by the CUDA attention (32, 64 or 128)"));
   }
   return std::unique_ptr<CudaLlama>(new CudaLlama(device, config, options));
 }

@@ -41,6 +41,10 @@ struct CudaLlamaOptions {
   kernels::AttentionKernel attention = kernels::AttentionKernel::kAuto;
 };
 
+// OK when the CUDA kernels support `config` (engine::CheckModelConfig, and a head_dim of 32,
+// 64 or 128); otherwise INVALID_ARGUMENT naming the fields to change.
+absl::Status CheckCudaModelConfig(const engine::ModelConfig& config);
+
 class CudaLlama {
  public:
   // INVALID_ARGUMENT for a config the kernels do not support (head_dim not 32/64/128).

@@ -1,0 +1,103 @@
+"""A GPU node end to end, on the CPU emulator of CUDA (tests/cuda_emu/README.md): lumend
+--device cuda probes the CUDA worker, which admits and trains jobs through RunTask, resident
+when the job fits the GPU budget and streamed through host memory when it does not, streams
+step records and writes checkpoints. The GPU machine of tests/gpu/check.sh has no gRPC, so
+this is the only place the CUDA worker process runs before a real GPU node.
+
+The worker's figures are seeded in the profile cache: measuring (4096-wide GEMMs) is beyond
+the emulator."""
+
+import json
+import os
+import unittest
+
+import lumen_node
+
+SPEC = """name: {name}
+model: {{preset: tiny, num_attention_heads: 2, num_key_value_heads: 1}}
+data: {{path: {data}, token_dtype: uint16}}
+train: {{steps: 4, seq_len: 64, micro_batch_size: 2, grad_accum_steps: 2, seed: 3}}
+optimizer: {{lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}}
+checkpoint: {{every_steps: 2}}
+"""
+
+# What cuda::MeasureDevice would report (the planner's inputs), made up.
+PROFILE = {"bf16_gemm_flops": 1e12, "h2d_bytes_per_s": 1e10, "d2h_bytes_per_s": 1e10,
+           "copy_bytes_per_s": 1e11}
+
+
+def gpu_node(device_memory):
+    node = lumen_node.Node(device_memory=device_memory, extra_args=["--device", "cuda"])
+    bins = os.path.join(node.tmp, "bin")
+    os.makedirs(bins)
+    os.symlink(lumen_node.runfile("worker/worker_cuda_emu"), os.path.join(bins, "worker_cuda"))
+    os.makedirs(os.path.join(node.data_dir, "profile"))
+    with open(os.path.join(node.data_dir, "profile", "worker-0.json"), "w") as f:
+        json.dump(PROFILE, f)
+    return node
+
+
+def train(device_memory, name):
+    node = gpu_node(device_memory)
+    node.start(timeout=60)
+    try:
+        data = os.path.join(node.tmp, "train.bin")
+        lumen_node.write_tokens(data, 30000)
+        job = node.submit(SPEC.format(name=name, data=data))
+        ended = node.wait_job(job["id"], timeout=300)
+        assert ended["state"] == "SUCCEEDED", ended["failure_reason"] + node.output()
+        cluster = node.ctl_json("cluster")[0]
+        steps = node.ctl_json("logs", job["id"])
+        ckpts = sorted(os.listdir(ended["output_dir"]))
+        files = set(os.listdir(os.path.join(ended["output_dir"], "step-4")))
+        return cluster, steps, ckpts, files
+    finally:
+        node.stop()
+
+
+class CudaNodeTest(unittest.TestCase):
+    def test_a_model_the_kernels_cannot_run_is_refused_at_submit(self):
+        node = gpu_node("512MiB")
+        node.start(timeout=60)
+        try:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            path = os.path.join(node.tmp, "tiny.yaml")
+            with open(path, "w") as f:  # the tiny preset: 4 heads of 16
+                f.write(SPEC.format(name="tiny", data=data).replace(
+                    ", num_attention_heads: 2, num_key_value_heads: 1", ""))
+            r = node.ctl("submit", path, check=False)
+            self.assertNotEqual(r.returncode, 0, r.stdout)
+            self.assertIn("head_dim 16", r.stderr)
+            self.assertIn("num_attention_heads", r.stderr)
+            self.assertEqual(node.ctl_json("jobs"), [])
+        finally:
+            node.stop()
+
+    def test_resident_and_streamed_jobs_train_alike(self):
+        cluster, resident, ckpts, files = train("512MiB", "resident")
+        self.assertIn("CUDA emulator", json.dumps(cluster["workers"][0]))
+        self.assertEqual([int(s["step"]) for s in resident], [1, 2, 3, 4])
+        self.assertIn("step-2", ckpts)
+        self.assertIn("step-4", ckpts)
+        self.assertTrue({"model.safetensors", "optimizer.safetensors", "config.json"} <= files,
+                        files)
+        for s in resident:
+            self.assertGreater(s["loss"], 0)
+            self.assertGreater(float(s["tokens_per_s"]), 0)
+            self.assertLessEqual(int(s["device_memory_peak_bytes"]),
+                                 int(s["device_memory_budget_bytes"]))
+
+        # 34 MiB: above the streamed footprint (33.2 MiB with cuBLASLt's 32 MiB workspace),
+        # below the resident one (34.8 MiB): admission streams the job.
+        _, streamed, _, _ = train("34MiB", "streamed")
+        self.assertEqual(len(streamed), 4)
+        for r, s in zip(resident, streamed):
+            self.assertAlmostEqual(s["loss"], r["loss"], delta=0.02 * r["loss"])
+        for s in streamed:
+            self.assertGreater(int(s["bytes_moved"]["host->device"]), 0, s)
+            self.assertLessEqual(int(s["device_memory_peak_bytes"]), 34 << 20)
+
+
+if __name__ == "__main__":
+    unittest.main()
