@@ -68,9 +68,9 @@ struct Operand {
 };
 
 // Column-major D[m x n] = alpha op(A)[m x k] op(B)[k x n] + beta C, queued on `stream`.
-cublasStatus_t Queue(cudaStream_t stream, int64_t m, int64_t n, int64_t k, float alpha,
-                     Operand a, Operand b, float beta, const void* c, void* d,
-                     cudaDataType_t out, int64_t ldc, int64_t ldd, const char* call) {
+cublasStatus_t Queue(cudaStream_t stream, int64_t m, int64_t n, int64_t k, float alpha, Operand a,
+                     Operand b, float beta, const void* c, void* d, cudaDataType_t out, int64_t ldc,
+                     int64_t ldd, const char* call) {
   const auto span = [](int64_t rows, int64_t cols, int64_t ld, cudaDataType_t t) {
     return static_cast<size_t>((cols - 1) * ld + rows) * ElementBytes(t);
   };
@@ -81,8 +81,7 @@ cublasStatus_t Queue(cudaStream_t stream, int64_t m, int64_t n, int64_t k, float
       !cuda_emu::IsDeviceRange(d, span(m, n, ldd, out)) ||
       (beta != 0.0f && !cuda_emu::IsDeviceRange(c, span(m, n, ldc, out)))) {
     return Invalid(std::string(call) + ": a matrix is not inside one device allocation (m=" +
-                   std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
-                   ")");
+                   std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + ")");
   }
   const cudaError_t err = cuda_emu::EnqueueHostWork(stream, [=] {
     // op(A) and op(B) as row-major floats, multiplied by OpenBLAS in fp32.
@@ -97,9 +96,9 @@ cublasStatus_t Queue(cudaStream_t stream, int64_t m, int64_t n, int64_t k, float
         br[p * n + j] = Load(b.p, b.type, b.trans ? p * b.ld + j : j * b.ld + p);
       }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m),
-                static_cast<int>(n), static_cast<int>(k), alpha, ar.data(), static_cast<int>(k),
-                br.data(), static_cast<int>(n), 0.0f, dr.data(), static_cast<int>(n));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), static_cast<int>(n),
+                static_cast<int>(k), alpha, ar.data(), static_cast<int>(k), br.data(),
+                static_cast<int>(n), 0.0f, dr.data(), static_cast<int>(n));
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t i = 0; i < m; ++i) {
         float v = dr[i * n + j];
@@ -167,8 +166,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
     return CUBLAS_STATUS_NOT_SUPPORTED;
   }
   const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
-  if (m < 0 || n < 0 || k < 0 || lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m ||
-      lda < 1 || ldb < 1 || ldc < 1) {
+  if (m < 0 || n < 0 || k < 0 || lda < (ta ? k : m) || ldb < (tb ? n : k) || ldc < m || lda < 1 ||
+      ldb < 1 || ldc < 1) {
     return Invalid("cublasGemmEx: m=" + std::to_string(m) + " n=" + std::to_string(n) +
                    " k=" + std::to_string(k) + " lda=" + std::to_string(lda) +
                    " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc));
@@ -189,8 +188,7 @@ cublasStatus_t cublasLtDestroy(cublasLtHandle_t handle) {
   return CUBLAS_STATUS_SUCCESS;
 }
 
-cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc,
-                                        cublasComputeType_t computeType,
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, cublasComputeType_t computeType,
                                         cudaDataType_t scaleType) {
   *desc = reinterpret_cast<cublasLtMatmulDesc_t>(new MatmulDesc{computeType, scaleType});
   return CUBLAS_STATUS_SUCCESS;
@@ -202,8 +200,8 @@ cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
 }
 
 cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc,
-                                              cublasLtMatmulDescAttributes_t attr,
-                                              const void* buf, size_t bytes) {
+                                              cublasLtMatmulDescAttributes_t attr, const void* buf,
+                                              size_t bytes) {
   MatmulDesc* d = reinterpret_cast<MatmulDesc*>(desc);
   if (attr == CUBLASLT_MATMUL_DESC_TRANSA || attr == CUBLASLT_MATMUL_DESC_TRANSB) {
     if (buf == nullptr || bytes != sizeof(cublasOperation_t)) {
@@ -261,9 +259,8 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t /
 namespace {
 
 // The checks cublasLtMatmul and its heuristic share; m, n, k from the layouts.
-cublasStatus_t CheckMatmul(const MatmulDesc& d, const Layout& a, const Layout& b,
-                           const Layout& c, const Layout& dl, int64_t* m, int64_t* n,
-                           int64_t* k, const char* call) {
+cublasStatus_t CheckMatmul(const MatmulDesc& d, const Layout& a, const Layout& b, const Layout& c,
+                           const Layout& dl, int64_t* m, int64_t* n, int64_t* k, const char* call) {
   if (d.compute != CUBLAS_COMPUTE_32F || d.scale != CUDA_R_32F || a.type != CUDA_R_16BF ||
       b.type != CUDA_R_16BF || (dl.type != CUDA_R_16BF && dl.type != CUDA_R_32F) ||
       c.type != dl.type) {
@@ -277,11 +274,10 @@ cublasStatus_t CheckMatmul(const MatmulDesc& d, const Layout& a, const Layout& b
   const int64_t bk = static_cast<int64_t>(tb ? b.cols : b.rows);
   const int64_t bn = static_cast<int64_t>(tb ? b.rows : b.cols);
   if (am != *m || bn != *n || bk != *k || c.rows != dl.rows || c.cols != dl.cols) {
-    return Invalid(std::string(call) + ": layouts disagree: op(A) is " + std::to_string(am) +
-                   "x" + std::to_string(*k) + ", op(B) " + std::to_string(bk) + "x" +
-                   std::to_string(bn) + ", C " + std::to_string(c.rows) + "x" +
-                   std::to_string(c.cols) + ", D " + std::to_string(dl.rows) + "x" +
-                   std::to_string(dl.cols));
+    return Invalid(std::string(call) + ": layouts disagree: op(A) is " + std::to_string(am) + "x" +
+                   std::to_string(*k) + ", op(B) " + std::to_string(bk) + "x" + std::to_string(bn) +
+                   ", C " + std::to_string(c.rows) + "x" + std::to_string(c.cols) + ", D " +
+                   std::to_string(dl.rows) + "x" + std::to_string(dl.cols));
   }
   return CUBLAS_STATUS_SUCCESS;
 }
@@ -290,16 +286,18 @@ cublasStatus_t CheckMatmul(const MatmulDesc& d, const Layout& a, const Layout& b
 
 extern "C" {
 
-cublasStatus_t cublasLtMatmulAlgoGetHeuristic(
-    cublasLtHandle_t /*handle*/, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
-    cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
-    cublasLtMatmulPreference_t /*pref*/, int requested, cublasLtMatmulHeuristicResult_t results[],
-    int* returned) {
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t /*handle*/,
+                                              cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
+                                              cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                                              cublasLtMatrixLayout_t d,
+                                              cublasLtMatmulPreference_t /*pref*/, int requested,
+                                              cublasLtMatmulHeuristicResult_t results[],
+                                              int* returned) {
   int64_t m = 0, n = 0, k = 0;
-  const cublasStatus_t st = CheckMatmul(
-      *reinterpret_cast<MatmulDesc*>(desc), *reinterpret_cast<Layout*>(a),
-      *reinterpret_cast<Layout*>(b), *reinterpret_cast<Layout*>(c),
-      *reinterpret_cast<Layout*>(d), &m, &n, &k, "cublasLtMatmulAlgoGetHeuristic");
+  const cublasStatus_t st =
+      CheckMatmul(*reinterpret_cast<MatmulDesc*>(desc), *reinterpret_cast<Layout*>(a),
+                  *reinterpret_cast<Layout*>(b), *reinterpret_cast<Layout*>(c),
+                  *reinterpret_cast<Layout*>(d), &m, &n, &k, "cublasLtMatmulAlgoGetHeuristic");
   *returned = 0;
   if (st != CUBLAS_STATUS_SUCCESS) return st;
   if (requested < 1) return Invalid("cublasLtMatmulAlgoGetHeuristic: requested < 1");

@@ -1,5 +1,7 @@
 // The emulator's own checks (README.md): each thing it claims to catch is caught, and what
 // it claims to run right runs right.
+#include "tests/cuda_emu/emu.h"
+
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -13,7 +15,6 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "tests/cuda_emu/emu.h"
 #include "tests/cuda_emu/emu_test_kernels.h"
 
 namespace cuda_emu_test {
@@ -30,8 +31,7 @@ class EmuTest : public ::testing::Test {
   T* Device(const std::vector<T>& v) {
     void* p = nullptr;
     EXPECT_EQ(cudaMalloc(&p, v.size() * sizeof(T)), cudaSuccess);
-    EXPECT_EQ(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
-              cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
     return static_cast<T*>(p);
   }
   template <typename T>
@@ -98,7 +98,7 @@ TEST_F(EmuTest, DynamicSharedMemoryNeedsTheOptInAndStartsAsNaN) {
   ASSERT_EQ(ReadDynamicShared(48 << 10, out, s_), cudaSuccess);
   EXPECT_TRUE(std::isnan(Host(out, 1)[0]));
   EXPECT_EQ(ReadDynamicShared(64 << 10, out, s_), cudaErrorInvalidValue);
-  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then cleared
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);                       // read once, then cleared
   EXPECT_EQ(AllowDynamicShared(300 << 10), cudaErrorInvalidValue);  // above an H100's 227 KiB
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);  // a failed call is the last error too
   ASSERT_EQ(AllowDynamicShared(64 << 10), cudaSuccess);
@@ -159,8 +159,7 @@ TEST_F(EmuTest, StreamsRunConcurrentlyAndEventsOrderThem) {
   ASSERT_EQ(cuda_emu::EnqueueHostWork(s_,
                                       [started] {
                                         started.wait();
-                                        std::this_thread::sleep_for(
-                                            std::chrono::milliseconds(50));
+                                        std::this_thread::sleep_for(std::chrono::milliseconds(50));
                                       }),
             cudaSuccess);
   ASSERT_EQ(cudaMemcpyAsync(flag, pinned + 1, sizeof(int), cudaMemcpyHostToDevice, s_),
@@ -170,8 +169,7 @@ TEST_F(EmuTest, StreamsRunConcurrentlyAndEventsOrderThem) {
   EXPECT_EQ(cudaEventElapsedTime(&ms, start, done), cudaErrorNotReady);
   EXPECT_EQ(cudaGetLastError(), cudaErrorNotReady);
   ASSERT_EQ(cudaStreamWaitEvent(other, done, 0), cudaSuccess);
-  ASSERT_EQ(cudaMemcpyAsync(pinned, flag, sizeof(int), cudaMemcpyDeviceToHost, other),
-            cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned, flag, sizeof(int), cudaMemcpyDeviceToHost, other), cudaSuccess);
   // A pinned destination is written by the stream, not by the call.
   EXPECT_EQ(cudaEventQuery(done), cudaErrorNotReady);
   EXPECT_EQ(pinned[0], -1);
@@ -226,8 +224,7 @@ TEST_F(EmuTest, CublasLtFollowsTheColumnMajorContractAndChecksLayouts) {
   cublasLtHandle_t lt = nullptr;
   ASSERT_EQ(cublasLtCreate(&lt), CUBLAS_STATUS_SUCCESS);
   cublasLtMatmulDesc_t desc = nullptr;
-  ASSERT_EQ(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
-            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), CUBLAS_STATUS_SUCCESS);
   const cublasOperation_t t = CUBLAS_OP_T;
   ASSERT_EQ(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)),
             CUBLAS_STATUS_SUCCESS);

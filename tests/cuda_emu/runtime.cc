@@ -1,10 +1,10 @@
 // The CUDA runtime on the CPU (tests/cuda_emu/README.md): device memory is host memory that
 // the emulator tracks, every stream is a thread that runs its work in order, events are
 // tickets on those threads, and a kernel's blocks run one after another on the stream's thread
-// with one fiber per CUDA thread (x86-64). Every entry point the project calls is here, with CUDA's
-// signature (from CUDA's headers) and CUDA's documented checks: copies whose pointers do not
-// match their direction or run past a device allocation, bad launch configurations and shared
-// memory beyond the opt-in all fail as they would on a GPU. What no GPU would say is printed
+// with one fiber per CUDA thread (x86-64). Every entry point the project calls is here, with
+// CUDA's signature (from CUDA's headers) and CUDA's documented checks: copies whose pointers
+// do not match their direction or run past a device allocation, bad launch configurations and
+// shared memory beyond the opt-in all fail as they would on a GPU. What no GPU would say is printed
 // to stderr with "cuda_emu:" before the error is returned.
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -126,8 +126,8 @@ cuda_emu_switch:
 
 // A stack that starts `entry` (which must never return) on the first switch to it.
 void* NewContext(char* stack, size_t bytes, void (*entry)()) {
-  auto* sp = reinterpret_cast<void**>(
-      (reinterpret_cast<uintptr_t>(stack) + bytes) & ~static_cast<uintptr_t>(15));
+  auto* sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + bytes) &
+                                      ~static_cast<uintptr_t>(15));
   *--sp = nullptr;  // entry's return address: it never returns
   *--sp = reinterpret_cast<void*>(entry);
   for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12-r15
@@ -304,9 +304,8 @@ class BlockRunner {
 
   [[noreturn]] void Abort(const char* what) {
     const uint3 b = info_.block_idx;
-    std::fprintf(stderr, "cuda_emu: kernel %s, block (%u,%u,%u), thread %d: %s\n",
-                 name_->c_str(), b.x, b.y, b.z, current_ >= 0 ? fibers_[current_].linear : -1,
-                 what);
+    std::fprintf(stderr, "cuda_emu: kernel %s, block (%u,%u,%u), thread %d: %s\n", name_->c_str(),
+                 b.x, b.y, b.z, current_ >= 0 ? fibers_[current_].linear : -1, what);
     std::abort();
   }
 
@@ -528,8 +527,8 @@ uint64_t ShuffleXor(unsigned mask, uint64_t bits, int lane_mask, int width) {
 float AtomicAdd(float* address, float v) { return AtomicAddImpl(address, v); }
 double AtomicAdd(double* address, double v) { return AtomicAddImpl(address, v); }
 
-void EnqueueKernel(const char* kernel_name, const void* kernel, dim3 grid, dim3 block,
-                   size_t smem, cudaStream_t stream, std::function<void()> body) {
+void EnqueueKernel(const char* kernel_name, const void* kernel, dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, std::function<void()> body) {
   const std::string name = kernel_name;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
@@ -610,9 +609,9 @@ cudaError_t CheckSide(const void* p, size_t bytes, bool device, const char* side
                                            " bytes runs past its device allocation");
   }
   if (kind != cudaMemcpyDefault && (w == Where::kDevice) != device) {
-    return Fail(cudaErrorInvalidValue, std::string(call) + " (" + KindName(kind) + "): " + side +
-                                           (device ? " is not device memory"
-                                                   : " is device memory"));
+    return Fail(cudaErrorInvalidValue,
+                std::string(call) + " (" + KindName(kind) + "): " + side +
+                    (device ? " is not device memory" : " is device memory"));
   }
   return cudaSuccess;
 }
@@ -710,8 +709,7 @@ cudaError_t cudaGetDevice(int* device) {
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (device < 0 || device >= cuda_emu::DeviceCountSetting()) {
-    return Fail(cudaErrorInvalidDevice,
-                "cudaGetDeviceProperties(" + std::to_string(device) + ")");
+    return Fail(cudaErrorInvalidDevice, "cudaGetDeviceProperties(" + std::to_string(device) + ")");
   }
   std::memset(prop, 0, sizeof(*prop));
   std::snprintf(prop->name, sizeof(prop->name), "CUDA emulator (CPU)");
@@ -1002,15 +1000,15 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
   }
   return cuda_emu::EnqueueHostWork(stream, [=] {
     for (size_t r = 0; r < height; ++r) {
-      std::memmove(static_cast<char*>(dst) + r * dpitch,
-                   static_cast<const char*>(src) + r * spitch, width);
+      std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                   width);
     }
   });
 }
 
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t count, cudaStream_t stream) {
-  if (cudaError_t e = CheckSide(dst, count, true, "destination", cudaMemcpyHostToDevice,
-                                "cudaMemsetAsync");
+  if (cudaError_t e =
+          CheckSide(dst, count, true, "destination", cudaMemcpyHostToDevice, "cudaMemsetAsync");
       e != cudaSuccess) {
     return e;
   }
