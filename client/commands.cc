@@ -199,7 +199,8 @@ std::string StepLine(const Job& job, const StepRecord& s) {
     // Offloaded: how well transfers hid behind compute (reads counted on the CPU device only).
     absl::StrAppendFormat(&line, "  busy %.0f%%", 100 * s.device_busy_fraction());
     if (s.stall_seconds().contains("transfer")) {
-      absl::StrAppendFormat(&line, "  prefetched %.0f%%", 100 * s.prefetch_hit_rate());
+      absl::StrAppendFormat(&line, "  read ahead %.0f%% (%.0f%% in time)",
+                            100 * s.read_ahead_fraction(), 100 * s.prefetch_hit_rate());
     }
   }
   return line;

@@ -49,14 +49,16 @@ TEST(StepLineTest, OffloadedStepsShowTheBusyFractionAndPrefetchesWhereCounted) {
   (*s.mutable_bytes_moved())["host->device"] = 1000;
   s.set_device_busy_fraction(0.9);
   s.set_prefetch_hit_rate(0.75);
+  s.set_read_ahead_fraction(0.9);
   (*s.mutable_stall_seconds())["transfer"] = 0.1;
   (*s.mutable_stall_seconds())["optimizer"] = 0.0;
-  EXPECT_THAT(StepLine(job, s), HasSubstr("busy 90%  prefetched 75%"));
+  EXPECT_THAT(StepLine(job, s), HasSubstr("busy 90%  read ahead 90% (75% in time)"));
   // Streamed on a GPU: no read counts, so no prefetch figure.
   s.mutable_stall_seconds()->erase("transfer");
   s.clear_prefetch_hit_rate();
+  s.clear_read_ahead_fraction();
   EXPECT_THAT(StepLine(job, s), HasSubstr("busy 90%"));
-  EXPECT_THAT(StepLine(job, s), ::testing::Not(HasSubstr("prefetched")));
+  EXPECT_THAT(StepLine(job, s), ::testing::Not(HasSubstr("read ahead")));
 }
 
 }  // namespace

@@ -423,6 +423,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
         (*record->mutable_stall_seconds())["transfer"] = result.stall_transfer_seconds;
         (*record->mutable_stall_seconds())["memory"] = result.stall_memory_seconds;
         record->set_prefetch_hit_rate(result.prefetch_hit_rate());
+        record->set_read_ahead_fraction(result.read_ahead_fraction());
       }
       record->set_optimizer_overlapped(result.optimizer_overlap_kept);
     }

@@ -484,6 +484,7 @@ absl::StatusOr<OffloadTrainer::DeviceBuffer> OffloadTrainer::Fetch(const std::st
     ticket = std::move(pit->second.ticket);
     prefetched_.erase(pit);
     prefetched_bytes_ -= kF * n;
+    ++stats_.prefetched_reads;
     if (ticket->done()) ++stats_.prefetch_hits;
   } else {
     DropPrefetch(id);
@@ -916,6 +917,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.stall_optimizer_seconds = stats_.stall_optimizer_seconds;
   r.stall_memory_seconds = stats_.stall_memory_seconds;
   r.home_reads = stats_.home_reads;
+  r.prefetched_reads = stats_.prefetched_reads;
   r.prefetch_hits = stats_.prefetch_hits;
   r.optimizer_overlapped = overlapped;
   r.optimizer_overlap_kept = overlapped && !clip;

@@ -169,9 +169,10 @@ struct OffloadStepResult : StepResult {
   double stall_transfer_seconds = 0;
   double stall_optimizer_seconds = 0;
   double stall_memory_seconds = 0;
-  // Tensors read from the home, and how many of those reads had finished
-  // before the device asked for them.
+  // Tensors read from the home, how many of those reads were issued ahead of
+  // need (prefetches), and how many had finished before the device asked.
   int64_t home_reads = 0;
+  int64_t prefetched_reads = 0;
   int64_t prefetch_hits = 0;
   // AdamW started during the backward (OffloadOptions::overlap_optimizer), and
   // whether those results were kept (false: the norm needed clipping or was
@@ -183,6 +184,9 @@ struct OffloadStepResult : StepResult {
   }
   double prefetch_hit_rate() const {
     return home_reads > 0 ? static_cast<double>(prefetch_hits) / home_reads : 1.0;
+  }
+  double read_ahead_fraction() const {
+    return home_reads > 0 ? static_cast<double>(prefetched_reads) / home_reads : 1.0;
   }
 };
 

@@ -177,25 +177,29 @@ TEST_P(OffloadParity, OversubscribedRunIsBitIdenticalToResidentRun) {
       EXPECT_LT(rb.bytes_device_to_home, 2 * params);
       // From the second step on reads follow the first step's trace.
       // (With no memory beyond the largest op there is nothing to prefetch into.)
-      if (s > 0 && slots > 0) EXPECT_GT(rb.prefetch_hits, 0) << "step " << s;
+      // (Whether those reads arrived in time depends on the machine's load; that they were
+      // issued ahead does not.)
+      if (s > 0 && slots > 0) EXPECT_GT(rb.prefetched_reads, 0) << "step " << s;
     } else {
       // Plus once for the optimizer; grads, m, v once each way at least.
       EXPECT_GT(rb.bytes_home_to_device, 3 * params);
       EXPECT_GT(rb.bytes_device_to_home, 3 * params);
-      EXPECT_EQ(rb.prefetch_hits, 0);
+      EXPECT_EQ(rb.prefetched_reads, 0);
     }
+    EXPECT_LE(rb.prefetch_hits, rb.prefetched_reads);
+    EXPECT_LE(rb.prefetched_reads, rb.home_reads);
     EXPECT_GT(rb.home_reads, 0);
     EXPECT_GT(rb.compute_seconds, 0);
     EXPECT_LE(rb.compute_seconds + rb.stall_transfer_seconds + rb.stall_memory_seconds +
                   rb.stall_optimizer_seconds,
               rb.step_time_s * 1.01);
     std::printf(
-        "  step %d: grad norm %.4f loss %.9f peak %s moved in %s out %s; reads %ld, prefetched in time %ld; "
-        "busy %.2f\n",
+        "  step %d: grad norm %.4f loss %.9f peak %s moved in %s out %s; reads %ld, ahead %ld, in "
+        "time %ld; busy %.2f\n",
         s, rb.grad_norm, rb.loss, FormatBytes(rb.device_memory_peak_bytes).c_str(),
         FormatBytes(rb.bytes_home_to_device).c_str(), FormatBytes(rb.bytes_device_to_home).c_str(),
-        static_cast<long>(rb.home_reads), static_cast<long>(rb.prefetch_hits),
-        rb.device_busy_fraction());
+        static_cast<long>(rb.home_reads), static_cast<long>(rb.prefetched_reads),
+        static_cast<long>(rb.prefetch_hits), rb.device_busy_fraction());
   }
   if (clipping == Clip::kSome) {
     EXPECT_GT(clipped_steps, 0);
@@ -361,13 +365,15 @@ TEST(OffloadTrainerTest, ScheduleReadsParametersAheadInTheFirstStep) {
     EXPECT_LE(r->device_memory_peak_bytes, off.device_budget_bytes);
     firsts.push_back(*r);
   }
-  EXPECT_EQ(firsts[0].prefetch_hits, 0);  // on demand: nothing to read ahead from
-  EXPECT_GT(firsts[1].prefetch_hits, 0);
+  EXPECT_EQ(firsts[0].prefetched_reads, 0);  // on demand: nothing to read ahead from
+  EXPECT_GT(firsts[1].prefetched_reads, 0);
+  EXPECT_LE(firsts[1].prefetch_hits, firsts[1].prefetched_reads);
   EXPECT_EQ(firsts[0].home_reads, firsts[1].home_reads);
   EXPECT_EQ(0, std::memcmp(&firsts[0].loss, &firsts[1].loss, sizeof(double)));
   EXPECT_EQ(0, std::memcmp(&firsts[0].grad_norm, &firsts[1].grad_norm, sizeof(double)));
-  std::printf("first step: %ld of %ld reads arrived ahead with the schedule\n",
-              static_cast<long>(firsts[1].prefetch_hits), static_cast<long>(firsts[1].home_reads));
+  std::printf("first step: %ld of %ld reads issued ahead with the schedule, %ld arrived in time\n",
+              static_cast<long>(firsts[1].prefetched_reads),
+              static_cast<long>(firsts[1].home_reads), static_cast<long>(firsts[1].prefetch_hits));
 }
 
 // A home that, once armed, turns the nth read of one tensor into infinities.
