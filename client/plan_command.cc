@@ -67,6 +67,7 @@ int RunPlanCommand(const PlanCommandOptions& options, std::ostream& out, std::os
     }
     planner.device_budget_bytes = *bytes;
   }
+  spec->mutable_resources()->set_precision(PlanningPrecision(*spec, hw->device.shares_host_cpu));
   const ModelDesc model = DescribeModel(*spec);
   auto plan = PlanJob(model, *hw, planner);
   if (!plan.ok()) return Fail(err, plan.status());

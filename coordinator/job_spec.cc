@@ -259,7 +259,15 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const NodeLimits& limits) {
                    absl::StrCat(r.workers(), ": multi-worker jobs are not supported yet; use 1"));
   }
   if (r.precision() == PRECISION_BF16 && !limits.has_cuda) {
-    return Invalid("resources.precision", "bf16 needs a CUDA device; this node's workers are cpu");
+    return Invalid("resources.precision",
+                   "bf16 needs a CUDA device; this node's workers are cpu, which train in fp32 "
+                   "(set fp32 or leave the field out)");
+  }
+  if (r.precision() == PRECISION_FP32 && limits.has_cuda) {
+    return Invalid("resources.precision",
+                   "fp32: this node's workers are cuda, which train in bf16 (bf16 weights and "
+                   "activations, fp32 master weights, gradients and AdamW state); set bf16 or "
+                   "leave the field out");
   }
   if (!spec.init_from().empty()) {
     struct stat st;
@@ -301,7 +309,9 @@ absl::StatusOr<JobSpec> ResolveJobSpec(absl::string_view yaml, const std::string
   }
   ResourcesSpec* res = spec.mutable_resources();
   if (res->workers() == 0) res->set_workers(1);
-  if (res->precision() == PRECISION_UNSPECIFIED) res->set_precision(PRECISION_FP32);
+  if (res->precision() == PRECISION_UNSPECIFIED) {
+    res->set_precision(limits.has_cuda ? PRECISION_BF16 : PRECISION_FP32);
+  }
   RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
   return spec;
 }

@@ -12,9 +12,11 @@
 
 namespace lumen {
 
-// What the node offers, for the checks that depend on it.
+// What the node offers, for the checks and defaults that depend on it.
 struct NodeLimits {
   int64_t workers = 1;
+  // The workers drive GPUs (lumend --device cuda), which train in bf16 only; CPU workers
+  // train in fp32 only. A job's resources.precision defaults to the node's.
   bool has_cuda = false;
 };
 

@@ -52,6 +52,23 @@ TEST_F(JobSpecTest, AppliesDefaultsAndResolvesPaths) {
   EXPECT_EQ(spec->resources().precision(), PRECISION_FP32);
 }
 
+TEST_F(JobSpecTest, PrecisionIsTheNodeDevices) {
+  NodeLimits gpus;
+  gpus.has_cuda = true;
+  auto spec = ResolveJobSpec(Spec(), dir_, gpus);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->resources().precision(), PRECISION_BF16);
+  spec = ResolveJobSpec(Spec("", "resources: {precision: bf16}\n"), dir_, gpus);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->resources().precision(), PRECISION_BF16);
+  // GPU workers train in bf16 only: asking for fp32 there is refused, not quietly changed.
+  spec = ResolveJobSpec(Spec("", "resources: {precision: fp32}\n"), dir_, gpus);
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(spec.status().message()),
+              HasSubstr("resources.precision: fp32: this node's workers are cuda"));
+}
+
 TEST_F(JobSpecTest, PresetFieldsCanBeOverridden) {
   auto spec = ResolveJobSpec(
       "model: {preset: tiny, num_hidden_layers: 3}\n"

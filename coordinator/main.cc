@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
   lumen::InitProcess(argv[0]);
   CLI::App app{"Lumen coordinator (started by lumend)"};
   std::string data_dir, socket, listen, metrics_address = "127.0.0.1:0", worker_sockets,
-                                            memstore_socket, node_status;
+                                            memstore_socket, node_status, device = "cpu";
   app.add_option("--data-dir", data_dir, "Node data directory")->required();
   app.add_option("--socket", socket, "Unix socket for clients")->required();
   app.add_option("--listen", listen, "Optional loopback TCP address for clients");
@@ -29,6 +29,9 @@ int main(int argc, char** argv) {
   app.add_option("--worker-sockets", worker_sockets, "Comma-separated worker sockets")->required();
   app.add_option("--memstore-socket", memstore_socket, "Memstore socket");
   app.add_option("--node-status", node_status, "lumend's node.json");
+  app.add_option("--device", device, "The workers' device, cpu or cuda: jobs' default precision "
+                 "and the precisions they accept")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
 
   auto metrics = lumen::MetricsServer::Create(metrics_address);
@@ -54,6 +57,7 @@ int main(int argc, char** argv) {
   lumen::JobManagerOptions options;
   options.data_dir = data_dir;
   options.limits.workers = static_cast<int64_t>(workers.size());
+  options.limits.has_cuda = device == "cuda";
   lumen::JobManager jobs((*store).get(), workers, options, (*metrics)->registry());
   lumen::ClusterInfoCollector cluster(data_dir, node_status, workers, memstore.get(), &jobs);
   jobs.SetMemstore(memstore.get());

@@ -291,7 +291,8 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
   for (std::string arg : {std::string("--metrics-address"), metrics(ports.coordinator),
                           std::string("--worker-sockets"), absl::StrJoin(worker_sockets, ","),
                           std::string("--memstore-socket"), memstore_socket,
-                          std::string("--node-status"), d + "/node.json"}) {
+                          std::string("--node-status"), d + "/node.json",
+                          std::string("--device"), std::string(DeviceKindName(o.device))}) {
     c.argv.push_back(std::move(arg));
   }
   c.log_file = logs + "coordinator.log";

@@ -149,7 +149,7 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
                           "--listen", "127.0.0.1:7000", "--metrics-address", "127.0.0.1:9004",
                           "--worker-sockets", "/d/run/worker-0.sock,/d/run/worker-1.sock",
                           "--memstore-socket", "/d/run/memstore.sock", "--node-status",
-                          "/d/node.json"));
+                          "/d/node.json", "--device", "cpu"));
   EXPECT_THAT(specs[3].sockets, ElementsAre("/d/lumend.sock"));
   EXPECT_EQ(specs[3].metrics_address, "127.0.0.1:9004");
 
@@ -157,6 +157,8 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   o.device = DeviceKind::kCuda;
   specs = BuildChildSpecs(o, bins, ports);
   EXPECT_THAT(specs[3].argv, ::testing::Not(::testing::Contains("--listen")));
+  // The coordinator resolves and checks jobs for the node's device (precision: bf16 on GPUs).
+  EXPECT_EQ(specs[3].argv.back(), "cuda");
   EXPECT_THAT(specs[1].argv, ::testing::Contains("cuda"));
   // Two GPU workers share the cores for their host AdamW.
   const int cores = UsableCpus();

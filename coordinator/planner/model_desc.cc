@@ -78,6 +78,11 @@ LayerDesc Layer(const ModelDesc& m, std::string name, LayerKind kind, int64_t pa
 
 }  // namespace
 
+Precision PlanningPrecision(const JobSpec& spec, bool device_shares_host_cpu) {
+  if (spec.resources().precision() != PRECISION_UNSPECIFIED) return spec.resources().precision();
+  return device_shares_host_cpu ? PRECISION_FP32 : PRECISION_BF16;
+}
+
 ModelDesc DescribeModel(const JobSpec& spec) {
   const ModelSpec& ms = spec.model();
   ModelDesc m;
@@ -142,9 +147,6 @@ absl::StatusOr<JobSpec> ParseJobSpecForPlanning(absl::string_view yaml) {
   if (!model->has_tie_word_embeddings()) model->set_tie_word_embeddings(false);
   if (spec.train().grad_accum_steps() == 0) spec.mutable_train()->set_grad_accum_steps(1);
   if (spec.resources().workers() == 0) spec.mutable_resources()->set_workers(1);
-  if (spec.resources().precision() == PRECISION_UNSPECIFIED) {
-    spec.mutable_resources()->set_precision(PRECISION_FP32);
-  }
   const std::pair<const char*, int64_t> required[] = {
       {"model.hidden_size", model->hidden_size()},
       {"model.intermediate_size", model->intermediate_size()},

@@ -73,12 +73,20 @@ struct ModelDesc {
   int64_t OptimizerBytesPerParam() const;
 };
 
-// Describes the model of a job spec whose presets and defaults are applied.
+// Describes the model of a job spec whose presets and defaults are applied (an unset
+// precision is fp32).
 ModelDesc DescribeModel(const JobSpec& spec);
+
+// The precision a job trains in on a device: the spec's, or where it leaves it out the
+// device's own, as a node resolves it (coordinator/job_spec.h): fp32 on a CPU device (one that
+// shares the host's cores), bf16 on a GPU.
+Precision PlanningPrecision(const JobSpec& spec, bool device_shares_host_cpu);
 
 // Parses a job spec for planning: YAML → JobSpec, model preset, defaults, and the model and
 // batch checks of ResolveJobSpec — but not the data file, init_from or this node's limits
-// (planning is for hardware the user may not have). Errors are INVALID_ARGUMENT naming the field.
+// (planning is for hardware the user may not have). resources.precision stays unset when the
+// spec leaves it out: it is the device's (PlanningPrecision). Errors are INVALID_ARGUMENT naming
+// the field.
 absl::StatusOr<JobSpec> ParseJobSpecForPlanning(absl::string_view yaml);
 
 }  // namespace lumen

@@ -57,5 +57,15 @@ TEST(ModelDescTest, PlanningParseSkipsTheDataFileButChecksTheModel) {
   EXPECT_THAT(ParseJobSpecForPlanning("modle: {}\n").status().message(), HasSubstr("modle"));
 }
 
+TEST(ModelDescTest, PrecisionIsTheSpecsOrTheDevices) {
+  auto spec = ParseJobSpecForPlanning(
+      "model: {preset: tiny}\ntrain: {seq_len: 16, micro_batch_size: 2}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(PlanningPrecision(*spec, /*device_shares_host_cpu=*/true), PRECISION_FP32);
+  EXPECT_EQ(PlanningPrecision(*spec, /*device_shares_host_cpu=*/false), PRECISION_BF16);
+  spec->mutable_resources()->set_precision(PRECISION_FP32);
+  EXPECT_EQ(PlanningPrecision(*spec, false), PRECISION_FP32);
+}
+
 }  // namespace
 }  // namespace lumen

@@ -44,6 +44,9 @@ def train(device_memory, name):
         data = os.path.join(node.tmp, "train.bin")
         lumen_node.write_tokens(data, 30000)
         job = node.submit(SPEC.format(name=name, data=data))
+        # The node's precision: the spec leaves it out, and GPU workers train in bf16.
+        resources = job["spec"]["resources"]
+        assert resources["precision"] == "PRECISION_BF16", resources
         ended = node.wait_job(job["id"], timeout=300)
         assert ended["state"] == "SUCCEEDED", ended["failure_reason"] + node.output()
         cluster = node.ctl_json("cluster")[0]
@@ -70,6 +73,12 @@ class CudaNodeTest(unittest.TestCase):
             self.assertNotEqual(r.returncode, 0, r.stdout)
             self.assertIn("head_dim 16", r.stderr)
             self.assertIn("num_attention_heads", r.stderr)
+            # fp32 is the CPU device's precision: asked for here, it is refused, not ignored.
+            with open(path, "w") as f:
+                f.write(SPEC.format(name="fp32", data=data) + "resources: {precision: fp32}\n")
+            r = node.ctl("submit", path, check=False)
+            self.assertNotEqual(r.returncode, 0, r.stdout)
+            self.assertIn("resources.precision: fp32: this node's workers are cuda", r.stderr)
             self.assertEqual(node.ctl_json("jobs"), [])
         finally:
             node.stop()

@@ -47,6 +47,16 @@ class PlanTest(unittest.TestCase):
         self.assertIn("binding resource", human.stdout)
         self.assertIn("NVMe written", human.stdout)
 
+    def test_precision_left_out_is_the_devices(self):
+        # A GPU trains in bf16, as a GPU node resolves the spec; fp32 when the spec says so.
+        spec = SPEC_104B.replace(", precision: bf16", "")
+        r = self.plan(spec, "--hardware", "8x-rtx4090", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["precision"], "bf16")
+        r = self.plan(spec.replace("workers: 8", "workers: 8, precision: fp32"),
+                      "--hardware", "8x-rtx4090", "--json")
+        self.assertEqual(json.loads(r.stdout)["precision"], "fp32")
+
     def test_job_that_cannot_fit(self):
         r = self.plan(SPEC_104B.replace("workers: 8", "workers: 1"), "--hardware", "1x-rtx4090")
         self.assertEqual(r.returncode, 3, r.stdout + r.stderr)
