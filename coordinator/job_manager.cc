@@ -2,6 +2,8 @@
 
 #include <filesystem>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -51,7 +53,12 @@ JobManager::JobManager(JobStore* store, std::vector<WorkerClient*> workers,
       tokens_counter_(prometheus::BuildCounter()
                           .Name("lumen_job_tokens_total")
                           .Help("Tokens trained, by job")
-                          .Register(registry)) {}
+                          .Register(registry)),
+      resumes_counter_(prometheus::BuildCounter()
+                           .Name("lumen_job_resumes_total")
+                           .Help("Times a job's run was interrupted and the job queued again to "
+                                 "resume from its latest checkpoint, by job")
+                           .Register(registry)) {}
 
 JobManager::~JobManager() { Stop(); }
 
@@ -64,22 +71,25 @@ absl::Status JobManager::Start() {
   // The store is the truth: jobs submitted before Start are in it too.
   jobs_.clear();
   queue_.clear();
+  // Jobs that were running (or were put back because the node stopped) go first, in id order.
+  std::vector<std::string> resumed;
   for (Job& job : stored) {
-    if (job.state() != QUEUED && job.start_time_unix_ms() != 0 && !job.tensors_freed()) {
-      reclaim.push_back(job.id());
+    if (job.start_time_unix_ms() != 0 && !job.tensors_freed()) reclaim.push_back(job.id());
+    const std::string id = job.id();
+    jobs_[id] = std::move(job);
+    Job& j = jobs_[id];
+    if (j.state() == RUNNING) {
+      Requeue(j, absl::StrCat("the coordinator stopped while the job was running on ",
+                              j.worker()));
     }
-    if (job.state() == RUNNING) {
-      job.set_state(FAILED);
-      job.set_end_time_unix_ms(NowMs());
-      job.set_failure_reason(absl::StrCat(
-          "the coordinator stopped while the job was running on ", job.worker(),
-          "; resuming a job is not supported yet"));
-      RETURN_IF_ERROR(store_->PutJob(job));
-      LOG(WARNING) << job.id() << ": " << job.failure_reason();
+    if (j.state() != QUEUED) continue;
+    if (j.start_time_unix_ms() != 0) {
+      resumed.push_back(id);
+    } else {
+      queue_.push_back(id);
     }
-    if (job.state() == QUEUED) queue_.push_back(job.id());
-    jobs_[job.id()] = std::move(job);
   }
+  queue_.insert(queue_.begin(), resumed.begin(), resumed.end());
   UpdateStateGauges();
   LOG(INFO) << "loaded " << jobs_.size() << " jobs, " << queue_.size() << " queued";
   // On the dispatcher's thread, before any job runs: the memstore may still be starting
@@ -277,8 +287,10 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   {
     absl::MutexLock lock(&mu_);
     Job& job = jobs_[job_id];
+    if (job.resumes() > 0) request.set_resume_from(PrepareResume(job));
     job.set_state(RUNNING);
-    job.set_start_time_unix_ms(NowMs());
+    if (job.start_time_unix_ms() == 0) job.set_start_time_unix_ms(NowMs());  // the first run's
+    job.set_tensors_freed(false);  // this run's tensors, until it ends
     job.set_worker(worker->name());
     job.set_predicted_step_time_s(predicted);
     if (predicted > 0) {
@@ -291,7 +303,11 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
     request.set_job_id(job_id);
     *request.mutable_spec() = job.spec();
     request.set_output_dir(job.output_dir());
-    LOG(INFO) << job_id << " running on " << worker->name();
+    LOG(INFO) << job_id << " running on " << worker->name()
+              << (job.resumes() == 0 ? ""
+                  : request.resume_from().empty()
+                      ? " (resumed from the start: it has no checkpoint)"
+                      : absl::StrCat(" (resumed from ", request.resume_from(), ")"));
   }
   absl::Status status = worker->RunTask(
       request, [this, &job_id](const TaskEvent& event) { OnTaskEvent(job_id, event); });
@@ -304,22 +320,78 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   }
   const bool freed = !stopping && ReclaimJobTensors(job_id).ok();
   absl::MutexLock lock(&mu_);
-  jobs_[job_id].set_tensors_freed(freed);
+  Job& job = jobs_[job_id];
+  job.set_tensors_freed(freed);
   running_job_.clear();
   running_worker_ = nullptr;
+  const std::string reason = std::string(status.message()).find(worker->name()) == 0
+                                 ? std::string(status.message())
+                                 : absl::StrCat(worker->name(), ": ", status.ToString());
   if (cancel_requested_[job_id]) {
     FinishJob(job_id, CANCELLED, "cancelled while running");
   } else if (stopping_) {
-    FinishJob(job_id, FAILED,
-              absl::StrCat("the coordinator stopped while the job was running on ",
-                           worker->name(), "; resuming a job is not supported yet"));
+    // The node is stopping: the next start resumes the job from its latest checkpoint.
+    Requeue(job, absl::StrCat("the coordinator stopped while the job was running on ",
+                              worker->name()));
   } else if (status.ok()) {
     FinishJob(job_id, SUCCEEDED, "");
+  } else if (absl::IsUnavailable(status)) {
+    // The worker (or the memstore) died under the job; lumend restarts it.
+    job.set_worker_failures(job.worker_failures() + 1);
+    if (job.worker_failures() >= options_.max_worker_failures) {
+      FinishJob(job_id, FAILED,
+                absl::StrCat(reason, " (", job.worker_failures(),
+                             " worker failures since the job's last checkpoint: not resumed "
+                             "again)"));
+    } else {
+      Requeue(job, reason);
+      queue_.push_front(job_id);
+    }
   } else {
-    FinishJob(job_id, FAILED, std::string(status.message()).find(worker->name()) == 0
-                                  ? std::string(status.message())
-                                  : absl::StrCat(worker->name(), ": ", status.ToString()));
+    FinishJob(job_id, FAILED, reason);
   }
+}
+
+void JobManager::Requeue(Job& job, const std::string& reason) {
+  job.set_state(QUEUED);
+  job.set_resumes(job.resumes() + 1);
+  job.set_resume_reason(reason);
+  resumes_counter_.Add({{"job", job.id()}}).Increment();
+  LOG(WARNING) << job.id() << ": " << reason << "; queued again to resume from "
+               << (job.final_checkpoint().empty() ? std::string("the start (no checkpoint yet)")
+                                                  : job.final_checkpoint());
+  Publish(job, {});
+}
+
+std::string JobManager::PrepareResume(Job& job) {
+  // Checkpoints are <output_dir>/step-N, renamed into place once complete.
+  std::string from = job.final_checkpoint();
+  int64_t step = 0;
+  const std::string name = std::filesystem::path(from).filename().string();
+  std::error_code ec;
+  if (from.empty() || !absl::StartsWith(name, "step-") ||
+      !absl::SimpleAtoi(name.substr(5), &step) ||
+      !std::filesystem::is_directory(from, ec)) {
+    if (!from.empty()) {
+      LOG(WARNING) << job.id() << ": checkpoint " << from << " is gone; resuming from the start";
+    }
+    from.clear();
+    step = 0;
+  }
+  job.set_resumed_from(from);
+  // The records of the steps trained again are replaced; drop those past the checkpoint now,
+  // so the history never shows steps of both runs.
+  StepRecord latest;
+  if (absl::StatusOr<std::vector<StepRecord>> steps = store_->Steps(job.id()); steps.ok()) {
+    for (const StepRecord& s : *steps) {
+      if (s.step() <= step) latest = s;
+    }
+  }
+  *job.mutable_latest_step() = latest;
+  if (absl::Status s = store_->DropStepsAfter(job, step); !s.ok()) {
+    LOG(ERROR) << job.id() << ": cannot drop the step records after step " << step << ": " << s;
+  }
+  return from;
 }
 
 void JobManager::OnTaskEvent(const std::string& job_id, const TaskEvent& event) {
@@ -341,6 +413,7 @@ void JobManager::OnTaskEvent(const std::string& job_id, const TaskEvent& event) 
     Publish(job, {step});
   } else if (!event.checkpoint().empty()) {
     job.set_final_checkpoint(event.checkpoint());
+    job.set_worker_failures(0);  // progress: failures before it do not count against the job
     Publish(job, {});
   }
 }

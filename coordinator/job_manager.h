@@ -1,6 +1,7 @@
 // Owns the job queue: validation at submit, FIFO dispatch to the workers (one running job per
-// node for now), state transitions with their history in a JobStore, and watchers.
-// Thread-safe.
+// node for now), state transitions with their history in a JobStore, and watchers. A job whose
+// run is interrupted (the coordinator stops, the worker dies) goes back to the head of the queue
+// and continues from its latest checkpoint. Thread-safe.
 #ifndef LUMEN_COORDINATOR_JOB_MANAGER_H_
 #define LUMEN_COORDINATOR_JOB_MANAGER_H_
 
@@ -31,6 +32,9 @@ struct JobManagerOptions {
   // Jobs write their checkpoints under <data_dir>/jobs/<job id>/.
   std::string data_dir;
   NodeLimits limits;
+  // A job whose worker fails (UNAVAILABLE: the process died, or the memstore it used) this
+  // many times without a new checkpoint in between fails; before that it is resumed.
+  int max_worker_failures = 3;
 };
 
 class JobManager {
@@ -44,8 +48,9 @@ class JobManager {
              prometheus::Registry& registry);
   ~JobManager();
 
-  // Loads the stored jobs (a job that was RUNNING becomes FAILED: its process is gone), queues
-  // the QUEUED ones in order, and starts dispatching.
+  // Loads the stored jobs, queues the ones that were running when the coordinator stopped
+  // (to resume from their latest checkpoints) and then the QUEUED ones in order, and starts
+  // dispatching.
   absl::Status Start();
   // Cancels the running task and stops dispatching. Idempotent.
   void Stop();
@@ -86,6 +91,11 @@ class JobManager {
   void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Puts an interrupted job back at the head of the queue (QUEUED, resumes + 1, `reason`).
+  void Requeue(Job& job, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Before a resumed job's run: where it continues from (its latest checkpoint, or "" for the
+  // start), with the step records after that dropped.
+  std::string PrepareResume(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the job's tensors left in the memstore (none when the worker freed them); logs
   // failures and returns the memstore's status. Call without the lock (it is an RPC).
   absl::Status ReclaimJobTensors(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
@@ -107,6 +117,7 @@ class JobManager {
   JobPlanner planner_;  // set before Start, then read-only
   MemstoreClient* memstore_ = nullptr;  // set before Start, then read-only
   prometheus::Family<prometheus::Counter>& tokens_counter_;
+  prometheus::Family<prometheus::Counter>& resumes_counter_;
 
   absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);

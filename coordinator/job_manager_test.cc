@@ -1,5 +1,6 @@
 #include "coordinator/job_manager.h"
 
+#include <filesystem>
 #include <fstream>
 #include <thread>
 #include <vector>
@@ -14,7 +15,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-// Emits one step event per train step; can be told to fail or to block until cancelled.
+// Emits one step event per train step (from the step after the checkpoint it resumes from)
+// and a checkpoint event (with its directory) every `checkpoint_every` steps; can be told to
+// fail, to die after a step, or to block until cancelled.
 class FakeWorker : public WorkerClient {
  public:
   const std::string& name() const override { return name_; }
@@ -24,13 +27,30 @@ class FakeWorker : public WorkerClient {
       absl::MutexLock lock(&mu_);
       order_.push_back(request.job_id());
       schedules_.push_back(request.schedule());
+      resumed_from_.push_back(request.resume_from());
     }
-    for (int64_t s = 1; s <= request.spec().train().steps(); ++s) {
+    int64_t first = 1;
+    if (!request.resume_from().empty()) {
+      first = 1 + std::stoll(std::filesystem::path(request.resume_from())
+                                 .filename().string().substr(5));  // "step-N"
+    }
+    for (int64_t s = first; s <= request.spec().train().steps(); ++s) {
       TaskEvent event;
       event.mutable_step()->set_step(s);
-      event.mutable_step()->set_loss(5.0 / s);
+      event.mutable_step()->set_loss(5.0 / s + 0.001 * order().size());  // which run
       event.mutable_step()->set_tokens(100);
       on_event(event);
+      if (checkpoint_every_ > 0 && s % checkpoint_every_ == 0) {
+        const std::string dir = request.output_dir() + "/step-" + std::to_string(s);
+        std::filesystem::create_directories(dir);
+        TaskEvent ckpt;
+        ckpt.set_checkpoint(dir);
+        on_event(ckpt);
+      }
+      if (die_after_step_ == s) {
+        die_after_step_ = -1;  // once
+        return absl::UnavailableError("worker-0: Socket closed");
+      }
     }
     if (block_) {
       absl::MutexLock lock(&mu_);
@@ -70,7 +90,13 @@ class FakeWorker : public WorkerClient {
     absl::MutexLock lock(&mu_);
     return schedules_;
   }
+  std::vector<std::string> resumed_from() {
+    absl::MutexLock lock(&mu_);
+    return resumed_from_;
+  }
 
+  int64_t checkpoint_every_ = 0;
+  int64_t die_after_step_ = -1;
   bool fail_ = false;
   bool block_ = false;
   MemstoreClient* memstore_ = nullptr;
@@ -82,6 +108,7 @@ class FakeWorker : public WorkerClient {
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::string> order_ ABSL_GUARDED_BY(mu_);
   std::vector<StepSchedule> schedules_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> resumed_from_ ABSL_GUARDED_BY(mu_);
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -177,7 +204,9 @@ TEST_F(JobManagerTest, ConcurrentSubmitsQueueInIdOrder) {
             (std::vector<std::string>{first->id(), second->id(), third->id()}));
 }
 
-TEST_F(JobManagerTest, WorkerFailureFailsTheJobNamingTheWorker) {
+// A worker that keeps dying under a job without a checkpoint in between: the job is resumed
+// (max_worker_failures - 1) times, then fails naming the worker and the count.
+TEST_F(JobManagerTest, WorkerFailuresResumeTheJobThenFailIt) {
   worker_.fail_ = true;
   JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
   ASSERT_TRUE(manager.Start().ok());
@@ -186,6 +215,44 @@ TEST_F(JobManagerTest, WorkerFailureFailsTheJobNamingTheWorker) {
   Job end = WaitForEnd(manager, job->id());
   EXPECT_EQ(end.state(), FAILED);
   EXPECT_THAT(end.failure_reason(), HasSubstr("worker-0"));
+  EXPECT_THAT(end.failure_reason(), HasSubstr("3 worker failures since the job's last checkpoint"));
+  EXPECT_EQ(end.resumes(), 2);
+  EXPECT_EQ(worker_.order().size(), 3u);
+  // No checkpoint: every resume started over, and the history holds each step once.
+  EXPECT_EQ(worker_.resumed_from(), (std::vector<std::string>{"", "", ""}));
+  EXPECT_EQ(store_.Steps(job->id())->size(), 2u);
+}
+
+// The worker dies after step 5 with a checkpoint at step 4: the job goes back to the head of
+// the queue (before a job submitted earlier than the crash), continues from step-4, and ends
+// with one record per step, steps 5 and later from the second run.
+TEST_F(JobManagerTest, WorkerDeathResumesFromTheLatestCheckpoint) {
+  worker_.checkpoint_every_ = 2;
+  worker_.die_after_step_ = 5;
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  auto job = manager.Submit(Spec(8), dir_);
+  auto next = manager.Submit(Spec(1), dir_);
+  ASSERT_TRUE(job.ok() && next.ok());
+  ASSERT_TRUE(manager.Start().ok());
+  const Job end = WaitForEnd(manager, job->id());
+  EXPECT_EQ(end.state(), SUCCEEDED) << end.failure_reason();
+  EXPECT_EQ(end.resumes(), 1);
+  EXPECT_THAT(end.resume_reason(), HasSubstr("worker-0: Socket closed"));
+  EXPECT_EQ(end.resumed_from(), end.output_dir() + "/step-4");
+  EXPECT_EQ(end.worker_failures(), 0);  // new checkpoints since
+  EXPECT_EQ(worker_.order(), (std::vector<std::string>{job->id(), job->id()}));
+  EXPECT_EQ(worker_.resumed_from(),
+            (std::vector<std::string>{"", end.output_dir() + "/step-4"}));
+  auto steps = store_.Steps(job->id());
+  ASSERT_TRUE(steps.ok());
+  ASSERT_EQ(steps->size(), 8u);
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ((*steps)[i].step(), i + 1);
+    // Steps 1-4 from the first run, 5-8 from the second.
+    EXPECT_DOUBLE_EQ((*steps)[i].loss(), 5.0 / (i + 1) + (i < 4 ? 0.001 : 0.002)) << i;
+  }
+  EXPECT_EQ(WaitForEnd(manager, next->id()).state(), SUCCEEDED);
+  EXPECT_EQ(worker_.order().back(), next->id());
 }
 
 bool Holds(MemstoreClient& memstore, const std::string& id) {
@@ -259,18 +326,70 @@ TEST_F(JobManagerTest, CancelStopsARunningJobAndDropsAQueuedOne) {
   EXPECT_THAT(manager.Cancel("job-999999").status().message(), HasSubstr("no job job-999999"));
 }
 
-TEST_F(JobManagerTest, RestartFailsTheJobThatWasRunning) {
+// The coordinator died while job 2 ran (its last checkpoint step 3, records up to step 5);
+// job 1 was queued before it. On restart job 2 resumes first, from step-3.
+TEST_F(JobManagerTest, RestartResumesTheJobThatWasRunning) {
+  const std::string out = dir_ + "/restart-jobs/job-000002";
+  std::filesystem::create_directories(out + "/step-3");
+  Job queued;
+  queued.set_id("job-000001");
+  queued.set_state(QUEUED);
+  ASSERT_TRUE(store_.PutJob(queued).ok());
   Job job;
-  job.set_id("job-000001");
+  job.set_id("job-000002");
   job.set_state(RUNNING);
   job.set_worker("worker-0");
-  ASSERT_TRUE(store_.PutJob(job).ok());
+  job.set_start_time_unix_ms(1000);
+  job.set_output_dir(out);
+  job.set_final_checkpoint(out + "/step-3");
+  job.mutable_spec()->mutable_train()->set_steps(6);
+  for (int s = 1; s <= 5; ++s) {
+    StepRecord step;
+    step.set_step(s);
+    step.set_loss(100);
+    ASSERT_TRUE(store_.PutStep(job, step).ok());
+  }
   JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
   ASSERT_TRUE(manager.Start().ok());
-  auto loaded = manager.Get("job-000001");
-  ASSERT_TRUE(loaded.ok());
-  EXPECT_EQ(loaded->state(), FAILED);
-  EXPECT_THAT(loaded->failure_reason(), HasSubstr("coordinator stopped"));
+  const Job end = WaitForEnd(manager, "job-000002");
+  EXPECT_EQ(end.state(), SUCCEEDED) << end.failure_reason();
+  EXPECT_EQ(end.resumes(), 1);
+  EXPECT_THAT(end.resume_reason(), HasSubstr("coordinator stopped"));
+  EXPECT_EQ(end.start_time_unix_ms(), 1000);  // the first run's
+  EXPECT_EQ(worker_.order().front(), "job-000002");
+  EXPECT_EQ(worker_.resumed_from().front(), out + "/step-3");
+  auto steps = store_.Steps("job-000002");
+  ASSERT_EQ(steps->size(), 6u);
+  EXPECT_EQ((*steps)[2].loss(), 100);  // kept: at or before the checkpoint
+  EXPECT_NE((*steps)[3].loss(), 100);  // trained again
+  EXPECT_EQ(WaitForEnd(manager, "job-000001").state(), SUCCEEDED);
+}
+
+// lumend stopping the node while a job runs: the job is stored QUEUED (not FAILED) and the
+// next start runs it again.
+TEST_F(JobManagerTest, StoppingMidJobQueuesItForTheNextStart) {
+  worker_.block_ = true;
+  std::string id;
+  {
+    JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+    ASSERT_TRUE(manager.Start().ok());
+    auto job = manager.Submit(Spec(2), dir_);
+    ASSERT_TRUE(job.ok());
+    id = job->id();
+    worker_.started_.WaitForNotification();
+    manager.Stop();
+  }
+  auto stored = store_.ListJobs();
+  ASSERT_TRUE(stored.ok());
+  ASSERT_EQ(stored->size(), 1u);
+  EXPECT_EQ((*stored)[0].state(), QUEUED);
+  EXPECT_EQ((*stored)[0].resumes(), 1);
+  EXPECT_THAT((*stored)[0].resume_reason(), HasSubstr("coordinator stopped"));
+  worker_.block_ = false;
+  prometheus::Registry registry;
+  JobManager again(&store_, {&worker_}, {dir_, NodeLimits{}}, registry);
+  ASSERT_TRUE(again.Start().ok());
+  EXPECT_EQ(WaitForEnd(again, id).state(), SUCCEEDED);
 }
 
 TEST_F(JobManagerTest, InvalidSpecIsRejectedAndNothingIsQueued) {

@@ -3,6 +3,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
 #include "rocksdb/db.h"
 #include "rocksdb/write_batch.h"
 
@@ -109,6 +110,19 @@ absl::StatusOr<std::vector<StepRecord>> RocksDbJobStore::Steps(const std::string
   return steps;
 }
 
+absl::Status RocksDbJobStore::DropStepsAfter(const Job& job, int64_t step) {
+  rocksdb::WriteBatch batch;
+  const std::string prefix = StepPrefix(job.id());
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek(StepKey(job.id(), step + 1)); it->Valid() && it->key().starts_with(prefix);
+       it->Next()) {
+    batch.Delete(it->key());
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), path_));
+  batch.Put(JobKey(job.id()), job.SerializeAsString());
+  return FromRocks(db_->Write(rocksdb::WriteOptions(), &batch), path_);
+}
+
 absl::StatusOr<int64_t> MemoryJobStore::NextJobNumber() {
   absl::MutexLock lock(&mu_);
   return next_++;
@@ -130,15 +144,25 @@ absl::StatusOr<std::vector<Job>> MemoryJobStore::ListJobs() {
 absl::Status MemoryJobStore::PutStep(const Job& job, const StepRecord& step) {
   absl::MutexLock lock(&mu_);
   jobs_[job.id()] = job;
-  steps_[job.id()].push_back(step);
+  steps_[job.id()][step.step()] = step;
+  return absl::OkStatus();
+}
+
+absl::Status MemoryJobStore::DropStepsAfter(const Job& job, int64_t step) {
+  absl::MutexLock lock(&mu_);
+  jobs_[job.id()] = job;
+  auto& steps = steps_[job.id()];
+  steps.erase(steps.upper_bound(step), steps.end());
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<StepRecord>> MemoryJobStore::Steps(const std::string& job_id) {
   absl::MutexLock lock(&mu_);
+  std::vector<StepRecord> steps;
   auto it = steps_.find(job_id);
-  if (it == steps_.end()) return std::vector<StepRecord>();
-  return it->second;
+  if (it == steps_.end()) return steps;
+  for (const auto& [n, step] : it->second) steps.push_back(step);
+  return steps;
 }
 
 }  // namespace lumen

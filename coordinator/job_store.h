@@ -28,10 +28,14 @@ class JobStore {
   virtual absl::Status PutJob(const Job& job) = 0;
   // Every job, in id order.
   virtual absl::StatusOr<std::vector<Job>> ListJobs() = 0;
-  // Appends a step record and stores `job` (whose latest_step is usually that record) together.
+  // Stores a step record (replacing one of the same step) and `job` (whose latest_step is
+  // usually that record) together.
   virtual absl::Status PutStep(const Job& job, const StepRecord& step) = 0;
   // Step records of a job in step order.
   virtual absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& job_id) = 0;
+  // Removes the job's step records after `step` and stores `job`, together: a job resumed
+  // from its checkpoint of `step` trains the steps after it again.
+  virtual absl::Status DropStepsAfter(const Job& job, int64_t step) = 0;
 };
 
 // Jobs in a RocksDB database at `path` (created if missing).
@@ -45,6 +49,7 @@ class RocksDbJobStore : public JobStore {
   absl::StatusOr<std::vector<Job>> ListJobs() override;
   absl::Status PutStep(const Job& job, const StepRecord& step) override;
   absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& job_id) override;
+  absl::Status DropStepsAfter(const Job& job, int64_t step) override;
 
  private:
   RocksDbJobStore(std::unique_ptr<rocksdb::DB> db, std::string path);
@@ -61,12 +66,13 @@ class MemoryJobStore : public JobStore {
   absl::StatusOr<std::vector<Job>> ListJobs() override;
   absl::Status PutStep(const Job& job, const StepRecord& step) override;
   absl::StatusOr<std::vector<StepRecord>> Steps(const std::string& job_id) override;
+  absl::Status DropStepsAfter(const Job& job, int64_t step) override;
 
  private:
   absl::Mutex mu_;
   int64_t next_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);
-  std::map<std::string, std::vector<StepRecord>> steps_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::map<int64_t, StepRecord>> steps_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace lumen

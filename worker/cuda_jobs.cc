@@ -60,6 +60,7 @@ class CudaDeviceTrainer : public DeviceTrainer {
     out.stall_optimizer_seconds = job_->last_optimizer_wait_seconds();
     return out;
   }
+  int64_t step() const override { return job_->step(); }
   absl::Status Export(const std::string& dir) override { return job_->Export(dir); }
   int64_t TrainingStateBytes() const override {
     return cuda::ResidentState::Bytes(job_->options().model);

@@ -20,6 +20,9 @@ class DeviceTrainer {
   // One optimizer step. Fields a device does not measure stay 0 (bytes moved and stalls on a
   // device that keeps everything resident).
   virtual absl::StatusOr<engine::OffloadStepResult> Step() = 0;
+  // Steps done: 0 for a new job, the checkpoint's step for one continued from a checkpoint
+  // (engine::TrainerOptions::optimizer_state_from).
+  virtual int64_t step() const = 0;
   // Writes a checkpoint (Hugging Face directory and optimizer.safetensors) into `dir`.
   virtual absl::Status Export(const std::string& dir) = 0;
   // Bytes of parameters, gradients and AdamW state.

@@ -14,6 +14,7 @@
 #include "glog/logging.h"
 #include "worker/cuda_jobs.h"
 #include "worker/device_trainer.h"
+#include "worker/engine/checkpoint.h"
 #include "worker/memstore_tensor_home.h"
 
 namespace lumen {
@@ -29,6 +30,7 @@ class CpuDeviceTrainer : public DeviceTrainer {
   explicit CpuDeviceTrainer(std::unique_ptr<engine::OffloadTrainer> trainer)
       : trainer_(std::move(trainer)) {}
   absl::StatusOr<engine::OffloadStepResult> Step() override { return trainer_->Step(); }
+  int64_t step() const override { return trainer_->step(); }
   absl::Status Export(const std::string& dir) override { return trainer_->Export(dir); }
   int64_t TrainingStateBytes() const override { return trainer_->TrainingStateBytes(); }
   bool resident() const override { return trainer_->resident(); }
@@ -314,6 +316,17 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   const JobSpec& spec = request.spec();
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
                    TrainerOptionsFromSpec(spec, options.num_threads));
+  if (!request.resume_from().empty()) {
+    const fs::path optimizer = fs::path(request.resume_from()) / engine::kOptimizerFile;
+    std::error_code ec;
+    if (!fs::is_regular_file(optimizer, ec)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot resume from ", request.resume_from(), ": ", optimizer.string(),
+          " is missing"));
+    }
+    trainer_options.init_from = request.resume_from();
+    trainer_options.optimizer_state_from = optimizer.string();
+  }
   // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
   std::unique_ptr<MemstoreTensorHome> home;
   if (options.memstore != nullptr &&
@@ -388,11 +401,21 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
             << trainer->TrainingStateBytes() << " bytes, device budget "
             << options.device_memory_budget_bytes << " bytes"
             << (trainer->resident() ? " (resident)" : " (offloaded through the memstore)");
-  if (spec.checkpoint().save_initial()) {
+  const int64_t first = trainer->step();
+  if (first > spec.train().steps()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot resume from ", request.resume_from(), ": it is step ", first,
+        " of a job of train.steps = ", spec.train().steps()));
+  }
+  if (first > 0) {
+    LOG(INFO) << request.job_id() << ": resuming from " << request.resume_from() << ", step "
+              << first << " of " << spec.train().steps();
+  }
+  if (first == 0 && spec.checkpoint().save_initial()) {
     RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, 0, emit));
   }
   const int64_t every = spec.checkpoint().every_steps();
-  for (int64_t step = 0; step < spec.train().steps(); ++step) {
+  for (int64_t step = first; step < spec.train().steps(); ++step) {
     if (cancelled()) return absl::CancelledError("cancelled");
     ASSIGN_OR_RETURN(engine::OffloadStepResult result, trainer->Step());
     TaskEvent event;

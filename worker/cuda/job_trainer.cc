@@ -86,6 +86,9 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   const int64_t n = t.grad_accum_steps * t.micro_batch_size * t.seq_len;
   job->inputs_.resize(n);
   job->targets_.resize(n);
+  if (!options.optimizer_state_from.empty()) {
+    RETURN_IF_ERROR(job->LoadOptimizerState(options.optimizer_state_from));
+  }
   return job;
 }
 

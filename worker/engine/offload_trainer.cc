@@ -249,14 +249,29 @@ absl::Status OffloadTrainer::Init() {
   } else {
     InitParams(c, t.seed, &init, pool_.get());
   }
-  for (NamedTensor<float> &p : NamedTensors(c, &init)) {
+  // AdamW's moments: zero, or a checkpoint's (with its step counter).
+  ModelParams exp_avg, exp_avg_sq;
+  std::vector<NamedTensor<float>> m_slots, v_slots;
+  if (!options_.optimizer_state_from.empty()) {
+    exp_avg = AllocateParams<float>(c);
+    exp_avg_sq = AllocateParams<float>(c);
+    RETURN_IF_ERROR(
+        LoadOptimizerState(options_.optimizer_state_from, c, &exp_avg, &exp_avg_sq, &step_));
+    m_slots = NamedTensors(c, &exp_avg);
+    v_slots = NamedTensors(c, &exp_avg_sq);
+  }
+  std::vector<NamedTensor<float>> init_slots = NamedTensors(c, &init);
+  for (size_t k = 0; k < init_slots.size(); ++k) {
+    NamedTensor<float> &p = init_slots[k];
     const int64_t size = Numel(p);
-    const std::vector<float> zeros(size, 0.0f);
+    const std::vector<float> zeros(m_slots.empty() ? size : 0, 0.0f);
+    const float *m = m_slots.empty() ? zeros.data() : m_slots[k].data->data();
+    const float *v = v_slots.empty() ? zeros.data() : v_slots[k].data->data();
     for (auto [id, src, tier] :
          {std::tuple<std::string, const float *, HomeTier>{ParamId(p.name), p.data->data(),
                                                            offload_.parameters_tier},
-          {ExpAvgId(p.name), zeros.data(), offload_.optimizer_state_tier},
-          {ExpAvgSqId(p.name), zeros.data(), offload_.optimizer_state_tier}}) {
+          {ExpAvgId(p.name), m, offload_.optimizer_state_tier},
+          {ExpAvgSqId(p.name), v, offload_.optimizer_state_tier}}) {
       if (resident_) {
         ASSIGN_OR_RETURN(DeviceBuffer buf,
                          NewBuffer(size, true, absl::StrCat("initial placement of ", id)));
@@ -268,6 +283,10 @@ absl::Status OffloadTrainer::Init() {
       }
     }
     std::vector<float>().swap(*p.data);
+    if (!m_slots.empty()) {
+      std::vector<float>().swap(*m_slots[k].data);
+      std::vector<float>().swap(*v_slots[k].data);
+    }
   }
   return absl::OkStatus();
 }

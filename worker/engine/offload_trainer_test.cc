@@ -576,6 +576,62 @@ TEST(OffloadTrainerTest, ExportWritesTheTrainerDirectory) {
   EXPECT_EQ((*tr)->step(), 1);
 }
 
+// A trainer created from a checkpoint (weights from init_from, moments and step counter from
+// optimizer_state_from) continues exactly where the exported trainer stood: the same batches,
+// learning rates, losses and final state, bit for bit, resident or streamed.
+TEST(OffloadTrainerTest, ContinuesFromACheckpointAsIfNeverStopped) {
+  for (bool streamed : {false, true}) {
+    SCOPED_TRACE(streamed ? "streamed" : "resident");
+    TrainerOptions o = DeepOptions(false);
+    o.optimizer.grad_clip = 7;  // some steps clip, some do not
+    MemoryTensorHome home1, home2;
+    auto options = [&](MemoryTensorHome* home) {
+      if (!streamed) return Resident();
+      OffloadOptions off;
+      off.home = home;
+      off.device_budget_bytes = 500 << 10;
+      return off;
+    };
+    auto whole = OffloadTrainer::Create(o, options(&home1));
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    EXPECT_EQ((*whole)->resident(), !streamed);
+    TrainRun first = Train(whole->get(), 2);
+    const std::string dir = TempPath(streamed ? "resume_streamed" : "resume_resident");
+    ASSERT_TRUE((*whole)->Export(dir).ok());
+    TrainRun rest = Train(whole->get(), 2);
+
+    TrainerOptions r = o;
+    r.init_from = dir;
+    r.optimizer_state_from = dir + "/optimizer.safetensors";
+    auto resumed = OffloadTrainer::Create(r, options(&home2));
+    ASSERT_TRUE(resumed.ok()) << resumed.status();
+    EXPECT_EQ((*resumed)->step(), 2);
+    TrainRun again = Train(resumed->get(), 2);
+    ASSERT_EQ(again.steps.size(), 2u);
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_EQ(again.steps[i].step, 2 + i);
+      EXPECT_EQ(again.steps[i].lr, rest.steps[i].lr);
+      EXPECT_EQ(0, std::memcmp(&again.steps[i].loss, &rest.steps[i].loss, sizeof(double)));
+      EXPECT_EQ(0,
+                std::memcmp(&again.steps[i].grad_norm, &rest.steps[i].grad_norm, sizeof(double)));
+    }
+    ExpectBitIdentical(o.model, &again.params, &rest.params, "params");
+    ExpectBitIdentical(o.model, &again.m, &rest.m, "exp_avg");
+    ExpectBitIdentical(o.model, &again.v, &rest.v, "exp_avg_sq");
+
+    // The reference trainer reads the same options.
+    auto reference = Trainer::Create(r);
+    ASSERT_TRUE(reference.ok()) << reference.status();
+    EXPECT_EQ((*reference)->step(), 2);
+  }
+  // A missing optimizer state is an error naming the file.
+  TrainerOptions bad = DeepOptions(false);
+  bad.optimizer_state_from = TempPath("no_such_dir") + "/optimizer.safetensors";
+  auto t = OffloadTrainer::Create(bad, Resident());
+  ASSERT_FALSE(t.ok());
+  EXPECT_THAT(std::string(t.status().message()), HasSubstr("no_such_dir"));
+}
+
 // The layer-wise model API reproduces ForwardBackward bit for bit with one micro-batch.
 TEST(LayerwiseModelTest, MatchesForwardBackward) {
   for (bool tied : {false, true}) {

@@ -153,6 +153,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerOptions& o
   }
   tr->exp_avg_ = AllocateParams<float>(options.model);
   tr->exp_avg_sq_ = AllocateParams<float>(options.model);
+  if (!options.optimizer_state_from.empty()) {
+    RETURN_IF_ERROR(tr->LoadOptimizerState(options.optimizer_state_from));
+  }
   tr->inputs_.resize(t.micro_batch_size * t.seq_len);
   tr->targets_.resize(t.micro_batch_size * t.seq_len);
   return tr;

@@ -37,6 +37,10 @@ struct TrainerOptions {
   DataConfig data;
   // Optional safetensors file or exported HF directory to start from instead of random init.
   std::string init_from;
+  // Optional optimizer.safetensors (SaveOptimizerState) to continue from: AdamW's moments and
+  // the step counter, which sets the data position and the learning rate. With init_from the
+  // same checkpoint's weights, training continues as if it had not stopped.
+  std::string optimizer_state_from;
   // Keep only layer inputs during the forward and recompute each layer in the backward: less
   // memory, ~1/3 more compute; results are bit-identical either way.
   bool activation_checkpointing = false;
