@@ -127,7 +127,10 @@ void PrintJobTable(const std::vector<Job>& jobs, std::ostream& out) {
         JobState_Name(job.state()),
         absl::StrCat(job.latest_step().step(), "/", job.spec().train().steps()),
         job.has_latest_step() ? absl::StrFormat("%.4f", job.latest_step().loss()) : "-",
-        Time(job.submit_time_unix_ms()), job.failure_reason());
+        Time(job.submit_time_unix_ms()),
+        job.state() == QUEUED && job.resumes() > 0
+            ? absl::StrCat("to resume: ", job.resume_reason())
+            : job.failure_reason());
   }
 }
 
@@ -143,6 +146,16 @@ void PrintJob(const Job& job, std::ostream& out) {
   if (job.has_latest_step()) out << "last step:   " << StepLine(job, job.latest_step()) << "\n";
   if (!job.failure_reason().empty()) out << "reason:      " << job.failure_reason() << "\n";
   if (!job.final_checkpoint().empty()) out << "checkpoint:  " << job.final_checkpoint() << "\n";
+  if (job.resumes() > 0) {
+    out << "resumed:     " << job.resumes() << (job.resumes() == 1 ? " time" : " times")
+        << ", last after: " << job.resume_reason() << "; "
+        << (job.state() == QUEUED ? "continues from " : "continued from ")
+        << (job.state() == QUEUED ? (job.final_checkpoint().empty() ? std::string("the start")
+                                                                    : job.final_checkpoint())
+                                  : (job.resumed_from().empty() ? std::string("the start")
+                                                                : job.resumed_from()))
+        << "\n";
+  }
 }
 
 void PrintCluster(const GetClusterInfoReply& info, std::ostream& out) {
