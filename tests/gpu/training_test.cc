@@ -504,10 +504,10 @@ TEST_P(TrainingTest, JobMatchesCpuTrainerAndResumesFromItsCheckpoint) {
   // Resumed from the checkpoint, the job continues as the one that kept running (up to the
   // run-to-run spread of the fp32 atomics in the embedding and norm gradients).
   engine::TrainerOptions ro = o;
-  ro.init_from = ckpt;
+  ro.init_from = ckpt;  // as the worker resumes an interrupted job (RunTaskRequest.resume_from)
+  ro.optimizer_state_from = ckpt + "/" + engine::kOptimizerFile;
   auto resumed = CudaJobTrainer::Create(ro, dev_.get());
   ASSERT_TRUE(resumed.ok()) << resumed.status();
-  ASSERT_TRUE((*resumed)->LoadOptimizerState(ckpt + "/" + engine::kOptimizerFile).ok());
   EXPECT_EQ((*resumed)->step(), half);
   for (int64_t s = half; s < steps; ++s) {
     auto kept = (*gpu)->Step();
@@ -604,9 +604,9 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
     gpu->reset();
     engine::TrainerOptions resume = o;
     resume.init_from = ckpt;
+    resume.optimizer_state_from = ckpt + "/" + engine::kOptimizerFile;
     auto resumed = CudaJobTrainer::Create(resume, dev->get(), /*offload=*/true, {}, speculate);
     ASSERT_TRUE(resumed.ok()) << resumed.status();
-    ASSERT_TRUE((*resumed)->LoadOptimizerState(ckpt + "/" + engine::kOptimizerFile).ok());
     EXPECT_EQ((*resumed)->step(), half);
     for (int64_t s = half; s < steps; ++s) {
       step_both(**resumed);
