@@ -293,6 +293,7 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
     job.set_tensors_freed(false);  // this run's tensors, until it ends
     job.set_worker(worker->name());
     job.set_predicted_step_time_s(predicted);
+    resumes_counter_.Add({{"job", job_id}});  // 0 until the job is interrupted
     if (predicted > 0) {
       predicted_step_time_gauge_.Add({{"job", job_id}}).Set(predicted);
       LOG(INFO) << job_id << ": predicted step time " << predicted << " s";

@@ -94,6 +94,12 @@ WorkerService::WorkerService(WorkerServiceOptions options, prometheus::Registry&
                                     "before the device needed them, of all such reads")
                               .Register(registry)
                               .Add({{"worker", options_.name}})),
+      read_ahead_gauge_(prometheus::BuildGauge()
+                            .Name("lumen_worker_read_ahead_fraction")
+                            .Help("Reads from the memstore in the last step that were issued "
+                                  "ahead of need (prefetches, arrived or not), of all such reads")
+                            .Register(registry)
+                            .Add({{"worker", options_.name}})),
       stall_seconds_(prometheus::BuildCounter()
                          .Name("lumen_worker_stall_seconds_total")
                          .Help("Seconds the device stood waiting, by cause (transfer, "
@@ -126,6 +132,7 @@ void WorkerService::Observe(const TaskEvent& event) {
   }
   device_busy_gauge_.Set(event.step().device_busy_fraction());
   prefetch_hit_gauge_.Set(event.step().prefetch_hit_rate());
+  read_ahead_gauge_.Set(event.step().read_ahead_fraction());
   for (const auto& [cause, seconds] : event.step().stall_seconds()) {
     stall_seconds_.Add({{"worker", options_.name}, {"cause", cause}}).Increment(seconds);
   }

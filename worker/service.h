@@ -56,6 +56,7 @@ class WorkerService final : public Worker::CallbackService {
   prometheus::Family<prometheus::Counter>& bytes_moved_;
   prometheus::Gauge& device_busy_gauge_;
   prometheus::Gauge& prefetch_hit_gauge_;
+  prometheus::Gauge& read_ahead_gauge_;
   prometheus::Family<prometheus::Counter>& stall_seconds_;
   // True while a task runs; RunTask refuses a second one.
   std::atomic<bool> busy_{false};
