@@ -336,8 +336,10 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
                               worker->name()));
   } else if (status.ok()) {
     FinishJob(job_id, SUCCEEDED, "");
-  } else if (absl::IsUnavailable(status)) {
-    // The worker (or the memstore) died under the job; lumend restarts it.
+  } else if (absl::IsUnavailable(status) || absl::IsDataLoss(status)) {
+    // The worker or the memstore died under the job (UNAVAILABLE), or the memstore lost the
+    // job's tensors when it restarted (DATA_LOSS); lumend restarts the process. Whatever was
+    // lost, the job's checkpoint has it.
     job.set_worker_failures(job.worker_failures() + 1);
     if (job.worker_failures() >= options_.max_worker_failures) {
       FinishJob(job_id, FAILED,

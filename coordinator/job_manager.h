@@ -32,8 +32,9 @@ struct JobManagerOptions {
   // Jobs write their checkpoints under <data_dir>/jobs/<job id>/.
   std::string data_dir;
   NodeLimits limits;
-  // A job whose worker fails (UNAVAILABLE: the process died, or the memstore it used) this
-  // many times without a new checkpoint in between fails; before that it is resumed.
+  // A job whose worker fails (UNAVAILABLE: the process died, or the memstore it used;
+  // DATA_LOSS: the memstore lost the job's tensors) this many times without a new checkpoint
+  // in between fails; before that it is resumed.
   int max_worker_failures = 3;
 };
 

@@ -114,6 +114,23 @@ class CrashTest(unittest.TestCase):
             with open(os.path.join(node.data_dir, "logs", "coordinator.log")) as log:
                 self.assertIn("freed what the job left in the memstore", log.read())
 
+    def test_memstore_killed_mid_offloaded_job_resumes_it(self):
+        # The job's tensors were in the memstore's host memory, lost with it: the worker's
+        # run fails and the job continues from its checkpoint once lumend restarted the
+        # memstore.
+        with lumen_node.Node(device_memory="1MiB") as node:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            job = node.submit(lumen_node.job_yaml(data, name="offloaded", steps=40,
+                                                  extra="checkpoint: {every_steps: 5}\n"))
+            wait_past_checkpoint(node, job["id"], step=6)
+            os.kill(int(node.process("memstore")["pid"]), signal.SIGKILL)
+            ended = node.wait_job(job["id"], timeout=300)
+            self.assertEqual(ended["state"], "SUCCEEDED", str(ended) + node.output())
+            self.assertEqual(int(ended["resumes"]), 1, ended)
+            steps, _ = losses(node, job["id"])
+            self.assertEqual(steps, list(range(1, 41)))
+
     def test_coordinator_killed_keeps_history_and_resumes_the_running_job(self):
         with lumen_node.Node() as node:
             data = os.path.join(node.tmp, "train.bin")
