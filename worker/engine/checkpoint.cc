@@ -26,13 +26,13 @@ std::vector<NamedTensor<float>> Tensors(const ModelConfig& c, const ModelParams&
   return NamedTensors(c, const_cast<ModelParams*>(&p));
 }
 
-// Copies every tensor of `config` from `file` (with `suffix` appended to names) into `out`.
-absl::Status CopyTensors(const std::string& path, const SafetensorsFile& file,
+// Moves every tensor of `config` out of `file` (with `suffix` appended to names) into `out`.
+absl::Status MoveTensors(const std::string& path, SafetensorsFile* file,
                          const ModelConfig& config, const std::string& suffix, ModelParams* out) {
   for (NamedTensor<float>& t : NamedTensors(config, out)) {
     const std::string name = t.name + suffix;
-    auto it = file.tensors.find(name);
-    if (it == file.tensors.end()) {
+    auto it = file->tensors.find(name);
+    if (it == file->tensors.end()) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " (shape ",
                                                      ShapeString(t.shape), ") is missing"));
     }
@@ -41,7 +41,7 @@ absl::Status CopyTensors(const std::string& path, const SafetensorsFile& file,
                                                      ShapeString(it->second.shape),
                                                      ", the model needs ", ShapeString(t.shape)));
     }
-    *t.data = it->second.data;
+    *t.data = std::move(it->second.data);
   }
   return absl::OkStatus();
 }
@@ -240,7 +240,7 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
     const std::string file =
         std::filesystem::is_directory(path, ec) ? path + "/" + kModelFile : path;
     ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(file));
-    RETURN_IF_ERROR(CopyTensors(file, st, config, "", &loaded));
+    RETURN_IF_ERROR(MoveTensors(file, &st, config, "", &loaded));
     *params = std::move(loaded);
     return absl::OkStatus();
   }
@@ -326,8 +326,8 @@ absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& conf
         absl::StrCat(path, ": metadata \"step\" is missing or not a non-negative integer"));
   }
   ModelParams m = AllocateParams<float>(config), v = AllocateParams<float>(config);
-  RETURN_IF_ERROR(CopyTensors(path, st, config, ".exp_avg", &m));
-  RETURN_IF_ERROR(CopyTensors(path, st, config, ".exp_avg_sq", &v));
+  RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg", &m));
+  RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg_sq", &v));
   *exp_avg = std::move(m);
   *exp_avg_sq = std::move(v);
   *step = s;

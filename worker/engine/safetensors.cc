@@ -1,9 +1,15 @@
 #include "worker/engine/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <set>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -126,18 +132,34 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
 }
 
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) {
+  // Mapped, not read into memory: a checkpoint's optimizer state is 8 bytes per parameter,
+  // and only the converted tensors should take process memory.
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
     return absl::NotFoundError(
         absl::StrCat("cannot open safetensors file ", path, ": ", std::strerror(errno)));
   }
-  std::string bytes;
-  char buf[1 << 16];
-  size_t r;
-  while ((r = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.append(buf, r);
-  const bool read_error = std::ferror(f) != 0;
-  std::fclose(f);
-  if (read_error) return absl::DataLossError(absl::StrCat("read error on ", path));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    close(fd);
+    return absl::DataLossError(absl::StrCat("cannot stat ", path, ": ", std::strerror(err)));
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  void* mapped = size == 0 ? nullptr : mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  close(fd);
+  if (mapped == MAP_FAILED) {
+    return absl::DataLossError(absl::StrCat("cannot map ", path, ": ", std::strerror(errno)));
+  }
+  struct Unmap {
+    void* p;
+    size_t n;
+    ~Unmap() {
+      if (p != nullptr) munmap(p, n);
+    }
+  } unmap{mapped, size};
+  if (mapped != nullptr) madvise(mapped, size, MADV_SEQUENTIAL);
+  const std::string_view bytes(static_cast<const char*>(mapped), size);
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("safetensors file ", path, ": ", what));
   };
@@ -152,7 +174,7 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     return bad(absl::StrCat("header length ", header_len, " exceeds the file (", bytes.size(),
                             " bytes) or the 100 MiB limit"));
   }
-  auto json = ParseJson(std::string_view(bytes).substr(8, header_len));
+  auto json = ParseJson(bytes.substr(8, header_len));
   if (!json.ok()) return bad(absl::StrCat("header: ", json.status().message()));
   if (json->type != JsonValue::Type::kObject) return bad("header is not a JSON object");
   const uint64_t data_begin = 8 + header_len;
