@@ -269,6 +269,22 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const NodeLimits& limits) {
                    "activations, fp32 master weights, gradients and AdamW state); set bf16 or "
                    "leave the field out");
   }
+  if (!spec.resume_from().empty()) {
+    if (!spec.init_from().empty()) {
+      return Invalid("resume_from", "and init_from both set: resume_from loads the checkpoint's "
+                                    "weights too; keep one");
+    }
+    const std::string optimizer = spec.resume_from() + "/optimizer.safetensors";
+    struct stat st;
+    if (stat(spec.resume_from().c_str(), &st) != 0) {
+      return Invalid("resume_from", absl::StrCat(spec.resume_from(), ": ", strerror(errno)));
+    }
+    if (stat(optimizer.c_str(), &st) != 0) {
+      return Invalid("resume_from",
+                     absl::StrCat(spec.resume_from(), " is not a checkpoint directory: ",
+                                  optimizer, ": ", strerror(errno)));
+    }
+  }
   if (!spec.init_from().empty()) {
     struct stat st;
     if (stat(spec.init_from().c_str(), &st) != 0) {
@@ -296,6 +312,7 @@ absl::StatusOr<JobSpec> ResolveJobSpec(absl::string_view yaml, const std::string
   data->set_path(Absolute(data->path(), base_dir));
   if (data->order() == DATA_ORDER_UNSPECIFIED) data->set_order(DATA_ORDER_SEQUENTIAL);
   spec.set_init_from(Absolute(spec.init_from(), base_dir));
+  spec.set_resume_from(Absolute(spec.resume_from(), base_dir));
   TrainSpec* train = spec.mutable_train();
   if (train->grad_accum_steps() == 0) train->set_grad_accum_steps(1);
   OptimizerSpec* opt = spec.mutable_optimizer();

@@ -1,6 +1,7 @@
 #include "coordinator/job_spec.h"
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -50,6 +51,14 @@ TEST_F(JobSpecTest, AppliesDefaultsAndResolvesPaths) {
   EXPECT_DOUBLE_EQ(spec->model().rope_theta(), 10000.0);
   EXPECT_EQ(spec->resources().workers(), 1);
   EXPECT_EQ(spec->resources().precision(), PRECISION_FP32);
+}
+
+TEST_F(JobSpecTest, ResumeFromIsACheckpointDirectoryRelativeToTheSpec) {
+  std::filesystem::create_directories(dir_ + "/ckpt/step-5");
+  std::ofstream(dir_ + "/ckpt/step-5/optimizer.safetensors") << "x";
+  auto spec = ResolveJobSpec(Spec("", "resume_from: ckpt/step-5\n"), dir_, NodeLimits{});
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->resume_from(), dir_ + "/ckpt/step-5");
 }
 
 TEST_F(JobSpecTest, PrecisionIsTheNodeDevices) {
@@ -106,6 +115,9 @@ TEST_F(JobSpecTest, RejectsEachBadFieldByName) {
       {Spec("", "resources: {precision: bf16}\n"), "resources.precision: bf16 needs a CUDA"},
       {Spec("", "checkpoint: {every_steps: -1}\n"), "checkpoint.every_steps"},
       {Spec("", "init_from: /no/such/model.safetensors\n"), "init_from: /no/such"},
+      {Spec("", "resume_from: /no/such/step-5\n"), "resume_from: /no/such/step-5: No such"},
+      {Spec("", "resume_from: .\n"), "is not a checkpoint directory"},
+      {Spec("", "resume_from: .\ninit_from: train.bin\n"), "resume_from: and init_from both"},
       {Spec("", "name: 'bad name!'\n"), "name: 'bad name!'"},
   };
   for (const Case& c : cases) {

@@ -254,6 +254,20 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
 
 absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
+  if (!spec.resume_from().empty()) {
+    const std::string optimizer =
+        (fs::path(spec.resume_from()) / engine::kOptimizerFile).string();
+    absl::StatusOr<int64_t> step = engine::OptimizerStateStep(optimizer);
+    if (!step.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("resume_from: ", step.status().message()));
+    }
+    if (*step >= spec.train().steps()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resume_from: ", spec.resume_from(), " is step ", *step, "; train.steps ",
+          spec.train().steps(), " must be larger for the job to train anything"));
+    }
+  }
   if (options.device == DeviceKind::kCuda) {
     ASSIGN_OR_RETURN(const CudaJobMemory memory,
                      CheckCudaTask(trainer_options, options.worker_name,
@@ -316,15 +330,18 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   const JobSpec& spec = request.spec();
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
                    TrainerOptionsFromSpec(spec, options.num_threads));
-  if (!request.resume_from().empty()) {
-    const fs::path optimizer = fs::path(request.resume_from()) / engine::kOptimizerFile;
+  // The job's own latest checkpoint when its run was interrupted, else the spec's.
+  const std::string& resume_from =
+      request.resume_from().empty() ? spec.resume_from() : request.resume_from();
+  if (!resume_from.empty()) {
+    const fs::path optimizer = fs::path(resume_from) / engine::kOptimizerFile;
     std::error_code ec;
     if (!fs::is_regular_file(optimizer, ec)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "cannot resume from ", request.resume_from(), ": ", optimizer.string(),
-          " is missing"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot resume from ", resume_from, ": ", optimizer.string(),
+                       " is missing"));
     }
-    trainer_options.init_from = request.resume_from();
+    trainer_options.init_from = resume_from;
     trainer_options.optimizer_state_from = optimizer.string();
   }
   // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
@@ -404,12 +421,12 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   const int64_t first = trainer->step();
   if (first > spec.train().steps()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "cannot resume from ", request.resume_from(), ": it is step ", first,
+        "cannot resume from ", resume_from, ": it is step ", first,
         " of a job of train.steps = ", spec.train().steps()));
   }
   if (first > 0) {
-    LOG(INFO) << request.job_id() << ": resuming from " << request.resume_from() << ", step "
-              << first << " of " << spec.train().steps();
+    LOG(INFO) << request.job_id() << ": resuming from " << resume_from << ", step " << first
+              << " of " << spec.train().steps();
   }
   if (first == 0 && spec.checkpoint().save_initial()) {
     RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, 0, emit));

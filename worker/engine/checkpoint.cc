@@ -316,15 +316,28 @@ absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& conf
   return WriteSafetensors(path, views, {{"step", absl::StrCat(step)}, {"optimizer", "adamw"}});
 }
 
-absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& config,
-                                ModelParams* exp_avg, ModelParams* exp_avg_sq, int64_t* step) {
-  ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(path));
-  auto it = st.metadata.find("step");
+namespace {
+absl::StatusOr<int64_t> StepOf(const std::string& path,
+                               const std::map<std::string, std::string>& metadata) {
+  auto it = metadata.find("step");
   int64_t s = -1;
-  if (it == st.metadata.end() || !absl::SimpleAtoi(it->second, &s) || s < 0) {
+  if (it == metadata.end() || !absl::SimpleAtoi(it->second, &s) || s < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": metadata \"step\" is missing or not a non-negative integer"));
   }
+  return s;
+}
+}  // namespace
+
+absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path) {
+  ASSIGN_OR_RETURN(const auto metadata, ReadSafetensorsMetadata(path));
+  return StepOf(path, metadata);
+}
+
+absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& config,
+                                ModelParams* exp_avg, ModelParams* exp_avg_sq, int64_t* step) {
+  ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(path));
+  ASSIGN_OR_RETURN(const int64_t s, StepOf(path, st.metadata));
   ModelParams m = AllocateParams<float>(config), v = AllocateParams<float>(config);
   RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg", &m));
   RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg_sq", &v));

@@ -58,6 +58,8 @@ absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& conf
                                 int64_t step);
 absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& config,
                                 ModelParams* exp_avg, ModelParams* exp_avg_sq, int64_t* step);
+// The "step" of an optimizer state file, from its header alone (no tensors are read).
+absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path);
 
 }  // namespace lumen::engine
 

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/json.h"
+#include "common/status_macros.h"
 
 namespace lumen::engine {
 namespace {
@@ -131,7 +132,10 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
   return absl::OkStatus();
 }
 
-absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
+namespace {
+
+// The file's metadata and, with `tensors`, its tensors (the mapping is touched only where read).
+absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
   // Mapped, not read into memory: a checkpoint's optimizer state is 8 bytes per parameter,
   // and only the converted tensors should take process memory.
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -191,6 +195,7 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
       }
       continue;
     }
+    if (!tensors) continue;
     const JsonValue* dtype = entry.Find("dtype");
     const JsonValue* shape = entry.Find("shape");
     const JsonValue* offsets = entry.Find("data_offsets");
@@ -251,6 +256,18 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     out.tensors.emplace(name, std::move(t));
   }
   return out;
+}
+
+}  // namespace
+
+absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
+  return Read(path, /*tensors=*/true);
+}
+
+absl::StatusOr<std::map<std::string, std::string>> ReadSafetensorsMetadata(
+    const std::string& path) {
+  ASSIGN_OR_RETURN(SafetensorsFile file, Read(path, /*tensors=*/false));
+  return std::move(file.metadata);
 }
 
 }  // namespace lumen::engine

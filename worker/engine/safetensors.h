@@ -43,6 +43,10 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
 // the data; NOT_FOUND when the file cannot be opened.
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
 
+// The "__metadata__" of a file, reading only its header; errors as ReadSafetensors's.
+absl::StatusOr<std::map<std::string, std::string>> ReadSafetensorsMetadata(
+    const std::string& path);
+
 }  // namespace lumen::engine
 
 #endif  // LUMEN_WORKER_ENGINE_SAFETENSORS_H_
