@@ -257,7 +257,7 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   if (!spec.resume_from().empty()) {
     const std::string optimizer =
         (fs::path(spec.resume_from()) / engine::kOptimizerFile).string();
-    absl::StatusOr<int64_t> step = engine::OptimizerStateStep(optimizer);
+    absl::StatusOr<int64_t> step = engine::OptimizerStateStep(optimizer, trainer_options.model);
     if (!step.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat("resume_from: ", step.status().message()));

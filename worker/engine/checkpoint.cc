@@ -26,22 +26,48 @@ std::vector<NamedTensor<float>> Tensors(const ModelConfig& c, const ModelParams&
   return NamedTensors(c, const_cast<ModelParams*>(&p));
 }
 
-// Moves every tensor of `config` out of `file` (with `suffix` appended to names) into `out`.
-absl::Status MoveTensors(const std::string& path, SafetensorsFile* file,
-                         const ModelConfig& config, const std::string& suffix, ModelParams* out) {
-  for (NamedTensor<float>& t : NamedTensors(config, out)) {
-    const std::string name = t.name + suffix;
-    auto it = file->tensors.find(name);
-    if (it == file->tensors.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " (shape ",
-                                                     ShapeString(t.shape), ") is missing"));
+// The safetensors views of `config`'s tensors (names with `suffix`), their data in `params`
+// or, when it is null, taken from `source` one tensor at a time.
+std::vector<TensorView> HfViews(const ModelConfig& config, const std::string& suffix,
+                                const ModelParams* params, const TensorSource* source) {
+  ModelParams empty;
+  empty.layers.resize(config.num_hidden_layers);
+  std::vector<NamedTensor<float>> tensors =
+      params != nullptr ? Tensors(config, *params) : NamedTensors(config, &empty);
+  std::vector<TensorView> views;
+  for (const NamedTensor<float>& t : tensors) {
+    TensorView v;
+    v.name = t.name + suffix;
+    v.shape = t.shape;
+    if (params != nullptr) {
+      v.data = t.data->data();
+    } else {
+      v.fill = [source, name = t.name](float* dst) { return (*source)(name, dst); };
     }
-    if (it->second.shape != t.shape) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " has shape ",
-                                                     ShapeString(it->second.shape),
+    views.push_back(std::move(v));
+  }
+  return views;
+}
+
+// Reads `tensors` (names with `suffix`) from `file` into their buffers, checking each is
+// present with the model's shape; `where` is appended to a missing tensor's error.
+absl::Status ReadTensors(const SafetensorsReader& file, const std::string& suffix,
+                         const std::vector<NamedTensor<float>>& tensors,
+                         const std::string& where = "") {
+  for (const NamedTensor<float>& t : tensors) {
+    const std::string name = t.name + suffix;
+    const std::vector<int64_t>* shape = file.shape(name);
+    if (shape == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(file.path(), ": tensor ", name, " (shape ",
+                                                     ShapeString(t.shape), ") is missing",
+                                                     where));
+    }
+    if (*shape != t.shape) {
+      return absl::InvalidArgumentError(absl::StrCat(file.path(), ": tensor ", name,
+                                                     " has shape ", ShapeString(*shape),
                                                      ", the model needs ", ShapeString(t.shape)));
     }
-    *t.data = std::move(it->second.data);
+    if (t.data != nullptr) RETURN_IF_ERROR(file.Read(name, t.data->data()));
   }
   return absl::OkStatus();
 }
@@ -152,8 +178,10 @@ absl::StatusOr<ModelConfig> ReadHfConfig(const std::string& path) {
   return c;
 }
 
-absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config,
-                               const ModelParams& params, int64_t max_shard_bytes) {
+namespace {
+
+absl::Status ExportViews(const std::string& dir, const ModelConfig& config,
+                         std::vector<TensorView> views, int64_t max_shard_bytes) {
   if (max_shard_bytes <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("export to ", dir, ": max_shard_bytes ", max_shard_bytes, " must be > 0"));
@@ -167,13 +195,14 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
   // Split into shards exactly like huggingface_hub's split_state_dict_into_shards.
   std::vector<std::vector<TensorView>> shards(1);
   int64_t shard_bytes = 0, total_bytes = 0;
-  for (const NamedTensor<float>& t : Tensors(config, params)) {
-    const int64_t bytes = static_cast<int64_t>(t.data->size() * sizeof(float));
+  for (TensorView& t : views) {
+    int64_t bytes = sizeof(float);
+    for (int64_t d : t.shape) bytes *= d;
     if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
       shards.emplace_back();
       shard_bytes = 0;
     }
-    shards.back().push_back({t.name, t.shape, t.data->data()});
+    shards.back().push_back(std::move(t));
     shard_bytes += bytes;
     total_bytes += bytes;
   }
@@ -231,6 +260,18 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
   return WriteText(dir + "/" + kConfigFile, HfConfigJson(config));
 }
 
+}  // namespace
+
+absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config,
+                               const ModelParams& params, int64_t max_shard_bytes) {
+  return ExportViews(dir, config, HfViews(config, "", &params, nullptr), max_shard_bytes);
+}
+
+absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config,
+                               const TensorSource& source, int64_t max_shard_bytes) {
+  return ExportViews(dir, config, HfViews(config, "", nullptr, &source), max_shard_bytes);
+}
+
 absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
                          ModelParams* params) {
   std::error_code ec;
@@ -239,8 +280,8 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
       std::filesystem::exists(path + "/" + kModelFile, ec)) {
     const std::string file =
         std::filesystem::is_directory(path, ec) ? path + "/" + kModelFile : path;
-    ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(file));
-    RETURN_IF_ERROR(MoveTensors(file, &st, config, "", &loaded));
+    ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(file));
+    RETURN_IF_ERROR(ReadTensors(*reader, "", NamedTensors(config, &loaded)));
     *params = std::move(loaded);
     return absl::OkStatus();
   }
@@ -278,72 +319,86 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
   }
   for (auto& [file, tensors] : by_file) {
     const std::string shard_path = path + "/" + file;
-    auto st = ReadSafetensors(shard_path);
-    if (!st.ok()) {
-      return absl::Status(st.status().code(),
-                          absl::StrCat(st.status().message(), " (", index_path,
+    auto reader = SafetensorsReader::Open(shard_path);
+    if (!reader.ok()) {
+      return absl::Status(reader.status().code(),
+                          absl::StrCat(reader.status().message(), " (", index_path,
                                        " places tensor ", tensors[0].name, " there)"));
     }
-    for (NamedTensor<float>& t : tensors) {
-      auto it = st->tensors.find(t.name);
-      if (it == st->tensors.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(shard_path, ": tensor ", t.name,
-                                                       " is missing (", index_path,
-                                                       " places it in this shard)"));
-      }
-      if (it->second.shape != t.shape) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            shard_path, ": tensor ", t.name, " has shape ", ShapeString(it->second.shape),
-            ", the model needs ", ShapeString(t.shape)));
-      }
-      *t.data = std::move(it->second.data);
-    }
+    RETURN_IF_ERROR(ReadTensors(**reader, "", tensors,
+                                absl::StrCat(" (", index_path, " places it in this shard)")));
   }
   *params = std::move(loaded);
   return absl::OkStatus();
 }
 
-absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
-                                const ModelParams& exp_avg, const ModelParams& exp_avg_sq,
-                                int64_t step) {
-  std::vector<TensorView> views;
-  for (const NamedTensor<float>& t : Tensors(config, exp_avg)) {
-    views.push_back({t.name + ".exp_avg", t.shape, t.data->data()});
-  }
-  for (const NamedTensor<float>& t : Tensors(config, exp_avg_sq)) {
-    views.push_back({t.name + ".exp_avg_sq", t.shape, t.data->data()});
-  }
+namespace {
+
+absl::Status SaveMoments(const std::string& path, const ModelConfig& config,
+                         std::vector<TensorView> views, std::vector<TensorView> sq_views,
+                         int64_t step) {
+  for (TensorView& v : sq_views) views.push_back(std::move(v));
   return WriteSafetensors(path, views, {{"step", absl::StrCat(step)}, {"optimizer", "adamw"}});
 }
 
-namespace {
-absl::StatusOr<int64_t> StepOf(const std::string& path,
-                               const std::map<std::string, std::string>& metadata) {
+}  // namespace
+
+absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
+                                const TensorSource& exp_avg, const TensorSource& exp_avg_sq,
+                                int64_t step) {
+  return SaveMoments(path, config, HfViews(config, ".exp_avg", nullptr, &exp_avg),
+                     HfViews(config, ".exp_avg_sq", nullptr, &exp_avg_sq), step);
+}
+
+absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
+                                const ModelParams& exp_avg, const ModelParams& exp_avg_sq,
+                                int64_t step) {
+  return SaveMoments(path, config, HfViews(config, ".exp_avg", &exp_avg, nullptr),
+                     HfViews(config, ".exp_avg_sq", &exp_avg_sq, nullptr), step);
+}
+
+absl::StatusOr<std::unique_ptr<OptimizerStateReader>> OptimizerStateReader::Open(
+    const std::string& path, const ModelConfig& config) {
+  std::unique_ptr<OptimizerStateReader> r(new OptimizerStateReader());
+  ASSIGN_OR_RETURN(r->file_, SafetensorsReader::Open(path));
+  const auto& metadata = r->file_->metadata();
   auto it = metadata.find("step");
-  int64_t s = -1;
-  if (it == metadata.end() || !absl::SimpleAtoi(it->second, &s) || s < 0) {
+  if (it == metadata.end() || !absl::SimpleAtoi(it->second, &r->step_) || r->step_ < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": metadata \"step\" is missing or not a non-negative integer"));
   }
-  return s;
+  ModelParams empty;
+  empty.layers.resize(config.num_hidden_layers);
+  std::vector<NamedTensor<float>> shapes = NamedTensors(config, &empty);
+  for (NamedTensor<float>& t : shapes) t.data = nullptr;  // shapes only: check, read nothing
+  RETURN_IF_ERROR(ReadTensors(*r->file_, ".exp_avg", shapes));
+  RETURN_IF_ERROR(ReadTensors(*r->file_, ".exp_avg_sq", shapes));
+  return r;
 }
-}  // namespace
 
-absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path) {
-  ASSIGN_OR_RETURN(const auto metadata, ReadSafetensorsMetadata(path));
-  return StepOf(path, metadata);
+absl::Status OptimizerStateReader::Read(const std::string& name, float* exp_avg,
+                                        float* exp_avg_sq) const {
+  RETURN_IF_ERROR(file_->Read(name + ".exp_avg", exp_avg));
+  return file_->Read(name + ".exp_avg_sq", exp_avg_sq);
+}
+
+absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path, const ModelConfig& config) {
+  ASSIGN_OR_RETURN(std::unique_ptr<OptimizerStateReader> r, OptimizerStateReader::Open(path, config));
+  return r->step();
 }
 
 absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& config,
                                 ModelParams* exp_avg, ModelParams* exp_avg_sq, int64_t* step) {
-  ASSIGN_OR_RETURN(SafetensorsFile st, ReadSafetensors(path));
-  ASSIGN_OR_RETURN(const int64_t s, StepOf(path, st.metadata));
+  ASSIGN_OR_RETURN(std::unique_ptr<OptimizerStateReader> r, OptimizerStateReader::Open(path, config));
   ModelParams m = AllocateParams<float>(config), v = AllocateParams<float>(config);
-  RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg", &m));
-  RETURN_IF_ERROR(MoveTensors(path, &st, config, ".exp_avg_sq", &v));
+  std::vector<NamedTensor<float>> vs = NamedTensors(config, &v);
+  std::vector<NamedTensor<float>> ms = NamedTensors(config, &m);
+  for (size_t i = 0; i < ms.size(); ++i) {
+    RETURN_IF_ERROR(r->Read(ms[i].name, ms[i].data->data(), vs[i].data->data()));
+  }
   *exp_avg = std::move(m);
   *exp_avg_sq = std::move(v);
-  *step = s;
+  *step = r->step();
   return absl::OkStatus();
 }
 

@@ -4,11 +4,14 @@
 #define LUMEN_WORKER_ENGINE_CHECKPOINT_H_
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/engine/model.h"
+#include "worker/engine/safetensors.h"
 
 namespace lumen::engine {
 
@@ -41,6 +44,16 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
                                const ModelParams& params,
                                int64_t max_shard_bytes = kDefaultMaxShardBytes);
 
+// Provides tensor `name` (a Hugging Face name, shaped as NamedTensors gives it) into `dst`.
+using TensorSource = std::function<absl::Status(const std::string& name, float* dst)>;
+
+// As above, each tensor taken from `source` when its turn to be written comes: one tensor in
+// memory at a time, for state that lives elsewhere (a device, the memstore). A source's error
+// is returned as it is, and the file being written is removed.
+absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config,
+                               const TensorSource& source,
+                               int64_t max_shard_bytes = kDefaultMaxShardBytes);
+
 // Loads weights from a safetensors file, or from a directory holding model.safetensors or
 // (when that is absent, as transformers does) model.safetensors.index.json and its shards.
 // Every tensor of `config` must be present with the right shape (INVALID_ARGUMENT naming the
@@ -56,10 +69,34 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config, Mod
 absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
                                 const ModelParams& exp_avg, const ModelParams& exp_avg_sq,
                                 int64_t step);
+// As above, each moment taken from its source when its turn comes.
+absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
+                                const TensorSource& exp_avg, const TensorSource& exp_avg_sq,
+                                int64_t step);
 absl::Status LoadOptimizerState(const std::string& path, const ModelConfig& config,
                                 ModelParams* exp_avg, ModelParams* exp_avg_sq, int64_t* step);
-// The "step" of an optimizer state file, from its header alone (no tensors are read).
-absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path);
+
+// An optimizer state file opened to read one parameter's moments at a time (the file is 8
+// bytes per parameter; it is mapped, not read whole). Open checks the step metadata and that
+// every moment of `config` is present with its parameter's shape (INVALID_ARGUMENT naming the
+// file and tensor). Thread-compatible.
+class OptimizerStateReader {
+ public:
+  static absl::StatusOr<std::unique_ptr<OptimizerStateReader>> Open(const std::string& path,
+                                                                     const ModelConfig& config);
+  // Updates done when the state was saved.
+  int64_t step() const { return step_; }
+  // The moments of parameter `name` (a Hugging Face name) into buffers of its size.
+  absl::Status Read(const std::string& name, float* exp_avg, float* exp_avg_sq) const;
+
+ private:
+  OptimizerStateReader() = default;
+  std::unique_ptr<SafetensorsReader> file_;
+  int64_t step_ = 0;
+};
+
+// The step of an optimizer state file for `config`, reading its header only.
+absl::StatusOr<int64_t> OptimizerStateStep(const std::string& path, const ModelConfig& config);
 
 }  // namespace lumen::engine
 

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <set>
 #include <string>
@@ -238,7 +239,7 @@ TEST(CheckpointTest, ShardedLoadErrorsNameIndexShardAndTensor) {
                          "\"model.norm.weight\": \"" + embed_file + "\""));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()),
-              HasSubstr(embed_file + ": tensor model.norm.weight is missing"));
+              HasSubstr(embed_file + ": tensor model.norm.weight (shape [32]) is missing"));
 
   // Path escaping the directory, malformed JSON, no weight_map.
   s = with_index(replace("\"" + norm_file + "\"", "\"../" + norm_file + "\""));
@@ -267,6 +268,76 @@ TEST(CheckpointTest, ShardedLoadErrorsNameIndexShardAndTensor) {
   EXPECT_THAT(std::string(s.message()),
               HasSubstr("holds neither model.safetensors nor model.safetensors.index.json"));
   EXPECT_TRUE(BitIdentical(c, before, q));
+}
+
+// A source hands over one tensor at a time (state that lives on a device or in the memstore):
+// the files are byte for byte those written from a ModelParams, sharded or not, and a
+// source's error is returned with no file left behind.
+TEST(CheckpointTest, StreamedExportAndOptimizerStateMatchTheInMemoryOnes) {
+  const ModelConfig c = SmallConfig();
+  const ModelParams p = RandomParams(c);
+  ModelParams m = RandomParams(c), v = RandomParams(c);
+  for (float& x : v.embed_tokens) x = x * x;
+  auto source = [&c](const ModelParams& params) {
+    std::map<std::string, const std::vector<float>*> tensors;
+    for (const NamedTensor<float>& t : NamedTensors(c, const_cast<ModelParams*>(&params))) {
+      tensors[t.name] = t.data;
+    }
+    return TensorSource([tensors](const std::string& name, float* dst) {
+      const std::vector<float>* data = tensors.at(name);
+      std::copy(data->begin(), data->end(), dst);
+      return absl::OkStatus();
+    });
+  };
+  for (int64_t max_shard : {kDefaultMaxShardBytes, int64_t{10000}}) {
+    const std::string a = TempDir("in_memory"), b = TempDir("streamed");
+    ASSERT_TRUE(ExportHfDirectory(a, c, p, max_shard).ok());
+    ASSERT_TRUE(ExportHfDirectory(b, c, source(p), max_shard).ok());
+    EXPECT_EQ(Files(a), Files(b));
+    EXPECT_GT(Files(a).size(), max_shard == 10000 ? 3u : 1u);
+    for (const std::string& f : Files(a)) {
+      EXPECT_EQ(ReadAll(a + "/" + f), ReadAll(b + "/" + f)) << f;
+    }
+  }
+  const std::string dir = TempDir("moments");
+  std::filesystem::create_directories(dir);
+  ASSERT_TRUE(SaveOptimizerState(dir + "/a.safetensors", c, m, v, 17).ok());
+  ASSERT_TRUE(SaveOptimizerState(dir + "/b.safetensors", c, source(m), source(v), 17).ok());
+  EXPECT_EQ(ReadAll(dir + "/a.safetensors"), ReadAll(dir + "/b.safetensors"));
+
+  // Read back one parameter at a time, and whole.
+  auto reader = OptimizerStateReader::Open(dir + "/b.safetensors", c);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ((*reader)->step(), 17);
+  std::vector<float> rm(v.embed_tokens.size()), rv(v.embed_tokens.size());
+  ASSERT_TRUE((*reader)->Read("model.embed_tokens.weight", rm.data(), rv.data()).ok());
+  EXPECT_EQ(rm, m.embed_tokens);
+  EXPECT_EQ(rv, v.embed_tokens);
+  ModelParams lm, lv;
+  int64_t step = 0;
+  ASSERT_TRUE(LoadOptimizerState(dir + "/b.safetensors", c, &lm, &lv, &step).ok());
+  EXPECT_TRUE(BitIdentical(c, m, lm));
+  EXPECT_TRUE(BitIdentical(c, v, lv));
+  EXPECT_EQ(step, 17);
+  EXPECT_EQ(*OptimizerStateStep(dir + "/b.safetensors", c), 17);
+  // Another model's state is refused, naming the tensor.
+  ModelConfig other = c;
+  other.intermediate_size = 64;
+  auto wrong = OptimizerStateReader::Open(dir + "/b.safetensors", other);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(std::string(wrong.status().message()),
+              HasSubstr("tensor model.layers.0.mlp.gate_proj.weight.exp_avg has shape [48, 32], "
+                        "the model needs [64, 32]"));
+
+  // A source that fails: its error, and no file.
+  const TensorSource failing = [](const std::string& name, float*) {
+    return name == "model.norm.weight" ? absl::UnavailableError("memstore gone")
+                                       : absl::OkStatus();
+  };
+  const absl::Status s = SaveOptimizerState(dir + "/c.safetensors", c, failing, failing, 1);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/c.safetensors"));
+  EXPECT_FALSE(std::filesystem::exists(dir + "/c.safetensors.tmp"));
 }
 
 TEST(CheckpointTest, NonPositiveShardLimitIsRejected) {

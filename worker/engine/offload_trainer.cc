@@ -249,29 +249,23 @@ absl::Status OffloadTrainer::Init() {
   } else {
     InitParams(c, t.seed, &init, pool_.get());
   }
-  // AdamW's moments: zero, or a checkpoint's (with its step counter).
-  ModelParams exp_avg, exp_avg_sq;
-  std::vector<NamedTensor<float>> m_slots, v_slots;
+  // AdamW's moments: zero, or a checkpoint's (with its step counter), read one parameter's at
+  // a time as they are placed.
+  std::unique_ptr<OptimizerStateReader> moments;
   if (!options_.optimizer_state_from.empty()) {
-    exp_avg = AllocateParams<float>(c);
-    exp_avg_sq = AllocateParams<float>(c);
-    RETURN_IF_ERROR(
-        LoadOptimizerState(options_.optimizer_state_from, c, &exp_avg, &exp_avg_sq, &step_));
-    m_slots = NamedTensors(c, &exp_avg);
-    v_slots = NamedTensors(c, &exp_avg_sq);
+    ASSIGN_OR_RETURN(moments, OptimizerStateReader::Open(options_.optimizer_state_from, c));
+    step_ = moments->step();
   }
-  std::vector<NamedTensor<float>> init_slots = NamedTensors(c, &init);
-  for (size_t k = 0; k < init_slots.size(); ++k) {
-    NamedTensor<float> &p = init_slots[k];
+  for (NamedTensor<float> &p : NamedTensors(c, &init)) {
     const int64_t size = Numel(p);
-    const std::vector<float> zeros(m_slots.empty() ? size : 0, 0.0f);
-    const float *m = m_slots.empty() ? zeros.data() : m_slots[k].data->data();
-    const float *v = v_slots.empty() ? zeros.data() : v_slots[k].data->data();
+    std::vector<float> m(size, 0.0f), v(moments != nullptr ? size : 0, 0.0f);
+    if (moments != nullptr) RETURN_IF_ERROR(moments->Read(p.name, m.data(), v.data()));
+    const float *vp = moments != nullptr ? v.data() : m.data();  // zeros for both
     for (auto [id, src, tier] :
          {std::tuple<std::string, const float *, HomeTier>{ParamId(p.name), p.data->data(),
                                                            offload_.parameters_tier},
-          {ExpAvgId(p.name), m, offload_.optimizer_state_tier},
-          {ExpAvgSqId(p.name), v, offload_.optimizer_state_tier}}) {
+          {ExpAvgId(p.name), m.data(), offload_.optimizer_state_tier},
+          {ExpAvgSqId(p.name), vp, offload_.optimizer_state_tier}}) {
       if (resident_) {
         ASSIGN_OR_RETURN(DeviceBuffer buf,
                          NewBuffer(size, true, absl::StrCat("initial placement of ", id)));
@@ -283,10 +277,6 @@ absl::Status OffloadTrainer::Init() {
       }
     }
     std::vector<float>().swap(*p.data);
-    if (!m_slots.empty()) {
-      std::vector<float>().swap(*m_slots[k].data);
-      std::vector<float>().swap(*v_slots[k].data);
-    }
   }
   return absl::OkStatus();
 }
@@ -1075,13 +1065,24 @@ absl::Status OffloadTrainer::GatherOptimizerState(ModelParams *exp_avg, ModelPar
 }
 
 absl::Status OffloadTrainer::Export(const std::string &dir) {
-  {
-    ASSIGN_OR_RETURN(ModelParams params, GatherParams());
-    RETURN_IF_ERROR(ExportHfDirectory(dir, options_.model, params));
-  }
-  ModelParams m, v;
-  RETURN_IF_ERROR(GatherOptimizerState(&m, &v));
-  return SaveOptimizerState(dir + "/" + kOptimizerFile, options_.model, m, v, step_);
+  // One tensor at a time from where it lives: the state may be far larger than host memory.
+  RETURN_IF_ERROR(Flush());
+  std::map<std::string, int64_t> numel;
+  for (const NamedTensor<float> &t : param_slots_) numel[t.name] = Numel(t);
+  auto from = [this, &numel](std::string (*id_of)(const std::string &)) {
+    return TensorSource([this, &numel, id_of](const std::string &name, float *dst) {
+      const std::string id = id_of(name);
+      auto it = device_.find(id);
+      if (it != device_.end()) {
+        std::copy(it->second.data.begin(), it->second.data.end(), dst);
+        return absl::OkStatus();
+      }
+      return home_->Get(id, dst, numel.at(name));
+    });
+  };
+  RETURN_IF_ERROR(ExportHfDirectory(dir, options_.model, from(ParamId)));
+  return SaveOptimizerState(dir + "/" + kOptimizerFile, options_.model, from(ExpAvgId),
+                            from(ExpAvgSqId), step_);
 }
 
 }  // namespace lumen::engine

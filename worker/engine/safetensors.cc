@@ -113,13 +113,31 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
   bool ok = std::fwrite(len, 1, 8, f) == 8 &&
             std::fwrite(header.data(), 1, header.size(), f) == header.size();
+  absl::Status fill_status;
+  std::vector<float> buffer;  // for tensors that fill themselves; the largest one's size
   for (const TensorView& t : tensors) {
     if (!ok) break;
     size_t numel = 1;
     for (int64_t d : t.shape) numel *= static_cast<size_t>(d);
-    ok = numel == 0 || std::fwrite(t.data, sizeof(float), numel, f) == numel;
+    const float* data = t.data;
+    if (data == nullptr && numel > 0) {
+      if (!t.fill) {
+        fill_status = absl::InvalidArgumentError(
+            absl::StrCat("safetensors ", path, ": tensor ", t.name, " has no data"));
+        break;
+      }
+      if (buffer.size() < numel) buffer.resize(numel);
+      fill_status = t.fill(buffer.data());
+      if (!fill_status.ok()) break;
+      data = buffer.data();
+    }
+    ok = numel == 0 || std::fwrite(data, sizeof(float), numel, f) == numel;
   }
   ok = (std::fclose(f) == 0) && ok;
+  if (!fill_status.ok()) {
+    std::remove(tmp.c_str());
+    return fill_status;
+  }
   if (!ok) {
     std::remove(tmp.c_str());
     return absl::DataLossError(absl::StrCat("write to ", tmp, " failed: ", std::strerror(errno)));
@@ -132,12 +150,14 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorV
   return absl::OkStatus();
 }
 
-namespace {
+SafetensorsReader::~SafetensorsReader() {
+  if (mapped_ != nullptr) munmap(mapped_, size_);
+}
 
-// The file's metadata and, with `tensors`, its tensors (the mapping is touched only where read).
-absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
+absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
+    const std::string& path) {
   // Mapped, not read into memory: a checkpoint's optimizer state is 8 bytes per parameter,
-  // and only the converted tensors should take process memory.
+  // and only the tensors being converted should take process memory.
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     return absl::NotFoundError(
@@ -149,21 +169,17 @@ absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
     close(fd);
     return absl::DataLossError(absl::StrCat("cannot stat ", path, ": ", std::strerror(err)));
   }
-  const size_t size = static_cast<size_t>(st.st_size);
-  void* mapped = size == 0 ? nullptr : mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  std::unique_ptr<SafetensorsReader> r(new SafetensorsReader());
+  r->path_ = path;
+  r->size_ = static_cast<size_t>(st.st_size);
+  void* mapped = r->size_ == 0 ? nullptr : mmap(nullptr, r->size_, PROT_READ, MAP_PRIVATE, fd, 0);
   close(fd);
   if (mapped == MAP_FAILED) {
     return absl::DataLossError(absl::StrCat("cannot map ", path, ": ", std::strerror(errno)));
   }
-  struct Unmap {
-    void* p;
-    size_t n;
-    ~Unmap() {
-      if (p != nullptr) munmap(p, n);
-    }
-  } unmap{mapped, size};
-  if (mapped != nullptr) madvise(mapped, size, MADV_SEQUENTIAL);
-  const std::string_view bytes(static_cast<const char*>(mapped), size);
+  r->mapped_ = mapped;
+  if (mapped != nullptr) madvise(mapped, r->size_, MADV_SEQUENTIAL);
+  const std::string_view bytes(static_cast<const char*>(mapped), r->size_);
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("safetensors file ", path, ": ", what));
   };
@@ -183,7 +199,6 @@ absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
   if (json->type != JsonValue::Type::kObject) return bad("header is not a JSON object");
   const uint64_t data_begin = 8 + header_len;
   const uint64_t data_size = bytes.size() - data_begin;
-  SafetensorsFile out;
   for (const auto& [name, entry] : json->object) {
     if (name == "__metadata__") {
       if (entry.type != JsonValue::Type::kObject) return bad("__metadata__ is not an object");
@@ -191,11 +206,10 @@ absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
         if (v.type != JsonValue::Type::kString) {
           return bad(absl::StrCat("__metadata__ value of ", k, " is not a string"));
         }
-        out.metadata[k] = v.text;
+        r->metadata_[k] = v.text;
       }
       continue;
     }
-    if (!tensors) continue;
     const JsonValue* dtype = entry.Find("dtype");
     const JsonValue* shape = entry.Find("shape");
     const JsonValue* offsets = entry.Find("data_offsets");
@@ -204,7 +218,7 @@ absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
         offsets->type != JsonValue::Type::kArray || offsets->array.size() != 2) {
       return bad(absl::StrCat("tensor ", name, " lacks dtype, shape or data_offsets [begin, end]"));
     }
-    LoadedTensor t;
+    Entry t;
     t.dtype = dtype->text;
     uint64_t width;
     if (t.dtype == "F32") {
@@ -241,33 +255,64 @@ absl::StatusOr<SafetensorsFile> Read(const std::string& path, bool tensors) {
                               " needs ", numel * width, " bytes but data_offsets span ",
                               end - begin));
     }
-    const char* src = bytes.data() + data_begin + begin;
-    t.data.resize(numel);
-    if (width == 4) {
-      std::memcpy(t.data.data(), src, numel * 4);
-    } else {
-      for (uint64_t i = 0; i < numel; ++i) {
-        const uint16_t h = static_cast<uint16_t>(static_cast<uint8_t>(src[2 * i]) |
-                                                 (static_cast<uint8_t>(src[2 * i + 1]) << 8));
-        t.data[i] = t.dtype == "BF16" ? Bf16ToFloat(h) : F16ToFloat(h);
-      }
-    }
-    if (out.tensors.count(name) != 0) return bad(absl::StrCat("duplicate tensor ", name));
-    out.tensors.emplace(name, std::move(t));
+    t.data = bytes.data() + data_begin + begin;
+    t.numel = numel;
+    if (r->tensors_.count(name) != 0) return bad(absl::StrCat("duplicate tensor ", name));
+    r->tensors_.emplace(name, std::move(t));
   }
+  return r;
+}
+
+std::vector<std::string> SafetensorsReader::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, entry] : tensors_) out.push_back(name);
   return out;
 }
 
-}  // namespace
-
-absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
-  return Read(path, /*tensors=*/true);
+const std::vector<int64_t>* SafetensorsReader::shape(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second.shape;
 }
 
-absl::StatusOr<std::map<std::string, std::string>> ReadSafetensorsMetadata(
-    const std::string& path) {
-  ASSIGN_OR_RETURN(SafetensorsFile file, Read(path, /*tensors=*/false));
-  return std::move(file.metadata);
+const std::string* SafetensorsReader::dtype(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second.dtype;
+}
+
+absl::Status SafetensorsReader::Read(const std::string& name, float* dst) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    return absl::NotFoundError(absl::StrCat(path_, ": no tensor ", name));
+  }
+  const Entry& t = it->second;
+  if (t.dtype == "F32") {
+    std::memcpy(dst, t.data, t.numel * 4);
+  } else {
+    const bool bf16 = t.dtype == "BF16";
+    for (uint64_t i = 0; i < t.numel; ++i) {
+      const uint16_t h = static_cast<uint16_t>(static_cast<uint8_t>(t.data[2 * i]) |
+                                               (static_cast<uint8_t>(t.data[2 * i + 1]) << 8));
+      dst[i] = bf16 ? Bf16ToFloat(h) : F16ToFloat(h);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
+  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(path));
+  SafetensorsFile out;
+  out.metadata = reader->metadata();
+  for (const std::string& name : reader->names()) {
+    LoadedTensor t;
+    t.dtype = *reader->dtype(name);
+    t.shape = *reader->shape(name);
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    t.data.resize(numel);
+    RETURN_IF_ERROR(reader->Read(name, t.data.data()));
+    out.tensors.emplace(name, std::move(t));
+  }
+  return out;
 }
 
 }  // namespace lumen::engine
