@@ -268,48 +268,68 @@ absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& po
   return ResetMoments(pool);
 }
 
-absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) const {
+absl::Status HostTrainingState::CopyOutGroup(int which, size_t g,
+                                             engine::ModelParams* out) const {
+  if (g >= shapes_.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
-    *out = engine::AllocateParams<float>(config_);
+    out->layers.resize(config_.num_hidden_layers);
   }
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    const int gen = current_[g];
-    if (which == 0 || moments_.home == nullptr) {
-      float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
-      RETURN_IF_ERROR(CopyGroupTensors(config_, out, g, flat, false));
-      continue;
-    }
-    // From a home a chunk at a time, through the first slot.
-    const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
-    for (int64_t c = 0; c < Chunks(g); ++c) {
-      const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
-      RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
-                                         hi - lo));
-      RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, slots_.get(), false));
-    }
+  const int gen = current_[g];
+  if (which == 0 || moments_.home == nullptr) {
+    float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
+    return CopyGroupTensors(config_, out, g, flat, false);
+  }
+  // From a home a chunk at a time, through the first slot.
+  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  for (int64_t c = 0; c < Chunks(g); ++c) {
+    const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
+    RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
+                                       hi - lo));
+    RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, slots_.get(), false));
   }
   return absl::OkStatus();
 }
 
-absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in) {
+absl::Status HostTrainingState::CopyInGroup(int which, size_t g, const engine::ModelParams& in) {
+  if (g >= shapes_.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
   auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
-  for (size_t g = 0; g < shapes_.size(); ++g) {
-    if (which == 0 || moments_.home == nullptr) {
-      const int gen = current_[g];
-      float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
-      RETURN_IF_ERROR(CopyGroupTensors(config_, p, g, flat, true));
-      continue;
-    }
-    const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
-    for (int64_t c = 0; c < Chunks(g); ++c) {
-      const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
-      std::fill(slots_.get(), slots_.get() + (hi - lo), 0.0f);  // the padding between tensors
-      RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slots_.get(), true));
-      RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
-                                         hi - lo, moments_.tier));
-    }
+  if (which == 0 || moments_.home == nullptr) {
+    const int gen = current_[g];
+    float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
+    return CopyGroupTensors(config_, p, g, flat, true);
+  }
+  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  for (int64_t c = 0; c < Chunks(g); ++c) {
+    const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
+    std::fill(slots_.get(), slots_.get() + (hi - lo), 0.0f);  // the padding between tensors
+    RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slots_.get(), true));
+    RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
+                                       hi - lo, moments_.tier));
   }
   return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::CopyOut(int which, engine::ModelParams* out) const {
+  if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
+    *out = engine::AllocateParams<float>(config_);
+  }
+  for (size_t g = 0; g < shapes_.size(); ++g) RETURN_IF_ERROR(CopyOutGroup(which, g, out));
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::CopyIn(int which, const engine::ModelParams& in) {
+  for (size_t g = 0; g < shapes_.size(); ++g) RETURN_IF_ERROR(CopyInGroup(which, g, in));
+  return absl::OkStatus();
+}
+
+absl::Status HostTrainingState::GetGroup(int which, size_t g, engine::ModelParams* out) const {
+  return CopyOutGroup(which, g, out);
+}
+
+absl::Status HostTrainingState::SetMomentsGroup(size_t g, const engine::ModelParams& m,
+                                                const engine::ModelParams& v) {
+  RETURN_IF_ERROR(CopyInGroup(1, g, m));
+  return CopyInGroup(2, g, v);
 }
 
 absl::Status HostTrainingState::GetParams(engine::ModelParams* out) const {

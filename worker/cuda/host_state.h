@@ -116,6 +116,13 @@ class HostTrainingState {
   absl::Status GetParams(engine::ModelParams* out) const;
   absl::Status GetMoments(engine::ModelParams* m, engine::ModelParams* v) const;
   absl::Status SetMoments(const engine::ModelParams& m, const engine::ModelParams& v);
+  // The same for tensor group g only (TensorGroupOf): its tensors of `out` are resized and
+  // written, the others left as they are (`out` needs only its layers sized); Set reads only
+  // group g's tensors. A checkpoint goes through a group at a time, never the whole state.
+  // which: 0 master weights, 1 m, 2 v.
+  absl::Status GetGroup(int which, size_t g, engine::ModelParams* out) const;
+  absl::Status SetMomentsGroup(size_t g, const engine::ModelParams& m,
+                               const engine::ModelParams& v);
 
   // AdamW on `segments` of group g (all of it when null) at 1-based `step`: the gradients are
   // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
@@ -172,9 +179,11 @@ class HostTrainingState {
   float* Master(size_t g, int gen) const { return master_[gen][g].get(); }
   float* M(size_t g, int gen) const { return m_[gen][g].get(); }
   float* V(size_t g, int gen) const { return v_[gen][g].get(); }
-  // which: 0 master, 1 m, 2 v.
+  // which: 0 master, 1 m, 2 v; every group, or group g.
   absl::Status CopyOut(int which, engine::ModelParams* out) const;
   absl::Status CopyIn(int which, const engine::ModelParams& in);
+  absl::Status CopyOutGroup(int which, size_t g, engine::ModelParams* out) const;
+  absl::Status CopyInGroup(int which, size_t g, const engine::ModelParams& in);
 
   const engine::ModelConfig config_;
   const std::vector<TensorGroupShape> shapes_;

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -129,6 +130,35 @@ void ExpectMatchesEngine(bool tied, engine::TensorHome* home) {
   ASSERT_TRUE((*state)->GetMoments(&gm, &gv).ok());
   ExpectSame(c, gm, m, "m");
   ExpectSame(c, gv, v, "v");
+  // A group at a time (how checkpoints are written and read): the same tensors, only that
+  // group's filled; setting every group's moments back (scaled) is SetMoments.
+  const std::map<std::string, size_t> group_of = TensorGroupOf(c);
+  engine::ModelParams scaled_m = m, scaled_v = v;
+  for (engine::ModelParams* x : {&scaled_m, &scaled_v}) {
+    for (engine::NamedTensor<float>& t : engine::NamedTensors(c, x)) {
+      for (float& f : *t.data) f *= 2;
+    }
+  }
+  for (size_t k = 0; k < groups; ++k) {
+    for (int which : {0, 1, 2}) {
+      engine::ModelParams one;
+      ASSERT_TRUE((*state)->GetGroup(which, k, &one).ok());
+      engine::ModelParams& want = which == 0 ? p : which == 1 ? m : v;
+      auto got_tensors = engine::NamedTensors(c, &one);
+      auto want_tensors = engine::NamedTensors(c, &want);
+      for (size_t i = 0; i < got_tensors.size(); ++i) {
+        if (group_of.at(got_tensors[i].name) == k) {
+          EXPECT_EQ(*got_tensors[i].data, *want_tensors[i].data) << got_tensors[i].name;
+        } else {
+          EXPECT_TRUE(got_tensors[i].data->empty()) << got_tensors[i].name << " group " << k;
+        }
+      }
+    }
+    ASSERT_TRUE((*state)->SetMomentsGroup(k, scaled_m, scaled_v).ok());
+  }
+  ASSERT_TRUE((*state)->GetMoments(&gm, &gv).ok());
+  ExpectSame(c, gm, scaled_m, "m set a group at a time");
+  ExpectSame(c, gv, scaled_v, "v set a group at a time");
   // The bf16 copies are the master weights rounded.
   for (size_t k = 0; k < groups; ++k) {
     std::vector<float> flat(buf.grads[k].size(), 0.0f);

@@ -1,11 +1,16 @@
 #include "worker/cuda/job_trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "worker/cuda/layout.h"
 #include "worker/engine/checkpoint.h"
 #include "worker/engine/optimizer.h"
 #include "worker/engine/thread_pool.h"
@@ -164,34 +169,80 @@ absl::Status CudaJobTrainer::GetParams(engine::ModelParams* out) {
 }
 
 absl::Status CudaJobTrainer::Export(const std::string& dir) {
-  // One host copy at a time: the weights, then the moments (a streamed job's state already
-  // fills much of host memory).
-  {
-    engine::ModelParams params;
-    RETURN_IF_ERROR(GetParams(&params));
-    RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
-  }
-  engine::ModelParams m, v;
-  if (offload_ != nullptr) {
-    RETURN_IF_ERROR(offload_->GetMoments(&m, &v));
-  } else {
+  if (offload_ == nullptr) {
+    // Resident: the state fits the GPU, so one host copy of it at a time (the weights, then
+    // the moments) is no more than the GPU's memory.
+    {
+      engine::ModelParams params;
+      RETURN_IF_ERROR(GetParams(&params));
+      RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, params));
+    }
+    engine::ModelParams m, v;
     RETURN_IF_ERROR(trainer_->state().DownloadMoments(&m, &v));
+    return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
+                                      step_);
   }
-  return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
-                                    step_);
+  // Streamed: the state fills much of host memory (or its moments live in the memstore), so
+  // the files are written a tensor group (one layer) at a time.
+  const std::map<std::string, size_t> group_of = TensorGroupOf(options_.model);
+  auto from = [this, &group_of](int which) {
+    auto cached = std::make_shared<std::pair<size_t, engine::ModelParams>>();
+    cached->first = SIZE_MAX;
+    return engine::TensorSource(
+        [this, &group_of, which, cached](const std::string& name, float* dst) -> absl::Status {
+          const size_t g = group_of.at(name);
+          if (cached->first != g) {
+            cached->second = engine::ModelParams();  // drop the previous group
+            RETURN_IF_ERROR(offload_->GetGroup(which, g, &cached->second));
+            cached->first = g;
+          }
+          for (engine::NamedTensor<float>& t :
+               engine::NamedTensors(options_.model, &cached->second)) {
+            if (t.name == name) {
+              std::copy(t.data->begin(), t.data->end(), dst);
+              return absl::OkStatus();
+            }
+          }
+          return absl::InternalError(absl::StrCat("export: no tensor ", name));
+        });
+  };
+  RETURN_IF_ERROR(engine::ExportHfDirectory(dir, options_.model, from(0)));
+  return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, from(1),
+                                    from(2), step_);
 }
 
 absl::Status CudaJobTrainer::LoadOptimizerState(const std::string& path) {
-  engine::ModelParams m = engine::AllocateParams<float>(options_.model);
-  engine::ModelParams v = engine::AllocateParams<float>(options_.model);
-  int64_t step = 0;
-  RETURN_IF_ERROR(engine::LoadOptimizerState(path, options_.model, &m, &v, &step));
-  if (offload_ != nullptr) {
-    RETURN_IF_ERROR(offload_->SetMoments(m, v));
-  } else {
+  if (offload_ == nullptr) {
+    engine::ModelParams m, v;
+    int64_t step = 0;
+    RETURN_IF_ERROR(engine::LoadOptimizerState(path, options_.model, &m, &v, &step));
     RETURN_IF_ERROR(trainer_->state().UploadMoments(m, v));
+    step_ = step;
+    return absl::OkStatus();
   }
-  step_ = step;
+  // Streamed: a tensor group at a time, as Export writes them.
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::OptimizerStateReader> reader,
+                   engine::OptimizerStateReader::Open(path, options_.model));
+  const std::map<std::string, size_t> group_of = TensorGroupOf(options_.model);
+  size_t groups = 0;
+  for (const auto& [name, g] : group_of) groups = std::max(groups, g + 1);
+  for (size_t g = 0; g < groups; ++g) {
+    engine::ModelParams m, v;
+    m.layers.resize(options_.model.num_hidden_layers);
+    v.layers.resize(options_.model.num_hidden_layers);
+    std::vector<engine::NamedTensor<float>> ms = engine::NamedTensors(options_.model, &m);
+    std::vector<engine::NamedTensor<float>> vs = engine::NamedTensors(options_.model, &v);
+    for (size_t i = 0; i < ms.size(); ++i) {
+      if (group_of.at(ms[i].name) != g) continue;
+      int64_t n = 1;
+      for (int64_t d : ms[i].shape) n *= d;
+      ms[i].data->resize(n);
+      vs[i].data->resize(n);
+      RETURN_IF_ERROR(reader->Read(ms[i].name, ms[i].data->data(), vs[i].data->data()));
+    }
+    RETURN_IF_ERROR(offload_->SetMomentsGroup(g, m, v));
+  }
+  step_ = reader->step();
   return absl::OkStatus();
 }
 

@@ -82,6 +82,21 @@ std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& confi
   return out;
 }
 
+std::map<std::string, size_t> TensorGroupOf(const engine::ModelConfig& config) {
+  engine::ModelParams empty;
+  empty.layers.resize(config.num_hidden_layers);
+  std::map<const std::vector<float>*, size_t> group_of;
+  const auto host = GroupTensors(config, &empty);
+  for (size_t g = 0; g < host.size(); ++g) {
+    for (const HostSegment& hs : host[g]) group_of[hs.host] = g;
+  }
+  std::map<std::string, size_t> out;
+  for (const engine::NamedTensor<float>& t : engine::NamedTensors(config, &empty)) {
+    out[t.name] = group_of.at(t.data);
+  }
+  return out;
+}
+
 absl::Status CopyGroupRange(const engine::ModelConfig& config, engine::ModelParams* params,
                             size_t g, int64_t lo, int64_t hi, float* flat, bool to_flat) {
   if (params->layers.size() != static_cast<size_t>(config.num_hidden_layers)) {

@@ -6,6 +6,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -41,6 +43,9 @@ struct TensorGroupShape {
 // The tensor groups of a model: decoder layers 0..L-1, embed_tokens, norm, then lm_head when
 // untied. Layers use LayerLayout; the others are one tensor each.
 std::vector<TensorGroupShape> TensorGroupShapes(const engine::ModelConfig& config);
+
+// The group of each tensor, by Hugging Face name.
+std::map<std::string, size_t> TensorGroupOf(const engine::ModelConfig& config);
 
 // Copies group g's tensors of `params` into `flat` (its TensorGroupShapes layout) when
 // `to_flat`, or `flat` into them (resized when they are not the config's sizes) otherwise.

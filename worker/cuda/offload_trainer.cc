@@ -197,6 +197,17 @@ absl::Status CudaOffloadTrainer::SetMoments(const engine::ModelParams& m,
   return state_->SetMoments(m, v);
 }
 
+absl::Status CudaOffloadTrainer::GetGroup(int which, size_t g, engine::ModelParams* out) {
+  RETURN_IF_ERROR(Flush());
+  return state_->GetGroup(which, g, out);
+}
+
+absl::Status CudaOffloadTrainer::SetMomentsGroup(size_t g, const engine::ModelParams& m,
+                                                 const engine::ModelParams& v) {
+  RETURN_IF_ERROR(Flush());
+  return state_->SetMomentsGroup(g, m, v);
+}
+
 void CudaOffloadTrainer::WaitOptimizer(size_t g) {
   if (!done_[g].valid()) return;
   const auto t0 = std::chrono::steady_clock::now();

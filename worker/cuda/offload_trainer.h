@@ -107,6 +107,10 @@ class CudaOffloadTrainer {
   absl::Status GetParams(engine::ModelParams* out);
   absl::Status GetMoments(engine::ModelParams* m, engine::ModelParams* v);
   absl::Status SetMoments(const engine::ModelParams& m, const engine::ModelParams& v);
+  // HostTrainingState::GetGroup / SetMomentsGroup, after every update in flight has finished.
+  absl::Status GetGroup(int which, size_t g, engine::ModelParams* out);
+  absl::Status SetMomentsGroup(size_t g, const engine::ModelParams& m,
+                               const engine::ModelParams& v);
 
   // One optimizer step over inputs/targets of micro_batches * batch * seq ids, micro-batch
   // after micro-batch, as CudaTrainer::Step. `next_inputs` are the next step's inputs (empty
