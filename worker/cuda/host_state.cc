@@ -1,6 +1,7 @@
 #include "worker/cuda/host_state.h"
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <cstring>
 #include <future>
@@ -247,6 +248,25 @@ absl::Status HostTrainingState::SetParams(const engine::ModelParams& params,
                                           engine::ThreadPool& pool) {
   RETURN_IF_ERROR(CopyIn(0, params));
   WriteBf16(pool);
+  return ResetMoments(pool);
+}
+
+absl::Status HostTrainingState::SetParams(const engine::WeightsReader& weights,
+                                          engine::ThreadPool& pool) {
+  const std::map<std::string, size_t> group_of = TensorGroupOf(config_);
+  for (size_t g = 0; g < shapes_.size(); ++g) {
+    engine::ModelParams one;
+    one.layers.resize(config_.num_hidden_layers);
+    for (engine::NamedTensor<float>& t : engine::NamedTensors(config_, &one)) {
+      if (group_of.at(t.name) != g) continue;
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      t.data->resize(n);
+      RETURN_IF_ERROR(weights.Read(t.name, t.data->data()));
+    }
+    RETURN_IF_ERROR(CopyInGroup(0, g, one));
+    RewriteBf16(g, pool);
+  }
   return ResetMoments(pool);
 }
 

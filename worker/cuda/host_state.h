@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/cuda/layout.h"
+#include "worker/engine/checkpoint.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
 #include "worker/engine/tensor_home.h"
@@ -110,6 +111,9 @@ class HostTrainingState {
   // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
   // zero moments.
   absl::Status SetParams(const engine::ModelParams& params, engine::ThreadPool& pool);
+  // The same with the weights read from `weights` a tensor group at a time: no whole copy of
+  // them beside the master weights.
+  absl::Status SetParams(const engine::WeightsReader& weights, engine::ThreadPool& pool);
   // The device's ResidentState::InitRandom(seed) values (kernels::FillNormal's hash), zero
   // moments.
   absl::Status InitRandom(uint64_t seed, engine::ThreadPool& pool);

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <string>
@@ -12,6 +13,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "worker/engine/checkpoint.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
 #include "worker/engine/tensor_home.h"
@@ -520,6 +522,34 @@ TEST(HostTrainingStateTest, InitRandomIsSeededNormalMatricesAndUnitNorms) {
   const double n = static_cast<double>(p.embed_tokens.size());
   EXPECT_NEAR(sum / n, 0.0, 0.002);
   EXPECT_NEAR(std::sqrt(sumsq / n), c.init_std, 0.05 * c.init_std);
+}
+
+// Weights read from a checkpoint a group at a time land as SetParams(ModelParams) puts them:
+// the same master weights, bf16 copies and zero moments.
+TEST(HostTrainingStateTest, SetParamsFromACheckpointEqualsSetParams) {
+  const engine::ModelConfig c = Config(false);
+  engine::ThreadPool pool(2);
+  const engine::ModelParams p = RandomParams(c, 5, 0.02f);
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/set_params_ckpt";
+  ASSERT_TRUE(engine::ExportHfDirectory(dir, c, p, /*max_shard_bytes=*/20000).ok());  // shards
+  auto reader = engine::WeightsReader::Open(dir, c);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  Buffers a(c), b(c);
+  auto sa = HostTrainingState::Create(c, a.Views(), {}, pool);
+  auto sb = HostTrainingState::Create(c, b.Views(), {}, pool);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  ASSERT_TRUE((*sa)->SetParams(p, pool).ok());
+  ASSERT_TRUE((*sb)->SetParams(**reader, pool).ok());
+  engine::ModelParams ga, gb, ma, va;
+  ASSERT_TRUE((*sa)->GetParams(&ga).ok());
+  ASSERT_TRUE((*sb)->GetParams(&gb).ok());
+  ExpectSame(c, gb, ga, "master");
+  EXPECT_EQ(a.params, b.params);  // bf16 copies
+  ASSERT_TRUE((*sb)->GetMoments(&ma, &va).ok());
+  for (const engine::NamedTensor<float>& t : engine::NamedTensors(c, &ma)) {
+    for (float x : *t.data) ASSERT_EQ(x, 0.0f) << t.name;
+  }
 }
 
 TEST(HostTrainingStateTest, RefusesParamsOfAnotherShape) {

@@ -70,7 +70,10 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   ASSIGN_OR_RETURN(job->data_, engine::TokenDataset::Open(options.data, t.seq_len,
                                                           options.model.vocab_size));
   engine::ModelParams params;
-  if (!options.init_from.empty()) {
+  std::unique_ptr<engine::WeightsReader> weights;  // streamed: read a group at a time
+  if (!options.init_from.empty() && offload) {
+    ASSIGN_OR_RETURN(weights, engine::WeightsReader::Open(options.init_from, options.model));
+  } else if (!options.init_from.empty()) {
     params = engine::AllocateParams<float>(options.model);
     RETURN_IF_ERROR(engine::LoadWeights(options.init_from, options.model, &params));
   } else {
@@ -81,7 +84,8 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     ASSIGN_OR_RETURN(job->offload_,
                      CudaOffloadTrainer::Create(device, options.model,
                                                 OffloadOptions(options, moments, speculate)));
-    RETURN_IF_ERROR(job->offload_->SetParams(params));
+    RETURN_IF_ERROR(weights != nullptr ? job->offload_->SetParams(*weights)
+                                       : job->offload_->SetParams(params));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,
                                                         t.micro_batch_size, t.seq_len,

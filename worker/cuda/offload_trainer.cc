@@ -174,6 +174,13 @@ absl::Status CudaOffloadTrainer::SetParams(const engine::ModelParams& params) {
   return state_->SetParams(params, pool);
 }
 
+absl::Status CudaOffloadTrainer::SetParams(const engine::WeightsReader& weights) {
+  RETURN_IF_ERROR(Flush());
+  engine::ThreadPool pool(Threads());
+  ParamsChanged();
+  return state_->SetParams(weights, pool);
+}
+
 absl::Status CudaOffloadTrainer::InitRandom(uint64_t seed) {
   RETURN_IF_ERROR(Flush());
   engine::ThreadPool pool(Threads());

@@ -272,18 +272,23 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
   return ExportViews(dir, config, HfViews(config, "", nullptr, &source), max_shard_bytes);
 }
 
-absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
-                         ModelParams* params) {
+absl::StatusOr<std::unique_ptr<WeightsReader>> WeightsReader::Open(const std::string& path,
+                                                                   const ModelConfig& config) {
+  std::unique_ptr<WeightsReader> r(new WeightsReader());
+  ModelParams empty;
+  empty.layers.resize(config.num_hidden_layers);
+  std::vector<NamedTensor<float>> shapes = NamedTensors(config, &empty);
+  for (NamedTensor<float>& t : shapes) t.data = nullptr;  // shapes only: check, read nothing
   std::error_code ec;
-  ModelParams loaded = AllocateParams<float>(config);
   if (!std::filesystem::is_directory(path, ec) ||
       std::filesystem::exists(path + "/" + kModelFile, ec)) {
     const std::string file =
         std::filesystem::is_directory(path, ec) ? path + "/" + kModelFile : path;
     ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(file));
-    RETURN_IF_ERROR(ReadTensors(*reader, "", NamedTensors(config, &loaded)));
-    *params = std::move(loaded);
-    return absl::OkStatus();
+    RETURN_IF_ERROR(ReadTensors(*reader, "", shapes));
+    for (const NamedTensor<float>& t : shapes) r->file_of_[t.name] = reader.get();
+    r->files_.push_back(std::move(reader));
+    return r;
   }
   const std::string index_path = path + "/" + kModelIndexFile;
   if (!std::filesystem::exists(index_path, ec)) {
@@ -300,9 +305,9 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
     return absl::InvalidArgumentError(
         absl::StrCat(index_path, ": \"weight_map\" is missing or not an object"));
   }
-  // Group the tensors the model needs by shard, then read one shard at a time.
+  // Group the tensors the model needs by shard, then open and check one shard at a time.
   std::map<std::string, std::vector<NamedTensor<float>>> by_file;
-  for (NamedTensor<float>& t : NamedTensors(config, &loaded)) {
+  for (NamedTensor<float>& t : shapes) {
     const JsonValue* file = map->Find(t.name);
     if (file == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map has no entry for "
@@ -327,6 +332,26 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
     }
     RETURN_IF_ERROR(ReadTensors(**reader, "", tensors,
                                 absl::StrCat(" (", index_path, " places it in this shard)")));
+    for (const NamedTensor<float>& t : tensors) r->file_of_[t.name] = reader->get();
+    r->files_.push_back(*std::move(reader));
+  }
+  return r;
+}
+
+absl::Status WeightsReader::Read(const std::string& name, float* dst) const {
+  auto it = file_of_.find(name);
+  if (it == file_of_.end()) {
+    return absl::NotFoundError(absl::StrCat("the model has no tensor ", name));
+  }
+  return it->second->Read(name, dst);
+}
+
+absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
+                         ModelParams* params) {
+  ASSIGN_OR_RETURN(std::unique_ptr<WeightsReader> reader, WeightsReader::Open(path, config));
+  ModelParams loaded = AllocateParams<float>(config);
+  for (const NamedTensor<float>& t : NamedTensors(config, &loaded)) {
+    RETURN_IF_ERROR(reader->Read(t.name, t.data->data()));
   }
   *params = std::move(loaded);
   return absl::OkStatus();

@@ -5,8 +5,10 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -63,6 +65,22 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
 // missing shard file is NOT_FOUND naming it. F32, BF16 and F16 are accepted. `params` is
 // unchanged on error.
 absl::Status LoadWeights(const std::string& path, const ModelConfig& config, ModelParams* params);
+
+// The same files opened to read one tensor at a time (mapped, not read whole), for state that
+// goes elsewhere (a device, the memstore) as it is read. Open makes every check LoadWeights
+// makes, with the same errors, before anything is read. Thread-compatible.
+class WeightsReader {
+ public:
+  static absl::StatusOr<std::unique_ptr<WeightsReader>> Open(const std::string& path,
+                                                             const ModelConfig& config);
+  // Tensor `name` (a Hugging Face name of the model) into a buffer of its size.
+  absl::Status Read(const std::string& name, float* dst) const;
+
+ private:
+  WeightsReader() = default;
+  std::vector<std::unique_ptr<SafetensorsReader>> files_;
+  std::map<std::string, const SafetensorsReader*> file_of_;
+};
 
 // AdamW state: tensors "<name>.exp_avg" and "<name>.exp_avg_sq" for every parameter, and
 // metadata "step" (number of updates done).

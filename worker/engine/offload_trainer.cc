@@ -241,11 +241,13 @@ absl::Status OffloadTrainer::Init() {
   }
   generation_.assign(param_slots_.size(), 0);
 
-  // Initialise exactly as Trainer, then move every tensor to where it lives.
+  // Initialise exactly as Trainer, then move every tensor to where it lives. Weights from a
+  // file are read a tensor at a time as they are placed; random ones are made whole.
   ModelParams init;
+  std::unique_ptr<WeightsReader> weights;
   if (!options_.init_from.empty()) {
-    init = AllocateParams<float>(c);
-    RETURN_IF_ERROR(LoadWeights(options_.init_from, c, &init));
+    ASSIGN_OR_RETURN(weights, WeightsReader::Open(options_.init_from, c));
+    init.layers.resize(c.num_hidden_layers);
   } else {
     InitParams(c, t.seed, &init, pool_.get());
   }
@@ -258,6 +260,10 @@ absl::Status OffloadTrainer::Init() {
   }
   for (NamedTensor<float> &p : NamedTensors(c, &init)) {
     const int64_t size = Numel(p);
+    if (weights != nullptr) {
+      p.data->resize(size);
+      RETURN_IF_ERROR(weights->Read(p.name, p.data->data()));
+    }
     std::vector<float> m(size, 0.0f), v(moments != nullptr ? size : 0, 0.0f);
     if (moments != nullptr) RETURN_IF_ERROR(moments->Read(p.name, m.data(), v.data()));
     const float *vp = moments != nullptr ? v.data() : m.data();  // zeros for both
