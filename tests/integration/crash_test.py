@@ -34,6 +34,15 @@ def wait_past_checkpoint(node, job_id, step=EVERY + 3):
     raise AssertionError("the job did not reach step %d: %s" % (step, node.job(job_id)))
 
 
+def submit_offloaded(node):
+    """A 40-step job checkpointed every 5 steps whose state streams through the memstore (the
+    node's device budget is 1 MiB)."""
+    data = os.path.join(node.tmp, "train.bin")
+    lumen_node.write_tokens(data, 30000)
+    return node.submit(lumen_node.job_yaml(data, name="offloaded", steps=40,
+                                           extra="checkpoint: {every_steps: 5}\n"))
+
+
 def losses(node, job_id):
     steps = node.ctl_json("logs", job_id)
     return [int(s["step"]) for s in steps], [s["loss"] for s in steps]
@@ -89,10 +98,7 @@ class CrashTest(unittest.TestCase):
         # worker leaves its tensors (and maybe a pin) there; the coordinator frees them before
         # the job resumes.
         with lumen_node.Node(device_memory="1MiB") as node:
-            data = os.path.join(node.tmp, "train.bin")
-            lumen_node.write_tokens(data, 30000)
-            job = node.submit(lumen_node.job_yaml(data, name="offloaded", steps=40,
-                                                  extra="checkpoint: {every_steps: 5}\n"))
+            job = submit_offloaded(node)
             deadline = time.time() + 120
             held = 0
             while time.time() < deadline:
@@ -119,10 +125,7 @@ class CrashTest(unittest.TestCase):
         # run fails and the job continues from its checkpoint once lumend restarted the
         # memstore.
         with lumen_node.Node(device_memory="1MiB") as node:
-            data = os.path.join(node.tmp, "train.bin")
-            lumen_node.write_tokens(data, 30000)
-            job = node.submit(lumen_node.job_yaml(data, name="offloaded", steps=40,
-                                                  extra="checkpoint: {every_steps: 5}\n"))
+            job = submit_offloaded(node)
             wait_past_checkpoint(node, job["id"], step=6)
             os.kill(int(node.process("memstore")["pid"]), signal.SIGKILL)
             ended = node.wait_job(job["id"], timeout=300)
