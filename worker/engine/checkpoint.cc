@@ -26,14 +26,21 @@ std::vector<NamedTensor<float>> Tensors(const ModelConfig& c, const ModelParams&
   return NamedTensors(c, const_cast<ModelParams*>(&p));
 }
 
+// The names and shapes of `config`'s tensors, without data (null data pointers).
+std::vector<NamedTensor<float>> Shapes(const ModelConfig& config) {
+  ModelParams empty;
+  empty.layers.resize(config.num_hidden_layers);
+  std::vector<NamedTensor<float>> shapes = NamedTensors(config, &empty);
+  for (NamedTensor<float>& t : shapes) t.data = nullptr;
+  return shapes;
+}
+
 // The safetensors views of `config`'s tensors (names with `suffix`), their data in `params`
 // or, when it is null, taken from `source` one tensor at a time.
 std::vector<TensorView> HfViews(const ModelConfig& config, const std::string& suffix,
                                 const ModelParams* params, const TensorSource* source) {
-  ModelParams empty;
-  empty.layers.resize(config.num_hidden_layers);
   std::vector<NamedTensor<float>> tensors =
-      params != nullptr ? Tensors(config, *params) : NamedTensors(config, &empty);
+      params != nullptr ? Tensors(config, *params) : Shapes(config);
   std::vector<TensorView> views;
   for (const NamedTensor<float>& t : tensors) {
     TensorView v;
@@ -49,11 +56,11 @@ std::vector<TensorView> HfViews(const ModelConfig& config, const std::string& su
   return views;
 }
 
-// Reads `tensors` (names with `suffix`) from `file` into their buffers, checking each is
-// present with the model's shape; `where` is appended to a missing tensor's error.
-absl::Status ReadTensors(const SafetensorsReader& file, const std::string& suffix,
-                         const std::vector<NamedTensor<float>>& tensors,
-                         const std::string& where = "") {
+// Checks that `file` holds each of `tensors` (names with `suffix`) with the model's shape;
+// `where` is appended to a missing tensor's error.
+absl::Status CheckTensors(const SafetensorsReader& file, const std::string& suffix,
+                          const std::vector<NamedTensor<float>>& tensors,
+                          const std::string& where = "") {
   for (const NamedTensor<float>& t : tensors) {
     const std::string name = t.name + suffix;
     const std::vector<int64_t>* shape = file.shape(name);
@@ -67,7 +74,6 @@ absl::Status ReadTensors(const SafetensorsReader& file, const std::string& suffi
                                                      " has shape ", ShapeString(*shape),
                                                      ", the model needs ", ShapeString(t.shape)));
     }
-    if (t.data != nullptr) RETURN_IF_ERROR(file.Read(name, t.data->data()));
   }
   return absl::OkStatus();
 }
@@ -275,17 +281,14 @@ absl::Status ExportHfDirectory(const std::string& dir, const ModelConfig& config
 absl::StatusOr<std::unique_ptr<WeightsReader>> WeightsReader::Open(const std::string& path,
                                                                    const ModelConfig& config) {
   std::unique_ptr<WeightsReader> r(new WeightsReader());
-  ModelParams empty;
-  empty.layers.resize(config.num_hidden_layers);
-  std::vector<NamedTensor<float>> shapes = NamedTensors(config, &empty);
-  for (NamedTensor<float>& t : shapes) t.data = nullptr;  // shapes only: check, read nothing
+  const std::vector<NamedTensor<float>> shapes = Shapes(config);
   std::error_code ec;
   if (!std::filesystem::is_directory(path, ec) ||
       std::filesystem::exists(path + "/" + kModelFile, ec)) {
     const std::string file =
         std::filesystem::is_directory(path, ec) ? path + "/" + kModelFile : path;
     ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(file));
-    RETURN_IF_ERROR(ReadTensors(*reader, "", shapes));
+    RETURN_IF_ERROR(CheckTensors(*reader, "", shapes));
     for (const NamedTensor<float>& t : shapes) r->file_of_[t.name] = reader.get();
     r->files_.push_back(std::move(reader));
     return r;
@@ -307,7 +310,7 @@ absl::StatusOr<std::unique_ptr<WeightsReader>> WeightsReader::Open(const std::st
   }
   // Group the tensors the model needs by shard, then open and check one shard at a time.
   std::map<std::string, std::vector<NamedTensor<float>>> by_file;
-  for (NamedTensor<float>& t : shapes) {
+  for (const NamedTensor<float>& t : shapes) {
     const JsonValue* file = map->Find(t.name);
     if (file == nullptr) {
       return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map has no entry for "
@@ -330,7 +333,7 @@ absl::StatusOr<std::unique_ptr<WeightsReader>> WeightsReader::Open(const std::st
                           absl::StrCat(reader.status().message(), " (", index_path,
                                        " places tensor ", tensors[0].name, " there)"));
     }
-    RETURN_IF_ERROR(ReadTensors(**reader, "", tensors,
+    RETURN_IF_ERROR(CheckTensors(**reader, "", tensors,
                                 absl::StrCat(" (", index_path, " places it in this shard)")));
     for (const NamedTensor<float>& t : tensors) r->file_of_[t.name] = reader->get();
     r->files_.push_back(*std::move(reader));
@@ -359,9 +362,8 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config,
 
 namespace {
 
-absl::Status SaveMoments(const std::string& path, const ModelConfig& config,
-                         std::vector<TensorView> views, std::vector<TensorView> sq_views,
-                         int64_t step) {
+absl::Status SaveMoments(const std::string& path, std::vector<TensorView> views,
+                         std::vector<TensorView> sq_views, int64_t step) {
   for (TensorView& v : sq_views) views.push_back(std::move(v));
   return WriteSafetensors(path, views, {{"step", absl::StrCat(step)}, {"optimizer", "adamw"}});
 }
@@ -371,14 +373,14 @@ absl::Status SaveMoments(const std::string& path, const ModelConfig& config,
 absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
                                 const TensorSource& exp_avg, const TensorSource& exp_avg_sq,
                                 int64_t step) {
-  return SaveMoments(path, config, HfViews(config, ".exp_avg", nullptr, &exp_avg),
+  return SaveMoments(path, HfViews(config, ".exp_avg", nullptr, &exp_avg),
                      HfViews(config, ".exp_avg_sq", nullptr, &exp_avg_sq), step);
 }
 
 absl::Status SaveOptimizerState(const std::string& path, const ModelConfig& config,
                                 const ModelParams& exp_avg, const ModelParams& exp_avg_sq,
                                 int64_t step) {
-  return SaveMoments(path, config, HfViews(config, ".exp_avg", &exp_avg, nullptr),
+  return SaveMoments(path, HfViews(config, ".exp_avg", &exp_avg, nullptr),
                      HfViews(config, ".exp_avg_sq", &exp_avg_sq, nullptr), step);
 }
 
@@ -392,12 +394,9 @@ absl::StatusOr<std::unique_ptr<OptimizerStateReader>> OptimizerStateReader::Open
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": metadata \"step\" is missing or not a non-negative integer"));
   }
-  ModelParams empty;
-  empty.layers.resize(config.num_hidden_layers);
-  std::vector<NamedTensor<float>> shapes = NamedTensors(config, &empty);
-  for (NamedTensor<float>& t : shapes) t.data = nullptr;  // shapes only: check, read nothing
-  RETURN_IF_ERROR(ReadTensors(*r->file_, ".exp_avg", shapes));
-  RETURN_IF_ERROR(ReadTensors(*r->file_, ".exp_avg_sq", shapes));
+  const std::vector<NamedTensor<float>> shapes = Shapes(config);
+  RETURN_IF_ERROR(CheckTensors(*r->file_, ".exp_avg", shapes));
+  RETURN_IF_ERROR(CheckTensors(*r->file_, ".exp_avg_sq", shapes));
   return r;
 }
 
