@@ -6,10 +6,13 @@
 #include <fstream>
 #include <iomanip>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/client.h"
@@ -119,18 +122,23 @@ int Follow(LumenClient& client, const std::string& job_id, bool json, std::ostre
 }
 
 void PrintJobTable(const std::vector<Job>& jobs, std::ostream& out) {
-  out << absl::StrFormat("%-12s %-20s %-10s %-12s %-10s %-20s %s\n", "ID", "NAME", "STATE", "STEP",
-                         "LOSS", "SUBMITTED", "REASON");
+  out << absl::StrFormat("%-12s %-20s %-10s %-9s %-12s %-10s %-20s %s\n", "ID", "NAME", "STATE",
+                         "WORKER", "STEP", "LOSS", "SUBMITTED", "REASON");
   for (const Job& job : jobs) {
+    std::string reason = job.failure_reason();
+    if (job.state() == QUEUED) {
+      std::vector<std::string> parts;
+      if (job.resumes() > 0) parts.push_back(absl::StrCat("to resume: ", job.resume_reason()));
+      if (!job.wait_reason().empty()) parts.push_back(absl::StrCat("waits: ", job.wait_reason()));
+      reason = absl::StrJoin(parts, "; ");
+    }
     out << absl::StrFormat(
-        "%-12s %-20s %-10s %-12s %-10s %-20s %s\n", job.id(), job.spec().name(),
+        "%-12s %-20s %-10s %-9s %-12s %-10s %-20s %s\n", job.id(), job.spec().name(),
         JobState_Name(job.state()),
+        job.state() == RUNNING && !job.worker().empty() ? job.worker() : "-",
         absl::StrCat(job.latest_step().step(), "/", job.spec().train().steps()),
         job.has_latest_step() ? absl::StrFormat("%.4f", job.latest_step().loss()) : "-",
-        Time(job.submit_time_unix_ms()),
-        job.state() == QUEUED && job.resumes() > 0
-            ? absl::StrCat("to resume: ", job.resume_reason())
-            : job.failure_reason());
+        Time(job.submit_time_unix_ms()), reason);
   }
 }
 
@@ -145,6 +153,15 @@ void PrintJob(const Job& job, std::ostream& out) {
       << "worker:      " << (job.worker().empty() ? "-" : job.worker()) << "\n";
   if (job.has_latest_step()) out << "last step:   " << StepLine(job, job.latest_step()) << "\n";
   if (!job.failure_reason().empty()) out << "reason:      " << job.failure_reason() << "\n";
+  if (job.state() == QUEUED && !job.wait_reason().empty()) {
+    out << "waits:       " << job.wait_reason() << "\n";
+  }
+  if (job.has_claims()) {
+    const ResourceClaims& c = job.claims();
+    out << "holds:       memstore host " << FormatBytes(c.memstore_host_bytes()) << ", NVMe "
+        << FormatBytes(c.memstore_nvme_bytes()) << ", worker host memory "
+        << FormatBytes(c.worker_host_bytes()) << "\n";
+  }
   if (!job.final_checkpoint().empty()) out << "checkpoint:  " << job.final_checkpoint() << "\n";
   if (job.resumes() > 0) {
     out << "resumed:     " << job.resumes() << (job.resumes() == 1 ? " time" : " times")

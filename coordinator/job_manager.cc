@@ -1,13 +1,18 @@
 #include "coordinator/job_manager.h"
 
+#include <algorithm>
 #include <filesystem>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/host_memory.h"
 #include "common/status_macros.h"
+#include "common/units.h"
 #include "glog/logging.h"
 
 namespace lumen {
@@ -124,25 +129,36 @@ void JobManager::Stop() {
     absl::MutexLock lock(&mu_);
     if (stopping_) return;
     stopping_ = true;
-    if (running_worker_ != nullptr) running_worker_->CancelTask(running_job_);
+    for (const auto& [worker, job_id] : running_) worker->CancelTask(job_id);
   }
   if (dispatcher_.joinable()) dispatcher_.join();
 }
 
 absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::string& base_dir) {
   ASSIGN_OR_RETURN(JobSpec spec, ResolveJobSpec(spec_yaml, base_dir, options_.limits));
-  // Admission: a job that cannot fit the node is refused now, with the numbers, rather than
-  // failing when it reaches a worker. Workers are alike; ask the first. One that cannot
-  // answer (still starting) does not block the submit: the task would fail with the same
-  // message later.
+  // Admission: a job that cannot fit the idle node is refused now, with the numbers, rather
+  // than failing when it reaches a worker; one that fits learns what it will hold of the
+  // node's shared memory, to run beside others while that fits. Workers are alike; ask the
+  // first. One that cannot answer (still starting) does not block the submit: the task would
+  // fail with the same message later, and the job runs alone.
+  std::optional<ResourceClaims> claims;
   if (!workers_.empty()) {
-    const absl::Status fits = workers_.front()->CheckTask(spec, absl::Seconds(5));
-    if (absl::IsResourceExhausted(fits) || absl::IsInvalidArgument(fits)) {
-      return absl::Status(fits.code(), absl::StrCat("the job does not fit this node: ",
-                                                    fits.message()));
+    int64_t host_available = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      host_available = std::max<int64_t>(0, shares_.worker_host_bytes);
     }
-    if (!fits.ok()) {
-      LOG(WARNING) << "admission check skipped: " << workers_.front()->name() << ": " << fits;
+    absl::StatusOr<ResourceClaims> fits =
+        workers_.front()->CheckTask(spec, host_available, absl::Seconds(5));
+    const absl::Status& s = fits.status();
+    if (absl::IsResourceExhausted(s) || absl::IsInvalidArgument(s)) {
+      return absl::Status(s.code(), absl::StrCat("the job does not fit this node: ",
+                                                 s.message()));
+    }
+    if (fits.ok()) {
+      claims = *std::move(fits);
+    } else {
+      LOG(WARNING) << "admission check skipped: " << workers_.front()->name() << ": " << s;
     }
   }
   // The number, the submit time and the queue position under one lock: concurrent submits
@@ -157,6 +173,7 @@ absl::StatusOr<Job> JobManager::Submit(const std::string& spec_yaml, const std::
   job.set_state(QUEUED);
   job.set_submit_time_unix_ms(NowMs());
   job.set_parameter_count(ParameterCount(job.spec().model()));
+  if (claims) *job.mutable_claims() = *claims;
   job.set_output_dir(
       (std::filesystem::path(options_.data_dir) / "jobs" / job.id()).string());
   RETURN_IF_ERROR(store_->PutJob(job));
@@ -192,8 +209,8 @@ absl::StatusOr<Job> JobManager::Cancel(const std::string& job_id) {
     FinishJob(job_id, CANCELLED, "cancelled while queued");
   } else if (job.state() == RUNNING) {
     cancel_requested_[job_id] = true;
-    if (running_worker_ != nullptr && running_job_ == job_id) {
-      running_worker_->CancelTask(job_id);
+    for (const auto& [worker, id] : running_) {
+      if (id == job_id) worker->CancelTask(job_id);
     }
   }
   return jobs_[job_id];
@@ -231,20 +248,139 @@ void JobManager::Unwatch(int64_t handle) {
 
 void JobManager::DispatchLoop() {
   while (true) {
+    // Runs that ended: their threads are done.
+    for (auto it = runs_.begin(); it != runs_.end();) {
+      if (!it->done->load()) {
+        ++it;
+        continue;
+      }
+      it->thread.join();
+      it = runs_.erase(it);
+    }
+    RefreshShares();
     std::string job_id;
+    WorkerClient* worker = nullptr;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return stopping_ || !queue_.empty();
+        return stopping_ || HeadCanStart(nullptr);
       };
-      mu_.Await(absl::Condition(&ready));
-      if (stopping_) return;
+      // Submits and ended runs wake it; the timeout refreshes the shares and reaps threads.
+      const bool woken = mu_.AwaitWithTimeout(absl::Condition(&ready), absl::Seconds(2));
+      if (stopping_) break;
+      if (!woken) {
+        // A head job that waits while a worker is free says why (lumenctl jobs, status).
+        std::string why;
+        HeadCanStart(&why);
+        if (!queue_.empty()) {
+          Job& head = jobs_[queue_.front()];
+          if (head.wait_reason() != why) {
+            head.set_wait_reason(why);
+            if (!why.empty()) LOG(INFO) << head.id() << " waits: " << why;
+            Publish(head, {});
+          }
+        }
+        continue;
+      }
+      worker = IdleWorker();
       job_id = queue_.front();
       queue_.pop_front();
+      running_[worker] = job_id;
+      jobs_[job_id].clear_wait_reason();
     }
-    // One running job per node for now: the first worker runs it.
-    RunJob(job_id, workers_.front());
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    runs_.push_back(Run{std::thread([this, job_id, worker, done] {
+                          RunJob(job_id, worker);
+                          done->store(true);
+                        }),
+                        done});
   }
+  // Stop cancelled the running tasks; each run stores its job for the next start.
+  for (Run& run : runs_) run.thread.join();
+  runs_.clear();
+}
+
+void JobManager::RefreshShares() {
+  bool idle;
+  bool memstore_known;
+  {
+    absl::MutexLock lock(&mu_);
+    idle = running_.empty();
+    memstore_known = shares_.memstore_host_bytes >= 0;
+  }
+  int64_t host = -1, nvme = -1;
+  if (!memstore_known && memstore_ != nullptr) {
+    // The tiers' capacities are fixed while the node runs (lumend's flags).
+    absl::StatusOr<GetMemstoreStatsReply> stats = memstore_->GetStats(absl::Seconds(1));
+    if (stats.ok()) {
+      host = nvme = 0;
+      for (const TierInfo& tier : stats->tiers()) {
+        (tier.name() == "host" ? host : nvme) += tier.capacity_bytes();
+      }
+    }
+  }
+  // The host memory jobs may take: what is available while none runs (the memstore's arena
+  // is allocated when it starts).
+  const int64_t available = idle ? AvailableHostBytes() : -1;
+  absl::MutexLock lock(&mu_);
+  if (host >= 0) {
+    shares_.memstore_host_bytes = host;
+    shares_.memstore_nvme_bytes = nvme;
+  }
+  if (available >= 0 && running_.empty()) shares_.worker_host_bytes = available;
+}
+
+WorkerClient* JobManager::IdleWorker() {
+  for (WorkerClient* worker : workers_) {
+    if (running_.count(worker) == 0) return worker;
+  }
+  return nullptr;
+}
+
+bool JobManager::HeadCanStart(std::string* why) {
+  if (why != nullptr) why->clear();
+  if (queue_.empty() || IdleWorker() == nullptr) return false;
+  if (running_.empty()) return true;
+  auto wait = [why](std::string reason) {
+    if (why != nullptr) *why = std::move(reason);
+    return false;
+  };
+  const Job& head = jobs_.at(queue_.front());
+  if (!head.has_claims()) {
+    return wait("it runs alone: its use of the node's memory is unknown (the worker could not "
+                "be asked when it was submitted)");
+  }
+  ResourceClaims beside;
+  std::vector<std::string> ids;
+  for (const auto& [worker, id] : running_) {
+    const Job& job = jobs_.at(id);
+    if (!job.has_claims()) return wait(absl::StrCat(id, " runs alone"));
+    beside.set_memstore_host_bytes(beside.memstore_host_bytes() +
+                                   job.claims().memstore_host_bytes());
+    beside.set_memstore_nvme_bytes(beside.memstore_nvme_bytes() +
+                                   job.claims().memstore_nvme_bytes());
+    beside.set_worker_host_bytes(beside.worker_host_bytes() + job.claims().worker_host_bytes());
+    ids.push_back(id);
+  }
+  struct Share {
+    const char* name;
+    int64_t needs, held, capacity;
+  };
+  for (const Share& share :
+       {Share{"the memstore's host tier", head.claims().memstore_host_bytes(),
+              beside.memstore_host_bytes(), shares_.memstore_host_bytes},
+        Share{"the memstore's NVMe tier", head.claims().memstore_nvme_bytes(),
+              beside.memstore_nvme_bytes(), shares_.memstore_nvme_bytes},
+        Share{"host memory for workers", head.claims().worker_host_bytes(),
+              beside.worker_host_bytes(), shares_.worker_host_bytes}}) {
+    if (share.needs == 0 || share.needs + share.held <= share.capacity) continue;
+    return wait(absl::StrCat(
+        share.name, ": needs ", FormatBytes(share.needs), "; ", absl::StrJoin(ids, ", "),
+        " hold ", FormatBytes(share.held), " of ",
+        share.capacity < 0 ? std::string("an unknown capacity")
+                           : FormatBytes(share.capacity)));
+  }
+  return true;
 }
 
 void JobManager::SetJobPlanner(JobPlanner planner) { planner_ = std::move(planner); }
@@ -298,8 +434,6 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
       predicted_step_time_gauge_.Add({{"job", job_id}}).Set(predicted);
       LOG(INFO) << job_id << ": predicted step time " << predicted << " s";
     }
-    running_job_ = job_id;
-    running_worker_ = worker;
     Publish(job, {});
     request.set_job_id(job_id);
     *request.mutable_spec() = job.spec();
@@ -323,8 +457,7 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   absl::MutexLock lock(&mu_);
   Job& job = jobs_[job_id];
   job.set_tensors_freed(freed);
-  running_job_.clear();
-  running_worker_ = nullptr;
+  running_.erase(worker);
   const std::string reason = std::string(status.message()).find(worker->name()) == 0
                                  ? std::string(status.message())
                                  : absl::StrCat(worker->name(), ": ", status.ToString());

@@ -1,10 +1,13 @@
-// Owns the job queue: validation at submit, FIFO dispatch to the workers (one running job per
-// node for now), state transitions with their history in a JobStore, and watchers. A job whose
-// run is interrupted (the coordinator stops, the worker dies) goes back to the head of the queue
-// and continues from its latest checkpoint. Thread-safe.
+// Owns the job queue: validation at submit, FIFO dispatch to the workers, state transitions with
+// their history in a JobStore, and watchers. Jobs run side by side, one per worker, while what
+// they hold of the node's shared memory (their ResourceClaims: the memstore's tiers, the host
+// memory the workers take) fits together; the head of the queue waits for that, later jobs do
+// not pass it. A job whose run is interrupted (the coordinator stops, the worker dies) goes
+// back to the head of the queue and continues from its latest checkpoint. Thread-safe.
 #ifndef LUMEN_COORDINATOR_JOB_MANAGER_H_
 #define LUMEN_COORDINATOR_JOB_MANAGER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -53,7 +56,7 @@ class JobManager {
   // (to resume from their latest checkpoints) and then the QUEUED ones in order, and starts
   // dispatching.
   absl::Status Start();
-  // Cancels the running task and stops dispatching. Idempotent.
+  // Cancels the running tasks, waits for their runs to end and stops dispatching. Idempotent.
   void Stop();
 
   // Plans a job when it starts (PlanJobOnNode on the node's figures): the schedule goes to the
@@ -87,7 +90,26 @@ class JobManager {
     WatchCallback callback;
   };
 
+  // What running jobs share, -1 where unknown: the memstore's tier capacities and the host
+  // memory workers may take (MemAvailable while no job runs).
+  struct NodeShares {
+    int64_t memstore_host_bytes = -1;
+    int64_t memstore_nvme_bytes = -1;
+    int64_t worker_host_bytes = -1;
+  };
+  struct Run {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+
   void DispatchLoop();
+  // Learns the shares it does not know yet (an RPC to the memstore) and, while no job runs,
+  // the host memory available. Call without the lock.
+  void RefreshShares() ABSL_LOCKS_EXCLUDED(mu_);
+  WorkerClient* IdleWorker() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether the head of the queue can start now on an idle worker; when only the claims stop
+  // it, `why` (if not null) says which share and the bytes.
+  bool HeadCanStart(std::string* why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunJob(const std::string& job_id, WorkerClient* worker);
   void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
@@ -126,10 +148,13 @@ class JobManager {
   std::map<std::string, bool> cancel_requested_ ABSL_GUARDED_BY(mu_);
   std::map<int64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);
   int64_t next_watch_ ABSL_GUARDED_BY(mu_) = 1;
-  std::string running_job_ ABSL_GUARDED_BY(mu_);
-  WorkerClient* running_worker_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // The job each busy worker runs.
+  std::map<WorkerClient*, std::string> running_ ABSL_GUARDED_BY(mu_);
+  NodeShares shares_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread dispatcher_;
+  // Each run's thread; the dispatcher's own (it joins them).
+  std::vector<Run> runs_;
 };
 
 }  // namespace lumen

@@ -2,6 +2,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -74,11 +76,12 @@ class FakeWorker : public WorkerClient {
     cancelled_ = true;
   }
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
-  absl::Status CheckTask(const JobSpec& spec, absl::Duration) override {
+  absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t,
+                                           absl::Duration) override {
     if (spec.train().micro_batch_size() > max_micro_batch_) {
       return absl::ResourceExhaustedError("the backward of layer 1 needs 9 MiB");
     }
-    return absl::OkStatus();
+    return ResourceClaims();
   }
   int64_t max_micro_batch_ = 1 << 20;
 
@@ -454,6 +457,228 @@ TEST_F(JobManagerTest, JobTheWorkerCannotFitIsRejectedAtSubmit) {
               HasSubstr("does not fit this node: the backward of layer 1 needs 9 MiB"));
   EXPECT_TRUE(manager.List().empty());
   EXPECT_TRUE(manager.Submit(Spec(2), dir_).ok());
+}
+
+// A worker whose tasks run one step, then wait until the test lets one finish; CheckTask claims
+// what `claims` says for the job's name (nothing otherwise), or UNAVAILABLE for names in
+// `unreachable`.
+class GatedWorker : public WorkerClient {
+ public:
+  explicit GatedWorker(std::string name) : name_(std::move(name)) {}
+  const std::string& name() const override { return name_; }
+  absl::Status RunTask(const RunTaskRequest& request,
+                       const std::function<void(const TaskEvent&)>& on_event) override {
+    TaskEvent event;
+    event.mutable_step()->set_step(1);
+    event.mutable_step()->set_tokens(8);
+    on_event(event);
+    absl::MutexLock lock(&mu_);
+    auto free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return finishes_ > 0 || cancelled_;
+    };
+    mu_.Await(absl::Condition(&free));
+    if (cancelled_) {
+      cancelled_ = false;
+      return absl::CancelledError("cancelled");
+    }
+    --finishes_;
+    return absl::OkStatus();
+  }
+  void CancelTask(const std::string&) override {
+    absl::MutexLock lock(&mu_);
+    cancelled_ = true;
+  }
+  absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
+  absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t,
+                                           absl::Duration) override {
+    if (unreachable.count(spec.name())) return absl::UnavailableError("still starting");
+    auto it = claims.find(spec.name());
+    return it == claims.end() ? ResourceClaims() : it->second;
+  }
+  // Lets the running (or the next) task end.
+  void FinishOne() {
+    absl::MutexLock lock(&mu_);
+    ++finishes_;
+  }
+
+  std::map<std::string, ResourceClaims> claims;
+  std::set<std::string> unreachable;
+
+ private:
+  const std::string name_;
+  absl::Mutex mu_;
+  int finishes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// A memstore of 100 MiB of host memory and 1 GiB of NVMe.
+class HundredMiBMemstore : public FakeMemstoreClient {
+ public:
+  absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration) override {
+    GetMemstoreStatsReply reply;
+    TierInfo* host = reply.add_tiers();
+    host->set_name("host");
+    host->set_capacity_bytes(100 << 20);
+    TierInfo* nvme = reply.add_tiers();
+    nvme->set_name("nvme:fake");
+    nvme->set_capacity_bytes(1 << 30);
+    return reply;
+  }
+};
+
+ResourceClaims MemstoreHostClaim(int64_t mib) {
+  ResourceClaims c;
+  c.set_memstore_host_bytes(mib << 20);
+  c.set_worker_host_bytes(1 << 20);
+  return c;
+}
+
+class SideBySideTest : public JobManagerTest {
+ protected:
+  std::string Named(const std::string& name) { return "name: " + name + "\n" + Spec(1); }
+  // Waits until `id` is in `state`; false after 10 s.
+  bool WaitForState(JobManager& manager, const std::string& id, JobState state) {
+    for (int i = 0; i < 1000; ++i) {
+      absl::StatusOr<Job> job = manager.Get(id);
+      if (job.ok() && job->state() == state) return true;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return false;
+  }
+  // Waits until the head job's wait_reason is set (the dispatcher looks every 2 s).
+  std::string WaitReason(JobManager& manager, const std::string& id) {
+    for (int i = 0; i < 1000; ++i) {
+      absl::StatusOr<Job> job = manager.Get(id);
+      if (job.ok() && !job->wait_reason().empty()) return job->wait_reason();
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return "";
+  }
+
+  // Lets running job `id` end, on whichever worker runs it; false when it is not running.
+  bool Finish(JobManager& manager, const std::string& id) {
+    absl::StatusOr<Job> job = manager.Get(id);
+    if (!job.ok() || job->state() != RUNNING) return false;
+    for (GatedWorker* w : {&a_, &b_, &c_}) {
+      if (w->name() == job->worker()) w->FinishOne();
+    }
+    return true;
+  }
+
+  GatedWorker a_{"worker-0"};
+  GatedWorker b_{"worker-1"};
+  GatedWorker c_{"worker-2"};
+};
+
+// Two workers run the first two jobs at once; the third waits for a free worker.
+TEST_F(SideBySideTest, EachIdleWorkerTakesTheNextJob) {
+  JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  std::vector<std::string> ids;
+  for (const char* name : {"one", "two", "three"}) {
+    absl::StatusOr<Job> job = manager.Submit(Named(name), dir_);
+    ASSERT_TRUE(job.ok()) << job.status();
+    ids.push_back(job->id());
+  }
+  ASSERT_TRUE(WaitForState(manager, ids[0], RUNNING));
+  ASSERT_TRUE(WaitForState(manager, ids[1], RUNNING));
+  EXPECT_NE(manager.Get(ids[0])->worker(), manager.Get(ids[1])->worker());
+  absl::SleepFor(absl::Milliseconds(2500));  // past a dispatcher round
+  EXPECT_EQ(manager.Get(ids[2])->state(), QUEUED);
+  EXPECT_EQ(manager.Get(ids[2])->wait_reason(), "");  // no worker is free: nothing to explain
+  EXPECT_EQ(manager.JobsByState()["RUNNING"], 2);
+  const std::string second_worker = manager.Get(ids[1])->worker();
+  ASSERT_TRUE(Finish(manager, ids[1]));
+  EXPECT_EQ(WaitForEnd(manager, ids[1]).state(), SUCCEEDED);
+  ASSERT_TRUE(WaitForState(manager, ids[2], RUNNING));
+  EXPECT_EQ(manager.Get(ids[2])->worker(), second_worker);  // the one that became free
+  ASSERT_TRUE(Finish(manager, ids[0]));
+  ASSERT_TRUE(Finish(manager, ids[2]));
+  for (const std::string& id : ids) EXPECT_EQ(WaitForEnd(manager, id).state(), SUCCEEDED);
+}
+
+// The head job waits while its claims do not fit beside the running jobs' though a worker is
+// free, says why, and later jobs do not pass it.
+TEST_F(SideBySideTest, HeadWaitsUntilItsClaimsFit) {
+  HundredMiBMemstore memstore;
+  a_.claims["big1"] = b_.claims["big1"] = MemstoreHostClaim(60);
+  a_.claims["big2"] = b_.claims["big2"] = MemstoreHostClaim(60);
+  JobManager manager(&store_, {&a_, &b_, &c_}, {dir_, NodeLimits{}}, registry_);
+  manager.SetMemstore(&memstore);
+  ASSERT_TRUE(manager.Start().ok());
+  absl::StatusOr<Job> big1 = manager.Submit(Named("big1"), dir_);
+  ASSERT_TRUE(big1.ok()) << big1.status();
+  EXPECT_EQ(big1->claims().memstore_host_bytes(), 60 << 20);
+  ASSERT_TRUE(WaitForState(manager, big1->id(), RUNNING));
+  absl::StatusOr<Job> big2 = manager.Submit(Named("big2"), dir_);
+  absl::StatusOr<Job> small = manager.Submit(Named("small"), dir_);
+  ASSERT_TRUE(big2.ok() && small.ok());
+  const std::string why = WaitReason(manager, big2->id());
+  EXPECT_THAT(why, HasSubstr("the memstore's host tier: needs 60.0 MiB"));
+  EXPECT_THAT(why, HasSubstr(big1->id() + " hold 60.0 MiB of 100.0 MiB"));
+  EXPECT_EQ(manager.Get(big2->id())->state(), QUEUED);
+  EXPECT_EQ(manager.Get(small->id())->state(), QUEUED);  // FIFO: it does not pass big2
+  ASSERT_TRUE(Finish(manager, big1->id()));
+  EXPECT_EQ(WaitForEnd(manager, big1->id()).state(), SUCCEEDED);
+  ASSERT_TRUE(WaitForState(manager, big2->id(), RUNNING));
+  EXPECT_EQ(manager.Get(big2->id())->wait_reason(), "");
+  // small claims nothing of the memstore: it runs beside big2.
+  ASSERT_TRUE(WaitForState(manager, small->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, big2->id()));
+  ASSERT_TRUE(Finish(manager, small->id()));
+  EXPECT_EQ(WaitForEnd(manager, big2->id()).state(), SUCCEEDED);
+  EXPECT_EQ(WaitForEnd(manager, small->id()).state(), SUCCEEDED);
+}
+
+// A job whose claims are unknown (the worker could not be asked at submit) runs alone.
+TEST_F(SideBySideTest, JobWithUnknownClaimsRunsAlone) {
+  a_.unreachable.insert("unknown");
+  JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  absl::StatusOr<Job> first = manager.Submit(Named("first"), dir_);
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(WaitForState(manager, first->id(), RUNNING));
+  absl::StatusOr<Job> unknown = manager.Submit(Named("unknown"), dir_);
+  ASSERT_TRUE(unknown.ok()) << unknown.status();
+  EXPECT_FALSE(unknown->has_claims());
+  EXPECT_THAT(WaitReason(manager, unknown->id()), HasSubstr("it runs alone"));
+  ASSERT_TRUE(Finish(manager, first->id()));
+  EXPECT_EQ(WaitForEnd(manager, first->id()).state(), SUCCEEDED);
+  absl::StatusOr<Job> after = manager.Submit(Named("after"), dir_);
+  ASSERT_TRUE(after.ok());
+  ASSERT_TRUE(WaitForState(manager, unknown->id(), RUNNING));
+  absl::SleepFor(absl::Milliseconds(2500));
+  EXPECT_EQ(manager.Get(after->id())->state(), QUEUED);  // not beside the unknown one
+  EXPECT_THAT(manager.Get(after->id())->wait_reason(), HasSubstr(unknown->id() + " runs alone"));
+  ASSERT_TRUE(Finish(manager, unknown->id()));
+  EXPECT_EQ(WaitForEnd(manager, unknown->id()).state(), SUCCEEDED);
+  ASSERT_TRUE(WaitForState(manager, after->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, after->id()));
+  EXPECT_EQ(WaitForEnd(manager, after->id()).state(), SUCCEEDED);
+}
+
+// Stopping the manager cancels every running job and stores each to resume.
+TEST_F(SideBySideTest, StopQueuesEveryRunningJob) {
+  std::vector<std::string> ids;
+  {
+    JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
+    ASSERT_TRUE(manager.Start().ok());
+    for (const char* name : {"one", "two"}) {
+      absl::StatusOr<Job> job = manager.Submit(Named(name), dir_);
+      ASSERT_TRUE(job.ok());
+      ids.push_back(job->id());
+    }
+    ASSERT_TRUE(WaitForState(manager, ids[0], RUNNING));
+    ASSERT_TRUE(WaitForState(manager, ids[1], RUNNING));
+    manager.Stop();
+  }
+  absl::StatusOr<std::vector<Job>> stored = store_.ListJobs();
+  ASSERT_TRUE(stored.ok());
+  ASSERT_EQ(stored->size(), 2u);
+  for (const Job& job : *stored) {
+    EXPECT_EQ(job.state(), QUEUED) << job.id();
+    EXPECT_EQ(job.resumes(), 1) << job.id();
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
+#include "common/status_macros.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "proto/lumen.grpc.pb.h"
@@ -96,15 +97,19 @@ absl::StatusOr<WorkerInfo> GrpcWorkerClient::GetInfo(absl::Duration timeout) {
   return info;
 }
 
-absl::Status GrpcWorkerClient::CheckTask(const JobSpec& spec, absl::Duration timeout) {
+absl::StatusOr<ResourceClaims> GrpcWorkerClient::CheckTask(const JobSpec& spec,
+                                                           int64_t host_available_bytes,
+                                                           absl::Duration timeout) {
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   // A worker that is still starting (measuring its device) answers within the timeout.
   context.set_wait_for_ready(true);
   CheckTaskRequest request;
   *request.mutable_spec() = spec;
+  request.set_host_available_bytes(host_available_bytes);
   CheckTaskReply reply;
-  return FromGrpcStatus(Worker::NewStub(channel_)->CheckTask(&context, request, &reply));
+  RETURN_IF_ERROR(FromGrpcStatus(Worker::NewStub(channel_)->CheckTask(&context, request, &reply)));
+  return reply.claims();
 }
 
 }  // namespace lumen

@@ -33,8 +33,12 @@ class WorkerClient {
   // thread.
   virtual void CancelTask(const std::string& job_id) = 0;
   virtual absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) = 0;
-  // The worker's verdict on whether `spec` fits it (Worker.CheckTask).
-  virtual absl::Status CheckTask(const JobSpec& spec, absl::Duration timeout) = 0;
+  // The worker's verdict on whether `spec` fits it on an idle node with `host_available_bytes`
+  // of host memory for jobs (0: the host's available memory now), and what the job would hold
+  // while it runs (Worker.CheckTask).
+  virtual absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec,
+                                                   int64_t host_available_bytes,
+                                                   absl::Duration timeout) = 0;
 };
 
 // A worker reached over gRPC at a Unix socket.
@@ -49,7 +53,8 @@ class GrpcWorkerClient : public WorkerClient {
                        const std::function<void(const TaskEvent&)>& on_event) override;
   void CancelTask(const std::string& job_id) override;
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) override;
-  absl::Status CheckTask(const JobSpec& spec, absl::Duration timeout) override;
+  absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t host_available_bytes,
+                                           absl::Duration timeout) override;
 
  private:
   // Constant after construction.

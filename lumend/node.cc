@@ -268,9 +268,9 @@ std::vector<ChildSpec> BuildChildSpecs(const NodeOptions& o, const ChildBinaries
               o.optimizer_overlap,
               "--link-gbps",
               absl::StrCat(o.link_gbps)};
-    // GPU workers' host threads run AdamW of streamed jobs side by side: a share of the cores
-    // each, rather than every worker a pool of all of them.
-    if (o.device == DeviceKind::kCuda && o.workers > 1) {
+    // Workers run jobs side by side: a share of the cores each (a CPU device's kernels, a GPU
+    // worker's host AdamW for streamed jobs), rather than every worker a pool of all of them.
+    if (o.workers > 1) {
       w.argv.push_back("--threads");
       w.argv.push_back(absl::StrCat(std::max(1, UsableCpus() / o.workers)));
     }

@@ -141,7 +141,8 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
                           "--device", "cpu", "--device-memory", "67108864",
                           "--memstore-socket", "/d/run/memstore.sock",
                           "--optimizer-state-tier", "host", "--optimizer-overlap", "forward",
-                          "--link-gbps", "0"));
+                          "--link-gbps", "0", "--threads",
+                          absl::StrCat(std::max(1, UsableCpus() / 2))));
   EXPECT_THAT(specs[2].sockets, ElementsAre("/d/run/worker-1.sock"));
   EXPECT_EQ(specs[3].name, "coordinator");
   EXPECT_THAT(specs[3].argv,
@@ -160,13 +161,17 @@ TEST(BuildChildSpecsTest, CommandLinesAreTheContract) {
   // The coordinator resolves and checks jobs for the node's device (precision: bf16 on GPUs).
   EXPECT_EQ(specs[3].argv.back(), "cuda");
   EXPECT_THAT(specs[1].argv, ::testing::Contains("cuda"));
-  // Two GPU workers share the cores for their host AdamW.
+  // Two GPU workers share the cores for their host AdamW (CPU devices for their kernels).
   const int cores = UsableCpus();
   const std::vector<std::string>& a = specs[1].argv;
   const auto threads = std::find(a.begin(), a.end(), "--threads");
   ASSERT_NE(threads, a.end());
   ASSERT_NE(threads + 1, a.end());
   EXPECT_EQ(*(threads + 1), absl::StrCat(std::max(1, cores / 2)));
+  // One worker has every core.
+  o.workers = 1;
+  specs = BuildChildSpecs(o, bins, ports);
+  EXPECT_THAT(specs[1].argv, ::testing::Not(::testing::Contains("--threads")));
 }
 
 // A stand-in worker for the CUDA probe: GPU 0 works, GPU 1 does not (as on a one-GPU machine).

@@ -1,11 +1,11 @@
 // cuda_jobs.h for builds with the CUDA toolkit.
 #include "worker/cuda_jobs.h"
 
-#include <cstdio>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/host_memory.h"
 #include "common/status_macros.h"
 #include "worker/cuda/device.h"
 #include "worker/cuda/host_state.h"
@@ -79,6 +79,7 @@ class CudaDeviceTrainer : public DeviceTrainer {
 struct CudaPlan {
   engine::TrainerOptions options;  // activation_checkpointing set when resident
   bool offload = false;
+  int64_t host_bytes = 0;  // streamed: the state's host memory
 };
 
 // Whether a streamed job updates during the backward beside its current state: asked for,
@@ -87,23 +88,6 @@ struct CudaPlan {
 bool Speculates(const engine::TrainerOptions& options, bool overlap_backward,
                 bool moments_at_home) {
   return overlap_backward && options.optimizer.grad_clip > 0 && !moments_at_home;
-}
-
-// Host memory this process may still take (MemAvailable), or -1 when unknown.
-int64_t AvailableHostBytes() {
-  FILE* f = std::fopen("/proc/meminfo", "r");
-  if (f == nullptr) return -1;
-  char line[256];
-  int64_t kib = -1;
-  while (std::fgets(line, sizeof(line), f) != nullptr) {
-    long long v = 0;
-    if (std::sscanf(line, "MemAvailable: %lld kB", &v) == 1) {
-      kib = v;
-      break;
-    }
-  }
-  std::fclose(f);
-  return kib < 0 ? -1 : kib * 1024;
 }
 
 // The way to train under `budget_bytes`: everything resident with activations kept when that
@@ -160,6 +144,7 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
   options.activation_checkpointing = true;
   plan.options = options;
   plan.offload = true;
+  plan.host_bytes = host;
   return plan;
 }
 
@@ -192,6 +177,7 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
                                Speculates(options, overlap_backward, moments_in_memstore)));
   CudaJobMemory memory;
   memory.streamed = plan.offload;
+  memory.host_bytes = plan.host_bytes;
   if (plan.offload && moments_in_memstore) {
     memory.moments_home_bytes = cuda::HostTrainingState::MomentsBytes(options.model);
   }

@@ -42,6 +42,8 @@ struct CudaJobMemory {
   bool streamed = false;  // through host memory (otherwise everything on the GPU)
   // Streamed with AdamW's moments in the memstore: their bytes there (0 otherwise).
   int64_t moments_home_bytes = 0;
+  // Streamed: the host memory this process takes for the job's state (0 when resident).
+  int64_t host_bytes = 0;
 };
 
 // Whether a job with these options can run on a GPU with `budget_bytes` of device memory:

@@ -176,7 +176,10 @@ grpc::ServerUnaryReactor* WorkerService::CheckTask(grpc::CallbackServerContext* 
                                                    const CheckTaskRequest* request,
                                                    CheckTaskReply* reply) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(lumen::CheckTask(request->spec(), options_.runner)));
+  absl::StatusOr<ResourceClaims> claims =
+      lumen::CheckTask(request->spec(), options_.runner, request->host_available_bytes());
+  if (claims.ok()) *reply->mutable_claims() = *std::move(claims);
+  reactor->Finish(ToGrpcStatus(claims.status()));
   return reactor;
 }
 

@@ -225,23 +225,23 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
 
 namespace {
 
-// Free bytes of the memstore's host tier and of its NVMe tiers together.
-absl::Status MemstoreFree(MemstoreClient* memstore, int64_t* host_free, int64_t* nvme_free) {
+// Capacity of the memstore's host tier and of its NVMe tiers together: what a job may use on
+// an idle node (jobs beside it are the coordinator's to count).
+absl::Status MemstoreCapacity(MemstoreClient* memstore, int64_t* host, int64_t* nvme) {
   ASSIGN_OR_RETURN(GetMemstoreStatsReply stats, memstore->GetStats(absl::Seconds(5)));
-  *host_free = *nvme_free = 0;
+  *host = *nvme = 0;
   for (const TierInfo& tier : stats.tiers()) {
-    const int64_t free = std::max<int64_t>(0, tier.capacity_bytes() - tier.used_bytes());
-    (tier.name() == "host" ? *host_free : *nvme_free) += free;
+    (tier.name() == "host" ? *host : *nvme) += tier.capacity_bytes();
   }
   return absl::OkStatus();
 }
 
-absl::Status MomentsFitNvme(int64_t moments, int64_t nvme_free) {
-  if (moments <= nvme_free) return absl::OkStatus();
+absl::Status MomentsFitNvme(int64_t moments, int64_t nvme_capacity) {
+  if (moments <= nvme_capacity) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
       "AdamW moments need ", engine::FormatBytes(moments), " on the memstore's NVMe tier but ",
-      engine::FormatBytes(nvme_free),
-      " is free. Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
+      "it holds ", engine::FormatBytes(nvme_capacity),
+      ". Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
 }
 
 // True when a streamed job on a CUDA worker keeps AdamW's moments in the memstore.
@@ -252,7 +252,8 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
 
 }  // namespace
 
-absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
+absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOptions& options,
+                                         int64_t host_available_bytes) {
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options, TrainerOptionsFromSpec(spec, 1));
   if (!spec.resume_from().empty()) {
     const std::string optimizer =
@@ -268,16 +269,22 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
           spec.train().steps(), " must be larger for the job to train anything"));
     }
   }
+  ResourceClaims claims;
   if (options.device == DeviceKind::kCuda) {
     ASSIGN_OR_RETURN(const CudaJobMemory memory,
                      CheckCudaTask(trainer_options, options.worker_name,
-                                   options.device_memory_budget_bytes, kHostBytesAvailable,
+                                   options.device_memory_budget_bytes,
+                                   host_available_bytes > 0 ? host_available_bytes
+                                                            : kHostBytesAvailable,
                                    CudaMomentsInMemstore(options),
                                    options.optimizer_overlaps_backward));
-    if (memory.moments_home_bytes == 0) return absl::OkStatus();
-    int64_t host_free = 0, nvme_free = 0;
-    RETURN_IF_ERROR(MemstoreFree(options.memstore, &host_free, &nvme_free));
-    return MomentsFitNvme(memory.moments_home_bytes, nvme_free);
+    claims.set_worker_host_bytes(memory.host_bytes);
+    if (memory.moments_home_bytes == 0) return claims;
+    int64_t host_capacity = 0, nvme_capacity = 0;
+    RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
+    RETURN_IF_ERROR(MomentsFitNvme(memory.moments_home_bytes, nvme_capacity));
+    claims.set_memstore_nvme_bytes(memory.moments_home_bytes);
+    return claims;
   }
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
                    engine::OffloadTrainer::Requirements(trainer_options));
@@ -290,17 +297,18 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
         "--device-memory"));
   }
   const int64_t params = needs.parameter_bytes;
-  if (4 * params + needs.largest_op_bytes + needs.activation_bytes <= budget) {
-    return absl::OkStatus();  // everything stays on the device
-  }
+  const int64_t resident = 4 * params + needs.largest_op_bytes + needs.activation_bytes;
+  // The CPU device's memory is this process' host memory, up to the budget.
+  claims.set_worker_host_bytes(std::min(resident, budget));
+  if (resident <= budget) return claims;  // everything stays on the device
   if (options.memstore == nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the training state (", engine::FormatBytes(needs.training_state_bytes()),
         ") does not fit ", options.worker_name, "'s device budget ",
         engine::FormatBytes(budget), " and the worker has no memstore to offload to"));
   }
-  int64_t host_free = 0, nvme_free = 0;
-  RETURN_IF_ERROR(MemstoreFree(options.memstore, &host_free, &nvme_free));
+  int64_t host_capacity = 0, nvme_capacity = 0;
+  RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
   // the optimizer-state tier. AdamW overlapping the backward keeps a second copy of the
@@ -309,7 +317,7 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
   const int64_t moments = copies * 2 * params;
   const int64_t host_needed =
       (1 + copies) * params + needs.activation_bytes + (moments_on_nvme ? 0 : moments);
-  if (host_needed > host_free) {
+  if (host_needed > host_capacity) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "offloading needs ", engine::FormatBytes(host_needed),
         " of the memstore's host memory (parameters and gradients ",
@@ -317,11 +325,14 @@ absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options) {
         engine::FormatBytes(needs.activation_bytes),
         moments_on_nvme ? ""
                         : absl::StrCat(", AdamW moments ", engine::FormatBytes(moments)),
-        ") but ", engine::FormatBytes(host_free), " is free. Start lumend with a larger "
+        ") but it holds ", engine::FormatBytes(host_capacity), ". Start lumend with a larger "
         "--host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
   }
-  return moments_on_nvme ? MomentsFitNvme(moments, nvme_free) : absl::OkStatus();
+  if (moments_on_nvme) RETURN_IF_ERROR(MomentsFitNvme(moments, nvme_capacity));
+  claims.set_memstore_host_bytes(host_needed);
+  claims.set_memstore_nvme_bytes(moments_on_nvme ? moments : 0);
+  return claims;
 }
 
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,

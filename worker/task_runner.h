@@ -61,14 +61,17 @@ absl::StatusOr<engine::TrainerOptions> TrainerOptionsFromSpec(const JobSpec& spe
 absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepSchedule& schedule,
                                                                      int64_t num_layers);
 
-// Whether `spec` can train on this worker, from its shape alone: its largest op must fit the
-// device budget, and what does not stay on the device must fit the memstore's free space in
-// the tiers it goes to (on a CUDA device: cuda_jobs.h's CheckCudaTask, and the memstore's NVMe
-// room for AdamW's moments when they go there). RESOURCE_EXHAUSTED naming the op or tier, the
-// bytes, and what to change;
-// INVALID_ARGUMENT for a spec the engine refuses; the memstore's error when it cannot tell how
-// much space is free.
-absl::Status CheckTask(const JobSpec& spec, const TaskRunnerOptions& options);
+// Whether `spec` can train on this worker of an otherwise idle node, from its shape alone, and
+// what it would hold of the node's shared memory while it runs (the coordinator runs jobs side
+// by side while their claims fit): its largest op must fit the device budget, and what does
+// not stay on the device must fit the capacity of the memstore tiers it goes to (on a CUDA
+// device: cuda_jobs.h's CheckCudaTask with `host_available_bytes` of host memory, 0 for the
+// host's available memory now, and the memstore's NVMe tier for AdamW's moments when they go
+// there). RESOURCE_EXHAUSTED naming the op or tier, the bytes, and what to change;
+// INVALID_ARGUMENT for a spec the engine refuses; the memstore's error when it cannot tell its
+// capacity.
+absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOptions& options,
+                                         int64_t host_available_bytes = 0);
 
 // Trains `request.spec()` to the end. `emit` receives every step record and every completed
 // checkpoint; `cancelled` is polled between steps. Returns CANCELLED when it saw

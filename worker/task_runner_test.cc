@@ -22,14 +22,17 @@ using ::testing::HasSubstr;
 // A memstore with fixed free space per tier.
 class SizedMemstore : public FakeMemstoreClient {
  public:
-  SizedMemstore(int64_t host_free, int64_t nvme_free) {
+  // Tiers of these capacities, partly used: admission counts capacity, not free space (the
+  // coordinator counts the jobs beside).
+  SizedMemstore(int64_t host_capacity, int64_t nvme_capacity) {
     TierInfo* host = stats_.add_tiers();
     host->set_name("host");
-    host->set_capacity_bytes(host_free + 1000);
-    host->set_used_bytes(1000);
+    host->set_capacity_bytes(host_capacity);
+    host->set_used_bytes(host_capacity / 2);
     TierInfo* nvme = stats_.add_tiers();
     nvme->set_name("nvme:/tmp/x");
-    nvme->set_capacity_bytes(nvme_free);
+    nvme->set_capacity_bytes(nvme_capacity);
+    nvme->set_used_bytes(nvme_capacity / 2);
   }
   absl::StatusOr<GetMemstoreStatsReply> GetStats(absl::Duration) override { return stats_; }
 
@@ -69,7 +72,7 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   JobSpec spec = Spec(1);
   spec.mutable_model()->set_hidden_size(128);  // head_dim 32
   options.device_memory_budget_bytes = int64_t{1} << 30;
-  EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options);
+  EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options).status();
   absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
   ASSERT_TRUE(o.ok()) << o.status();
   constexpr int64_t kWorkspace = int64_t{32} << 20;
@@ -142,7 +145,7 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
               HasSubstr("worker-0's budget is " + engine::FormatBytes(streamed - 1)));
   // The CUDA attention has kernels for head_dim 32, 64 and 128 only.
   options.device_memory_budget_bytes = int64_t{1} << 30;
-  const absl::Status h = CheckTask(Spec(1), options);
+  const absl::Status h = CheckTask(Spec(1), options).status();
   EXPECT_EQ(h.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(h.message()), HasSubstr("head_dim 16"));
 }
@@ -162,17 +165,30 @@ TEST(CudaTaskTest, MomentsOnNvmeNeedRoomThere) {
   const int64_t moments = cuda::HostTrainingState::MomentsBytes(o->model);
   SizedMemstore small(int64_t{1} << 30, moments - 1);
   options.memstore = &small;
-  const absl::Status s = CheckTask(spec, options);
+  const absl::Status s = CheckTask(spec, options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("on the memstore's NVMe tier"));
   EXPECT_THAT(std::string(s.message()), HasSubstr(engine::FormatBytes(moments)));
-  SizedMemstore roomy(int64_t{1} << 30, moments);
+  SizedMemstore roomy(int64_t{1} << 30, moments);  // half used: capacity is what counts
   options.memstore = &roomy;
-  EXPECT_TRUE(CheckTask(spec, options).ok()) << CheckTask(spec, options);
+  absl::StatusOr<ResourceClaims> claims = CheckTask(spec, options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  // The claims: the moments on NVMe, the rest of the state in the worker's host memory.
+  EXPECT_EQ(claims->memstore_nvme_bytes(), moments);
+  EXPECT_EQ(claims->memstore_host_bytes(), 0);
+  EXPECT_GT(claims->worker_host_bytes(), 0);
+  // The host memory the coordinator says jobs may take.
+  const absl::Status h = CheckTask(spec, options, claims->worker_host_bytes() - 1).status();
+  EXPECT_EQ(h.code(), absl::StatusCode::kResourceExhausted) << h;
+  EXPECT_THAT(std::string(h.message()), HasSubstr("of host memory"));
+  EXPECT_TRUE(CheckTask(spec, options, claims->worker_host_bytes()).ok());
   // Kept in the worker, the memstore is not asked.
   options.optimizer_state_tier = engine::HomeTier::kHost;
   options.memstore = &small;
-  EXPECT_TRUE(CheckTask(spec, options).ok());
+  claims = CheckTask(spec, options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  EXPECT_EQ(claims->memstore_nvme_bytes(), 0);
+  EXPECT_GT(claims->worker_host_bytes(), moments);
 }
 
 TEST(CudaTaskTest, RunWithoutAGpuSaysWhy) {
@@ -192,7 +208,7 @@ TEST(CudaTaskTest, RunWithoutAGpuSaysWhy) {
 TEST(CudaTaskTest, BuildWithoutCudaSaysSo) {
   TaskRunnerOptions options;
   options.device = DeviceKind::kCuda;
-  const absl::Status s = CheckTask(Spec(1), options);
+  const absl::Status s = CheckTask(Spec(1), options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(s.message()), HasSubstr("has no CUDA device"));
 }
@@ -201,7 +217,7 @@ TEST(CudaTaskTest, BuildWithoutCudaSaysSo) {
 TEST(CheckTaskTest, BudgetBelowTheLargestOpNamesTheOpAndTheBytes) {
   TaskRunnerOptions options;
   options.device_memory_budget_bytes = 64 << 10;
-  const absl::Status s = CheckTask(Spec(4), options);
+  const absl::Status s = CheckTask(Spec(4), options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("backward of layer"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("worker-0's budget is 0.06 MiB (65536 bytes)"));
@@ -210,43 +226,59 @@ TEST(CheckTaskTest, BudgetBelowTheLargestOpNamesTheOpAndTheBytes) {
 TEST(CheckTaskTest, ResidentJobNeedsNoMemstore) {
   TaskRunnerOptions options;
   options.device_memory_budget_bytes = int64_t{1} << 30;
-  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+  absl::StatusOr<ResourceClaims> claims = CheckTask(Spec(1), options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  EXPECT_EQ(claims->memstore_host_bytes(), 0);
+  EXPECT_EQ(claims->memstore_nvme_bytes(), 0);
+  // The CPU device's memory is the worker's: the training state and the largest op.
+  EXPECT_GT(claims->worker_host_bytes(), 0);
+  EXPECT_LT(claims->worker_host_bytes(), int64_t{64} << 20);
 }
 
 TEST(CheckTaskTest, OffloadedJobNeedsAMemstoreWithRoom) {
   TaskRunnerOptions options;
   options.device_memory_budget_bytes = 1 << 20;  // above the largest op, below the state
-  absl::Status s = CheckTask(Spec(1), options);
+  absl::Status s = CheckTask(Spec(1), options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("no memstore"));
 
   SizedMemstore small(100 << 10, 0);
   options.memstore = &small;
-  s = CheckTask(Spec(1), options);
+  s = CheckTask(Spec(1), options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("of the memstore's host memory"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("0.10 MiB (102400 bytes) is free"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("but it holds 0.10 MiB (102400 bytes)"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("--optimizer-state-tier nvme"));
 
   SizedMemstore roomy(int64_t{1} << 30, 0);
   options.memstore = &roomy;
-  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+  absl::StatusOr<ResourceClaims> claims = CheckTask(Spec(1), options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  // Offloaded, the job takes the whole device budget and holds its state in the memstore.
+  EXPECT_EQ(claims->worker_host_bytes(), 1 << 20);
+  const int64_t host_with_moments = claims->memstore_host_bytes();
+  EXPECT_GT(host_with_moments, 1 << 20);
+  EXPECT_EQ(claims->memstore_nvme_bytes(), 0);
 
   // Moments on NVMe need room there.
   options.optimizer_state_tier = engine::HomeTier::kNvme;
-  s = CheckTask(Spec(1), options);
+  s = CheckTask(Spec(1), options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("on the memstore's NVMe tier"));
   SizedMemstore with_nvme(int64_t{1} << 30, int64_t{1} << 30);
   options.memstore = &with_nvme;
-  EXPECT_TRUE(CheckTask(Spec(1), options).ok());
+  claims = CheckTask(Spec(1), options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  // m and v moved from the host tier to NVMe.
+  EXPECT_GT(claims->memstore_nvme_bytes(), 0);
+  EXPECT_EQ(claims->memstore_host_bytes() + claims->memstore_nvme_bytes(), host_with_moments);
 }
 
 TEST(CheckTaskTest, SpecTheEngineRefusesIsInvalid) {
   TaskRunnerOptions options;
   JobSpec spec = Spec(1);
   spec.mutable_train()->set_seq_len(128);  // > max_position_embeddings
-  EXPECT_EQ(CheckTask(spec, options).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CheckTask(spec, options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // One decoder layer (planner layers: 0 embedding, 1 decoder, 2 head), parameters read one
