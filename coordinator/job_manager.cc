@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <optional>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -22,6 +23,12 @@ int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 bool IsTerminal(JobState state) {
   return state == SUCCEEDED || state == FAILED || state == CANCELLED;
+}
+
+void AddClaims(const ResourceClaims& c, ResourceClaims* sum) {
+  sum->set_memstore_host_bytes(sum->memstore_host_bytes() + c.memstore_host_bytes());
+  sum->set_memstore_nvme_bytes(sum->memstore_nvme_bytes() + c.memstore_nvme_bytes());
+  sum->set_worker_host_bytes(sum->worker_host_bytes() + c.worker_host_bytes());
 }
 
 }  // namespace
@@ -63,7 +70,20 @@ JobManager::JobManager(JobStore* store, std::vector<WorkerClient*> workers,
                            .Name("lumen_job_resumes_total")
                            .Help("Times a job's run was interrupted and the job queued again to "
                                  "resume from its latest checkpoint, by job")
-                           .Register(registry)) {}
+                           .Register(registry)),
+      claimed_gauge_(prometheus::BuildGauge()
+                         .Name("lumen_node_claimed_bytes")
+                         .Help("What the running jobs hold of the node's shared memory, by share "
+                               "(memstore_host, memstore_nvme, worker_host)")
+                         .Register(registry)),
+      share_capacity_gauge_(prometheus::BuildGauge()
+                                .Name("lumen_node_share_capacity_bytes")
+                                .Help("What jobs running side by side may hold of each share of "
+                                      "the node's memory (-1: not known yet)")
+                                .Register(registry)) {
+  absl::MutexLock lock(&mu_);
+  UpdateShareGauges();
+}
 
 JobManager::~JobManager() { Stop(); }
 
@@ -287,6 +307,7 @@ void JobManager::DispatchLoop() {
       queue_.pop_front();
       running_[worker] = job_id;
       jobs_[job_id].clear_wait_reason();
+      UpdateShareGauges();
     }
     auto done = std::make_shared<std::atomic<bool>>(false);
     runs_.push_back(Run{std::thread([this, job_id, worker, done] {
@@ -328,6 +349,20 @@ void JobManager::RefreshShares() {
     shares_.memstore_nvme_bytes = nvme;
   }
   if (available >= 0 && running_.empty()) shares_.worker_host_bytes = available;
+  UpdateShareGauges();
+}
+
+void JobManager::UpdateShareGauges() {
+  ResourceClaims held;
+  for (const auto& [worker, id] : running_) AddClaims(jobs_[id].claims(), &held);
+  for (const auto& [share, claimed, capacity] :
+       {std::tuple<const char*, int64_t, int64_t>{"memstore_host", held.memstore_host_bytes(),
+                                                  shares_.memstore_host_bytes},
+        {"memstore_nvme", held.memstore_nvme_bytes(), shares_.memstore_nvme_bytes},
+        {"worker_host", held.worker_host_bytes(), shares_.worker_host_bytes}}) {
+    claimed_gauge_.Add({{"share", share}}).Set(static_cast<double>(claimed));
+    share_capacity_gauge_.Add({{"share", share}}).Set(static_cast<double>(capacity));
+  }
 }
 
 WorkerClient* JobManager::IdleWorker() {
@@ -355,11 +390,7 @@ bool JobManager::HeadCanStart(std::string* why) {
   for (const auto& [worker, id] : running_) {
     const Job& job = jobs_.at(id);
     if (!job.has_claims()) return wait(absl::StrCat(id, " runs alone"));
-    beside.set_memstore_host_bytes(beside.memstore_host_bytes() +
-                                   job.claims().memstore_host_bytes());
-    beside.set_memstore_nvme_bytes(beside.memstore_nvme_bytes() +
-                                   job.claims().memstore_nvme_bytes());
-    beside.set_worker_host_bytes(beside.worker_host_bytes() + job.claims().worker_host_bytes());
+    AddClaims(job.claims(), &beside);
     ids.push_back(id);
   }
   struct Share {
@@ -458,6 +489,7 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   Job& job = jobs_[job_id];
   job.set_tensors_freed(freed);
   running_.erase(worker);
+  UpdateShareGauges();
   const std::string reason = std::string(status.message()).find(worker->name()) == 0
                                  ? std::string(status.message())
                                  : absl::StrCat(worker->name(), ": ", status.ToString());

@@ -110,6 +110,8 @@ class JobManager {
   // Whether the head of the queue can start now on an idle worker; when only the claims stop
   // it, `why` (if not null) says which share and the bytes.
   bool HeadCanStart(std::string* why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // lumen_node_claimed_bytes and lumen_node_share_capacity_bytes from running_ and shares_.
+  void UpdateShareGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunJob(const std::string& job_id, WorkerClient* worker);
   void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
@@ -141,6 +143,8 @@ class JobManager {
   MemstoreClient* memstore_ = nullptr;  // set before Start, then read-only
   prometheus::Family<prometheus::Counter>& tokens_counter_;
   prometheus::Family<prometheus::Counter>& resumes_counter_;
+  prometheus::Family<prometheus::Gauge>& claimed_gauge_;
+  prometheus::Family<prometheus::Gauge>& share_capacity_gauge_;
 
   absl::Mutex mu_;
   std::map<std::string, Job> jobs_ ABSL_GUARDED_BY(mu_);

@@ -526,6 +526,20 @@ class HundredMiBMemstore : public FakeMemstoreClient {
   }
 };
 
+// The value of gauge `name`{share=`share`} in `registry`; -2 when absent.
+double ShareGauge(prometheus::Registry& registry, const std::string& name,
+                  const std::string& share) {
+  for (const prometheus::MetricFamily& family : registry.Collect()) {
+    if (family.name != name) continue;
+    for (const prometheus::ClientMetric& metric : family.metric) {
+      for (const prometheus::ClientMetric::Label& label : metric.label) {
+        if (label.name == "share" && label.value == share) return metric.gauge.value;
+      }
+    }
+  }
+  return -2;
+}
+
 ResourceClaims MemstoreHostClaim(int64_t mib) {
   ResourceClaims c;
   c.set_memstore_host_bytes(mib << 20);
@@ -618,6 +632,11 @@ TEST_F(SideBySideTest, HeadWaitsUntilItsClaimsFit) {
   EXPECT_THAT(why, HasSubstr(big1->id() + " hold 60.0 MiB of 100.0 MiB"));
   EXPECT_EQ(manager.Get(big2->id())->state(), QUEUED);
   EXPECT_EQ(manager.Get(small->id())->state(), QUEUED);  // FIFO: it does not pass big2
+  // Exported for the dashboard: what the running jobs hold against the capacity.
+  EXPECT_EQ(ShareGauge(registry_, "lumen_node_claimed_bytes", "memstore_host"), 60 << 20);
+  EXPECT_EQ(ShareGauge(registry_, "lumen_node_share_capacity_bytes", "memstore_host"),
+            100 << 20);
+  EXPECT_EQ(ShareGauge(registry_, "lumen_node_claimed_bytes", "worker_host"), 1 << 20);
   ASSERT_TRUE(Finish(manager, big1->id()));
   EXPECT_EQ(WaitForEnd(manager, big1->id()).state(), SUCCEEDED);
   ASSERT_TRUE(WaitForState(manager, big2->id(), RUNNING));
