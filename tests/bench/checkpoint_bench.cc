@@ -1,8 +1,11 @@
 // Host memory a checkpoint costs: an offloaded OffloadTrainer exports its state streamed, a
 // tensor at a time (OffloadTrainer::Export), against the whole-state gather that checkpoints
 // used before (GatherParams + GatherOptimizerState, then the in-memory writers), in the same
-// run. Peak resident memory above the trainer's own is read from /proc/self/status (VmHWM,
-// reset through /proc/self/clear_refs before each). Prints one JSON line.
+// run. Likewise starting: the transient memory Create takes beyond the state it leaves in the
+// home, random weights made a tensor at a time (engine::RandomWeights), against making them
+// whole first (InitParams, the way Create used to). Peak resident memory is read from
+// /proc/self/status (VmHWM, reset through /proc/self/clear_refs before each). Prints one JSON
+// line.
 //   bazel run -c opt //tests/bench:checkpoint_bench -- --layers=8 --hidden=1024
 #include <sys/resource.h>
 
@@ -86,10 +89,22 @@ int main(int argc, char** argv) {
     return 1;
   }
   off.device_budget_bytes = 3 * probe->largest_op_bytes;
+  ResetPeak();
   auto trainer = lumen::engine::OffloadTrainer::Create(o, off);
   if (!trainer.ok()) {
     std::fprintf(stderr, "%s\n", trainer.status().ToString().c_str());
     return 1;
+  }
+  // What starting took beyond what stays (the state in the home, the trainer's buffers).
+  const int64_t create_transient = StatusBytes("VmHWM:") - StatusBytes("VmRSS:");
+  int64_t whole_init = 0;
+  {
+    ResetPeak();
+    const int64_t base = StatusBytes("VmRSS:");
+    lumen::engine::ThreadPool pool(o.num_threads);
+    ModelParams whole;
+    lumen::engine::InitParams(o.model, o.train.seed, &whole, &pool);
+    whole_init = StatusBytes("VmHWM:") - base;
   }
   if (auto s = (*trainer)->Step(); !s.ok()) {
     std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
@@ -143,11 +158,13 @@ int main(int argc, char** argv) {
       "{\"bench\":\"checkpoint_export\",\"parameters\":%ld,\"state_bytes\":%ld,"
       "\"streamed_peak_extra_bytes\":%ld,\"whole_state_peak_extra_bytes\":%ld,"
       "\"streamed_bytes_per_parameter\":%.3f,\"whole_state_bytes_per_parameter\":%.3f,"
-      "\"streamed_s\":%.2f,\"whole_state_s\":%.2f,\"files_identical\":%s,\"load_avg_1m\":%.2f}\n",
+      "\"streamed_s\":%.2f,\"whole_state_s\":%.2f,\"files_identical\":%s,"
+      "\"create_transient_bytes\":%ld,\"whole_init_bytes\":%ld,\"load_avg_1m\":%.2f}\n",
       static_cast<long>(params), static_cast<long>(16 * params),
       static_cast<long>(streamed_peak), static_cast<long>(whole_peak),
       static_cast<double>(streamed_peak) / params, static_cast<double>(whole_peak) / params,
-      streamed_s, whole_s, identical ? "true" : "false", load1);
+      streamed_s, whole_s, identical ? "true" : "false", static_cast<long>(create_transient),
+      static_cast<long>(whole_init), load1);
   std::filesystem::remove_all(dir);
   return identical ? 0 : 1;
 }

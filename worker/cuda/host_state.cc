@@ -251,10 +251,21 @@ absl::Status HostTrainingState::SetParams(const engine::ModelParams& params,
   return ResetMoments(pool);
 }
 
-absl::Status HostTrainingState::SetParams(const engine::WeightsReader& weights,
+absl::Status HostTrainingState::SetParams(engine::WeightsSource& weights,
                                           engine::ThreadPool& pool) {
   const std::map<std::string, size_t> group_of = TensorGroupOf(config_);
-  for (size_t g = 0; g < shapes_.size(); ++g) {
+  // The groups in the order their tensors come in NamedTensors (the embedding's first), which
+  // a source may require (engine::RandomWeights); each group's tensors are contiguous there.
+  std::vector<size_t> order;
+  {
+    engine::ModelParams shapes;
+    shapes.layers.resize(config_.num_hidden_layers);
+    for (const engine::NamedTensor<float>& t : engine::NamedTensors(config_, &shapes)) {
+      const size_t g = group_of.at(t.name);
+      if (order.empty() || order.back() != g) order.push_back(g);
+    }
+  }
+  for (size_t g : order) {
     engine::ModelParams one;
     one.layers.resize(config_.num_hidden_layers);
     for (engine::NamedTensor<float>& t : engine::NamedTensors(config_, &one)) {

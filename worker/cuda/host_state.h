@@ -111,9 +111,10 @@ class HostTrainingState {
   // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
   // zero moments.
   absl::Status SetParams(const engine::ModelParams& params, engine::ThreadPool& pool);
-  // The same with the weights read from `weights` a tensor group at a time: no whole copy of
-  // them beside the master weights.
-  absl::Status SetParams(const engine::WeightsReader& weights, engine::ThreadPool& pool);
+  // The same with the weights read from `weights` a tensor group at a time, in NamedTensors
+  // order (a checkpoint's file, or engine::RandomWeights): no whole copy of them beside the
+  // master weights.
+  absl::Status SetParams(engine::WeightsSource& weights, engine::ThreadPool& pool);
   // The device's ResidentState::InitRandom(seed) values (kernels::FillNormal's hash), zero
   // moments.
   absl::Status InitRandom(uint64_t seed, engine::ThreadPool& pool);

@@ -18,6 +18,7 @@
 #include "worker/engine/optimizer.h"
 #include "worker/engine/tensor_home.h"
 #include "worker/engine/thread_pool.h"
+#include "worker/engine/trainer.h"
 
 namespace lumen::cuda {
 namespace {
@@ -549,6 +550,30 @@ TEST(HostTrainingStateTest, SetParamsFromACheckpointEqualsSetParams) {
   ASSERT_TRUE((*sb)->GetMoments(&ma, &va).ok());
   for (const engine::NamedTensor<float>& t : engine::NamedTensors(c, &ma)) {
     for (float x : *t.data) ASSERT_EQ(x, 0.0f) << t.name;
+  }
+}
+
+// Random initial weights made a tensor group at a time (engine::RandomWeights, the groups in
+// NamedTensors order: the embedding's first, though it is not group 0) are InitParams' values.
+TEST(HostTrainingStateTest, SetParamsFromRandomWeightsEqualsInitParams) {
+  for (bool tied : {false, true}) {
+    const engine::ModelConfig c = Config(tied);
+    engine::ThreadPool pool(2);
+    engine::ModelParams p;
+    engine::InitParams(c, 13, &p, &pool);
+    engine::RandomWeights random(c, 13, &pool);
+    Buffers a(c), b(c);
+    auto sa = HostTrainingState::Create(c, a.Views(), {}, pool);
+    auto sb = HostTrainingState::Create(c, b.Views(), {}, pool);
+    ASSERT_TRUE(sa.ok() && sb.ok());
+    ASSERT_TRUE((*sa)->SetParams(p, pool).ok());
+    const absl::Status s = (*sb)->SetParams(random, pool);
+    ASSERT_TRUE(s.ok()) << s;
+    engine::ModelParams ga, gb;
+    ASSERT_TRUE((*sa)->GetParams(&ga).ok());
+    ASSERT_TRUE((*sb)->GetParams(&gb).ok());
+    ExpectSame(c, gb, ga, tied ? "tied master" : "master");
+    EXPECT_EQ(a.params, b.params);  // bf16 copies
   }
 }
 

@@ -54,11 +54,16 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::Trainer
 absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options,
                                                          bool moments_at_home, bool speculate) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
-  // Plus the fp32 copies the job makes next to the trainer's state: the initial weights while
-  // it starts, both moments while it writes a checkpoint.
+  // Plus the fp32 copies the job makes next to the trainer's state, a tensor group at a time:
+  // a group's initial weights while it starts, both moments of a group while it writes or
+  // reads a checkpoint.
+  int64_t largest_group = 0;
+  for (const TensorGroupShape& g : TensorGroupShapes(options.model)) {
+    largest_group = std::max(largest_group, g.elems);
+  }
   return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options, {}, speculate),
                                        moments_at_home) +
-         8 * engine::ParameterCount(options.model);
+         8 * largest_group;
 }
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
@@ -69,23 +74,24 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
   ASSIGN_OR_RETURN(job->data_, engine::TokenDataset::Open(options.data, t.seq_len,
                                                           options.model.vocab_size));
-  engine::ModelParams params;
-  std::unique_ptr<engine::WeightsReader> weights;  // streamed: read a group at a time
-  if (!options.init_from.empty() && offload) {
+  engine::ThreadPool pool(options.num_threads);
+  engine::ModelParams params;  // resident: whole (the GPU holds it anyway)
+  std::unique_ptr<engine::WeightsSource> weights;  // streamed: read a group at a time
+  if (offload && !options.init_from.empty()) {
     ASSIGN_OR_RETURN(weights, engine::WeightsReader::Open(options.init_from, options.model));
+  } else if (offload) {
+    weights = std::make_unique<engine::RandomWeights>(options.model, t.seed, &pool);
   } else if (!options.init_from.empty()) {
     params = engine::AllocateParams<float>(options.model);
     RETURN_IF_ERROR(engine::LoadWeights(options.init_from, options.model, &params));
   } else {
-    engine::ThreadPool pool(options.num_threads);
     engine::InitParams(options.model, t.seed, &params, &pool);
   }
   if (offload) {
     ASSIGN_OR_RETURN(job->offload_,
                      CudaOffloadTrainer::Create(device, options.model,
                                                 OffloadOptions(options, moments, speculate)));
-    RETURN_IF_ERROR(weights != nullptr ? job->offload_->SetParams(*weights)
-                                       : job->offload_->SetParams(params));
+    RETURN_IF_ERROR(job->offload_->SetParams(*weights));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,
                                                         t.micro_batch_size, t.seq_len,

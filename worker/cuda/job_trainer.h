@@ -39,10 +39,10 @@ class CudaJobTrainer {
                                            const MomentsHome& moments = {},
                                            bool speculate = false);
   // Device and host bytes the offloaded job needs (CudaOffloadTrainer::WorkingSetBytes, and
-  // HostBytes plus the fp32 copies of the initial weights or of both moments that starting or
-  // checkpointing makes), with the moments in this process or in a home, and with a second
-  // generation when speculating (CudaOffloadOptions::speculate). INVALID_ARGUMENT as
-  // DeviceBytes.
+  // HostBytes plus the fp32 copies of one tensor group's initial weights or of its two moments
+  // that starting or checkpointing makes, a group at a time), with the moments in this
+  // process or in a home, and with a second generation when speculating
+  // (CudaOffloadOptions::speculate). INVALID_ARGUMENT as DeviceBytes.
   static absl::StatusOr<int64_t> OffloadDeviceBytes(const engine::TrainerOptions& options);
   static absl::StatusOr<int64_t> OffloadHostBytes(const engine::TrainerOptions& options,
                                                   bool moments_at_home = false,

@@ -174,7 +174,7 @@ absl::Status CudaOffloadTrainer::SetParams(const engine::ModelParams& params) {
   return state_->SetParams(params, pool);
 }
 
-absl::Status CudaOffloadTrainer::SetParams(const engine::WeightsReader& weights) {
+absl::Status CudaOffloadTrainer::SetParams(engine::WeightsSource& weights) {
   RETURN_IF_ERROR(Flush());
   engine::ThreadPool pool(Threads());
   ParamsChanged();

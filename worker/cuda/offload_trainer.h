@@ -101,8 +101,8 @@ class CudaOffloadTrainer {
 
   // Sets the master weights and their bf16 copies from `params`; zeroes the moments.
   absl::Status SetParams(const engine::ModelParams& params);
-  // The same, read from a checkpoint a tensor group at a time.
-  absl::Status SetParams(const engine::WeightsReader& weights);
+  // The same, read a tensor group at a time (a checkpoint, or engine::RandomWeights).
+  absl::Status SetParams(engine::WeightsSource& weights);
   // ResidentState::InitRandom(seed)'s weights, computed on the host.
   absl::Status InitRandom(uint64_t seed);
   // Copies of the master weights / moments (after every update in flight has finished).

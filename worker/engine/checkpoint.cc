@@ -341,7 +341,7 @@ absl::StatusOr<std::unique_ptr<WeightsReader>> WeightsReader::Open(const std::st
   return r;
 }
 
-absl::Status WeightsReader::Read(const std::string& name, float* dst) const {
+absl::Status WeightsReader::Read(const std::string& name, float* dst) {
   auto it = file_of_.find(name);
   if (it == file_of_.end()) {
     return absl::NotFoundError(absl::StrCat("the model has no tensor ", name));

@@ -69,12 +69,12 @@ absl::Status LoadWeights(const std::string& path, const ModelConfig& config, Mod
 // The same files opened to read one tensor at a time (mapped, not read whole), for state that
 // goes elsewhere (a device, the memstore) as it is read. Open makes every check LoadWeights
 // makes, with the same errors, before anything is read. Thread-compatible.
-class WeightsReader {
+class WeightsReader : public WeightsSource {
  public:
   static absl::StatusOr<std::unique_ptr<WeightsReader>> Open(const std::string& path,
                                                              const ModelConfig& config);
-  // Tensor `name` (a Hugging Face name of the model) into a buffer of its size.
-  absl::Status Read(const std::string& name, float* dst) const;
+  // Tensor `name` (a Hugging Face name of the model) into a buffer of its size, in any order.
+  absl::Status Read(const std::string& name, float* dst) override;
 
  private:
   WeightsReader() = default;

@@ -85,6 +85,17 @@ struct NamedTensor {
 template <typename T>
 std::vector<NamedTensor<T>> NamedTensors(const ModelConfig& config, ModelParamsT<T>* params);
 
+// Initial weights handed out a tensor at a time, so that a trainer whose state lives elsewhere
+// (the memstore, a streamed GPU job's host state) never holds a whole copy of them: a
+// checkpoint's file (WeightsReader) or the seeded random initialisation (RandomWeights).
+class WeightsSource {
+ public:
+  virtual ~WeightsSource() = default;
+  // Tensor `name` (a Hugging Face name of the model) into a buffer of its size. A source may
+  // require the NamedTensors order (RandomWeights does, and says so).
+  virtual absl::Status Read(const std::string& name, float* dst) = 0;
+};
+
 // Llama forward/backward for micro-batches of B sequences of T tokens (positions 0..T-1).
 // Owns the parameters, their gradients and the activation/scratch buffers (allocated on the
 // first call for a given B, T and reused). Thread-compatible: one thread at a time; the

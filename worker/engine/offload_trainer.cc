@@ -241,15 +241,15 @@ absl::Status OffloadTrainer::Init() {
   }
   generation_.assign(param_slots_.size(), 0);
 
-  // Initialise exactly as Trainer, then move every tensor to where it lives. Weights from a
-  // file are read a tensor at a time as they are placed; random ones are made whole.
+  // Initialise exactly as Trainer, a tensor at a time as each is placed where it lives: from a
+  // file, or the seeded random stream. Neither is ever whole in memory.
   ModelParams init;
-  std::unique_ptr<WeightsReader> weights;
+  init.layers.resize(c.num_hidden_layers);
+  std::unique_ptr<WeightsSource> weights;
   if (!options_.init_from.empty()) {
     ASSIGN_OR_RETURN(weights, WeightsReader::Open(options_.init_from, c));
-    init.layers.resize(c.num_hidden_layers);
   } else {
-    InitParams(c, t.seed, &init, pool_.get());
+    weights = std::make_unique<RandomWeights>(c, t.seed, pool_.get());
   }
   // AdamW's moments: zero, or a checkpoint's (with its step counter), read one parameter's at
   // a time as they are placed.
@@ -260,10 +260,8 @@ absl::Status OffloadTrainer::Init() {
   }
   for (NamedTensor<float> &p : NamedTensors(c, &init)) {
     const int64_t size = Numel(p);
-    if (weights != nullptr) {
-      p.data->resize(size);
-      RETURN_IF_ERROR(weights->Read(p.name, p.data->data()));
-    }
+    p.data->resize(size);
+    RETURN_IF_ERROR(weights->Read(p.name, p.data->data()));
     std::vector<float> m(size, 0.0f), v(moments != nullptr ? size : 0, 0.0f);
     if (moments != nullptr) RETURN_IF_ERROR(moments->Read(p.name, m.data(), v.data()));
     const float *vp = moments != nullptr ? v.data() : m.data();  // zeros for both

@@ -44,67 +44,96 @@ absl::Status CheckGradNormFinite(int64_t step, double grad_norm, double loss,
 void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params,
                 ThreadPool* pool) {
   *params = AllocateParams<float>(config);
-  // The matrices in order form one stream of values: value 2p is pair p's cosine, 2p + 1 its
-  // sine, pair p drawing numbers 2p and 2p + 1 of the generator.
-  std::vector<float*> mats;
-  std::vector<int64_t> starts;  // each matrix's first value in the stream
-  int64_t total = 0;
+  RandomWeights source(config, seed, pool);
   for (NamedTensor<float>& t : NamedTensors(config, params)) {
-    if (t.shape.size() == 1) {
-      std::fill(t.data->begin(), t.data->end(), 1.0f);
-      continue;
-    }
-    mats.push_back(t.data->data());
-    starts.push_back(total);
-    total += static_cast<int64_t>(t.data->size());
+    // In NamedTensors order, the order RandomWeights asks for: it cannot refuse.
+    absl::Status read = source.Read(t.name, t.data->data());
+    (void)read;
   }
-  const double init_std = config.init_std;
-  // Values [2 * pb, 2 * pe) of the stream (those below `total`) from raw numbers `raw` of pairs
-  // [pb, pe) (raw[0] is pair `first`'s first number).
-  auto values = [&](const uint64_t* raw, int64_t first, int64_t pb, int64_t pe) {
-    int64_t k = 2 * pb;
-    size_t m = std::upper_bound(starts.begin(), starts.end(), k) - starts.begin() - 1;
+}
+
+RandomWeights::RandomWeights(const ModelConfig& config, uint64_t seed, ThreadPool* pool)
+    : init_std_(config.init_std), pool_(pool), rng_(seed) {
+  ModelParams shapes;
+  shapes.layers.resize(config.num_hidden_layers);
+  for (const NamedTensor<float>& t : NamedTensors(config, &shapes)) {
+    int64_t size = 1;
+    for (int64_t d : t.shape) size *= d;
+    order_.push_back(Expected{t.name, size, t.shape.size() != 1});
+  }
+}
+
+absl::Status RandomWeights::Read(const std::string& name, float* dst) {
+  if (next_ >= order_.size() || order_[next_].name != name) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "random initialisation: asked for ", name, " but the next tensor in order is ",
+        next_ < order_.size() ? order_[next_].name : std::string("none (all were handed out)")));
+  }
+  const Expected& e = order_[next_++];
+  if (e.matrix) {
+    Draw(dst, e.size);
+  } else {
+    std::fill(dst, dst + e.size, 1.0f);  // norm weights draw nothing
+  }
+  return absl::OkStatus();
+}
+
+void RandomWeights::Draw(float* dst, int64_t n) {
+  int64_t first = 0;  // dst[first] is the first value of a new pair
+  if (n > 0 && position_ % 2 == 1) {
+    dst[0] = spare_;
+    first = 1;
+  }
+  position_ += n;
+  const double init_std = init_std_;
+  // Pairs [pb, pe) of this call from raw numbers `raw` (raw[0] is pair `p0`'s first): pair p
+  // fills dst[first + 2p] and the value after it, or keeps that one as the spare at the end.
+  auto values = [&](const uint64_t* raw, int64_t p0, int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
-      const uint64_t x1 = raw[2 * (p - first)], x2 = raw[2 * (p - first) + 1];
+      const uint64_t x1 = raw[2 * (p - p0)], x2 = raw[2 * (p - p0) + 1];
       const double u1 = static_cast<double>((x1 >> 11) + 1) * 0x1.0p-53;
       const double u2 = static_cast<double>(x2 >> 11) * 0x1.0p-53;
       const double r = std::sqrt(-2.0 * std::log(u1));
-      const double z[2] = {r * std::cos(2.0 * M_PI * u2), r * std::sin(2.0 * M_PI * u2)};
-      for (int j = 0; j < 2 && k < total; ++j, ++k) {
-        while (m + 1 < starts.size() && k >= starts[m + 1]) ++m;
-        mats[m][k - starts[m]] = static_cast<float>(init_std * z[j]);
+      const int64_t k = first + 2 * p;
+      dst[k] = static_cast<float>(init_std * (r * std::cos(2.0 * M_PI * u2)));
+      const float z1 = static_cast<float>(init_std * (r * std::sin(2.0 * M_PI * u2)));
+      if (k + 1 < n) {
+        dst[k + 1] = z1;
+      } else {
+        spare_ = z1;
       }
     }
   };
-  const int64_t pairs = (total + 1) / 2;
-  std::mt19937_64 rng(seed);
-  if (pool == nullptr || pool->num_threads() <= 1) {
+  const int64_t pairs = (n - first + 1) / 2;
+  if (pool_ == nullptr || pool_->num_threads() <= 1) {
     constexpr int64_t kPairs = 4096;
     std::vector<uint64_t> raw(2 * kPairs);
     for (int64_t p0 = 0; p0 < pairs; p0 += kPairs) {
-      const int64_t n = std::min(kPairs, pairs - p0);
-      for (int64_t i = 0; i < 2 * n; ++i) raw[i] = rng();
-      values(raw.data(), p0, p0, p0 + n);
+      const int64_t count = std::min(kPairs, pairs - p0);
+      for (int64_t i = 0; i < 2 * count; ++i) raw[i] = rng_();
+      values(raw.data(), p0, p0, p0 + count);
     }
     return;
   }
   // Blocks of pairs: this thread draws the next block while the pool computes this one.
   constexpr int64_t kBlock = int64_t{1} << 20;
-  std::vector<uint64_t> raw[2] = {std::vector<uint64_t>(2 * kBlock),
-                                  std::vector<uint64_t>(2 * kBlock)};
-  auto draw = [&](int64_t block) {
-    const int64_t n = std::min(kBlock, pairs - block * kBlock);
-    uint64_t* out = raw[block % 2].data();
-    for (int64_t i = 0; i < 2 * n; ++i) out[i] = rng();
-  };
   const int64_t blocks = (pairs + kBlock - 1) / kBlock;
+  std::vector<uint64_t> raw[2];
+  for (int64_t b = 0; b < std::min<int64_t>(blocks, 2); ++b) {
+    raw[b].resize(2 * std::min(kBlock, pairs - b * kBlock));
+  }
+  auto draw = [&](int64_t block) {
+    const int64_t count = std::min(kBlock, pairs - block * kBlock);
+    uint64_t* out = raw[block % 2].data();
+    for (int64_t i = 0; i < 2 * count; ++i) out[i] = rng_();
+  };
   if (blocks > 0) draw(0);
   for (int64_t b = 0; b < blocks; ++b) {
     std::thread next;
     if (b + 1 < blocks) next = std::thread(draw, b + 1);
-    const int64_t p0 = b * kBlock, n = std::min(kBlock, pairs - p0);
+    const int64_t p0 = b * kBlock, count = std::min(kBlock, pairs - p0);
     const uint64_t* block_raw = raw[b % 2].data();
-    pool->ParallelFor(n, 4096, [&](int64_t pb, int64_t pe) {
+    pool_->ParallelFor(count, 4096, [&](int64_t pb, int64_t pe) {
       values(block_raw, p0, p0 + pb, p0 + pe);
     });
     if (next.joinable()) next.join();

@@ -71,6 +71,33 @@ absl::Status ValidateTrainerOptions(const TrainerOptions& options);
 void InitParams(const ModelConfig& config, uint64_t seed, ModelParams* params,
                 ThreadPool* pool = nullptr);
 
+// InitParams' values a tensor at a time: Read must be called for the tensors in NamedTensors
+// order (FAILED_PRECONDITION naming the tensor expected otherwise), and holds nothing but the
+// stream's state between calls. Thread-compatible; `pool` as InitParams' (may be null) must
+// outlive it.
+class RandomWeights : public WeightsSource {
+ public:
+  RandomWeights(const ModelConfig& config, uint64_t seed, ThreadPool* pool = nullptr);
+  absl::Status Read(const std::string& name, float* dst) override;
+
+ private:
+  // The next `n` values of the stream into `dst`.
+  void Draw(float* dst, int64_t n);
+
+  struct Expected {
+    std::string name;
+    int64_t size;
+    bool matrix;
+  };
+  std::vector<Expected> order_;
+  size_t next_ = 0;       // index into order_
+  double init_std_;
+  ThreadPool* pool_;
+  std::mt19937_64 rng_;
+  int64_t position_ = 0;  // stream values handed out so far
+  float spare_ = 0;       // value `position_` when it is odd: the second of the last pair
+};
+
 // Step()'s check of the global gradient norm, exposed for tests: OK when `grad_norm` is
 // finite, else FAILED_PRECONDITION "step S: gradient norm is nan (loss L; first non-finite
 // gradient in NAME) ..." naming the first of `grads` holding a non-finite element.

@@ -126,6 +126,38 @@ TEST(TrainerTest, InitParamsWithAPoolIsTheSameStream) {
   EXPECT_GT(total, int64_t{2} << 20);
 }
 
+// A tensor at a time, each into its own buffer (the stream's pairs span tensors of odd sizes),
+// the values are InitParams' (the documented stream's); asked out of order, it refuses.
+TEST(TrainerTest, RandomWeightsStreamsTheSameValuesInOrder) {
+  ModelConfig c = SmallOptions(true).model;
+  c.hidden_size = 96;
+  c.intermediate_size = 203;
+  c.num_attention_heads = 3;
+  c.num_key_value_heads = 1;
+  c.vocab_size = 1001;
+  ModelParams want;
+  ReferenceInit(c, 5, &want);
+  for (int threads : {1, 3}) {
+    ThreadPool pool(threads);
+    RandomWeights source(c, 5, &pool);
+    for (const NamedTensor<float>& t : NamedTensors(c, &want)) {
+      std::vector<float> got(t.data->size(), -7.0f);
+      ASSERT_TRUE(source.Read(t.name, got.data()).ok()) << t.name;
+      EXPECT_EQ(got, *t.data) << t.name << " with " << threads << " threads";
+    }
+    std::vector<float> extra(4);
+    const absl::Status done = source.Read("model.norm.weight", extra.data());
+    EXPECT_EQ(done.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(std::string(done.message()), HasSubstr("none (all were handed out)"));
+  }
+  RandomWeights skipping(c, 5);
+  std::vector<float> buf(c.hidden_size * c.hidden_size);
+  const absl::Status s = skipping.Read("model.layers.0.self_attn.q_proj.weight", buf.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("the next tensor in order is model.embed_tokens.weight"));
+}
+
 TEST(TrainerTest, DeterministicAcrossRunsAndCheckpointing) {
   for (bool tied : {false, true}) {
     TrainerOptions o = SmallOptions(tied);
