@@ -305,6 +305,10 @@ void JobManager::DispatchLoop() {
       worker = IdleWorker();
       job_id = queue_.front();
       queue_.pop_front();
+      for (const auto& [other_worker, other] : running_) {
+        company_[other].insert(job_id);
+        company_[job_id].insert(other);
+      }
       running_[worker] = job_id;
       jobs_[job_id].clear_wait_reason();
       UpdateShareGauges();
@@ -385,11 +389,14 @@ bool JobManager::HeadCanStart(std::string* why) {
     return wait("it runs alone: its use of the node's memory is unknown (the worker could not "
                 "be asked when it was submitted)");
   }
+  if (head.runs_alone()) {
+    return wait("it runs alone: it ran out of memory beside other jobs before");
+  }
   ResourceClaims beside;
   std::vector<std::string> ids;
   for (const auto& [worker, id] : running_) {
     const Job& job = jobs_.at(id);
-    if (!job.has_claims()) return wait(absl::StrCat(id, " runs alone"));
+    if (!job.has_claims() || job.runs_alone()) return wait(absl::StrCat(id, " runs alone"));
     AddClaims(job.claims(), &beside);
     ids.push_back(id);
   }
@@ -489,6 +496,8 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   Job& job = jobs_[job_id];
   job.set_tensors_freed(freed);
   running_.erase(worker);
+  const std::set<std::string> company = std::move(company_[job_id]);
+  company_.erase(job_id);
   UpdateShareGauges();
   const std::string reason = std::string(status.message()).find(worker->name()) == 0
                                  ? std::string(status.message())
@@ -501,6 +510,15 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
                               worker->name()));
   } else if (status.ok()) {
     FinishJob(job_id, SUCCEEDED, "");
+  } else if (absl::IsResourceExhausted(status) && !company.empty() &&
+             job.worker_failures() + 1 < options_.max_worker_failures) {
+    // Out of memory with other jobs beside it: their claims together were too low. It runs
+    // alone from now on, from its latest checkpoint.
+    job.set_worker_failures(job.worker_failures() + 1);
+    job.set_runs_alone(true);
+    Requeue(job, absl::StrCat(reason, " (out of memory beside ", absl::StrJoin(company, ", "),
+                              "; it runs alone from now on)"));
+    queue_.push_front(job_id);
   } else if (absl::IsUnavailable(status) || absl::IsDataLoss(status)) {
     // The worker or the memstore died under the job (UNAVAILABLE), or the memstore lost the
     // job's tensors when it restarted (DATA_LOSS); lumend restarts the process. Whatever was

@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -154,6 +155,8 @@ class JobManager {
   int64_t next_watch_ ABSL_GUARDED_BY(mu_) = 1;
   // The job each busy worker runs.
   std::map<WorkerClient*, std::string> running_ ABSL_GUARDED_BY(mu_);
+  // For each running job, the jobs that ran beside it during its run.
+  std::map<std::string, std::set<std::string>> company_ ABSL_GUARDED_BY(mu_);
   NodeShares shares_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread dispatcher_;

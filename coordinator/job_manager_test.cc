@@ -482,6 +482,10 @@ class GatedWorker : public WorkerClient {
       return absl::CancelledError("cancelled");
     }
     --finishes_;
+    if (out_of_memory_.count(request.spec().name())) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(name_, ": the memstore's host tier is full"));
+    }
     return absl::OkStatus();
   }
   void CancelTask(const std::string&) override {
@@ -501,6 +505,16 @@ class GatedWorker : public WorkerClient {
     ++finishes_;
   }
 
+  // Jobs (by name) whose runs end RESOURCE_EXHAUSTED.
+  void OutOfMemory(const std::string& name, bool on) {
+    absl::MutexLock lock(&mu_);
+    if (on) {
+      out_of_memory_.insert(name);
+    } else {
+      out_of_memory_.erase(name);
+    }
+  }
+
   std::map<std::string, ResourceClaims> claims;
   std::set<std::string> unreachable;
 
@@ -508,6 +522,7 @@ class GatedWorker : public WorkerClient {
   const std::string name_;
   absl::Mutex mu_;
   int finishes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::set<std::string> out_of_memory_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
 };
 
@@ -674,6 +689,51 @@ TEST_F(SideBySideTest, JobWithUnknownClaimsRunsAlone) {
   ASSERT_TRUE(WaitForState(manager, after->id(), RUNNING));
   ASSERT_TRUE(Finish(manager, after->id()));
   EXPECT_EQ(WaitForEnd(manager, after->id()).state(), SUCCEEDED);
+}
+
+// A job that runs out of memory beside another is queued again to resume alone; one that runs
+// out of memory alone fails.
+TEST_F(SideBySideTest, OutOfMemoryBesideOthersResumesAlone) {
+  for (GatedWorker* w : {&a_, &b_}) w->OutOfMemory("victim", true);
+  JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  absl::StatusOr<Job> hog = manager.Submit(Named("hog"), dir_);
+  absl::StatusOr<Job> victim = manager.Submit(Named("victim"), dir_);
+  ASSERT_TRUE(hog.ok() && victim.ok());
+  ASSERT_TRUE(WaitForState(manager, hog->id(), RUNNING));
+  ASSERT_TRUE(WaitForState(manager, victim->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, victim->id()));
+  ASSERT_TRUE(WaitForState(manager, victim->id(), QUEUED));
+  Job queued = *manager.Get(victim->id());
+  EXPECT_TRUE(queued.runs_alone());
+  EXPECT_EQ(queued.resumes(), 1);
+  EXPECT_THAT(queued.resume_reason(), HasSubstr("the memstore's host tier is full"));
+  EXPECT_THAT(queued.resume_reason(),
+              HasSubstr("out of memory beside " + hog->id() + "; it runs alone from now on"));
+  EXPECT_THAT(WaitReason(manager, victim->id()), HasSubstr("it ran out of memory beside"));
+  // Alone, it still runs out of memory: then it fails.
+  ASSERT_TRUE(Finish(manager, hog->id()));
+  EXPECT_EQ(WaitForEnd(manager, hog->id()).state(), SUCCEEDED);
+  ASSERT_TRUE(WaitForState(manager, victim->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, victim->id()));
+  const Job failed = WaitForEnd(manager, victim->id());
+  EXPECT_EQ(failed.state(), FAILED);
+  EXPECT_THAT(failed.failure_reason(), HasSubstr("the memstore's host tier is full"));
+  // A job that has room alone succeeds after such a retry.
+  for (GatedWorker* w : {&a_, &b_}) w->OutOfMemory("victim", false);
+  for (GatedWorker* w : {&a_, &b_}) w->OutOfMemory("lucky", true);
+  absl::StatusOr<Job> first = manager.Submit(Named("first"), dir_);
+  absl::StatusOr<Job> lucky = manager.Submit(Named("lucky"), dir_);
+  ASSERT_TRUE(first.ok() && lucky.ok());
+  ASSERT_TRUE(WaitForState(manager, first->id(), RUNNING));
+  ASSERT_TRUE(WaitForState(manager, lucky->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, lucky->id()));
+  ASSERT_TRUE(WaitForState(manager, lucky->id(), QUEUED));
+  for (GatedWorker* w : {&a_, &b_}) w->OutOfMemory("lucky", false);
+  ASSERT_TRUE(Finish(manager, first->id()));
+  ASSERT_TRUE(WaitForState(manager, lucky->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, lucky->id()));
+  EXPECT_EQ(WaitForEnd(manager, lucky->id()).state(), SUCCEEDED);
 }
 
 // Stopping the manager cancels every running job and stores each to resume.
