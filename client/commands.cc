@@ -238,8 +238,9 @@ std::string StepLine(const Job& job, const StepRecord& s) {
 
 std::string WorkerLine(const WorkerInfo& w) {
   if (!w.reachable()) return absl::StrFormat("%-12s unreachable: %s", w.name(), w.error());
+  const std::string job = w.running_job().empty() ? "idle" : w.running_job();
   std::string line = absl::StrFormat(
-      "%-12s %-6s budget %s", w.name(),
+      "%-12s %-10s %-6s budget %s", w.name(), job,
       w.device_name().empty() ? w.device() : absl::StrCat(w.device(), " ", w.device_name()),
       FormatBytes(w.device_memory_budget_bytes()));
   const auto& p = w.profile();

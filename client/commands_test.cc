@@ -16,8 +16,11 @@ TEST(WorkerLineTest, ShowsTheDeviceAndItsMeasuredFigures) {
   cpu.set_device_memory_budget_bytes(int64_t{1} << 30);
   (*cpu.mutable_profile())["fp32_gemm_flops"] = 2.5e11;
   (*cpu.mutable_profile())["copy_bytes_per_s"] = 1.6e10;
-  EXPECT_THAT(WorkerLine(cpu), HasSubstr("worker-0     cpu    budget 1.0 GiB"));
+  EXPECT_THAT(WorkerLine(cpu), HasSubstr("worker-0     idle       cpu    budget 1.0 GiB"));
   EXPECT_THAT(WorkerLine(cpu), HasSubstr("measured: 250.0 GFLOP/s fp32 GEMM, 16.0 GB/s copies"));
+
+  cpu.set_running_job("job-000007");
+  EXPECT_THAT(WorkerLine(cpu), HasSubstr("worker-0     job-000007 cpu    budget 1.0 GiB"));
 
   WorkerInfo gpu = cpu;
   gpu.set_device("cuda");

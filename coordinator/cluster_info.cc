@@ -1,6 +1,7 @@
 #include "coordinator/cluster_info.h"
 
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "glog/logging.h"
@@ -34,6 +35,10 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
       LOG(WARNING) << "cannot read the node status " << node_status_file_;
     }
   }
+  std::map<std::string, std::string> running;  // worker -> job
+  for (const Job& job : jobs_->List()) {
+    if (job.state() == RUNNING) running[job.worker()] = job.id();
+  }
   for (WorkerClient* worker : workers_) {
     auto info = worker->GetInfo(absl::Seconds(2));
     if (info.ok()) {
@@ -46,6 +51,8 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
       out->set_reachable(false);
       out->set_error(info.status().ToString());
     }
+    auto it = running.find(worker->name());
+    if (it != running.end()) reply.mutable_workers()->rbegin()->set_running_job(it->second);
   }
   if (memstore_ != nullptr) {
     auto stats = memstore_->GetStats(absl::Seconds(2));

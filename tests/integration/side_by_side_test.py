@@ -43,6 +43,10 @@ class SideBySideTest(unittest.TestCase):
             self.assertEqual([jobs[i]["state"] for i in ids[:2]], ["RUNNING"] * 2,
                              node.output())
             self.assertEqual(jobs[ids[2]]["state"], "QUEUED")
+            # lumenctl cluster shows which job each worker runs.
+            workers = node.ctl_json("cluster")[0]["workers"]
+            self.assertEqual({w.get("running_job", "") for w in workers}, set(ids[:2]), workers)
+            self.assertIn(ids[0], node.ctl("cluster").stdout)
             table = node.ctl("jobs").stdout
             self.assertIn("WORKER", table)
             self.assertIn("worker-1", table)
