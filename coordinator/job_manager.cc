@@ -278,6 +278,7 @@ void JobManager::DispatchLoop() {
       it = runs_.erase(it);
     }
     RefreshShares();
+    SizeJobs();
     std::string job_id;
     WorkerClient* worker = nullptr;
     {
@@ -367,6 +368,42 @@ void JobManager::UpdateShareGauges() {
     claimed_gauge_.Add({{"share", share}}).Set(static_cast<double>(claimed));
     share_capacity_gauge_.Add({{"share", share}}).Set(static_cast<double>(capacity));
   }
+}
+
+void JobManager::SizeJobs() {
+  std::string id;
+  JobSpec spec;
+  int64_t host_available = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (workers_.empty()) return;
+    // The head of the queue, else a running job (it started alone, unsized).
+    std::vector<std::string> candidates;
+    if (!queue_.empty()) candidates.push_back(queue_.front());
+    for (const auto& [worker, running] : running_) candidates.push_back(running);
+    for (const std::string& c : candidates) {
+      if (!jobs_[c].has_claims()) {
+        id = c;
+        break;
+      }
+    }
+    if (id.empty()) return;
+    const absl::Time now = absl::Now();
+    if (now - last_sizing_ < absl::Seconds(5)) return;
+    last_sizing_ = now;
+    spec = jobs_[id].spec();
+    host_available = std::max<int64_t>(0, shares_.worker_host_bytes);
+  }
+  absl::StatusOr<ResourceClaims> claims =
+      workers_.front()->CheckTask(spec, host_available, absl::Seconds(2));
+  if (!claims.ok()) return;  // it runs alone; a check that refuses it now fails its run
+  absl::MutexLock lock(&mu_);
+  Job& job = jobs_[id];
+  if (IsTerminal(job.state()) || job.has_claims()) return;
+  *job.mutable_claims() = *std::move(claims);
+  UpdateShareGauges();
+  LOG(INFO) << id << ": sized now (its worker could not be asked at submit)";
+  Publish(job, {});
 }
 
 WorkerClient* JobManager::IdleWorker() {

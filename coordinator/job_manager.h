@@ -21,6 +21,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "coordinator/job_spec.h"
 #include "coordinator/job_store.h"
 #include "coordinator/worker_client.h"
@@ -107,6 +108,10 @@ class JobManager {
   // Learns the shares it does not know yet (an RPC to the memstore) and, while no job runs,
   // the host memory available. Call without the lock.
   void RefreshShares() ABSL_LOCKS_EXCLUDED(mu_);
+  // Asks a worker for the claims of a job submitted while none could answer (a worker still
+  // measuring its device at the node's first start): the head of the queue, else a running
+  // job; at most every 5 s. Call without the lock.
+  void SizeJobs() ABSL_LOCKS_EXCLUDED(mu_);
   WorkerClient* IdleWorker() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether the head of the queue can start now on an idle worker; when only the claims stop
   // it, `why` (if not null) says which share and the bytes.
@@ -158,6 +163,7 @@ class JobManager {
   // For each running job, the jobs that ran beside it during its run.
   std::map<std::string, std::set<std::string>> company_ ABSL_GUARDED_BY(mu_);
   NodeShares shares_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_sizing_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread dispatcher_;
   // Each run's thread; the dispatcher's own (it joins them).

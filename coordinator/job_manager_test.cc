@@ -460,8 +460,8 @@ TEST_F(JobManagerTest, JobTheWorkerCannotFitIsRejectedAtSubmit) {
 }
 
 // A worker whose tasks run one step, then wait until the test lets one finish; CheckTask claims
-// what `claims` says for the job's name (nothing otherwise), or UNAVAILABLE for names in
-// `unreachable`.
+// what `claims` says for the job's name (nothing otherwise), or UNAVAILABLE for names made
+// Unreachable.
 class GatedWorker : public WorkerClient {
  public:
   explicit GatedWorker(std::string name) : name_(std::move(name)) {}
@@ -495,7 +495,10 @@ class GatedWorker : public WorkerClient {
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
   absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t,
                                            absl::Duration) override {
-    if (unreachable.count(spec.name())) return absl::UnavailableError("still starting");
+    {
+      absl::MutexLock lock(&mu_);
+      if (unreachable_.count(spec.name())) return absl::UnavailableError("still starting");
+    }
     auto it = claims.find(spec.name());
     return it == claims.end() ? ResourceClaims() : it->second;
   }
@@ -515,14 +518,25 @@ class GatedWorker : public WorkerClient {
     }
   }
 
+  // CheckTask of job `name` fails UNAVAILABLE (as a worker still starting) or answers.
+  void Unreachable(const std::string& name, bool on) {
+    absl::MutexLock lock(&mu_);
+    if (on) {
+      unreachable_.insert(name);
+    } else {
+      unreachable_.erase(name);
+    }
+  }
+
+  // Set before the manager starts.
   std::map<std::string, ResourceClaims> claims;
-  std::set<std::string> unreachable;
 
  private:
   const std::string name_;
   absl::Mutex mu_;
   int finishes_ ABSL_GUARDED_BY(mu_) = 0;
   std::set<std::string> out_of_memory_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> unreachable_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
 };
 
@@ -565,9 +579,9 @@ ResourceClaims MemstoreHostClaim(int64_t mib) {
 class SideBySideTest : public JobManagerTest {
  protected:
   std::string Named(const std::string& name) { return "name: " + name + "\n" + Spec(1); }
-  // Waits until `id` is in `state`; false after 10 s.
+  // Waits until `id` is in `state`; false after 30 s.
   bool WaitForState(JobManager& manager, const std::string& id, JobState state) {
-    for (int i = 0; i < 1000; ++i) {
+    for (int i = 0; i < 3000; ++i) {
       absl::StatusOr<Job> job = manager.Get(id);
       if (job.ok() && job->state() == state) return true;
       absl::SleepFor(absl::Milliseconds(10));
@@ -664,9 +678,45 @@ TEST_F(SideBySideTest, HeadWaitsUntilItsClaimsFit) {
   EXPECT_EQ(WaitForEnd(manager, small->id()).state(), SUCCEEDED);
 }
 
+// A job submitted while no worker could answer is sized once one can: it then runs beside
+// others like any job.
+TEST_F(SideBySideTest, JobSubmittedWhileWorkersStartIsSizedLater) {
+  a_.Unreachable("early", true);
+  a_.claims["early"].set_worker_host_bytes(1 << 20);
+  JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  absl::StatusOr<Job> first = manager.Submit(Named("first"), dir_);
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(WaitForState(manager, first->id(), RUNNING));
+  absl::StatusOr<Job> early = manager.Submit(Named("early"), dir_);
+  ASSERT_TRUE(early.ok());
+  EXPECT_FALSE(early->has_claims());
+  a_.Unreachable("early", false);  // the worker is ready now
+  ASSERT_TRUE(WaitForState(manager, early->id(), RUNNING));  // beside `first`
+  EXPECT_EQ(manager.Get(early->id())->claims().worker_host_bytes(), 1 << 20);
+  // One that started alone, unsized, is sized while it runs: others may then run beside it.
+  b_.Unreachable("alone", true);
+  a_.Unreachable("alone", true);
+  ASSERT_TRUE(Finish(manager, first->id()));
+  ASSERT_TRUE(Finish(manager, early->id()));
+  EXPECT_EQ(WaitForEnd(manager, early->id()).state(), SUCCEEDED);
+  absl::StatusOr<Job> alone = manager.Submit(Named("alone"), dir_);
+  ASSERT_TRUE(alone.ok());
+  EXPECT_FALSE(alone->has_claims());
+  ASSERT_TRUE(WaitForState(manager, alone->id(), RUNNING));
+  a_.Unreachable("alone", false);
+  absl::StatusOr<Job> next = manager.Submit(Named("next"), dir_);
+  ASSERT_TRUE(next.ok());
+  ASSERT_TRUE(WaitForState(manager, next->id(), RUNNING));  // beside `alone`, once sized
+  EXPECT_TRUE(manager.Get(alone->id())->has_claims());
+  ASSERT_TRUE(Finish(manager, alone->id()));
+  ASSERT_TRUE(Finish(manager, next->id()));
+  EXPECT_EQ(WaitForEnd(manager, next->id()).state(), SUCCEEDED);
+}
+
 // A job whose claims are unknown (the worker could not be asked at submit) runs alone.
 TEST_F(SideBySideTest, JobWithUnknownClaimsRunsAlone) {
-  a_.unreachable.insert("unknown");
+  a_.Unreachable("unknown", true);
   JobManager manager(&store_, {&a_, &b_}, {dir_, NodeLimits{}}, registry_);
   ASSERT_TRUE(manager.Start().ok());
   absl::StatusOr<Job> first = manager.Submit(Named("first"), dir_);
