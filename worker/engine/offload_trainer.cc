@@ -228,6 +228,13 @@ absl::Status OffloadTrainer::Init() {
   max_resident_acts_ =
       resident_ ? max_acts
                 : std::clamp<int64_t>((spare - prefetch_window_ - behind) / act_bytes, 0, max_acts);
+  if (!resident_ && offload_.collective != nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "a data-parallel replica keeps its whole training state on the device, but the state (",
+        FormatBytes(TrainingStateBytes()), ") does not fit the device budget ",
+        FormatBytes(offload_.device_budget_bytes),
+        "; data parallelism with offloaded state is not built yet"));
+  }
   if (!resident_ && offload_.home == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "offload.home is null but the training state (", FormatBytes(TrainingStateBytes()),
@@ -663,7 +670,9 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const int64_t act = n * h;
   const bool tied = c.tie_word_embeddings;
   const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
-  const float grad_scale = static_cast<float>(1.0 / static_cast<double>(A));
+  // A replica's micro-batches are a share of the step's (OffloadOptions::collective).
+  const int64_t global_a = offload_.global_micro_batches > 0 ? offload_.global_micro_batches : A;
+  const float grad_scale = static_cast<float>(1.0 / static_cast<double>(global_a));
   const int num_tensors = static_cast<int>(param_slots_.size());
   const int norm_index = 1 + kLayerTensors * static_cast<int>(L);
   const int head_index = tied ? 0 : norm_index + 1;
@@ -694,8 +703,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
                    Allocate(2 * static_cast<int64_t>(sizeof(int32_t)) * A * n,
                                  absl::StrCat("step ", step_, ": token ids")));
   for (int64_t a = 0; a < A; ++a) {
-    RETURN_IF_ERROR(
-        data_->ReadBatch(step_, a, A, B, inputs_.data() + a * n, targets_.data() + a * n));
+    RETURN_IF_ERROR(data_->ReadBatch(step_, offload_.micro_batch_offset + a, global_a, B,
+                                     inputs_.data() + a * n, targets_.data() + a * n));
   }
 
   // Embedding forward for every micro-batch.
@@ -884,12 +893,18 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   }
   ids_alloc.Release();
 
+  // Data parallel: the step's gradient and loss are the replicas' together (every replica
+  // keeps its state resident, so the gradients are device buffers).
+  if (offload_.collective != nullptr) {
+    RETURN_IF_ERROR(SumAcrossReplicas(&loss_sum));
+  }
+
   // Global gradient norm, exactly as GlobalGradNorm: per-tensor sums (taken
   // on the device as each gradient completed) added in NamedTensors order.
   double total = 0;
   for (int i = 0; i < num_tensors; ++i) total += grad_sq_[i];
   const double grad_norm = std::sqrt(total);
-  const double loss = loss_sum / static_cast<double>(A);
+  const double loss = loss_sum / static_cast<double>(global_a);
   if (!std::isfinite(grad_norm)) {
     // (Step ignores the overlapped updates of a failed step.)
     RETURN_IF_ERROR(Flush());
@@ -920,7 +935,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.loss = loss;
   r.lr = lr;
   r.grad_norm = grad_norm;
-  r.tokens = A * B * T;
+  r.tokens = global_a * B * T;
   r.device_memory_budget_bytes = mem_.budget();
   r.device_memory_peak_bytes = mem_.peak();
   r.bytes_home_to_device = bytes_in_;
@@ -936,6 +951,36 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.optimizer_overlap_kept = overlapped && !clip;
   r.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
+}
+
+absl::Status OffloadTrainer::SumAcrossReplicas(double *loss_sum) {
+  Timer busy(&stats_.compute_seconds, Tracing(), "compute", "sum gradients across replicas",
+             step_start_);
+  std::vector<DeviceBuffer *> grads;
+  int64_t total = 0;
+  for (const NamedTensor<float> &slot : param_slots_) {
+    auto it = device_.find(GradId(slot.name));
+    if (it == device_.end()) {
+      return absl::InternalError(absl::StrCat("data parallel: the gradient of ", slot.name,
+                                              " is not on the device"));
+    }
+    grads.push_back(&it->second);
+    total += static_cast<int64_t>(it->second.data.size());
+  }
+  std::vector<float> flat;
+  flat.reserve(total);
+  for (const DeviceBuffer *g : grads) flat.insert(flat.end(), g->data.begin(), g->data.end());
+  std::vector<double> scalars = {*loss_sum};
+  RETURN_IF_ERROR(offload_.collective->SumAcrossReplicas(step_, &flat, &scalars));
+  *loss_sum = scalars[0];
+  int64_t at = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::vector<float> &g = grads[i]->data;
+    std::copy(flat.begin() + at, flat.begin() + at + static_cast<int64_t>(g.size()), g.begin());
+    at += static_cast<int64_t>(g.size());
+    GradDone(static_cast<int>(i), *grads[i]);
+  }
+  return absl::OkStatus();
 }
 
 void OffloadTrainer::GradDone(int i, const DeviceBuffer &g) {

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "worker/engine/collective.h"
 #include "worker/engine/data.h"
 #include "worker/engine/model.h"
 #include "worker/engine/tensor_home.h"
@@ -143,6 +144,16 @@ struct OffloadOptions {
   // steps the trainer has no trace of yet (its first); later steps read ahead in the order
   // their first step read, as early as memory allows.
   ParameterSchedule schedule;
+  // Data parallelism (collective.h): this trainer is replica collective->rank() of
+  // collective->size(). It trains micro-batches [micro_batch_offset, micro_batch_offset +
+  // train.grad_accum_steps) of each step's `global_micro_batches` (MicroBatchShareOf), scaled
+  // as a part of all of them, and sums its gradients and loss with the other replicas' before
+  // the norm, so every replica applies the same update; step results report the whole step.
+  // Each replica keeps its whole training state on the device (Create refuses otherwise:
+  // FAILED_PRECONDITION). Not owned; null: one replica.
+  Collective *collective = nullptr;
+  int64_t micro_batch_offset = 0;
+  int64_t global_micro_batches = 0;  // 0: train.grad_accum_steps
 };
 
 // One op of a traced step: a compute op ("forward of layer 3, mb 0") or a wait ("wait for
@@ -316,6 +327,9 @@ class OffloadTrainer {
   std::vector<TraceEvent> *Tracing() { return tracing_ ? &trace_events_ : nullptr; }
   // Adds the squared norm of a complete gradient (tensor index i).
   void GradDone(int i, const DeviceBuffer &g);
+  // Data parallel: replaces the device's gradients and `loss_sum` by the replicas' sums and
+  // recomputes each gradient's square sum.
+  absl::Status SumAcrossReplicas(double *loss_sum);
   // Queues tensor i's AdamW on the host thread, once its gradient is
   // home: reads the parameters and moments of generation `from`, scales the
   // gradient by `coef` when `clip`, writes generation `to`.

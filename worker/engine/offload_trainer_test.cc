@@ -10,7 +10,9 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -676,6 +678,85 @@ TEST(LayerwiseModelTest, MatchesForwardBackward) {
     ASSERT_TRUE(lw->EmbedBackward(in.data(), B, T, dy.data()).ok());
     ExpectBitIdentical(c, &full.grads(), &lw->grads(), "grad");
   }
+}
+
+}  // namespace
+}  // namespace lumen::engine
+
+namespace lumen::engine {
+namespace {
+
+// Data parallel: replicas training shares of each step's micro-batches (even and uneven), their
+// gradients summed, stay bit-identical to each other and match one trainer of all of them to
+// rounding (the sums are added in another order).
+TEST(OffloadTrainerTest, DataParallelReplicasMatchOneTrainer) {
+  for (int64_t micro_batches : {4, 3}) {
+    TrainerOptions o = DeepOptions(micro_batches == 3);
+    o.train.grad_accum_steps = micro_batches;
+    o.train.steps = 5;
+    o.num_threads = 1;
+    auto single = OffloadTrainer::Create(o, Resident());
+    ASSERT_TRUE(single.ok()) << single.status();
+    TrainRun one = Train(single->get(), 5);
+
+    LocalCollectives group(2);
+    std::vector<std::unique_ptr<OffloadTrainer>> replicas;
+    for (int r = 0; r < 2; ++r) {
+      const MicroBatchShare share = MicroBatchShareOf(micro_batches, r, 2);
+      TrainerOptions ro = o;
+      ro.train.grad_accum_steps = share.count;
+      OffloadOptions off = Resident();
+      off.collective = group.Member(r);
+      off.micro_batch_offset = share.first;
+      off.global_micro_batches = micro_batches;
+      auto t = OffloadTrainer::Create(ro, off);
+      ASSERT_TRUE(t.ok()) << t.status();
+      replicas.push_back(*std::move(t));
+    }
+    TrainRun runs[2];
+    std::thread second([&] { runs[1] = Train(replicas[1].get(), 5); });
+    runs[0] = Train(replicas[0].get(), 5);
+    second.join();
+    ASSERT_EQ(runs[0].steps.size(), 5u);
+    ASSERT_EQ(runs[1].steps.size(), 5u);
+    for (int s = 0; s < 5; ++s) {
+      EXPECT_EQ(runs[0].steps[s].loss, runs[1].steps[s].loss) << "step " << s;
+      EXPECT_EQ(runs[0].steps[s].grad_norm, runs[1].steps[s].grad_norm) << "step " << s;
+      EXPECT_EQ(runs[0].steps[s].tokens, one.steps[s].tokens);
+      EXPECT_NEAR(runs[0].steps[s].loss, one.steps[s].loss, 1e-5 * one.steps[s].loss)
+          << micro_batches << " micro-batches, step " << s;
+      EXPECT_NEAR(runs[0].steps[s].grad_norm, one.steps[s].grad_norm,
+                  1e-4 * one.steps[s].grad_norm);
+    }
+    ExpectBitIdentical(o.model, &runs[0].params, &runs[1].params, "replica params");
+    ExpectBitIdentical(o.model, &runs[0].m, &runs[1].m, "replica exp_avg");
+    auto a = NamedTensors(o.model, &runs[0].params);
+    auto b = NamedTensors(o.model, &one.params);
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      for (size_t j = 0; j < a[i].data->size(); ++j) {
+        worst = std::max(worst, static_cast<double>(std::fabs((*a[i].data)[j] - (*b[i].data)[j])));
+      }
+    }
+    EXPECT_LT(worst, 1e-4) << micro_batches << " micro-batches";
+  }
+}
+
+// A replica must keep its state on the device: offloaded data parallelism is refused.
+TEST(OffloadTrainerTest, DataParallelReplicaMustBeResident) {
+  TrainerOptions o = DeepOptions(false);
+  LocalCollectives group(2);
+  MemoryTensorHome home;
+  OffloadOptions off;
+  off.home = &home;
+  off.device_budget_bytes = 1 << 20;
+  off.collective = group.Member(0);
+  off.global_micro_batches = 4;
+  auto t = OffloadTrainer::Create(o, off);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(t.status().message()),
+              HasSubstr("data parallelism with offloaded state is not built yet"));
 }
 
 }  // namespace
