@@ -15,6 +15,7 @@
 #include "worker/cuda_jobs.h"
 #include "worker/device_trainer.h"
 #include "worker/engine/checkpoint.h"
+#include "worker/memstore_collective.h"
 #include "worker/memstore_tensor_home.h"
 
 namespace lumen {
@@ -250,6 +251,54 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
          options.optimizer_state_tier == engine::HomeTier::kNvme;
 }
 
+// CheckTask for one replica of a job on `world` workers: the largest share of the
+// micro-batches must keep the whole training state resident on the device.
+absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunnerOptions& options,
+                                            engine::TrainerOptions trainer_options,
+                                            int64_t world) {
+  if (options.device != DeviceKind::kCpu) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resources.workers: ", world,
+        ": a job on several workers is built for the CPU device only so far; use 1"));
+  }
+  if (options.memstore == nullptr) {
+    return absl::FailedPreconditionError(
+        "resources.workers: replicas sum their gradients through the memstore, and this worker "
+        "has none");
+  }
+  const engine::MicroBatchShare share =
+      engine::MicroBatchShareOf(spec.train().grad_accum_steps(), 0, static_cast<int>(world));
+  trainer_options.train.grad_accum_steps = share.count;
+  ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
+                   engine::OffloadTrainer::Requirements(trainer_options));
+  const int64_t budget = options.device_memory_budget_bytes;
+  const int64_t resident =
+      4 * needs.parameter_bytes + needs.largest_op_bytes + needs.activation_bytes;
+  if (resident > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "resources.workers: ", world, ": each worker keeps a whole replica of the training "
+        "state on its device, ", engine::FormatBytes(resident), " with ", share.count,
+        " micro-batches a step; ", options.worker_name, "'s budget is ",
+        engine::FormatBytes(budget), ". Data parallelism with offloaded state is not built "
+        "yet: use resources.workers: 1 to train it offloaded, or start lumend with a larger "
+        "--device-memory"));
+  }
+  ResourceClaims claims;
+  claims.set_worker_host_bytes(resident);
+  claims.set_memstore_host_bytes(MemstoreCollective::ClaimBytes(
+      engine::ParameterCount(trainer_options.model), 1));
+  int64_t host_capacity = 0, nvme_capacity = 0;
+  RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
+  if (world * claims.memstore_host_bytes() > host_capacity) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "resources.workers: ", world, " replicas exchange their gradients through the "
+        "memstore's host memory: ", engine::FormatBytes(world * claims.memstore_host_bytes()),
+        ", but it holds ", engine::FormatBytes(host_capacity),
+        ". Start lumend with a larger --host-memory"));
+  }
+  return claims;
+}
+
 }  // namespace
 
 absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOptions& options,
@@ -270,6 +319,8 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
     }
   }
   ResourceClaims claims;
+  const int64_t world = std::max<int64_t>(1, spec.resources().workers());
+  if (world > 1) return CheckReplica(spec, options, std::move(trainer_options), world);
   if (options.device == DeviceKind::kCuda) {
     ASSIGN_OR_RETURN(const CudaJobMemory memory,
                      CheckCudaTask(trainer_options, options.worker_name,
@@ -341,6 +392,36 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   const JobSpec& spec = request.spec();
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
                    TrainerOptionsFromSpec(spec, options.num_threads));
+  // A replica of a job on several workers: its share of each step's micro-batches, gradients
+  // summed with the other replicas through the memstore.
+  const int world = std::max(1, request.world_size());
+  const int rank = request.rank();
+  std::unique_ptr<MemstoreCollective> collective;
+  engine::MicroBatchShare share{0, spec.train().grad_accum_steps()};
+  if (world > 1) {
+    if (options.device != DeviceKind::kCpu) {
+      return absl::FailedPreconditionError(
+          "resources.workers: a job on several workers is built for the CPU device only so far");
+    }
+    if (options.memstore == nullptr || rank < 0 || rank >= world) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "replica ", rank, " of ", world, ": replicas need the memstore to sum gradients"));
+    }
+    share = engine::MicroBatchShareOf(spec.train().grad_accum_steps(), rank, world);
+    if (share.count == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.grad_accum_steps ", spec.train().grad_accum_steps(),
+          " gives replica ", rank, " of ", world, " no micro-batch"));
+    }
+    trainer_options.train.grad_accum_steps = share.count;
+    collective = std::make_unique<MemstoreCollective>(options.memstore, request.job_id(), rank,
+                                                      world, cancelled);
+  }
+  // Replica 0 (or the only one) reports the steps and writes the checkpoints.
+  const bool reports = rank == 0;
+  auto report = [&emit, reports](const TaskEvent& event) {
+    if (reports) emit(event);
+  };
   // The job's own latest checkpoint when its run was interrupted, else the spec's.
   const std::string& resume_from =
       request.resume_from().empty() ? spec.resume_from() : request.resume_from();
@@ -407,6 +488,9 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     // The optimizer runs in this process on host memory next to the memstore's tensors: it
     // does not cross the (modelled) device link.
     offload.host_home = home.get();
+    offload.collective = collective.get();
+    offload.micro_batch_offset = share.first;
+    offload.global_micro_batches = spec.train().grad_accum_steps();
     ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> offload_trainer,
                      engine::OffloadTrainer::Create(trainer_options, offload));
     trainer = std::make_unique<CpuDeviceTrainer>(std::move(offload_trainer));
@@ -439,7 +523,12 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     LOG(INFO) << request.job_id() << ": resuming from " << resume_from << ", step " << first
               << " of " << spec.train().steps();
   }
-  if (first == 0 && spec.checkpoint().save_initial()) {
+  if (world > 1) {
+    LOG(INFO) << request.job_id() << ": replica " << rank << " of " << world
+              << ", micro-batches " << share.first << " to " << share.first + share.count - 1
+              << " of each step's " << spec.train().grad_accum_steps();
+  }
+  if (first == 0 && spec.checkpoint().save_initial() && reports) {
     RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, 0, emit));
   }
   const int64_t every = spec.checkpoint().every_steps();
@@ -479,8 +568,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
       record->set_optimizer_overlapped(result.optimizer_overlap_kept);
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
-    emit(event);
-    if (step == 0 && !trainer->first_step_trace().empty()) {
+    report(event);
+    if (step == 0 && reports && !trainer->first_step_trace().empty()) {
       std::error_code ec;
       fs::create_directories(request.output_dir(), ec);
       const std::string path = (fs::path(request.output_dir()) / "trace-step-1.json").string();
@@ -491,7 +580,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
       }
     }
     const int64_t done = step + 1;
-    if (done == spec.train().steps() || (every > 0 && done % every == 0)) {
+    if (reports && (done == spec.train().steps() || (every > 0 && done % every == 0))) {
       RETURN_IF_ERROR(WriteCheckpoint(*trainer, request, tokenizer_files, done, emit));
     }
   }

@@ -274,6 +274,47 @@ TEST(CheckTaskTest, OffloadedJobNeedsAMemstoreWithRoom) {
   EXPECT_EQ(claims->memstore_host_bytes() + claims->memstore_nvme_bytes(), host_with_moments);
 }
 
+// A job on several workers: every replica keeps the whole state resident with its share of
+// the micro-batches, and exchanges its gradients through the memstore's host memory.
+TEST(CheckTaskTest, ReplicasMustBeResidentAndClaimTheirExchange) {
+  JobSpec spec = Spec(1);
+  spec.mutable_train()->set_grad_accum_steps(4);
+  spec.mutable_resources()->set_workers(2);
+  TaskRunnerOptions options;
+  options.device_memory_budget_bytes = int64_t{1} << 30;
+  absl::Status s = CheckTask(spec, options).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("through the memstore"));
+
+  SizedMemstore roomy(int64_t{1} << 30, 0);
+  options.memstore = &roomy;
+  absl::StatusOr<ResourceClaims> claims = CheckTask(spec, options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
+  ASSERT_TRUE(o.ok());
+  const int64_t params = engine::ParameterCount(o->model);
+  // Two steps' exchange: the gradients and the loss.
+  EXPECT_EQ(claims->memstore_host_bytes(), 2 * (4 * params + 8));
+  // The state resident, with 2 of the 4 micro-batches' activations.
+  JobSpec one = spec;
+  one.mutable_resources()->set_workers(1);
+  one.mutable_train()->set_grad_accum_steps(2);
+  absl::StatusOr<ResourceClaims> alone = CheckTask(one, options);
+  ASSERT_TRUE(alone.ok());
+  EXPECT_EQ(claims->worker_host_bytes(), alone->worker_host_bytes());
+
+  options.device_memory_budget_bytes = claims->worker_host_bytes() - 1;
+  s = CheckTask(spec, options).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("whole replica of the training state"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("use resources.workers: 1"));
+
+  options.device = DeviceKind::kCuda;
+  s = CheckTask(spec, options).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("CPU device only so far"));
+}
+
 TEST(CheckTaskTest, SpecTheEngineRefusesIsInvalid) {
   TaskRunnerOptions options;
   JobSpec spec = Spec(1);
