@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "common/host_memory.h"
+#include "common/job_tensors.h"
 #include "common/status_macros.h"
 #include "common/units.h"
 #include "glog/logging.h"
@@ -280,7 +281,7 @@ void JobManager::DispatchLoop() {
     RefreshShares();
     SizeJobs();
     std::string job_id;
-    WorkerClient* worker = nullptr;
+    std::vector<WorkerClient*> workers;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -303,20 +304,21 @@ void JobManager::DispatchLoop() {
         }
         continue;
       }
-      worker = IdleWorker();
       job_id = queue_.front();
       queue_.pop_front();
+      workers = IdleWorkers();
+      workers.resize(WorkersOf(jobs_[job_id]));
       for (const auto& [other_worker, other] : running_) {
         company_[other].insert(job_id);
         company_[job_id].insert(other);
       }
-      running_[worker] = job_id;
+      for (WorkerClient* w : workers) running_[w] = job_id;
       jobs_[job_id].clear_wait_reason();
       UpdateShareGauges();
     }
     auto done = std::make_shared<std::atomic<bool>>(false);
-    runs_.push_back(Run{std::thread([this, job_id, worker, done] {
-                          RunJob(job_id, worker);
+    runs_.push_back(Run{std::thread([this, job_id, workers, done] {
+                          RunJob(job_id, workers);
                           done->store(true);
                         }),
                         done});
@@ -406,22 +408,33 @@ void JobManager::SizeJobs() {
   Publish(job, {});
 }
 
-WorkerClient* JobManager::IdleWorker() {
+std::vector<WorkerClient*> JobManager::IdleWorkers() {
+  std::vector<WorkerClient*> idle;
   for (WorkerClient* worker : workers_) {
-    if (running_.count(worker) == 0) return worker;
+    if (running_.count(worker) == 0) idle.push_back(worker);
   }
-  return nullptr;
+  return idle;
+}
+
+int JobManager::WorkersOf(const Job& job) {
+  return static_cast<int>(std::max<int64_t>(1, job.spec().resources().workers()));
 }
 
 bool JobManager::HeadCanStart(std::string* why) {
   if (why != nullptr) why->clear();
-  if (queue_.empty() || IdleWorker() == nullptr) return false;
-  if (running_.empty()) return true;
+  const size_t idle = IdleWorkers().size();
+  if (queue_.empty() || idle == 0) return false;
   auto wait = [why](std::string reason) {
     if (why != nullptr) *why = std::move(reason);
     return false;
   };
   const Job& head = jobs_.at(queue_.front());
+  const int n = WorkersOf(head);
+  if (idle < static_cast<size_t>(n)) {
+    return wait(absl::StrCat("it trains on ", n, " workers; ", idle,
+                             idle == 1 ? " is" : " are", " free"));
+  }
+  if (running_.empty()) return true;
   if (!head.has_claims()) {
     return wait("it runs alone: its use of the node's memory is unknown (the worker could not "
                 "be asked when it was submitted)");
@@ -429,24 +442,26 @@ bool JobManager::HeadCanStart(std::string* why) {
   if (head.runs_alone()) {
     return wait("it runs alone: it ran out of memory beside other jobs before");
   }
-  ResourceClaims beside;
+  // Claims are per worker: a job on several workers holds them on each.
+  ResourceClaims beside, needs;
+  for (int i = 0; i < n; ++i) AddClaims(head.claims(), &needs);
   std::vector<std::string> ids;
   for (const auto& [worker, id] : running_) {
     const Job& job = jobs_.at(id);
     if (!job.has_claims() || job.runs_alone()) return wait(absl::StrCat(id, " runs alone"));
     AddClaims(job.claims(), &beside);
-    ids.push_back(id);
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
   }
   struct Share {
     const char* name;
     int64_t needs, held, capacity;
   };
   for (const Share& share :
-       {Share{"the memstore's host tier", head.claims().memstore_host_bytes(),
+       {Share{"the memstore's host tier", needs.memstore_host_bytes(),
               beside.memstore_host_bytes(), shares_.memstore_host_bytes},
-        Share{"the memstore's NVMe tier", head.claims().memstore_nvme_bytes(),
+        Share{"the memstore's NVMe tier", needs.memstore_nvme_bytes(),
               beside.memstore_nvme_bytes(), shares_.memstore_nvme_bytes},
-        Share{"host memory for workers", head.claims().worker_host_bytes(),
+        Share{"host memory for workers", needs.worker_host_bytes(),
               beside.worker_host_bytes(), shares_.worker_host_bytes}}) {
     if (share.needs == 0 || share.needs + share.held <= share.capacity) continue;
     return wait(absl::StrCat(
@@ -464,20 +479,26 @@ void JobManager::SetMemstore(MemstoreClient* memstore) { memstore_ = memstore; }
 
 absl::Status JobManager::ReclaimJobTensors(const std::string& job_id) {
   if (memstore_ == nullptr) return absl::OkStatus();
-  absl::StatusOr<FreeTensorsReply> freed =
-      memstore_->FreeTensors(job_id + "/", absl::Seconds(30));
-  if (!freed.ok()) {
-    LOG(WARNING) << job_id << ": cannot free the job's tensors in the memstore: "
-                 << freed.status();
-  } else if (freed->tensors() + freed->pins() + freed->writes() > 0) {
-    LOG(WARNING) << job_id << ": freed what the job left in the memstore: " << freed->tensors()
-                 << " tensors (" << freed->bytes() << " bytes), " << freed->pins()
-                 << " pins, " << freed->writes() << " unfinished writes";
+  // The trainer's tensors, then what replicas of a job on several workers exchanged (the last
+  // steps' are left for this).
+  for (const std::string& prefix : {JobTensorPrefix(job_id), JobReplicaPrefix(job_id)}) {
+    absl::StatusOr<FreeTensorsReply> freed = memstore_->FreeTensors(prefix, absl::Seconds(30));
+    if (!freed.ok()) {
+      LOG(WARNING) << job_id << ": cannot free the job's tensors in the memstore: "
+                   << freed.status();
+      return freed.status();
+    }
+    if (prefix == JobTensorPrefix(job_id) &&
+        freed->tensors() + freed->pins() + freed->writes() > 0) {
+      LOG(WARNING) << job_id << ": freed what the job left in the memstore: " << freed->tensors()
+                   << " tensors (" << freed->bytes() << " bytes), " << freed->pins()
+                   << " pins, " << freed->writes() << " unfinished writes";
+    }
   }
-  return freed.status();
+  return absl::OkStatus();
 }
 
-void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
+void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> workers) {
   double predicted = 0;
   RunTaskRequest request;
   if (planner_) {
@@ -502,7 +523,9 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
     job.set_state(RUNNING);
     if (job.start_time_unix_ms() == 0) job.set_start_time_unix_ms(NowMs());  // the first run's
     job.set_tensors_freed(false);  // this run's tensors, until it ends
-    job.set_worker(worker->name());
+    std::vector<std::string> names;
+    for (WorkerClient* w : workers) names.push_back(w->name());
+    job.set_worker(absl::StrJoin(names, ","));
     job.set_predicted_step_time_s(predicted);
     resumes_counter_.Add({{"job", job_id}});  // 0 until the job is interrupted
     if (predicted > 0) {
@@ -513,14 +536,44 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
     request.set_job_id(job_id);
     *request.mutable_spec() = job.spec();
     request.set_output_dir(job.output_dir());
-    LOG(INFO) << job_id << " running on " << worker->name()
+    LOG(INFO) << job_id << " running on " << job.worker()
               << (job.resumes() == 0 ? ""
                   : request.resume_from().empty()
                       ? " (resumed from the start: it has no checkpoint)"
                       : absl::StrCat(" (resumed from ", request.resume_from(), ")"));
   }
-  absl::Status status = worker->RunTask(
-      request, [this, &job_id](const TaskEvent& event) { OnTaskEvent(job_id, event); });
+  // One task per worker: the whole job, or one replica each of a job on several workers
+  // (replica 0 reports the steps and checkpoints). A replica that fails stops the others.
+  const int n = static_cast<int>(workers.size());
+  std::vector<absl::Status> statuses(n);
+  auto run = [&](int r) {
+    RunTaskRequest task = request;
+    if (n > 1) {
+      task.set_rank(r);
+      task.set_world_size(n);
+    }
+    statuses[r] = workers[r]->RunTask(task, [this, &job_id, r](const TaskEvent& event) {
+      if (r == 0) OnTaskEvent(job_id, event);
+    });
+    if (!statuses[r].ok()) {
+      for (int q = 0; q < n; ++q) {
+        if (q != r) workers[q]->CancelTask(job_id);
+      }
+    }
+  };
+  std::vector<std::thread> replicas;
+  for (int r = 1; r < n; ++r) replicas.emplace_back(run, r);
+  run(0);
+  for (std::thread& t : replicas) t.join();
+  // The cause: the first failure that is not the cancel it made of the others.
+  int failed = 0;
+  for (int r = 0; r < n; ++r) {
+    if (!statuses[r].ok() && (statuses[failed].ok() || absl::IsCancelled(statuses[failed]))) {
+      failed = r;
+    }
+  }
+  const absl::Status status = statuses[failed];
+  WorkerClient* const failed_worker = workers[failed];
   // A worker that ended the task freed the job's tensors; one that crashed could not. When the
   // node is stopping the memstore may be too (and not answer): the next start frees them.
   bool stopping;
@@ -532,19 +585,19 @@ void JobManager::RunJob(const std::string& job_id, WorkerClient* worker) {
   absl::MutexLock lock(&mu_);
   Job& job = jobs_[job_id];
   job.set_tensors_freed(freed);
-  running_.erase(worker);
+  for (WorkerClient* w : workers) running_.erase(w);
   const std::set<std::string> company = std::move(company_[job_id]);
   company_.erase(job_id);
   UpdateShareGauges();
-  const std::string reason = std::string(status.message()).find(worker->name()) == 0
+  const std::string reason = std::string(status.message()).find(failed_worker->name()) == 0
                                  ? std::string(status.message())
-                                 : absl::StrCat(worker->name(), ": ", status.ToString());
+                                 : absl::StrCat(failed_worker->name(), ": ", status.ToString());
   if (cancel_requested_[job_id]) {
     FinishJob(job_id, CANCELLED, "cancelled while running");
   } else if (stopping_) {
     // The node is stopping: the next start resumes the job from its latest checkpoint.
     Requeue(job, absl::StrCat("the coordinator stopped while the job was running on ",
-                              worker->name()));
+                              job.worker()));
   } else if (status.ok()) {
     FinishJob(job_id, SUCCEEDED, "");
   } else if (absl::IsResourceExhausted(status) && !company.empty() &&

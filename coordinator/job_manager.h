@@ -112,13 +112,16 @@ class JobManager {
   // measuring its device at the node's first start): the head of the queue, else a running
   // job; at most every 5 s. Call without the lock.
   void SizeJobs() ABSL_LOCKS_EXCLUDED(mu_);
-  WorkerClient* IdleWorker() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<WorkerClient*> IdleWorkers() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // How many workers `job` trains on (resources.workers; its claims hold on each).
+  static int WorkersOf(const Job& job);
   // Whether the head of the queue can start now on an idle worker; when only the claims stop
   // it, `why` (if not null) says which share and the bytes.
   bool HeadCanStart(std::string* why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // lumen_node_claimed_bytes and lumen_node_share_capacity_bytes from running_ and shares_.
   void UpdateShareGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RunJob(const std::string& job_id, WorkerClient* worker);
+  // Runs the job on `workers`: one task, or a replica on each (data parallel).
+  void RunJob(const std::string& job_id, std::vector<WorkerClient*> workers);
   void OnTaskEvent(const std::string& job_id, const TaskEvent& event);
   void FinishJob(const std::string& job_id, JobState state, const std::string& reason)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

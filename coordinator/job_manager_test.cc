@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
@@ -473,10 +474,16 @@ class GatedWorker : public WorkerClient {
     event.mutable_step()->set_tokens(8);
     on_event(event);
     absl::MutexLock lock(&mu_);
+    replicas_.emplace_back(request.rank(), request.world_size());
+
     auto free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      return finishes_ > 0 || cancelled_;
+      return finishes_ > 0 || cancelled_ || killed_;
     };
     mu_.Await(absl::Condition(&free));
+    if (killed_) {
+      killed_ = false;
+      return absl::UnavailableError(absl::StrCat(name_, ": Socket closed"));
+    }
     if (cancelled_) {
       cancelled_ = false;
       return absl::CancelledError("cancelled");
@@ -501,6 +508,16 @@ class GatedWorker : public WorkerClient {
     }
     auto it = claims.find(spec.name());
     return it == claims.end() ? ResourceClaims() : it->second;
+  }
+  // The running (or the next) task fails as if the worker died.
+  void Kill() {
+    absl::MutexLock lock(&mu_);
+    killed_ = true;
+  }
+  // (rank, world_size) of each task it was given.
+  std::vector<std::pair<int, int>> replicas() {
+    absl::MutexLock lock(&mu_);
+    return replicas_;
   }
   // Lets the running (or the next) task end.
   void FinishOne() {
@@ -535,6 +552,8 @@ class GatedWorker : public WorkerClient {
   const std::string name_;
   absl::Mutex mu_;
   int finishes_ ABSL_GUARDED_BY(mu_) = 0;
+  bool killed_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::pair<int, int>> replicas_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> out_of_memory_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> unreachable_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
@@ -602,8 +621,10 @@ class SideBySideTest : public JobManagerTest {
   bool Finish(JobManager& manager, const std::string& id) {
     absl::StatusOr<Job> job = manager.Get(id);
     if (!job.ok() || job->state() != RUNNING) return false;
-    for (GatedWorker* w : {&a_, &b_, &c_}) {
-      if (w->name() == job->worker()) w->FinishOne();
+    for (const absl::string_view name : absl::StrSplit(job->worker(), ',')) {
+      for (GatedWorker* w : {&a_, &b_, &c_}) {
+        if (w->name() == name) w->FinishOne();
+      }
     }
     return true;
   }
@@ -784,6 +805,60 @@ TEST_F(SideBySideTest, OutOfMemoryBesideOthersResumesAlone) {
   ASSERT_TRUE(WaitForState(manager, lucky->id(), RUNNING));
   ASSERT_TRUE(Finish(manager, lucky->id()));
   EXPECT_EQ(WaitForEnd(manager, lucky->id()).state(), SUCCEEDED);
+}
+
+// A job on two workers waits for two free ones and runs a replica on each (ranks 0 and 1);
+// a replica that fails stops the other, and the job resumes like any interrupted one.
+TEST_F(SideBySideTest, JobOnTwoWorkersRunsAReplicaOnEach) {
+  auto pair = [](const std::string& name) {
+    return "name: " + name +
+           "\nmodel: {preset: tiny}\ndata: {path: t.bin, token_dtype: uint16}\n"
+           "train: {steps: 1, seq_len: 8, micro_batch_size: 1, grad_accum_steps: 2}\n"
+           "optimizer: {lr: 0.01}\nresources: {workers: 2}\n";
+  };
+  NodeLimits three;
+  three.workers = 3;
+  JobManager manager(&store_, {&a_, &b_, &c_}, {dir_, three}, registry_);
+  ASSERT_TRUE(manager.Start().ok());
+  absl::StatusOr<Job> solo = manager.Submit(Named("solo"), dir_);
+  ASSERT_TRUE(solo.ok()) << solo.status();
+  ASSERT_TRUE(WaitForState(manager, solo->id(), RUNNING));
+  absl::StatusOr<Job> first = manager.Submit(pair("first"), dir_);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(WaitForState(manager, first->id(), RUNNING));
+  EXPECT_EQ(manager.Get(first->id())->worker(), "worker-1,worker-2");
+  for (GatedWorker* w : {&b_, &c_}) {  // their tasks have started once RUNNING is published
+    for (int i = 0; i < 3000 && w->replicas().empty(); ++i) absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(b_.replicas().size(), 1u);
+  ASSERT_EQ(c_.replicas().size(), 1u);
+  EXPECT_EQ(b_.replicas().back(), std::make_pair(0, 2));
+  EXPECT_EQ(c_.replicas().back(), std::make_pair(1, 2));
+  // Another pair waits: one worker frees, it needs two.
+  absl::StatusOr<Job> second = manager.Submit(pair("second"), dir_);
+  ASSERT_TRUE(second.ok());
+  ASSERT_TRUE(Finish(manager, solo->id()));
+  EXPECT_EQ(WaitForEnd(manager, solo->id()).state(), SUCCEEDED);
+  EXPECT_EQ(WaitReason(manager, second->id()), "it trains on 2 workers; 1 is free");
+  // worker-2 dies under the first pair: worker-1's replica is stopped, and the job goes back
+  // to the head of the queue to resume; it runs again on the first two free workers.
+  c_.Kill();
+  Job again;
+  for (int i = 0; i < 3000; ++i) {
+    again = *manager.Get(first->id());
+    if (again.resumes() == 1 && again.state() == RUNNING) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(again.state(), RUNNING);
+  EXPECT_EQ(again.resumes(), 1);
+  EXPECT_THAT(again.resume_reason(), HasSubstr("worker-2: Socket closed"));
+  EXPECT_EQ(again.worker(), "worker-0,worker-1");
+  EXPECT_EQ(manager.Get(second->id())->state(), QUEUED);
+  ASSERT_TRUE(Finish(manager, first->id()));
+  EXPECT_EQ(WaitForEnd(manager, first->id()).state(), SUCCEEDED);
+  ASSERT_TRUE(WaitForState(manager, second->id(), RUNNING));
+  ASSERT_TRUE(Finish(manager, second->id()));
+  EXPECT_EQ(WaitForEnd(manager, second->id()).state(), SUCCEEDED);
 }
 
 // Stopping the manager cancels every running job and stores each to resume.

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -126,6 +127,33 @@ TEST_F(JobSpecTest, RejectsEachBadFieldByName) {
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(spec.status().message()), HasSubstr(c.fragment)) << c.yaml;
   }
+}
+
+// On a node of 4 workers a job may train on several (data parallel), each at least one
+// micro-batch a step; a GPU node trains a job on one worker so far.
+TEST_F(JobSpecTest, JobOnSeveralWorkersSharesItsMicroBatches) {
+  auto yaml = [](int workers, int micro_batches) {
+    return absl::StrCat(
+        "name: t\nmodel: {preset: tiny}\ndata: {path: train.bin, token_dtype: uint16}\n"
+        "train: {steps: 3, seq_len: 16, micro_batch_size: 2, grad_accum_steps: ",
+        micro_batches, "}\noptimizer: {lr: 1.0e-3}\nresources: {workers: ", workers, "}\n");
+  };
+  NodeLimits four;
+  four.workers = 4;
+  auto two = ResolveJobSpec(yaml(2, 3), dir_, four);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_EQ(two->resources().workers(), 2);
+  auto too_few = ResolveJobSpec(yaml(4, 3), dir_, four);
+  EXPECT_EQ(too_few.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(too_few.status().message()),
+              HasSubstr("train.grad_accum_steps: 3 micro-batches a step cannot be shared by "
+                        "resources.workers 4"));
+  EXPECT_THAT(std::string(ResolveJobSpec(yaml(5, 8), dir_, four).status().message()),
+              HasSubstr("resources.workers: 5 must be between 1 and this node's 4 workers"));
+  NodeLimits gpus = four;
+  gpus.has_cuda = true;
+  EXPECT_THAT(std::string(ResolveJobSpec(yaml(2, 4), dir_, gpus).status().message()),
+              HasSubstr("resources.workers: 2: a job on several workers is built for the CPU"));
 }
 
 TEST_F(JobSpecTest, RejectsBadTrainOptimizerAndData) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "common/job_tensors.h"
 #include "memstore/memstore_client.h"
 #include "worker/engine/collective.h"
 
@@ -28,7 +29,7 @@ class MemstoreCollective : public engine::Collective {
 
   // Where a job's replicas exchange their tensors (the coordinator frees what is left there
   // when the job ends).
-  static std::string Prefix(const std::string& job_id) { return job_id + ".replicas/"; }
+  static std::string Prefix(const std::string& job_id) { return JobReplicaPrefix(job_id); }
   // Host-tier bytes one replica holds there at most: its last two steps' tensors.
   static int64_t ClaimBytes(int64_t values, int64_t scalars);
 

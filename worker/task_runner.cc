@@ -9,6 +9,7 @@
 #include "absl/time/clock.h"
 #include "client/tokenizer_info.h"
 #include "common/cpus.h"
+#include "common/job_tensors.h"
 #include "common/json.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -440,7 +441,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   std::unique_ptr<MemstoreTensorHome> home;
   if (options.memstore != nullptr &&
       (options.device == DeviceKind::kCpu || CudaMomentsInMemstore(options))) {
-    home = std::make_unique<MemstoreTensorHome>(options.memstore, request.job_id() + "/");
+    home = std::make_unique<MemstoreTensorHome>(options.memstore,
+                                                JobTensorPrefix(request.job_id()));
   }
   struct FreeHome {
     MemstoreTensorHome* home;
