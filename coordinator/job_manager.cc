@@ -312,7 +312,12 @@ void JobManager::DispatchLoop() {
         company_[other].insert(job_id);
         company_[job_id].insert(other);
       }
-      for (WorkerClient* w : workers) running_[w] = job_id;
+      for (WorkerClient* w : workers) {
+        // A cancel left from an earlier run of the job (a replica cancelled after its task
+        // ended) must not stop this one; a Cancel of this run takes the lock, so comes after.
+        w->ForgetCancel(job_id);
+        running_[w] = job_id;
+      }
       jobs_[job_id].clear_wait_reason();
       UpdateShareGauges();
     }
@@ -501,7 +506,9 @@ absl::Status JobManager::ReclaimJobTensors(const std::string& job_id) {
 void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> workers) {
   double predicted = 0;
   RunTaskRequest request;
-  if (planner_) {
+  // The planner plans a job on one worker; replicas keep their state resident and need no
+  // schedule, and their step time is not predicted.
+  if (planner_ && workers.size() == 1) {
     JobSpec spec;
     {
       absl::MutexLock lock(&mu_);
@@ -555,7 +562,7 @@ void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> wo
     statuses[r] = workers[r]->RunTask(task, [this, &job_id, r](const TaskEvent& event) {
       if (r == 0) OnTaskEvent(job_id, event);
     });
-    if (!statuses[r].ok()) {
+    if (!statuses[r].ok() && !absl::IsCancelled(statuses[r])) {
       for (int q = 0; q < n; ++q) {
         if (q != r) workers[q]->CancelTask(job_id);
       }
@@ -609,10 +616,12 @@ void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> wo
     Requeue(job, absl::StrCat(reason, " (out of memory beside ", absl::StrJoin(company, ", "),
                               "; it runs alone from now on)"));
     queue_.push_front(job_id);
-  } else if (absl::IsUnavailable(status) || absl::IsDataLoss(status)) {
+  } else if (absl::IsUnavailable(status) || absl::IsDataLoss(status) ||
+             absl::IsAborted(status)) {
     // The worker or the memstore died under the job (UNAVAILABLE), or the memstore lost the
-    // job's tensors when it restarted (DATA_LOSS); lumend restarts the process. Whatever was
-    // lost, the job's checkpoint has it.
+    // job's tensors when it restarted (DATA_LOSS); lumend restarts the process. Or a worker
+    // was still busy ending an earlier task for longer than the client waits (ABORTED).
+    // Whatever was lost, the job's checkpoint has it.
     job.set_worker_failures(job.worker_failures() + 1);
     if (job.worker_failures() >= options_.max_worker_failures) {
       FinishJob(job_id, FAILED,

@@ -88,6 +88,11 @@ void GrpcWorkerClient::CancelTask(const std::string& job_id) {
   if (running_ != nullptr && running_job_ == job_id) running_->TryCancel();
 }
 
+void GrpcWorkerClient::ForgetCancel(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  if (cancelled_job_ == job_id) cancelled_job_.clear();
+}
+
 absl::StatusOr<WorkerInfo> GrpcWorkerClient::GetInfo(absl::Duration timeout) {
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));

@@ -32,6 +32,9 @@ class WorkerClient {
   // Stops the RunTask of `job_id`, whether it is in flight or about to start. Safe from any
   // thread.
   virtual void CancelTask(const std::string& job_id) = 0;
+  // Forgets a CancelTask of `job_id` made for an earlier run (one that came after that run's
+  // task had ended), before the job runs here again. Safe from any thread.
+  virtual void ForgetCancel(const std::string& job_id) {}
   virtual absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) = 0;
   // The worker's verdict on whether `spec` fits it on an idle node with `host_available_bytes`
   // of host memory for jobs (0: the host's available memory now), and what the job would hold
@@ -52,6 +55,7 @@ class GrpcWorkerClient : public WorkerClient {
   absl::Status RunTask(const RunTaskRequest& request,
                        const std::function<void(const TaskEvent&)>& on_event) override;
   void CancelTask(const std::string& job_id) override;
+  void ForgetCancel(const std::string& job_id) override;
   absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) override;
   absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t host_available_bytes,
                                            absl::Duration timeout) override;

@@ -34,6 +34,7 @@ absl::Status MemstoreCollective::Await(int64_t step, int rank, std::vector<char>
   out->resize(bytes);
   const absl::Time deadline = absl::Now() + peer_timeout_;
   absl::Duration wait = absl::Microseconds(200);
+  absl::Time next_check = absl::Now() + absl::Seconds(2);
   while (true) {
     absl::StatusOr<int64_t> got = memstore_->Read(Id(step, rank), out->data(), bytes);
     if (got.ok()) {
@@ -48,6 +49,17 @@ absl::Status MemstoreCollective::Await(int64_t step, int rank, std::vector<char>
     if (cancelled_ && cancelled_()) {
       return absl::CancelledError(
           absl::StrCat("cancelled while waiting for replica ", rank, "'s step ", step));
+    }
+    if (absl::Now() > next_check) {
+      // The coordinator frees the exchange when the job's run ends (a replica failed, the job
+      // was cancelled): this replica's own tensor of the step gone means nobody will come.
+      next_check = absl::Now() + absl::Seconds(2);
+      absl::StatusOr<int64_t> own = memstore_->Read(Id(step, rank_), out->data(), bytes);
+      if (absl::IsNotFound(own.status())) {
+        return absl::AbortedError(absl::StrCat("the run of ", job_id_, " ended while replica ",
+                                               rank_, " waited for replica ", rank, "'s step ",
+                                               step, " (the exchange was freed)"));
+      }
     }
     if (absl::Now() > deadline) {
       return absl::DeadlineExceededError(absl::StrCat(

@@ -70,6 +70,20 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("replica 1's step 4"));
 
+  // The coordinator freeing the exchange (the run ended) ends the wait within 2 s.
+  MemstoreCollective abandoned(&memstore, "job-000004", 0, 2, [] { return false; });
+  std::thread reclaim([&] {
+    absl::SleepFor(absl::Milliseconds(100));
+    ASSERT_TRUE(memstore.FreeTensors(MemstoreCollective::Prefix("job-000004"), absl::Seconds(1))
+                    .ok());
+  });
+  const absl::Time start = absl::Now();
+  s = abandoned.SumAcrossReplicas(7, &values, &scalars);
+  reclaim.join();
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("the exchange was freed"));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+
   MemstoreCollective timed(&memstore, "job-000003", 1, 2, [] { return false; },
                            absl::Milliseconds(50));
   s = timed.SumAcrossReplicas(0, &values, &scalars);

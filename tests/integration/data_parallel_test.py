@@ -1,8 +1,12 @@
 """A job on two workers (resources.workers: 2) trains a replica on each, their gradients summed
 through the memstore: its losses match the same job on one worker to rounding, replica 0
-alone reports steps and writes the checkpoint, and nothing is left in the memstore."""
+alone reports steps and writes the checkpoint, and nothing is left in the memstore. A replica
+whose worker is killed stops the other, and the job resumes from its checkpoint with the
+losses of an uninterrupted run."""
 
 import os
+import signal
+import time
 import unittest
 
 import lumen_node
@@ -10,9 +14,10 @@ import lumen_node
 SPEC = """name: %s
 model: {preset: tiny}
 data: {path: %s, token_dtype: uint16}
-train: {steps: 8, seq_len: 32, micro_batch_size: 2, grad_accum_steps: 4, seed: 5}
+train: {steps: %d, seq_len: 32, micro_batch_size: 2, grad_accum_steps: 4, seed: 5}
 optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}
 resources: {workers: %d}
+checkpoint: {every_steps: 10}
 """
 
 
@@ -21,8 +26,8 @@ class DataParallelTest(unittest.TestCase):
         with lumen_node.Node(workers=2) as node:
             data = os.path.join(node.tmp, "train.bin")
             lumen_node.write_tokens(data, 30000)
-            pair = node.submit(SPEC % ("pair", data, 2), name="pair.yaml")
-            one = node.submit(SPEC % ("one", data, 1), name="one.yaml")
+            pair = node.submit(SPEC % ("pair", data, 8, 2), name="pair.yaml")
+            one = node.submit(SPEC % ("one", data, 8, 1), name="one.yaml")
             # Both claims are per worker; the pair holds them on two.
             self.assertEqual(pair["spec"]["resources"]["workers"], "2")
             ended = [node.wait_job(j["id"]) for j in (pair, one)]
@@ -48,6 +53,36 @@ class DataParallelTest(unittest.TestCase):
             with open(os.path.join(node.data_dir, "logs", "worker-1.log")) as f:
                 log = f.read()
             self.assertIn("replica 1 of 2, micro-batches 2 to 3 of each step's 4", log)
+
+    def test_a_killed_replica_resumes_the_job_from_its_checkpoint(self):
+        with lumen_node.Node(workers=2) as node:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            reference = node.submit(SPEC % ("reference", data, 60, 2), name="reference.yaml")
+            ended = node.wait_job(reference["id"])
+            self.assertEqual(ended["state"], "SUCCEEDED", ended)
+            want = [s["loss"] for s in node.ctl_json("logs", reference["id"])]
+            job = node.submit(SPEC % ("killed", data, 60, 2), name="killed.yaml")
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                j = node.job(job["id"])
+                self.assertIn(j["state"], ("QUEUED", "RUNNING"), j)
+                if int(j.get("latest_step", {}).get("step", 0)) >= 13:
+                    break
+                time.sleep(0.02)
+            os.kill(int(node.process("worker-1")["pid"]), signal.SIGKILL)
+            ended = node.wait_job(job["id"], timeout=300)
+            self.assertEqual(ended["state"], "SUCCEEDED", ended.get("failure_reason", "") +
+                             node.output())
+            # Resumed once, or again if a worker was still ending the stopped replica when the
+            # job came back (ABORTED: it is busy; the job is queued again).
+            self.assertGreaterEqual(int(ended["resumes"]), 1, ended)
+            self.assertIn("worker-", ended["resume_reason"])
+            self.assertRegex(os.path.basename(ended["resumed_from"]), r"^step-[1-9]\d*0$")
+            steps = node.ctl_json("logs", job["id"])
+            self.assertEqual([int(s["step"]) for s in steps], list(range(1, 61)))
+            # Bit for bit: the replicas load the same checkpoint and sum in the same order.
+            self.assertEqual([s["loss"] for s in steps], want)
 
 
 if __name__ == "__main__":
