@@ -84,7 +84,11 @@ class Node:
     def __exit__(self, *exc):
         self.stop()
 
-    def start(self, timeout=30):
+    def start(self, timeout=30, wait_ready=True):
+        """Starts lumend and waits until it serves clients; with `wait_ready`, also until every
+        worker and the memstore answer with their measured figures (at a node's first start
+        they measure their hardware one at a time, and until then a submit skips the
+        admission check and a job runs without the coordinator's plan)."""
         args = [runfile("lumend/lumend"), "--data-dir", self.data_dir, "--workers",
                 str(self.workers), "--device-memory", self.device_memory, "--host-memory",
                 self.host_memory, "--bin-dir", bin_dir(self.tmp)] + self.extra_args
@@ -98,9 +102,27 @@ class Node:
             if os.path.exists(self.socket):
                 r = self.ctl("jobs", check=False)
                 if r.returncode == 0:
+                    if wait_ready:
+                        self.wait_ready(max(timeout, 120))
                     return
             time.sleep(0.1)
         raise RuntimeError("lumend did not serve within %ss:\n%s" % (timeout, self.output()))
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        cluster = {}
+        while time.time() < deadline:
+            r = self.ctl("cluster", "--json", check=False)
+            if r.returncode == 0 and r.stdout.strip():
+                cluster = json.loads(r.stdout.splitlines()[0])
+                workers = cluster.get("workers", [])
+                if (len(workers) == self.workers and
+                        all(w.get("reachable") and w.get("profile") for w in workers) and
+                        cluster.get("memstore_profile")):
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("the node's workers and memstore were not ready within %ss: %s\n%s" %
+                           (timeout, cluster, self.output()))
 
     def output(self):
         with open(os.path.join(self.tmp, "lumend.out"), "rb") as f:

@@ -71,7 +71,7 @@ class ShutdownTest(unittest.TestCase):
         # At a node's first start each worker measures its device in turn (a few seconds
         # each); a stop then must not wait for the measurements or need SIGKILL.
         node = lumen_node.Node(workers=2)
-        node.start()
+        node.start(wait_ready=False)
         try:
             self.stop_node(node)
         finally:
