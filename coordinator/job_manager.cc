@@ -341,24 +341,19 @@ void JobManager::RefreshShares() {
     idle = running_.empty();
     memstore_known = shares_.memstore_host_bytes >= 0;
   }
-  int64_t host = -1, nvme = -1;
+  std::optional<TierCapacity> capacity;
   if (!memstore_known && memstore_ != nullptr) {
     // The tiers' capacities are fixed while the node runs (lumend's flags).
     absl::StatusOr<GetMemstoreStatsReply> stats = memstore_->GetStats(absl::Seconds(1));
-    if (stats.ok()) {
-      host = nvme = 0;
-      for (const TierInfo& tier : stats->tiers()) {
-        (tier.name() == "host" ? host : nvme) += tier.capacity_bytes();
-      }
-    }
+    if (stats.ok()) capacity = TierCapacityOf(*stats);
   }
   // The host memory jobs may take: what is available while none runs (the memstore's arena
   // is allocated when it starts).
   const int64_t available = idle ? AvailableHostBytes() : -1;
   absl::MutexLock lock(&mu_);
-  if (host >= 0) {
-    shares_.memstore_host_bytes = host;
-    shares_.memstore_nvme_bytes = nvme;
+  if (capacity) {
+    shares_.memstore_host_bytes = capacity->host_bytes;
+    shares_.memstore_nvme_bytes = capacity->nvme_bytes;
   }
   if (available >= 0 && running_.empty()) shares_.worker_host_bytes = available;
   UpdateShareGauges();

@@ -158,6 +158,14 @@ absl::StatusOr<FreeTensorsReply> GrpcMemstoreClient::FreeTensors(const std::stri
   return reply;
 }
 
+TierCapacity TierCapacityOf(const GetMemstoreStatsReply& stats) {
+  TierCapacity c;
+  for (const TierInfo& tier : stats.tiers()) {
+    (tier.name() == "host" ? c.host_bytes : c.nvme_bytes) += tier.capacity_bytes();
+  }
+  return c;
+}
+
 absl::StatusOr<GetMemstoreStatsReply> FakeMemstoreClient::GetStats(absl::Duration) {
   absl::MutexLock lock(&mu_);
   GetMemstoreStatsReply reply;

@@ -64,6 +64,13 @@ class GrpcMemstoreClient : public MemstoreClient {
   std::unique_ptr<UcxClient> ucx_ ABSL_GUARDED_BY(ucx_mu_);
 };
 
+// The capacity of the memstore's host tier and of its NVMe tiers together, from its stats.
+struct TierCapacity {
+  int64_t host_bytes = 0;
+  int64_t nvme_bytes = 0;
+};
+TierCapacity TierCapacityOf(const GetMemstoreStatsReply& stats);
+
 // In-memory stand-in with the same semantics (tiers are recorded, not simulated).
 class FakeMemstoreClient : public MemstoreClient {
  public:

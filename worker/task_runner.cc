@@ -227,15 +227,11 @@ absl::StatusOr<engine::ParameterSchedule> ParameterScheduleFromProto(const StepS
 
 namespace {
 
-// Capacity of the memstore's host tier and of its NVMe tiers together: what a job may use on
-// an idle node (jobs beside it are the coordinator's to count).
-absl::Status MemstoreCapacity(MemstoreClient* memstore, int64_t* host, int64_t* nvme) {
+// Capacity of the memstore's tiers: what a job may use on an idle node (jobs beside it are
+// the coordinator's to count).
+absl::StatusOr<TierCapacity> MemstoreCapacity(MemstoreClient* memstore) {
   ASSIGN_OR_RETURN(GetMemstoreStatsReply stats, memstore->GetStats(absl::Seconds(5)));
-  *host = *nvme = 0;
-  for (const TierInfo& tier : stats.tiers()) {
-    (tier.name() == "host" ? *host : *nvme) += tier.capacity_bytes();
-  }
-  return absl::OkStatus();
+  return TierCapacityOf(stats);
 }
 
 absl::Status MomentsFitNvme(int64_t moments, int64_t nvme_capacity) {
@@ -273,8 +269,7 @@ absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunne
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
                    engine::OffloadTrainer::Requirements(trainer_options));
   const int64_t budget = options.device_memory_budget_bytes;
-  const int64_t resident =
-      4 * needs.parameter_bytes + needs.largest_op_bytes + needs.activation_bytes;
+  const int64_t resident = needs.resident_bytes();
   if (resident > budget) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "resources.workers: ", world, ": each worker keeps a whole replica of the training "
@@ -288,13 +283,12 @@ absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunne
   claims.set_worker_host_bytes(resident);
   claims.set_memstore_host_bytes(MemstoreCollective::ClaimBytes(
       engine::ParameterCount(trainer_options.model), 1));
-  int64_t host_capacity = 0, nvme_capacity = 0;
-  RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
-  if (world * claims.memstore_host_bytes() > host_capacity) {
+  ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
+  if (world * claims.memstore_host_bytes() > capacity.host_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "resources.workers: ", world, " replicas exchange their gradients through the "
         "memstore's host memory: ", engine::FormatBytes(world * claims.memstore_host_bytes()),
-        ", but it holds ", engine::FormatBytes(host_capacity),
+        ", but it holds ", engine::FormatBytes(capacity.host_bytes),
         ". Start lumend with a larger --host-memory"));
   }
   return claims;
@@ -332,9 +326,8 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
                                    options.optimizer_overlaps_backward));
     claims.set_worker_host_bytes(memory.host_bytes);
     if (memory.moments_home_bytes == 0) return claims;
-    int64_t host_capacity = 0, nvme_capacity = 0;
-    RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
-    RETURN_IF_ERROR(MomentsFitNvme(memory.moments_home_bytes, nvme_capacity));
+    ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
+    RETURN_IF_ERROR(MomentsFitNvme(memory.moments_home_bytes, capacity.nvme_bytes));
     claims.set_memstore_nvme_bytes(memory.moments_home_bytes);
     return claims;
   }
@@ -349,7 +342,7 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
         "--device-memory"));
   }
   const int64_t params = needs.parameter_bytes;
-  const int64_t resident = 4 * params + needs.largest_op_bytes + needs.activation_bytes;
+  const int64_t resident = needs.resident_bytes();
   // The CPU device's memory is this process' host memory, up to the budget.
   claims.set_worker_host_bytes(std::min(resident, budget));
   if (resident <= budget) return claims;  // everything stays on the device
@@ -359,8 +352,8 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
         ") does not fit ", options.worker_name, "'s device budget ",
         engine::FormatBytes(budget), " and the worker has no memstore to offload to"));
   }
-  int64_t host_capacity = 0, nvme_capacity = 0;
-  RETURN_IF_ERROR(MemstoreCapacity(options.memstore, &host_capacity, &nvme_capacity));
+  ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
+  const int64_t host_capacity = capacity.host_bytes, nvme_capacity = capacity.nvme_bytes;
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   // Parameters, gradients and activation checkpoints live in host memory; AdamW's m and v in
   // the optimizer-state tier. AdamW overlapping the backward keeps a second copy of the

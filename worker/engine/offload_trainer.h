@@ -212,6 +212,8 @@ struct OffloadRequirements {
   // layer's output, every micro-batch).
   int64_t activation_bytes = 0;
   int64_t training_state_bytes() const { return 4 * parameter_bytes + activation_bytes; }
+  // Device memory to keep everything resident: the state and room for the largest op.
+  int64_t resident_bytes() const { return training_state_bytes() + largest_op_bytes; }
   // Home bytes beyond the training state when the optimizer overlaps the
   // backward: a second generation of the parameters and moments.
   int64_t overlap_bytes() const { return 3 * parameter_bytes; }
