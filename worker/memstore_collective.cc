@@ -20,51 +20,62 @@ MemstoreCollective::MemstoreCollective(MemstoreClient* memstore, std::string job
       cancelled_(std::move(cancelled)),
       peer_timeout_(peer_timeout) {}
 
-int64_t MemstoreCollective::ClaimBytes(int64_t values, int64_t scalars) {
-  return 2 * (values * static_cast<int64_t>(sizeof(float)) +
-              scalars * static_cast<int64_t>(sizeof(double)));
+int64_t MemstoreCollective::ClaimBytes(int64_t values, int64_t scalars, int size) {
+  // Parts of one step (every shard but its own) and its sums of two steps, each shard at most
+  // one value longer than an even share, each tensor with the scalars and the step.
+  const int64_t shard = values / size + 1;
+  const int64_t extra = scalars * static_cast<int64_t>(sizeof(double)) + sizeof(int64_t);
+  return (size - 1 + 2) * (shard * static_cast<int64_t>(sizeof(float)) + extra);
 }
 
-std::string MemstoreCollective::Id(int64_t step, int rank) const {
-  return absl::StrCat(Prefix(job_id_), step, "/", rank);
+std::string MemstoreCollective::PartId(int64_t step, int rank, int shard) const {
+  return absl::StrCat(Prefix(job_id_), step, "/", rank, "/", shard);
 }
 
-absl::Status MemstoreCollective::Await(int64_t step, int rank, std::vector<char>* out,
-                                       int64_t bytes) {
+std::string MemstoreCollective::SumId(int64_t step, int shard) const {
+  return absl::StrCat(Prefix(job_id_), step, "/sum/", shard);
+}
+
+absl::Status MemstoreCollective::Await(const std::string& id, const std::string& what,
+                                       int64_t step, std::vector<char>* out, int64_t bytes,
+                                       int64_t own_part_bytes) {
   out->resize(bytes);
   const absl::Time deadline = absl::Now() + peer_timeout_;
   absl::Duration wait = absl::Microseconds(200);
   absl::Time next_check = absl::Now() + absl::Seconds(2);
+  // A tensor this replica wrote this step and frees only at its end.
+  const std::string own = PartId(step, rank_, (rank_ + 1) % size_);
+  std::vector<char> probe(own_part_bytes);
   while (true) {
-    absl::StatusOr<int64_t> got = memstore_->Read(Id(step, rank), out->data(), bytes);
+    absl::StatusOr<int64_t> got = memstore_->Read(id, out->data(), bytes);
     if (got.ok()) {
       if (*got != bytes) {
-        return absl::InternalError(absl::StrCat("replica ", rank, " of ", job_id_, " sent ",
-                                                *got, " bytes for step ", step, "; replica ",
-                                                rank_, " expected ", bytes));
+        return absl::InternalError(absl::StrCat(what, " of ", job_id_, " for step ", step,
+                                                " has ", *got, " bytes; replica ", rank_,
+                                                " expected ", bytes));
       }
       return absl::OkStatus();
     }
     if (!absl::IsNotFound(got.status())) return got.status();
     if (cancelled_ && cancelled_()) {
       return absl::CancelledError(
-          absl::StrCat("cancelled while waiting for replica ", rank, "'s step ", step));
+          absl::StrCat("cancelled while waiting for ", what, " of step ", step));
     }
     if (absl::Now() > next_check) {
       // The coordinator frees the exchange when the job's run ends (a replica failed, the job
       // was cancelled): this replica's own tensor of the step gone means nobody will come.
       next_check = absl::Now() + absl::Seconds(2);
-      absl::StatusOr<int64_t> own = memstore_->Read(Id(step, rank_), out->data(), bytes);
-      if (absl::IsNotFound(own.status())) {
+      absl::StatusOr<int64_t> mine = memstore_->Read(own, probe.data(), own_part_bytes);
+      if (absl::IsNotFound(mine.status())) {
         return absl::AbortedError(absl::StrCat("the run of ", job_id_, " ended while replica ",
-                                               rank_, " waited for replica ", rank, "'s step ",
-                                               step, " (the exchange was freed)"));
+                                               rank_, " waited for ", what, " of step ", step,
+                                               " (the exchange was freed)"));
       }
     }
     if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "replica ", rank, " of ", job_id_, " did not send its step ", step,
-          " gradients within ", absl::FormatDuration(peer_timeout_)));
+      return absl::DeadlineExceededError(absl::StrCat(what, " of ", job_id_, " for step ", step,
+                                                      " did not come within ",
+                                                      absl::FormatDuration(peer_timeout_)));
     }
     absl::SleepFor(wait);
     wait = std::min(wait * 2, absl::Milliseconds(20));
@@ -73,39 +84,84 @@ absl::Status MemstoreCollective::Await(int64_t step, int rank, std::vector<char>
 
 absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<float>* values,
                                                    std::vector<double>* scalars) {
-  const int64_t value_bytes = static_cast<int64_t>(values->size() * sizeof(float));
-  const int64_t bytes =
-      value_bytes + static_cast<int64_t>(scalars->size() * sizeof(double));
-  std::vector<char> mine(bytes);
-  std::memcpy(mine.data(), values->data(), value_bytes);
-  std::memcpy(mine.data() + value_bytes, scalars->data(), bytes - value_bytes);
-  RETURN_IF_ERROR(memstore_->Write(Id(step, rank_), mine.data(), bytes, "uint8", TIER_HOST));
-  // In rank order from replica 0's: every replica adds the same numbers the same way.
-  std::vector<float> sum_values(values->size());
+  const int64_t n = static_cast<int64_t>(values->size());
+  const int64_t scalar_bytes = static_cast<int64_t>(scalars->size() * sizeof(double));
+  // A part: the shard's values, the scalars, the step (so no tensor is ever empty).
+  auto part_bytes = [&](const engine::MicroBatchShare& shard) {
+    return shard.count * static_cast<int64_t>(sizeof(float)) + scalar_bytes +
+           static_cast<int64_t>(sizeof(int64_t));
+  };
+  auto pack = [&](const float* shard_values, const engine::MicroBatchShare& shard,
+                  const double* shard_scalars, std::vector<char>* out) {
+    out->resize(part_bytes(shard));
+    char* at = out->data();
+    std::memcpy(at, shard_values, shard.count * sizeof(float));
+    at += shard.count * sizeof(float);
+    std::memcpy(at, shard_scalars, scalar_bytes);
+    std::memcpy(at + scalar_bytes, &step, sizeof(step));
+  };
+  const int64_t own_part_bytes =
+      part_bytes(engine::MicroBatchShareOf(n, (rank_ + 1) % size_, size_));
+  // Reduce-scatter: this replica's values go out in `size_` contiguous shards (each with the
+  // scalars); replica k sums shard k of every replica and publishes it; every replica then
+  // reads the sums. Each replica reads about twice the values' bytes, whatever the size.
+  std::vector<char> buf;
+  for (int k = 0; k < size_; ++k) {
+    if (k == rank_) continue;
+    const engine::MicroBatchShare shard = engine::MicroBatchShareOf(n, k, size_);
+    pack(values->data() + shard.first, shard, scalars->data(), &buf);
+    RETURN_IF_ERROR(
+        memstore_->Write(PartId(step, rank_, k), buf.data(), buf.size(), "uint8", TIER_HOST));
+  }
+  // Sum this replica's shard in rank order from replica 0's: every replica adds the same
+  // numbers the same way, and only this one adds these.
+  const engine::MicroBatchShare own = engine::MicroBatchShareOf(n, rank_, size_);
+  std::vector<float> sum(own.count);
   std::vector<double> sum_scalars(scalars->size());
-  std::vector<char> theirs;
   for (int r = 0; r < size_; ++r) {
-    const char* bytes_of_r = mine.data();
+    const float* v = values->data() + own.first;
+    const double* s = scalars->data();
     if (r != rank_) {
-      RETURN_IF_ERROR(Await(step, r, &theirs, bytes));
-      bytes_of_r = theirs.data();
+      RETURN_IF_ERROR(Await(PartId(step, r, rank_), absl::StrCat("replica ", r, "'s gradients"),
+                            step, &buf, part_bytes(own), own_part_bytes));
+      v = reinterpret_cast<const float*>(buf.data());
+      s = reinterpret_cast<const double*>(buf.data() + own.count * sizeof(float));
     }
-    const float* v = reinterpret_cast<const float*>(bytes_of_r);
-    const double* s = reinterpret_cast<const double*>(bytes_of_r + value_bytes);
     if (r == 0) {
-      std::copy(v, v + values->size(), sum_values.begin());
+      std::copy(v, v + own.count, sum.begin());
       std::copy(s, s + scalars->size(), sum_scalars.begin());
     } else {
-      for (size_t i = 0; i < values->size(); ++i) sum_values[i] += v[i];
+      for (int64_t i = 0; i < own.count; ++i) sum[i] += v[i];
       for (size_t i = 0; i < scalars->size(); ++i) sum_scalars[i] += s[i];
     }
   }
-  *values = std::move(sum_values);
-  *scalars = std::move(sum_scalars);
-  // Every replica has written this step, so each has read the previous one: that tensor of
-  // ours is no longer needed.
+  // Every replica has written this step, so each has read the previous step's sums: ours is
+  // no longer needed.
   if (step > 0) {
-    if (absl::Status s = memstore_->Free(Id(step - 1, rank_)); !s.ok() && !absl::IsNotFound(s)) {
+    if (absl::Status s = memstore_->Free(SumId(step - 1, rank_));
+        !s.ok() && !absl::IsNotFound(s)) {
+      return s;
+    }
+  }
+  pack(sum.data(), own, sum_scalars.data(), &buf);
+  RETURN_IF_ERROR(memstore_->Write(SumId(step, rank_), buf.data(), buf.size(), "uint8", TIER_HOST));
+  std::copy(sum.begin(), sum.end(), values->begin() + own.first);
+  for (int k = 0; k < size_; ++k) {
+    if (k == rank_) continue;
+    const engine::MicroBatchShare shard = engine::MicroBatchShareOf(n, k, size_);
+    RETURN_IF_ERROR(Await(SumId(step, k), absl::StrCat("replica ", k, "'s sum"), step, &buf,
+                          part_bytes(shard), own_part_bytes));
+    std::memcpy(values->data() + shard.first, buf.data(), shard.count * sizeof(float));
+    if (k == 0) {
+      std::memcpy(sum_scalars.data(), buf.data() + shard.count * sizeof(float), scalar_bytes);
+    }
+  }
+  *scalars = std::move(sum_scalars);
+  // Every shard's sum exists, so every replica has read this replica's parts of the step.
+  for (int k = 0; k < size_; ++k) {
+    if (k == rank_) continue;
+    if (absl::Status s = memstore_->Free(PartId(step, rank_, k));
+        !s.ok() && !absl::IsNotFound(s)) {
       return s;
     }
   }

@@ -1,8 +1,11 @@
 // Data-parallel replicas in separate worker processes sum their gradients through the
-// memstore (engine::Collective): each step every replica writes its values as one tensor,
-// "<job id>.replicas/<step>/<rank>", in the memstore's host tier, reads the others' as they
-// appear, and adds them all in rank order. Bulk bytes go over the memstore's data plane (UCX),
-// never through gRPC.
+// memstore (engine::Collective), as a reduce-scatter and an all-gather in the memstore's host
+// tier: each step replica r cuts its values into one contiguous shard per replica and writes
+// shard k as "<job id>.replicas/<step>/<r>/<k>"; replica k adds shard k of every replica in
+// rank order and writes the sum as "<job id>.replicas/<step>/sum/<k>"; every replica reads the
+// sums. So each replica writes and reads about twice its values' bytes a step, however many
+// replicas there are, and all get the same bits. Bulk bytes go over the memstore's data plane
+// (UCX), never through gRPC.
 #ifndef LUMEN_WORKER_MEMSTORE_COLLECTIVE_H_
 #define LUMEN_WORKER_MEMSTORE_COLLECTIVE_H_
 
@@ -30,8 +33,9 @@ class MemstoreCollective : public engine::Collective {
   // Where a job's replicas exchange their tensors (the coordinator frees what is left there
   // when the job ends).
   static std::string Prefix(const std::string& job_id) { return JobReplicaPrefix(job_id); }
-  // Host-tier bytes one replica holds there at most: its last two steps' tensors.
-  static int64_t ClaimBytes(int64_t values, int64_t scalars);
+  // Host-tier bytes one of `size` replicas holds there at most: a step's parts and its sums
+  // of two steps, (size + 1) / size times its values' bytes.
+  static int64_t ClaimBytes(int64_t values, int64_t scalars, int size);
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -39,9 +43,13 @@ class MemstoreCollective : public engine::Collective {
                                  std::vector<double>* scalars) override;
 
  private:
-  std::string Id(int64_t step, int rank) const;
-  // Replica `rank`'s tensor of `step` into `out` (`bytes` long), waiting until it is written.
-  absl::Status Await(int64_t step, int rank, std::vector<char>* out, int64_t bytes);
+  std::string PartId(int64_t step, int rank, int shard) const;
+  std::string SumId(int64_t step, int shard) const;
+  // Tensor `id` (`what`, e.g. "replica 1's sum", of `step`) into `out` (`bytes` long), waiting
+  // until it is written; `own_part_bytes` is the size of the part this replica keeps until the
+  // step ends, whose disappearance means the run ended.
+  absl::Status Await(const std::string& id, const std::string& what, int64_t step,
+                     std::vector<char>* out, int64_t bytes, int64_t own_part_bytes);
 
   MemstoreClient* const memstore_;
   const std::string job_id_;

@@ -1,9 +1,13 @@
 #include "worker/memstore_collective.h"
 
+#include <algorithm>
 #include <atomic>
+#include <map>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "common/status_macros.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -12,8 +16,58 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// Counts the bytes each caller moves and the most bytes stored at once.
+class CountingMemstore : public FakeMemstoreClient {
+ public:
+  absl::Status Write(const std::string& id, const void* data, int64_t size,
+                     const std::string& dtype, Tier tier) override {
+    RETURN_IF_ERROR(FakeMemstoreClient::Write(id, data, size, dtype, tier));
+    absl::MutexLock lock(&mu_);
+    written_ += size;
+    stored_[id] = size;
+    int64_t total = 0;
+    for (const auto& [name, bytes] : stored_) total += bytes;
+    peak_ = std::max(peak_, total);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<int64_t> Read(const std::string& id, void* dst, int64_t capacity) override {
+    absl::StatusOr<int64_t> got = FakeMemstoreClient::Read(id, dst, capacity);
+    if (got.ok()) {
+      absl::MutexLock lock(&mu_);
+      read_ += *got;
+    }
+    return got;
+  }
+  absl::Status Free(const std::string& id) override {
+    {
+      absl::MutexLock lock(&mu_);
+      stored_.erase(id);
+    }
+    return FakeMemstoreClient::Free(id);
+  }
+  int64_t read() {
+    absl::MutexLock lock(&mu_);
+    return read_;
+  }
+  int64_t written() {
+    absl::MutexLock lock(&mu_);
+    return written_;
+  }
+  int64_t peak() {
+    absl::MutexLock lock(&mu_);
+    return peak_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::map<std::string, int64_t> stored_ ABSL_GUARDED_BY(mu_);
+  int64_t read_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t written_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t peak_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
 // Three replicas in threads sum through one memstore: each gets the rank-order sum, the same
-// bits; a replica's tensor of a step is freed once every replica has written the next.
+// bits; only the last step's sums are left behind.
 TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
   FakeMemstoreClient memstore;
   constexpr int kReplicas = 3;
@@ -25,7 +79,9 @@ TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
     threads.emplace_back([&, r] {
       MemstoreCollective c(&memstore, "job-000001", r, kReplicas, [] { return false; });
       for (int64_t step = 0; step < 3 && status[r].ok(); ++step) {
-        std::vector<float> values = {0.1f * (r + 1), 1e8f * (r == 1 ? 1 : 0), 1.0f + step};
+        // Four values: shards of 2, 1 and 1.
+        std::vector<float> values = {0.1f * (r + 1), 1e8f * (r == 1 ? 1 : 0), 1.0f + step,
+                                     -0.5f * r};
         std::vector<double> scalars = {0.5 * r};
         status[r] = c.SumAcrossReplicas(step, &values, &scalars);
         got[r] = values;
@@ -35,22 +91,65 @@ TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
   }
   for (std::thread& t : threads) t.join();
   for (int r = 0; r < kReplicas; ++r) ASSERT_TRUE(status[r].ok()) << r << ": " << status[r];
-  // Rank order: ((0.1 + 0.2) + 0.3), (0 + 1e8) + 0, three times 3.
+  // Rank order: ((0.1 + 0.2) + 0.3), (0 + 1e8) + 0, three times 3, (0 - 0.5) - 1.
   const float first = (0.1f + 0.2f) + 0.3f;
   for (int r = 0; r < kReplicas; ++r) {
-    EXPECT_EQ(got[r], (std::vector<float>{first, 1e8f, 9.0f})) << "replica " << r;
+    EXPECT_EQ(got[r], (std::vector<float>{first, 1e8f, 9.0f, -1.5f})) << "replica " << r;
     EXPECT_EQ(got_scalars[r], (std::vector<double>{1.5})) << "replica " << r;
   }
-  // The last step's tensors remain (the coordinator frees them with the job); the earlier
-  // steps' are gone.
-  for (int r = 0; r < kReplicas; ++r) {
-    float buf[8];
-    EXPECT_TRUE(memstore.Read(absl::StrCat(MemstoreCollective::Prefix("job-000001"), "2/", r),
-                              buf, sizeof(buf)).ok());
+  // The last step's sums remain (the coordinator frees them with the job); its parts and the
+  // earlier steps' tensors are gone.
+  const std::string prefix = MemstoreCollective::Prefix("job-000001");
+  char buf[64];
+  for (int k = 0; k < kReplicas; ++k) {
+    EXPECT_TRUE(memstore.Read(absl::StrCat(prefix, "2/sum/", k), buf, sizeof(buf)).ok()) << k;
     EXPECT_TRUE(absl::IsNotFound(
-        memstore.Read(absl::StrCat(MemstoreCollective::Prefix("job-000001"), "1/", r), buf,
-                      sizeof(buf)).status()));
+        memstore.Read(absl::StrCat(prefix, "1/sum/", k), buf, sizeof(buf)).status()));
+    for (int r = 0; r < kReplicas; ++r) {
+      EXPECT_TRUE(absl::IsNotFound(
+          memstore.Read(absl::StrCat(prefix, "2/", r, "/", k), buf, sizeof(buf)).status()));
+    }
   }
+}
+
+// A reduce-scatter: with 4 replicas each reads and writes about twice its values' bytes a
+// step (an all-to-all exchange would read 3 times), and the memstore never holds more than
+// the replicas' claims.
+TEST(MemstoreCollectiveTest, EachReplicaMovesAboutTwiceItsValues) {
+  CountingMemstore memstore;
+  constexpr int kReplicas = 4;
+  constexpr int64_t kValues = 100003;  // not a multiple of 4
+  constexpr int kSteps = 3;
+  std::vector<absl::Status> status(kReplicas);
+  std::vector<std::vector<float>> got(kReplicas);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < kReplicas; ++r) {
+    threads.emplace_back([&, r] {
+      MemstoreCollective c(&memstore, "job-000005", r, kReplicas, [] { return false; });
+      for (int64_t step = 0; step < kSteps && status[r].ok(); ++step) {
+        std::vector<float> values(kValues);
+        for (int64_t i = 0; i < kValues; ++i) values[i] = static_cast<float>(r * 7 + i % 13);
+        std::vector<double> scalars = {1.0};
+        status[r] = c.SumAcrossReplicas(step, &values, &scalars);
+        got[r] = std::move(values);
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < kReplicas; ++r) ASSERT_TRUE(status[r].ok()) << r << ": " << status[r];
+  for (int r = 0; r < kReplicas; ++r) {
+    ASSERT_EQ(got[r].size(), kValues);
+    for (int64_t i = 0; i < kValues; i += 997) {
+      ASSERT_EQ(got[r][i], static_cast<float>(42 + 4 * (i % 13))) << "replica " << r << " @" << i;
+    }
+  }
+  const double value_bytes = 4.0 * kValues;
+  const double per_replica_step_read = memstore.read() / (1.0 * kReplicas * kSteps);
+  const double per_replica_step_written = memstore.written() / (1.0 * kReplicas * kSteps);
+  // (N - 1) / N of the values as parts, the same again as sums: 1.5 times for 4 replicas.
+  EXPECT_NEAR(per_replica_step_read / value_bytes, 1.5, 0.01);
+  EXPECT_NEAR(per_replica_step_written / value_bytes, 1.0, 0.01);
+  EXPECT_LE(memstore.peak(), kReplicas * MemstoreCollective::ClaimBytes(kValues, 1, kReplicas));
 }
 
 // A replica whose peer never comes stops when its task is cancelled, or after the timeout,
@@ -68,7 +167,7 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   absl::Status s = waiting.SumAcrossReplicas(4, &values, &scalars);
   canceller.join();
   EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
-  EXPECT_THAT(std::string(s.message()), HasSubstr("replica 1's step 4"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("replica 1's gradients of step 4"));
 
   // The coordinator freeing the exchange (the run ended) ends the wait within 2 s.
   MemstoreCollective abandoned(&memstore, "job-000004", 0, 2, [] { return false; });
@@ -89,7 +188,7 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   s = timed.SumAcrossReplicas(0, &values, &scalars);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_THAT(std::string(s.message()),
-              HasSubstr("replica 0 of job-000003 did not send its step 0 gradients"));
+              HasSubstr("replica 0's gradients of job-000003 for step 0 did not come within"));
 }
 
 }  // namespace

@@ -20,11 +20,9 @@ class RunTaskReactor : public StreamReactor<TaskEvent> {
       LOG(INFO) << request.job_id() << ": started";
       absl::Status status = lumen::RunTask(
           request, service->options_.runner,
-          [&out, service](const TaskEvent& event) {
-            service->Observe(event);
-            out->Push(event);
-          },
-          [&out, service] { return out->cancelled() || service->shutting_down_.load(); });
+          [&out](const TaskEvent& event) { out->Push(event); },
+          [&out, service] { return out->cancelled() || service->shutting_down_.load(); },
+          [service](const TaskEvent& event) { service->Observe(event); });
       LOG(INFO) << request.job_id() << ": " << (status.ok() ? "finished" : status.ToString());
       out->Close(ToGrpcStatus(status));
     });

@@ -282,7 +282,7 @@ absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunne
   ResourceClaims claims;
   claims.set_worker_host_bytes(resident);
   claims.set_memstore_host_bytes(MemstoreCollective::ClaimBytes(
-      engine::ParameterCount(trainer_options.model), 1));
+      engine::ParameterCount(trainer_options.model), 1, static_cast<int>(world)));
   ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
   if (world * claims.memstore_host_bytes() > capacity.host_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -382,7 +382,8 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
 
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
                      const std::function<void(const TaskEvent&)>& emit,
-                     const std::function<bool()>& cancelled) {
+                     const std::function<bool()>& cancelled,
+                     const std::function<void(const TaskEvent&)>& observe) {
   const JobSpec& spec = request.spec();
   ASSIGN_OR_RETURN(engine::TrainerOptions trainer_options,
                    TrainerOptionsFromSpec(spec, options.num_threads));
@@ -563,6 +564,16 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
       record->set_optimizer_overlapped(result.optimizer_overlap_kept);
     }
     record->set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
+    if (observe) {
+      // This worker's own part of the step: a replica's share of the tokens, so the workers'
+      // counters add up to the job's.
+      TaskEvent own = event;
+      const int64_t own_tokens = result.tokens * share.count / spec.train().grad_accum_steps();
+      own.mutable_step()->set_tokens(own_tokens);
+      own.mutable_step()->set_tokens_per_s(
+          result.step_time_s > 0 ? own_tokens / result.step_time_s : 0);
+      observe(own);
+    }
     report(event);
     if (step == 0 && reports && !trainer->first_step_trace().empty()) {
       std::error_code ec;

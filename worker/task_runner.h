@@ -74,13 +74,17 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
                                          int64_t host_available_bytes = 0);
 
 // Trains `request.spec()` to the end. `emit` receives every step record and every completed
-// checkpoint; `cancelled` is polled between steps. Returns CANCELLED when it saw
+// checkpoint (a replica other than 0 of a job on several workers emits neither: replica 0's
+// are the job's); `observe`, when set, every step record of this worker, every replica's
+// included, with `tokens` this replica's share of the step (for the worker's own metrics);
+// `cancelled` is polled between steps. Returns CANCELLED when it saw
 // cancellation, the engine's error otherwise. Checkpoints go to
 // <output_dir>/step-<N> (written to a temporary name first, then renamed), each with the token
 // file's tokenizer (client/tokenizer_info.h) when its sidecar names one.
 absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& options,
                      const std::function<void(const TaskEvent&)>& emit,
-                     const std::function<bool()>& cancelled);
+                     const std::function<bool()>& cancelled,
+                     const std::function<void(const TaskEvent&)>& observe = nullptr);
 
 }  // namespace lumen
 

@@ -293,8 +293,9 @@ TEST(CheckTaskTest, ReplicasMustBeResidentAndClaimTheirExchange) {
   absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
   ASSERT_TRUE(o.ok());
   const int64_t params = engine::ParameterCount(o->model);
-  // Two steps' exchange: the gradients and the loss.
-  EXPECT_EQ(claims->memstore_host_bytes(), 2 * (4 * params + 8));
+  // The exchange of a step, as a reduce-scatter between 2: the half of the gradients it sends
+  // and its sums of two steps, each with the loss and the step's number.
+  EXPECT_EQ(claims->memstore_host_bytes(), 3 * (4 * (params / 2 + 1) + 8 + 8));
   // The state resident, with 2 of the 4 micro-batches' activations.
   JobSpec one = spec;
   one.mutable_resources()->set_workers(1);

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import unittest
+import urllib.request
 
 import lumen_node
 
@@ -19,6 +20,17 @@ optimizer: {lr: 3.0e-3, weight_decay: 0.1, grad_clip: 1.0}
 resources: {workers: %d}
 checkpoint: {every_steps: 10}
 """
+
+
+def worker_metrics(node, worker):
+    """The worker's unlabelled-by-pair counters and gauges, by name."""
+    url = "http://%s/metrics" % node.process(worker)["metrics_address"]
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("lumen_worker_") and "{" in line:
+            values[line.split("{")[0]] = float(line.split()[-1])
+    return values
 
 
 class DataParallelTest(unittest.TestCase):
@@ -57,6 +69,15 @@ class DataParallelTest(unittest.TestCase):
             with open(os.path.join(node.data_dir, "logs", "worker-1.log")) as f:
                 log = f.read()
             self.assertIn("replica 1 of 2, micro-batches 2 to 3 of each step's 4", log)
+            # Each worker's metrics count its own replica's steps and share of the tokens:
+            # worker-1 trained 8 steps of the pair; worker-0 those 8 and the single job's 8.
+            metrics = {w: worker_metrics(node, w) for w in ("worker-0", "worker-1")}
+            tokens = 4 * 2 * 32
+            self.assertEqual(metrics["worker-1"]["lumen_worker_steps_total"], 8, metrics)
+            self.assertEqual(metrics["worker-1"]["lumen_worker_tokens_total"], 8 * tokens / 2)
+            self.assertEqual(metrics["worker-0"]["lumen_worker_steps_total"], 16, metrics)
+            self.assertEqual(metrics["worker-0"]["lumen_worker_tokens_total"],
+                             8 * tokens / 2 + 8 * tokens)
 
     def test_a_killed_replica_resumes_the_job_from_its_checkpoint(self):
         with lumen_node.Node(workers=2) as node:
