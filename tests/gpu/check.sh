@@ -42,16 +42,20 @@ build() {
   wait
   echo "   nvcc took $((SECONDS - t0)) s"
   echo "== g++"
-  local SRCS="worker/cuda/device.cc worker/cuda/gemm.cc worker/cuda/model.cc worker/cuda/trainer.cc
+  # The library's sources (every object but the three mains links into each binary), then the
+  # mains. One list: a source the CUDA code starts to need goes here once.
+  local LIB_SRCS="worker/cuda/device.cc worker/cuda/gemm.cc worker/cuda/model.cc worker/cuda/trainer.cc
     worker/cuda/layout.cc worker/cuda/host_state.cc worker/cuda/offload_trainer.cc
     worker/cuda/job_trainer.cc worker/cuda/measure.cc worker/cuda_jobs.cc
     worker/engine/offload_trainer.cc worker/engine/tensor_home.cc worker/engine/transfers.cc
-    worker/engine/model.cc worker/engine/optimizer.cc
+    worker/engine/collective.cc worker/engine/model.cc worker/engine/optimizer.cc
     worker/engine/thread_pool.cc worker/engine/trainer.cc worker/engine/data.cc
     worker/engine/checkpoint.cc worker/engine/safetensors.cc common/json.cc common/cpus.cc
-    tests/gpu/cblas_shim/cblas_shim.cc tests/gpu/glibc_compat.cc tests/gpu/gpu_test_util.cc
-    tests/gpu/gpu_test_main.cc
-    worker/cuda/kernels_test.cc tests/gpu/training_test.cc tests/bench/gpu_bench.cc"
+    common/host_memory.cc tests/gpu/cblas_shim/cblas_shim.cc tests/gpu/glibc_compat.cc"
+  local TEST_SRCS="tests/gpu/gpu_test_util.cc tests/gpu/gpu_test_main.cc"
+  local MAIN_SRCS="worker/cuda/kernels_test.cc tests/gpu/training_test.cc tests/bench/gpu_bench.cc"
+  local SRCS="$LIB_SRCS $TEST_SRCS $MAIN_SRCS"
+  obj() { local f; for f in "$@"; do printf '%s ' "$OBJ/$(echo "$f" | tr / _).o"; done; }
   printf '%s\n' $SRCS | xargs -P "$JOBS" -I{} sh -c \
     'o="$0/$(echo {} | tr / _).o"; g++ $1 -c "$2/{}" -o "$o" || exit 255' "$OBJ" "$CXXFLAGS" "$ROOT"
   # Abseil's static archives: nothing to ship, and no dependency on Debian's libstdc++.so.
@@ -63,21 +67,10 @@ build() {
     -labsl_debugging_internal -labsl_demangle_internal -labsl_malloc_internal
     -labsl_throw_delegate -labsl_raw_logging_internal -labsl_log_severity -labsl_spinlock_wait
     -labsl_base -labsl_strerror -labsl_exponential_biased -Wl,-Bdynamic -Wl,--end-group"
-  local LIB="$OBJ/kernels.cu.o $OBJ/attention.cu.o $OBJ/attention_tc.cu.o $OBJ/worker_cuda_device.cc.o
-    $OBJ/worker_cuda_gemm.cc.o $OBJ/worker_cuda_model.cc.o $OBJ/worker_cuda_trainer.cc.o
-    $OBJ/worker_cuda_layout.cc.o $OBJ/worker_cuda_host_state.cc.o
-    $OBJ/worker_cuda_offload_trainer.cc.o $OBJ/worker_cuda_job_trainer.cc.o $OBJ/worker_cuda_measure.cc.o $OBJ/worker_cuda_jobs.cc.o
-    $OBJ/worker_engine_offload_trainer.cc.o $OBJ/worker_engine_tensor_home.cc.o
-    $OBJ/worker_engine_transfers.cc.o $OBJ/worker_engine_trainer.cc.o $OBJ/worker_engine_data.cc.o
-    $OBJ/worker_engine_checkpoint.cc.o $OBJ/worker_engine_safetensors.cc.o $OBJ/common_json.cc.o
-    $OBJ/common_cpus.cc.o
-    $OBJ/worker_engine_model.cc.o $OBJ/worker_engine_optimizer.cc.o
-    $OBJ/worker_engine_thread_pool.cc.o $OBJ/tests_gpu_cblas_shim_cblas_shim.cc.o
-    $OBJ/tests_gpu_glibc_compat.cc.o"
+  local LIB; LIB="$OBJ/kernels.cu.o $OBJ/attention.cu.o $OBJ/attention_tc.cu.o $(obj $LIB_SRCS)"
   local LDFLAGS="-static-libstdc++ -static-libgcc -Wl,-rpath,\$ORIGIN/lib:$CUDA/lib64:/usr/local/cuda/lib64
     -L$CUDA/lib64 $ABSL -lcublasLt -lcublas $CUDA/lib64/libcudart_static.a -ldl -lpthread -lrt"
-  local TESTLIB="$OBJ/tests_gpu_gpu_test_util.cc.o $OBJ/tests_gpu_gpu_test_main.cc.o
-    /usr/lib/x86_64-linux-gnu/libgtest.a"
+  local TESTLIB; TESTLIB="$(obj $TEST_SRCS) /usr/lib/x86_64-linux-gnu/libgtest.a"
   g++ -o "$OUT/kernels_test" $OBJ/worker_cuda_kernels_test.cc.o $TESTLIB $LIB $LDFLAGS &
   g++ -o "$OUT/training_test" $OBJ/tests_gpu_training_test.cc.o $TESTLIB $LIB $LDFLAGS &
   g++ -o "$OUT/gpu_bench" $OBJ/tests_bench_gpu_bench.cc.o $LIB $LDFLAGS &
