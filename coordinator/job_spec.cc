@@ -254,11 +254,6 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const NodeLimits& limits) {
                    absl::StrCat(r.workers(), " must be between 1 and this node's ",
                                 limits.workers, " workers"));
   }
-  if (r.workers() > 1 && limits.has_cuda) {
-    return Invalid("resources.workers",
-                   absl::StrCat(r.workers(), ": a job on several workers is built for the CPU "
-                                "device only so far; on GPUs use 1"));
-  }
   if (r.workers() > spec.train().grad_accum_steps()) {
     return Invalid("train.grad_accum_steps",
                    absl::StrCat(spec.train().grad_accum_steps(), " micro-batches a step cannot "

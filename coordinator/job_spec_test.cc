@@ -150,10 +150,12 @@ TEST_F(JobSpecTest, JobOnSeveralWorkersSharesItsMicroBatches) {
                         "resources.workers 4"));
   EXPECT_THAT(std::string(ResolveJobSpec(yaml(5, 8), dir_, four).status().message()),
               HasSubstr("resources.workers: 5 must be between 1 and this node's 4 workers"));
+  // GPU nodes too (the workers check that each replica fits its GPU).
   NodeLimits gpus = four;
   gpus.has_cuda = true;
-  EXPECT_THAT(std::string(ResolveJobSpec(yaml(2, 4), dir_, gpus).status().message()),
-              HasSubstr("resources.workers: 2: a job on several workers is built for the CPU"));
+  auto on_gpus = ResolveJobSpec(yaml(2, 4), dir_, gpus);
+  ASSERT_TRUE(on_gpus.ok()) << on_gpus.status();
+  EXPECT_EQ(on_gpus->resources().workers(), 2);
 }
 
 TEST_F(JobSpecTest, RejectsBadTrainOptimizerAndData) {

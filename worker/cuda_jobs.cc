@@ -150,6 +150,21 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
 
 }  // namespace
 
+absl::Status ReplicaDoesNotFit(const engine::TrainerOptions& options,
+                               const std::string& worker_name, int64_t budget_bytes,
+                               int64_t workers) {
+  engine::TrainerOptions recompute = options;
+  recompute.activation_checkpointing = true;
+  absl::StatusOr<int64_t> resident = cuda::CudaJobTrainer::DeviceBytes(recompute);
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "resources.workers: ", workers, ": each GPU keeps a whole replica of the training state, ",
+      resident.ok() ? engine::FormatBytes(*resident + kGemmWorkspaceBytes) : "more than it has",
+      " of GPU memory with ", options.train.grad_accum_steps, " micro-batches a step and layers "
+      "recomputed; ", worker_name, "'s budget is ", engine::FormatBytes(budget_bytes),
+      ". Data parallelism with the state streamed through host memory is not built yet: use "
+      "resources.workers: 1 to train it streamed"));
+}
+
 absl::StatusOr<CudaDeviceInfo> ProbeCudaDevice(int index, int64_t budget_bytes) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
   CudaDeviceInfo info;
@@ -186,12 +201,17 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
-    engine::TensorHome* moments_home, engine::HomeTier moments_tier, bool overlap_backward) {
+    engine::TensorHome* moments_home, engine::HomeTier moments_tier, bool overlap_backward,
+    const engine::ReplicaOptions& replica) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
   const bool speculate = Speculates(options, overlap_backward, moments_home != nullptr);
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
                                AvailableHostBytes(), moments_home != nullptr, speculate));
+  if (replica.collective != nullptr && plan.offload) {
+    return ReplicaDoesNotFit(options, absl::StrCat("GPU ", index), device->budget(),
+                             replica.collective->size());
+  }
   cuda::MomentsHome moments;
   moments.home = moments_home;
   moments.prefix = "moments/";
@@ -199,7 +219,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
   moments.freed_by_owner = true;  // RunTask frees the job's tensors in one call
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
                    cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload,
-                                                moments, speculate));
+                                                moments, speculate, replica));
   return std::make_unique<CudaDeviceTrainer>(std::move(device), std::move(job));
 }
 

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/profile_cache.h"
 #include "worker/device_trainer.h"
+#include "worker/engine/collective.h"
 #include "worker/engine/tensor_home.h"
 #include "worker/engine/trainer.h"
 
@@ -62,15 +63,23 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
                                             bool moments_in_memstore = false,
                                             bool overlap_backward = false);
 
+// RESOURCE_EXHAUSTED for a replica of a job on `workers` GPUs that does not fit `budget_bytes`
+// resident (CheckCudaTask chose to stream it), naming resources.workers and the sizes.
+absl::Status ReplicaDoesNotFit(const engine::TrainerOptions& options,
+                               const std::string& worker_name, int64_t budget_bytes,
+                               int64_t workers);
+
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
 // choice of resident with kept or recomputed activations, or streamed). Streamed, AdamW's
 // moments go to `moments_home` (in `moments_tier`, as tensors "moments/m/<group>/<chunk>" and
 // "moments/v/<group>/<chunk>", which the caller frees) when it is not null, else stay in this
-// process.
+// process. `replica`: one replica of a job on several workers (engine::ReplicaOptions), which
+// must fit resident (RESOURCE_EXHAUSTED naming resources.workers otherwise).
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* moments_home = nullptr,
-    engine::HomeTier moments_tier = engine::HomeTier::kNvme, bool overlap_backward = false);
+    engine::HomeTier moments_tier = engine::HomeTier::kNvme, bool overlap_backward = false,
+    const engine::ReplicaOptions& replica = {});
 
 }  // namespace lumen
 

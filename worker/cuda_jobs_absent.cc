@@ -22,10 +22,14 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions&, const
   return NoCuda();
 }
 
-absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(const engine::TrainerOptions&,
-                                                                 int, int64_t,
-                                                                 engine::TensorHome*,
-                                                                 engine::HomeTier, bool) {
+absl::Status ReplicaDoesNotFit(const engine::TrainerOptions&, const std::string&, int64_t,
+                               int64_t) {
+  return NoCuda();
+}
+
+absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
+    const engine::TrainerOptions&, int, int64_t, engine::TensorHome*, engine::HomeTier, bool,
+    const engine::ReplicaOptions&) {
   return NoCuda();
 }
 

@@ -253,11 +253,6 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
 absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunnerOptions& options,
                                             engine::TrainerOptions trainer_options,
                                             int64_t world) {
-  if (options.device != DeviceKind::kCpu) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "resources.workers: ", world,
-        ": a job on several workers is built for the CPU device only so far; use 1"));
-  }
   if (options.memstore == nullptr) {
     return absl::FailedPreconditionError(
         "resources.workers: replicas sum their gradients through the memstore, and this worker "
@@ -266,23 +261,37 @@ absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunne
   const engine::MicroBatchShare share =
       engine::MicroBatchShareOf(spec.train().grad_accum_steps(), 0, static_cast<int>(world));
   trainer_options.train.grad_accum_steps = share.count;
-  ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
-                   engine::OffloadTrainer::Requirements(trainer_options));
-  const int64_t budget = options.device_memory_budget_bytes;
-  const int64_t resident = needs.resident_bytes();
-  if (resident > budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "resources.workers: ", world, ": each worker keeps a whole replica of the training "
-        "state on its device, ", engine::FormatBytes(resident), " with ", share.count,
-        " micro-batches a step; ", options.worker_name, "'s budget is ",
-        engine::FormatBytes(budget), ". Data parallelism with offloaded state is not built "
-        "yet: use resources.workers: 1 to train it offloaded, or start lumend with a larger "
-        "--device-memory"));
-  }
+  const int64_t params = engine::ParameterCount(trainer_options.model);
   ResourceClaims claims;
-  claims.set_worker_host_bytes(resident);
-  claims.set_memstore_host_bytes(MemstoreCollective::ClaimBytes(
-      engine::ParameterCount(trainer_options.model), 1, static_cast<int>(world)));
+  if (options.device == DeviceKind::kCuda) {
+    ASSIGN_OR_RETURN(const CudaJobMemory memory,
+                     CheckCudaTask(trainer_options, options.worker_name,
+                                   options.device_memory_budget_bytes, /*host_bytes=*/-1));
+    if (memory.streamed) {
+      return ReplicaDoesNotFit(trainer_options, options.worker_name,
+                               options.device_memory_budget_bytes, world);
+    }
+    // The gradients cross to the host to be summed: an fp32 copy of them in the worker, and
+    // the exchange's buffers, a share of them each.
+    claims.set_worker_host_bytes(4 * params + 2 * 4 * (params / world + 1));
+  } else {
+    ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
+                     engine::OffloadTrainer::Requirements(trainer_options));
+    const int64_t budget = options.device_memory_budget_bytes;
+    const int64_t resident = needs.resident_bytes();
+    if (resident > budget) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "resources.workers: ", world, ": each worker keeps a whole replica of the training "
+          "state on its device, ", engine::FormatBytes(resident), " with ", share.count,
+          " micro-batches a step; ", options.worker_name, "'s budget is ",
+          engine::FormatBytes(budget), ". Data parallelism with offloaded state is not built "
+          "yet: use resources.workers: 1 to train it offloaded, or start lumend with a larger "
+          "--device-memory"));
+    }
+    claims.set_worker_host_bytes(resident);
+  }
+  claims.set_memstore_host_bytes(
+      MemstoreCollective::ClaimBytes(params, 1, static_cast<int>(world)));
   ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
   if (world * claims.memstore_host_bytes() > capacity.host_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -394,10 +403,6 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   std::unique_ptr<MemstoreCollective> collective;
   engine::MicroBatchShare share{0, spec.train().grad_accum_steps()};
   if (world > 1) {
-    if (options.device != DeviceKind::kCpu) {
-      return absl::FailedPreconditionError(
-          "resources.workers: a job on several workers is built for the CPU device only so far");
-    }
     if (options.memstore == nullptr || rank < 0 || rank >= world) {
       return absl::FailedPreconditionError(absl::StrCat(
           "replica ", rank, " of ", world, ": replicas need the memstore to sum gradients"));
@@ -412,6 +417,10 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     collective = std::make_unique<MemstoreCollective>(options.memstore, request.job_id(), rank,
                                                       world, cancelled);
   }
+  engine::ReplicaOptions replica;
+  replica.collective = collective.get();
+  replica.micro_batch_offset = share.first;
+  replica.global_micro_batches = spec.train().grad_accum_steps();
   // Replica 0 (or the only one) reports the steps and writes the checkpoints.
   const bool reports = rank == 0;
   auto report = [&emit, reports](const TaskEvent& event) {
@@ -457,7 +466,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
                                                 options.device_memory_budget_bytes, home.get(),
                                                 engine::HomeTier::kNvme,
-                                                options.optimizer_overlaps_backward));
+                                                options.optimizer_overlaps_backward, replica));
     if (!trainer->resident()) {
       LOG(INFO) << request.job_id() << ": the training state ("
                 << engine::FormatBytes(trainer->TrainingStateBytes())
@@ -484,9 +493,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     // The optimizer runs in this process on host memory next to the memstore's tensors: it
     // does not cross the (modelled) device link.
     offload.host_home = home.get();
-    offload.collective = collective.get();
-    offload.micro_batch_offset = share.first;
-    offload.global_micro_batches = spec.train().grad_accum_steps();
+    offload.replica = replica;
     ASSIGN_OR_RETURN(std::unique_ptr<engine::OffloadTrainer> offload_trainer,
                      engine::OffloadTrainer::Create(trainer_options, offload));
     trainer = std::make_unique<CpuDeviceTrainer>(std::move(offload_trainer));

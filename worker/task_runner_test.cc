@@ -310,10 +310,33 @@ TEST(CheckTaskTest, ReplicasMustBeResidentAndClaimTheirExchange) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("whole replica of the training state"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("use resources.workers: 1"));
 
+#ifdef LUMEN_CUDA_BUILT
+  // On GPUs each replica is resident on its GPU and sums its gradients through the host: an
+  // fp32 copy of them in the worker and the exchange's buffers, half of them each.
   options.device = DeviceKind::kCuda;
+  spec.mutable_model()->set_hidden_size(128);  // head_dim 32, which the CUDA attention runs
+  options.device_memory_budget_bytes = int64_t{1} << 30;
+  absl::StatusOr<engine::TrainerOptions> g = TrainerOptionsFromSpec(spec, 1);
+  ASSERT_TRUE(g.ok());
+  const int64_t gpu_params = engine::ParameterCount(g->model);
+  claims = CheckTask(spec, options);
+  ASSERT_TRUE(claims.ok()) << claims.status();
+  EXPECT_EQ(claims->worker_host_bytes(), 4 * gpu_params + 2 * 4 * (gpu_params / 2 + 1));
+  EXPECT_EQ(claims->memstore_host_bytes(), 3 * (4 * (gpu_params / 2 + 1) + 8 + 8));
+  // A replica the GPU could only stream is refused, naming the field.
+  g->train.grad_accum_steps = 2;
+  absl::StatusOr<int64_t> working = cuda::CudaJobTrainer::OffloadDeviceBytes(*g);
+  ASSERT_TRUE(working.ok());
+  options.device_memory_budget_bytes = (int64_t{32} << 20) + *working;
   s = CheckTask(spec, options).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
-  EXPECT_THAT(std::string(s.message()), HasSubstr("CPU device only so far"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("resources.workers: 2: each GPU keeps a whole replica"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("use resources.workers: 1 to train it streamed"));
+#else
+  options.device = DeviceKind::kCuda;  // a worker binary without CUDA says so
+  EXPECT_EQ(CheckTask(spec, options).status().code(), absl::StatusCode::kFailedPrecondition);
+#endif
 }
 
 TEST(CheckTaskTest, SpecTheEngineRefusesIsInvalid) {

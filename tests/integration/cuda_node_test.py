@@ -26,14 +26,19 @@ PROFILE = {"bf16_gemm_flops": 1e12, "h2d_bytes_per_s": 1e10, "d2h_bytes_per_s": 
            "copy_bytes_per_s": 1e11}
 
 
-def gpu_node(device_memory):
-    node = lumen_node.Node(device_memory=device_memory, extra_args=["--device", "cuda"])
+def gpu_node(device_memory, workers=1):
+    # The emulator has as many GPUs as LUMEN_CUDA_EMU_DEVICES says (lumend's children inherit
+    # it): one per worker.
+    os.environ["LUMEN_CUDA_EMU_DEVICES"] = str(workers)
+    node = lumen_node.Node(workers=workers, device_memory=device_memory,
+                           extra_args=["--device", "cuda"])
     bins = os.path.join(node.tmp, "bin")
     os.makedirs(bins)
     os.symlink(lumen_node.runfile("worker/worker_cuda_emu"), os.path.join(bins, "worker_cuda"))
     os.makedirs(os.path.join(node.data_dir, "profile"))
-    with open(os.path.join(node.data_dir, "profile", "worker-0.json"), "w") as f:
-        json.dump(PROFILE, f)
+    for i in range(workers):
+        with open(os.path.join(node.data_dir, "profile", "worker-%d.json" % i), "w") as f:
+            json.dump(PROFILE, f)
     return node
 
 
@@ -106,6 +111,38 @@ class CudaNodeTest(unittest.TestCase):
         for s in streamed:
             self.assertGreater(int(s["bytes_moved"]["host->device"]), 0, s)
             self.assertLessEqual(int(s["device_memory_peak_bytes"]), 34 << 20)
+
+    def test_a_job_on_two_gpus_trains_as_on_one(self):
+        """resources.workers: 2 on a GPU node: a resident replica on each GPU, gradients summed
+        through the host and the memstore; the losses are the 1-GPU job's."""
+        node = gpu_node("512MiB", workers=2)
+        node.start(timeout=60)
+        try:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            spec = SPEC.replace("grad_accum_steps: 2", "grad_accum_steps: 4")
+            pair = node.submit(spec.format(name="pair", data=data) + "resources: {workers: 2}\n",
+                               name="pair.yaml")
+            one = node.submit(spec.format(name="one", data=data), name="one.yaml")
+            ended = [node.wait_job(j["id"], timeout=300) for j in (pair, one)]
+            for job in ended:
+                self.assertEqual(job["state"], "SUCCEEDED",
+                                 job.get("failure_reason", "") + node.output())
+            self.assertEqual(ended[0]["worker"], "worker-0,worker-1")
+            steps = [node.ctl_json("logs", j["id"]) for j in (pair, one)]
+            self.assertEqual([int(s["step"]) for s in steps[0]], [1, 2, 3, 4])
+            for a, b in zip(*steps):
+                self.assertEqual(a["tokens"], b["tokens"])  # the whole step's: 4 x 2 x 64
+                # bf16 either way; the sums are added in another order.
+                self.assertAlmostEqual(a["loss"], b["loss"], delta=1e-3 * b["loss"])
+            self.assertIn("step-4", os.listdir(ended[0]["output_dir"]))
+            # The replicas' exchange was freed with the job.
+            cluster = node.ctl_json("cluster")[0]
+            held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+            self.assertEqual(held, 0, cluster)
+        finally:
+            node.stop()
+            os.environ["LUMEN_CUDA_EMU_DEVICES"] = "1"
 
 
 if __name__ == "__main__":

@@ -68,10 +68,16 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOp
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     const engine::TrainerOptions& options, CudaDevice* device, bool offload,
-    const MomentsHome& moments, bool speculate) {
+    const MomentsHome& moments, bool speculate, const engine::ReplicaOptions& replica) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   const engine::TrainConfig& t = options.train;
+  if (replica.collective != nullptr && offload) {
+    return absl::FailedPreconditionError(
+        "data parallelism on GPUs keeps each replica's training state on its GPU; a job "
+        "streamed through host memory runs on one worker");
+  }
   std::unique_ptr<CudaJobTrainer> job(new CudaJobTrainer(options));
+  job->replica_ = replica;
   ASSIGN_OR_RETURN(job->data_, engine::TokenDataset::Open(options.data, t.seq_len,
                                                           options.model.vocab_size));
   engine::ThreadPool pool(options.num_threads);
@@ -97,6 +103,7 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
                                                         t.micro_batch_size, t.seq_len,
                                                         ModelOptions(options)));
     RETURN_IF_ERROR(job->trainer_->state().Upload(params));
+    job->trainer_->SetReplica(replica);
   }
   const int64_t n = t.grad_accum_steps * t.micro_batch_size * t.seq_len;
   job->inputs_.resize(n);
@@ -111,12 +118,17 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   const auto start = std::chrono::steady_clock::now();
   const engine::TrainConfig& t = options_.train;
   const int64_t A = t.grad_accum_steps, B = t.micro_batch_size, T = t.seq_len;
+  // A replica reads its share of the step's micro-batches (offset 0 of A when alone).
+  const int64_t global = replica_.collective != nullptr && replica_.global_micro_batches > 0
+                             ? replica_.global_micro_batches
+                             : A;
+  const int64_t first = replica_.collective != nullptr ? replica_.micro_batch_offset : 0;
   if (next_step_ == step_) {  // read as the previous step's next batch
     std::swap(inputs_, next_inputs_);
     std::swap(targets_, next_targets_);
   } else {
     for (int64_t a = 0; a < A; ++a) {
-      RETURN_IF_ERROR(data_->ReadBatch(step_, a, A, B, inputs_.data() + a * B * T,
+      RETURN_IF_ERROR(data_->ReadBatch(step_, first + a, global, B, inputs_.data() + a * B * T,
                                        targets_.data() + a * B * T));
     }
   }
@@ -166,7 +178,7 @@ absl::StatusOr<engine::StepResult> CudaJobTrainer::Step() {
   out.loss = r->loss;
   out.lr = lr;
   out.grad_norm = r->grad_norm;
-  out.tokens = A * B * T;
+  out.tokens = global * B * T;
   out.step_time_s = std::chrono::duration<double>(end - start).count();
   last_device_seconds_ = std::chrono::duration<double>(end - device_start).count();
   ++step_;

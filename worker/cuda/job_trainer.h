@@ -18,6 +18,7 @@
 #include "worker/cuda/device.h"
 #include "worker/cuda/offload_trainer.h"
 #include "worker/cuda/trainer.h"
+#include "worker/engine/collective.h"
 #include "worker/engine/data.h"
 #include "worker/engine/trainer.h"
 
@@ -50,15 +51,19 @@ class CudaJobTrainer {
 
   // `device` must outlive the trainer; `offload`: stream through host memory, with AdamW's
   // moments in `moments` (default: this process' memory), speculating AdamW during the
-  // backward when `speculate` (CudaOffloadOptions::speculate). INVALID_ARGUMENT
+  // backward when `speculate` (CudaOffloadOptions::speculate). `replica`: one replica of a job
+  // on several workers (engine::ReplicaOptions; options.train.grad_accum_steps is its share),
+  // resident only (FAILED_PRECONDITION with `offload`). INVALID_ARGUMENT
   // for bad options (naming the field); the data and init_from errors of TokenDataset::Open and
   // LoadWeights; RESOURCE_EXHAUSTED naming the allocation when the job does not fit the
   // device's budget (or, offloaded, pinned host memory).
   static absl::StatusOr<std::unique_ptr<CudaJobTrainer>> Create(
       const engine::TrainerOptions& options, CudaDevice* device, bool offload = false,
-      const MomentsHome& moments = {}, bool speculate = false);
+      const MomentsHome& moments = {}, bool speculate = false,
+      const engine::ReplicaOptions& replica = {});
 
-  // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step.
+  // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step (a
+  // replica: its share of the step, reporting the whole step's loss and tokens).
   // On error the step counter is unchanged, and so are the parameters and moments, except
   // when offloaded without clipping (grad_clip 0), where the layers whose AdamW had started are
   // updated: the job should end there, its last checkpoint intact. FAILED_PRECONDITION
@@ -100,6 +105,7 @@ class CudaJobTrainer {
   explicit CudaJobTrainer(const engine::TrainerOptions& options) : options_(options) {}
 
   const engine::TrainerOptions options_;
+  engine::ReplicaOptions replica_;
   std::unique_ptr<engine::TokenDataset> data_;
   // One of the two.
   std::unique_ptr<CudaTrainer> trainer_;

@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "worker/cuda/cuda_status.h"
 #include "worker/cuda/kernels.h"
+#include "worker/engine/kernels.h"
 
 namespace lumen::cuda {
 
@@ -171,6 +172,39 @@ absl::StatusOr<double> ResidentState::GradNorm() {
   return std::sqrt(total);
 }
 
+absl::StatusOr<double> ResidentState::SumGradsAcrossReplicas(engine::Collective* collective,
+                                                             int64_t step, double* loss_sum) {
+  cudaStream_t st = device_->compute_stream();
+  int64_t total = 0;
+  for (const DeviceTensorGroup& grp : groups_) total += grp.elems;
+  std::vector<float> flat(total);
+  int64_t at = 0;
+  for (DeviceTensorGroup& grp : groups_) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(flat.data() + at, grp.grad.get(), grp.elems * 4,
+                                         cudaMemcpyDeviceToHost, st),
+                         "data parallel: gradients to the host");
+    at += grp.elems;
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "data parallel: gradients to the host");
+  std::vector<double> scalars = {*loss_sum};
+  RETURN_IF_ERROR(collective->SumAcrossReplicas(step, &flat, &scalars));
+  *loss_sum = scalars[0];
+  at = 0;
+  for (DeviceTensorGroup& grp : groups_) {
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grp.grad.get(), flat.data() + at, grp.elems * 4,
+                                         cudaMemcpyHostToDevice, st),
+                         "data parallel: summed gradients to the device");
+    at += grp.elems;
+  }
+  // The norm of the summed gradients on the host, in a fixed order, while they upload: the
+  // device's reduction adds in no fixed order, and every replica must clip alike.
+  const float* g = flat.data();
+  const double sq = engine::kernels::LaneSum(
+      total, [g](int64_t j) { return static_cast<double>(g[j]) * g[j]; });
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "data parallel: summed gradients to the device");
+  return std::sqrt(sq);
+}
+
 absl::Status ResidentState::AdamWStep(const engine::AdamWHyper& hyper, int64_t step,
                                       double grad_scale) {
   cudaStream_t st = device_->compute_stream();
@@ -292,7 +326,12 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
   RETURN_IF_ERROR(state_->ZeroGrads());
   const int32_t* d_in = ids_.as<int32_t>();
   const int32_t* d_tg = d_in + total;
-  const float scale = static_cast<float>(1.0 / static_cast<double>(micro_batches));
+  // A replica's micro-batches are a part of the step's.
+  const bool replicated = replica_.collective != nullptr;
+  const int64_t global = replicated && replica_.global_micro_batches > 0
+                             ? replica_.global_micro_batches
+                             : micro_batches;
+  const float scale = static_cast<float>(1.0 / static_cast<double>(global));
   for (int64_t a = 0; a < micro_batches; ++a) {
     RETURN_IF_ERROR(RunMicroBatch(d_in + a * n, d_tg + a * n, scale));
   }
@@ -300,9 +339,16 @@ absl::StatusOr<CudaStepResult> CudaTrainer::Step(const std::vector<int32_t>& inp
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&loss_sum, loss_sum_.get(), sizeof(double),
                                        cudaMemcpyDeviceToHost, st),
                        "read loss");
-  ASSIGN_OR_RETURN(const double norm, state_->GradNorm());  // synchronises
+  double norm = 0;
+  if (replicated) {
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "read loss");
+    ASSIGN_OR_RETURN(norm, state_->SumGradsAcrossReplicas(replica_.collective, step - 1,
+                                                          &loss_sum));
+  } else {
+    ASSIGN_OR_RETURN(norm, state_->GradNorm());  // synchronises
+  }
   CudaStepResult r;
-  r.loss = loss_sum / static_cast<double>(total);
+  r.loss = loss_sum / static_cast<double>(global * n);
   r.grad_norm = norm;
   if (!std::isfinite(r.loss) || !std::isfinite(norm)) {
     return absl::FailedPreconditionError(absl::StrCat("loss ", r.loss, ", gradient norm ", norm,

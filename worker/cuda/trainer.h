@@ -15,6 +15,7 @@
 #include "worker/cuda/device.h"
 #include "worker/cuda/layout.h"
 #include "worker/cuda/model.h"
+#include "worker/engine/collective.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optimizer.h"
 
@@ -56,6 +57,13 @@ class ResidentState {
   void Bind(CudaLlama* model);
   // Global L2 norm of the gradients (synchronises the compute stream).
   absl::StatusOr<double> GradNorm();
+  // Data parallelism: replaces the gradients by their sums over the replicas of `collective`
+  // (through host memory: every gradient is copied out, summed, copied back), `loss_sum` by its
+  // sum, and returns the norm of the summed gradients, computed on the host in a fixed order so
+  // every replica gets the same bits (GradNorm's device reduction adds in no fixed order).
+  // `step` is the collective's 0-based step. Synchronises.
+  absl::StatusOr<double> SumGradsAcrossReplicas(engine::Collective* collective, int64_t step,
+                                                double* loss_sum);
   // AdamW on every tensor (weight decay on matrices only), gradients multiplied by
   // grad_scale first; `step` is 1-based.
   absl::Status AdamWStep(const engine::AdamWHyper& hyper, int64_t step, double grad_scale);
@@ -100,6 +108,11 @@ class CudaTrainer {
                                              int64_t seq, const CudaLlamaOptions& options = {});
   ResidentState& state() { return *state_; }
   CudaLlama& model() { return *model_; }
+  // Makes this trainer one replica of a job on several workers (engine::ReplicaOptions): Step's
+  // micro-batches are then its share, scaled as a part of replica.global_micro_batches, and its
+  // gradients and loss are summed with the other replicas' before the norm; the result reports
+  // the whole step's loss.
+  void SetReplica(const engine::ReplicaOptions& replica) { replica_ = replica; }
 
   // One optimizer step over inputs/targets of micro_batches * batch * seq ids (host memory,
   // micro-batch after micro-batch): per micro-batch forward / head / backward with
@@ -120,6 +133,7 @@ class CudaTrainer {
   absl::Status RunMicroBatch(const int32_t* inputs, const int32_t* targets, float grad_scale);
 
   CudaDevice* device_ = nullptr;
+  engine::ReplicaOptions replica_;
   int64_t batch_ = 0, seq_ = 0;
   std::unique_ptr<CudaLlama> model_;
   std::unique_ptr<ResidentState> state_;

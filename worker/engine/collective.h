@@ -30,6 +30,17 @@ class Collective {
                                          std::vector<double>* scalars) = 0;
 };
 
+// What makes a trainer one replica of a job on several workers (engine::OffloadTrainer,
+// cuda::CudaJobTrainer): it trains micro-batches [micro_batch_offset, micro_batch_offset + its
+// own count) of each step's `global_micro_batches` (MicroBatchShareOf), scaled as a part of all
+// of them, and sums its gradients and loss with the other replicas through `collective` before
+// the norm, so every replica applies the same update; step results report the whole step.
+struct ReplicaOptions {
+  Collective* collective = nullptr;  // not owned; null: the only replica
+  int64_t micro_batch_offset = 0;
+  int64_t global_micro_batches = 0;  // 0: the trainer's own micro-batches
+};
+
 // The micro-batches [first, first + count) of a step's `total` that replica `rank` of `size`
 // trains: contiguous, as even as they divide (the first `total % size` replicas get one more).
 struct MicroBatchShare {

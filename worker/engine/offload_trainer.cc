@@ -228,7 +228,7 @@ absl::Status OffloadTrainer::Init() {
   max_resident_acts_ =
       resident_ ? max_acts
                 : std::clamp<int64_t>((spare - prefetch_window_ - behind) / act_bytes, 0, max_acts);
-  if (!resident_ && offload_.collective != nullptr) {
+  if (!resident_ && offload_.replica.collective != nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
         "a data-parallel replica keeps its whole training state on the device, but the state (",
         FormatBytes(TrainingStateBytes()), ") does not fit the device budget ",
@@ -671,7 +671,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const bool tied = c.tie_word_embeddings;
   const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
   // A replica's micro-batches are a share of the step's (OffloadOptions::collective).
-  const int64_t global_a = offload_.global_micro_batches > 0 ? offload_.global_micro_batches : A;
+  const int64_t global_a = offload_.replica.global_micro_batches > 0 ? offload_.replica.global_micro_batches : A;
   const float grad_scale = static_cast<float>(1.0 / static_cast<double>(global_a));
   const int num_tensors = static_cast<int>(param_slots_.size());
   const int norm_index = 1 + kLayerTensors * static_cast<int>(L);
@@ -703,7 +703,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
                    Allocate(2 * static_cast<int64_t>(sizeof(int32_t)) * A * n,
                                  absl::StrCat("step ", step_, ": token ids")));
   for (int64_t a = 0; a < A; ++a) {
-    RETURN_IF_ERROR(data_->ReadBatch(step_, offload_.micro_batch_offset + a, global_a, B,
+    RETURN_IF_ERROR(data_->ReadBatch(step_, offload_.replica.micro_batch_offset + a, global_a, B,
                                      inputs_.data() + a * n, targets_.data() + a * n));
   }
 
@@ -895,7 +895,7 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
 
   // Data parallel: the step's gradient and loss are the replicas' together (every replica
   // keeps its state resident, so the gradients are device buffers).
-  if (offload_.collective != nullptr) {
+  if (offload_.replica.collective != nullptr) {
     RETURN_IF_ERROR(SumAcrossReplicas(&loss_sum));
   }
 
@@ -971,7 +971,7 @@ absl::Status OffloadTrainer::SumAcrossReplicas(double *loss_sum) {
   flat.reserve(total);
   for (const DeviceBuffer *g : grads) flat.insert(flat.end(), g->data.begin(), g->data.end());
   std::vector<double> scalars = {*loss_sum};
-  RETURN_IF_ERROR(offload_.collective->SumAcrossReplicas(step_, &flat, &scalars));
+  RETURN_IF_ERROR(offload_.replica.collective->SumAcrossReplicas(step_, &flat, &scalars));
   *loss_sum = scalars[0];
   int64_t at = 0;
   for (size_t i = 0; i < grads.size(); ++i) {

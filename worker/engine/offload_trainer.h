@@ -144,16 +144,10 @@ struct OffloadOptions {
   // steps the trainer has no trace of yet (its first); later steps read ahead in the order
   // their first step read, as early as memory allows.
   ParameterSchedule schedule;
-  // Data parallelism (collective.h): this trainer is replica collective->rank() of
-  // collective->size(). It trains micro-batches [micro_batch_offset, micro_batch_offset +
-  // train.grad_accum_steps) of each step's `global_micro_batches` (MicroBatchShareOf), scaled
-  // as a part of all of them, and sums its gradients and loss with the other replicas' before
-  // the norm, so every replica applies the same update; step results report the whole step.
+  // Data parallelism (collective.h): this trainer is one replica of a job on several workers.
   // Each replica keeps its whole training state on the device (Create refuses otherwise:
-  // FAILED_PRECONDITION). Not owned; null: one replica.
-  Collective *collective = nullptr;
-  int64_t micro_batch_offset = 0;
-  int64_t global_micro_batches = 0;  // 0: train.grad_accum_steps
+  // FAILED_PRECONDITION).
+  ReplicaOptions replica;
 };
 
 // One op of a traced step: a compute op ("forward of layer 3, mb 0") or a wait ("wait for

@@ -706,9 +706,9 @@ TEST(OffloadTrainerTest, DataParallelReplicasMatchOneTrainer) {
       TrainerOptions ro = o;
       ro.train.grad_accum_steps = share.count;
       OffloadOptions off = Resident();
-      off.collective = group.Member(r);
-      off.micro_batch_offset = share.first;
-      off.global_micro_batches = micro_batches;
+      off.replica.collective = group.Member(r);
+      off.replica.micro_batch_offset = share.first;
+      off.replica.global_micro_batches = micro_batches;
       auto t = OffloadTrainer::Create(ro, off);
       ASSERT_TRUE(t.ok()) << t.status();
       replicas.push_back(*std::move(t));
@@ -750,8 +750,8 @@ TEST(OffloadTrainerTest, DataParallelReplicaMustBeResident) {
   OffloadOptions off;
   off.home = &home;
   off.device_budget_bytes = 1 << 20;
-  off.collective = group.Member(0);
-  off.global_micro_batches = 4;
+  off.replica.collective = group.Member(0);
+  off.replica.global_micro_batches = 4;
   auto t = OffloadTrainer::Create(o, off);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition);
