@@ -22,6 +22,7 @@ MemstoreService::MemstoreService(TensorStore* store, DataPlaneInfo data_plane,
       data_plane_(std::move(data_plane)),
       options_(options),
       executor_(options.io_threads),
+      reclaim_executor_(1),
       capacity_(prometheus::BuildGauge()
                     .Name("lumen_memstore_capacity_bytes")
                     .Help("Bytes the memstore may use, by tier")
@@ -124,9 +125,11 @@ void MemstoreService::UpdateMetrics() {
 }
 
 grpc::ServerUnaryReactor* MemstoreService::OnExecutor(grpc::CallbackServerContext* context,
-                                                      std::function<absl::Status()> work) {
+                                                      std::function<absl::Status()> work,
+                                                      Executor* executor) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  executor_.Submit([reactor, work = std::move(work)] { reactor->Finish(ToGrpcStatus(work())); });
+  (executor != nullptr ? executor : &executor_)->Submit(
+      [reactor, work = std::move(work)] { reactor->Finish(ToGrpcStatus(work())); });
   return reactor;
 }
 
@@ -261,6 +264,8 @@ grpc::ServerUnaryReactor* MemstoreService::FreeTensors(grpc::CallbackServerConte
     return Done(context, absl::InvalidArgumentError(
                              "FreeTensors needs a non-empty prefix (it would free every tensor)"));
   }
+  // On its own thread: calls that wait for a tensor a dead client left pinned or half-written
+  // can hold every I/O thread, and this is what releases them.
   return OnExecutor(context, [this, request, reply]() -> absl::Status {
     const std::string& prefix = request->prefix();
     auto under = [&prefix](const std::string& id) {
@@ -305,7 +310,7 @@ grpc::ServerUnaryReactor* MemstoreService::FreeTensors(grpc::CallbackServerConte
                 << reply->writes() << " unfinished writes";
     }
     return absl::OkStatus();
-  });
+  }, &reclaim_executor_);
 }
 
 grpc::ServerUnaryReactor* MemstoreService::FreeTensor(grpc::CallbackServerContext* context,

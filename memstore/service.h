@@ -72,14 +72,18 @@ class MemstoreService final : public Memstore::CallbackService {
   void UpdateMetrics();
 
  private:
-  // Runs `work` on the executor and finishes the RPC with its status.
+  // Runs `work` on `executor` (null: the I/O executor) and finishes the RPC with its status.
   grpc::ServerUnaryReactor* OnExecutor(grpc::CallbackServerContext* context,
-                                       std::function<absl::Status()> work);
+                                       std::function<absl::Status()> work,
+                                       Executor* executor = nullptr);
 
   TensorStore* const store_;
   const DataPlaneInfo data_plane_;
   const MemstoreServiceOptions options_;
   Executor executor_;
+  // FreeTensors alone: it drops the pins and unfinished writes of clients that died, which
+  // other clients' calls on the I/O executor may be waiting for.
+  Executor reclaim_executor_;
 
   absl::Mutex mu_;
   int64_t next_pin_ ABSL_GUARDED_BY(mu_) = 1;

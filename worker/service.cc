@@ -10,13 +10,17 @@
 
 namespace lumen {
 
-// Runs the task on its own thread and streams its events.
+// Runs the task on its own thread and streams its events. The thread outlives the call when
+// the call is cancelled (the task sees that between steps, and may be inside a memstore call):
+// the worker stays busy until the thread ends, not until the stream does. A reactor must not
+// wait for it: gRPC runs reactions on its own threads, which the task's calls to the memstore
+// may need to complete.
 class RunTaskReactor : public StreamReactor<TaskEvent> {
  public:
-  RunTaskReactor(const RunTaskRequest& request, WorkerService* service) : service_(service) {
+  RunTaskReactor(const RunTaskRequest& request, WorkerService* service) {
     std::shared_ptr<Outlet> out = outlet();
-    service_->busy_gauge_.Set(1);
-    thread_ = std::thread([request, service, out] {
+    service->busy_gauge_.Set(1);
+    std::thread([request, service, out] {
       LOG(INFO) << request.job_id() << ": started";
       absl::Status status = lumen::RunTask(
           request, service->options_.runner,
@@ -25,19 +29,11 @@ class RunTaskReactor : public StreamReactor<TaskEvent> {
           [service](const TaskEvent& event) { service->Observe(event); });
       LOG(INFO) << request.job_id() << ": " << (status.ok() ? "finished" : status.ToString());
       out->Close(ToGrpcStatus(status));
-    });
+      // Last: Shutdown waits for this, and the service may be destroyed right after.
+      service->busy_gauge_.Set(0);
+      service->busy_.store(false);
+    }).detach();
   }
-
- private:
-  void OnStreamDone() override {
-    // The task sees the cancellation between steps.
-    if (thread_.joinable()) thread_.join();
-    service_->busy_gauge_.Set(0);
-    service_->busy_.store(false);
-  }
-
-  WorkerService* const service_;
-  std::thread thread_;
 };
 
 namespace {
