@@ -135,14 +135,15 @@ absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<flo
       for (size_t i = 0; i < scalars->size(); ++i) sum_scalars[i] += s[i];
     }
   }
-  // Every replica has written this step, so each has read the previous step's sums: ours is
-  // no longer needed.
-  if (step > 0) {
-    if (absl::Status s = memstore_->Free(SumId(step - 1, rank_));
+  // Every replica has written this step, so each has read the sums of the call before: ours
+  // is no longer needed.
+  if (last_step_ >= 0) {
+    if (absl::Status s = memstore_->Free(SumId(last_step_, rank_));
         !s.ok() && !absl::IsNotFound(s)) {
       return s;
     }
   }
+  last_step_ = step;
   pack(sum.data(), own, sum_scalars.data(), &buf);
   RETURN_IF_ERROR(memstore_->Write(SumId(step, rank_), buf.data(), buf.size(), "uint8", TIER_HOST));
   std::copy(sum.begin(), sum.end(), values->begin() + own.first);

@@ -56,6 +56,7 @@ class MemstoreCollective : public engine::Collective {
   const int rank_, size_;
   const std::function<bool()> cancelled_;
   const absl::Duration peer_timeout_;
+  int64_t last_step_ = -1;  // of the last call, whose sum this replica still holds
 };
 
 }  // namespace lumen

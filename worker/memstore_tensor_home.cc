@@ -36,11 +36,11 @@ absl::Status MemstoreTensorHome::Free(const std::string& id) {
   return client_->Free(prefix_ + id);
 }
 
-absl::Status MemstoreTensorHome::FreeAll() {
+absl::Status MemstoreTensorHome::FreeAll(const std::string& under) {
   if (!put_any_.load()) return absl::OkStatus();
   // Bounded: at a node's stop the memstore may be stopping too, and the coordinator frees
   // whatever is left when the job ends or at its next start.
-  return client_->FreeTensors(prefix_, absl::Seconds(5)).status();
+  return client_->FreeTensors(prefix_ + under, absl::Seconds(5)).status();
 }
 
 }  // namespace lumen

@@ -30,9 +30,10 @@ class MemstoreTensorHome : public engine::TensorHome {
 
   static Tier ToTier(engine::HomeTier tier);
 
-  // Frees every tensor under this home's prefix (a job's state when the job ends), in one
-  // call; none when nothing was put (a job that stayed on the device).
-  absl::Status FreeAll();
+  // Frees every tensor under this home's prefix followed by `under` (a job's state when the
+  // job ends; "r1/": a data-parallel replica's own tensors), in one call; none when nothing was
+  // put (a job that stayed on the device).
+  absl::Status FreeAll(const std::string& under = "");
 
  private:
   MemstoreClient* const client_;

@@ -248,8 +248,55 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
          options.optimizer_state_tier == engine::HomeTier::kNvme;
 }
 
-// CheckTask for one replica of a job on `world` workers: the largest share of the
-// micro-batches must keep the whole training state resident on the device.
+// CheckTask for one of `world` replicas on the CPU device whose state does not fit its device
+// (`needs`, for the largest share of the micro-batches): the replicas share one copy of the
+// parameters and AdamW moments in the memstore (OffloadOptions::replica), and each keeps its
+// gradients and activation checkpoints there. Claims are per worker: a 1/world share of the
+// shared state and the replica's own tensors.
+absl::StatusOr<ResourceClaims> CheckOffloadedReplica(const TaskRunnerOptions& options,
+                                                     const engine::ModelConfig& model,
+                                                     const engine::OffloadRequirements& needs,
+                                                     int64_t world) {
+  const int64_t budget = options.device_memory_budget_bytes;
+  if (needs.largest_op_bytes > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the ", needs.largest_op, " needs ", engine::FormatBytes(needs.largest_op_bytes),
+        " of device memory; ", options.worker_name, "'s budget is ", engine::FormatBytes(budget),
+        ". Lower train.micro_batch_size or seq_len, or start lumend with a larger "
+        "--device-memory"));
+  }
+  ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
+  const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
+  const int64_t params = needs.parameter_bytes, moments = 2 * params;
+  const int64_t shared = params + (moments_on_nvme ? 0 : moments);
+  const int64_t own = params + needs.activation_bytes;  // gradients, activation checkpoints
+  // The exchange carries each tensor's gradient square sum (fewer than 16 per layer).
+  const int64_t exchange =
+      MemstoreCollective::ClaimBytes(0, 16 * (model.num_hidden_layers + 2),
+                                     static_cast<int>(world));
+  const int64_t host_needed = shared + world * (own + exchange);
+  if (host_needed > capacity.host_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "resources.workers: ", world, " replicas of an offloaded job share its parameters",
+        moments_on_nvme ? "" : " and AdamW moments", " (", engine::FormatBytes(shared),
+        ") in the memstore's host memory and each keeps its gradients and activation "
+        "checkpoints there (", engine::FormatBytes(own), " each): ",
+        engine::FormatBytes(host_needed), ", but it holds ",
+        engine::FormatBytes(capacity.host_bytes),
+        ". Start lumend with a larger --host-memory",
+        moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or use fewer workers"));
+  }
+  if (moments_on_nvme) RETURN_IF_ERROR(MomentsFitNvme(moments, capacity.nvme_bytes));
+  ResourceClaims claims;
+  claims.set_worker_host_bytes(budget);  // the CPU device's memory
+  claims.set_memstore_host_bytes((shared + world - 1) / world + own + exchange);
+  claims.set_memstore_nvme_bytes(moments_on_nvme ? (moments + world - 1) / world : 0);
+  return claims;
+}
+
+// CheckTask for one replica of a job on `world` workers: on a GPU, the largest share of the
+// micro-batches must keep the whole training state resident; on the CPU device it is resident
+// when it fits, and offloaded with the state shared otherwise.
 absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunnerOptions& options,
                                             engine::TrainerOptions trainer_options,
                                             int64_t world) {
@@ -280,13 +327,7 @@ absl::StatusOr<ResourceClaims> CheckReplica(const JobSpec& spec, const TaskRunne
     const int64_t budget = options.device_memory_budget_bytes;
     const int64_t resident = needs.resident_bytes();
     if (resident > budget) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "resources.workers: ", world, ": each worker keeps a whole replica of the training "
-          "state on its device, ", engine::FormatBytes(resident), " with ", share.count,
-          " micro-batches a step; ", options.worker_name, "'s budget is ",
-          engine::FormatBytes(budget), ". Data parallelism with offloaded state is not built "
-          "yet: use resources.workers: 1 to train it offloaded, or start lumend with a larger "
-          "--device-memory"));
+      return CheckOffloadedReplica(options, trainer_options.model, needs, world);
     }
     claims.set_worker_host_bytes(resident);
   }
@@ -447,13 +488,18 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     home = std::make_unique<MemstoreTensorHome>(options.memstore,
                                                 JobTensorPrefix(request.job_id()));
   }
+  // A replica other than 0 frees only its own tensors: the others may still read the state the
+  // replicas share, which replica 0 placed and frees.
   struct FreeHome {
     MemstoreTensorHome* home;
+    std::string under;
     ~FreeHome() {
       if (home == nullptr) return;
-      if (absl::Status s = home->FreeAll(); !s.ok()) LOG(WARNING) << "freeing job tensors: " << s;
+      if (absl::Status s = home->FreeAll(under); !s.ok()) {
+        LOG(WARNING) << "freeing job tensors: " << s;
+      }
     }
-  } free_home{home.get()};
+  } free_home{home.get(), rank > 0 ? engine::OffloadTrainer::ReplicaPrefix(rank) : ""};
   std::unique_ptr<engine::ThrottledTensorHome> link;
   std::unique_ptr<DeviceTrainer> trainer;
   if (options.device == DeviceKind::kCuda) {

@@ -9,6 +9,8 @@
 #include "gtest/gtest.h"
 #include "memstore/memstore_client.h"
 #include "worker/cuda_jobs.h"
+#include "worker/engine/offload_trainer.h"
+#include "worker/memstore_collective.h"
 #ifdef LUMEN_CUDA_BUILT
 #include "worker/cuda/host_state.h"
 #include "worker/cuda/job_trainer.h"
@@ -275,8 +277,9 @@ TEST(CheckTaskTest, OffloadedJobNeedsAMemstoreWithRoom) {
 }
 
 // A job on several workers: every replica keeps the whole state resident with its share of
-// the micro-batches, and exchanges its gradients through the memstore's host memory.
-TEST(CheckTaskTest, ReplicasMustBeResidentAndClaimTheirExchange) {
+// the micro-batches, and exchanges its gradients through the memstore's host memory; on the
+// CPU device a state too large for the device is offloaded, shared by the replicas.
+TEST(CheckTaskTest, ReplicasClaimTheirStateAndExchange) {
   JobSpec spec = Spec(1);
   spec.mutable_train()->set_grad_accum_steps(4);
   spec.mutable_resources()->set_workers(2);
@@ -304,11 +307,34 @@ TEST(CheckTaskTest, ReplicasMustBeResidentAndClaimTheirExchange) {
   ASSERT_TRUE(alone.ok());
   EXPECT_EQ(claims->worker_host_bytes(), alone->worker_host_bytes());
 
-  options.device_memory_budget_bytes = claims->worker_host_bytes() - 1;
+  // Offloaded: each worker claims half of the shared parameters and moments (12 bytes a
+  // parameter in fp32) and its own gradients and activation checkpoints.
+  const int64_t budget = claims->worker_host_bytes() - 1;
+  options.device_memory_budget_bytes = budget;
+  engine::TrainerOptions share = *o;
+  share.train.grad_accum_steps = 2;
+  absl::StatusOr<engine::OffloadRequirements> needs =
+      engine::OffloadTrainer::Requirements(share);
+  ASSERT_TRUE(needs.ok());
+  absl::StatusOr<ResourceClaims> offloaded = CheckTask(spec, options);
+  ASSERT_TRUE(offloaded.ok()) << offloaded.status();
+  EXPECT_EQ(offloaded->worker_host_bytes(), budget);
+  const int64_t shared = 3 * needs->parameter_bytes;
+  const int64_t own = needs->parameter_bytes + needs->activation_bytes;
+  const int64_t exchange =
+      MemstoreCollective::ClaimBytes(0, 16 * (o->model.num_hidden_layers + 2), 2);
+  EXPECT_EQ(offloaded->memstore_host_bytes(), (shared + 1) / 2 + own + exchange);
+  EXPECT_EQ(offloaded->memstore_nvme_bytes(), 0);
+  // Too little host memory in the memstore for the shared state and both replicas' own.
+  SizedMemstore small(shared + 2 * (own + exchange) - 1, 0);
+  options.memstore = &small;
   s = CheckTask(spec, options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
-  EXPECT_THAT(std::string(s.message()), HasSubstr("whole replica of the training state"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr("use resources.workers: 1"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("resources.workers: 2 replicas of an offloaded job share its parameters "
+                        "and AdamW moments"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("--optimizer-state-tier nvme"));
+  options.memstore = &roomy;
 
 #ifdef LUMEN_CUDA_BUILT
   // On GPUs each replica is resident on its GPU and sums its gradients through the host: an

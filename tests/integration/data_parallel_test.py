@@ -79,15 +79,58 @@ class DataParallelTest(unittest.TestCase):
             self.assertEqual(metrics["worker-0"]["lumen_worker_tokens_total"],
                              8 * tokens / 2 + 8 * tokens)
 
-    def test_a_killed_replica_resumes_the_job_from_its_checkpoint(self):
-        with lumen_node.Node(workers=2) as node:
+    def test_offloaded_replicas_share_the_state_in_the_memstore(self):
+        """A state far larger than each worker's device memory: the replicas share one copy of
+        the parameters and moments in the memstore, and train as the 1-worker offloaded job."""
+        spec = SPEC.replace("model: {preset: tiny}", "model: {preset: tiny, num_hidden_layers: 16}")
+        with lumen_node.Node(workers=2, device_memory="1MiB") as node:
             data = os.path.join(node.tmp, "train.bin")
             lumen_node.write_tokens(data, 30000)
-            reference = node.submit(SPEC % ("reference", data, 60, 2), name="reference.yaml")
+            pair = node.submit(spec % ("pair", data, 6, 2), name="pair.yaml")
+            one = node.submit(spec % ("one", data, 6, 1), name="one.yaml")
+            ended = [node.wait_job(j["id"]) for j in (pair, one)]
+            for job in ended:
+                self.assertEqual(job["state"], "SUCCEEDED",
+                                 job.get("failure_reason", "") + node.output())
+            self.assertEqual(ended[0]["worker"], "worker-0,worker-1")
+            params = int(ended[0]["parameter_count"])
+            self.assertGreater(16 * params, 10 * (1 << 20))  # state > 10x the device budget
+            steps = [node.ctl_json("logs", j["id"]) for j in (pair, one)]
+            self.assertEqual(len(steps[0]), 6)
+            for a, b in zip(*steps):
+                self.assertEqual(a["tokens"], b["tokens"])
+                self.assertAlmostEqual(a["loss"], b["loss"], delta=1e-4 * b["loss"])
+                self.assertAlmostEqual(a["grad_norm"], b["grad_norm"],
+                                       delta=1e-3 * b["grad_norm"])
+                self.assertGreater(int(a["bytes_moved"]["host->device"]), 4 * params // 2)
+                self.assertLessEqual(int(a["device_memory_peak_bytes"]), 1 << 20)
+            self.assertTrue(os.path.isfile(os.path.join(ended[0]["final_checkpoint"],
+                                                        "model.safetensors")))
+            # Everything, shared and per replica, was freed with the job.
+            cluster = node.ctl_json("cluster")[0]
+            held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+            self.assertEqual(held, 0, cluster)
+
+    def test_a_killed_replica_resumes_the_job_from_its_checkpoint(self):
+        self.kill_and_resume(SPEC, steps=60, kill="worker-1", device_memory="256MiB")
+
+    def test_killing_the_replica_that_holds_the_shared_state_resumes_the_job(self):
+        """Offloaded: replica 0 placed the state the replicas share; killed, the job resumes
+        from its checkpoint all the same."""
+        spec = SPEC.replace("model: {preset: tiny}", "model: {preset: tiny, num_hidden_layers: 16}")
+        self.kill_and_resume(spec, steps=24, kill="worker-0", device_memory="1MiB")
+
+    def kill_and_resume(self, spec, steps, kill, device_memory):
+        """Trains the 2-worker job once uninterrupted, then again with `kill` SIGKILLed after
+        step 13: it resumes from its step-10 checkpoint with the same losses, bit for bit."""
+        with lumen_node.Node(workers=2, device_memory=device_memory) as node:
+            data = os.path.join(node.tmp, "train.bin")
+            lumen_node.write_tokens(data, 30000)
+            reference = node.submit(spec % ("reference", data, steps, 2), name="reference.yaml")
             ended = node.wait_job(reference["id"])
             self.assertEqual(ended["state"], "SUCCEEDED", ended)
             want = [s["loss"] for s in node.ctl_json("logs", reference["id"])]
-            job = node.submit(SPEC % ("killed", data, 60, 2), name="killed.yaml")
+            job = node.submit(spec % ("killed", data, steps, 2), name="killed.yaml")
             deadline = time.time() + 120
             while time.time() < deadline:
                 j = node.job(job["id"])
@@ -95,7 +138,7 @@ class DataParallelTest(unittest.TestCase):
                 if int(j.get("latest_step", {}).get("step", 0)) >= 13:
                     break
                 time.sleep(0.02)
-            os.kill(int(node.process("worker-1")["pid"]), signal.SIGKILL)
+            os.kill(int(node.process(kill)["pid"]), signal.SIGKILL)
             ended = node.wait_job(job["id"], timeout=300)
             self.assertEqual(ended["state"], "SUCCEEDED", ended.get("failure_reason", "") +
                              node.output())
@@ -104,11 +147,10 @@ class DataParallelTest(unittest.TestCase):
             self.assertGreaterEqual(int(ended["resumes"]), 1, ended)
             self.assertIn("worker-", ended["resume_reason"])
             self.assertRegex(os.path.basename(ended["resumed_from"]), r"^step-[1-9]\d*0$")
-            steps = node.ctl_json("logs", job["id"])
-            self.assertEqual([int(s["step"]) for s in steps], list(range(1, 61)))
+            steps_done = node.ctl_json("logs", job["id"])
+            self.assertEqual([int(s["step"]) for s in steps_done], list(range(1, steps + 1)))
             # Bit for bit: the replicas load the same checkpoint and sum in the same order.
-            self.assertEqual([s["loss"] for s in steps], want)
-
+            self.assertEqual([s["loss"] for s in steps_done], want)
 
 if __name__ == "__main__":
     lumen_node.main()

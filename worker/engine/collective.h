@@ -23,9 +23,10 @@ class Collective {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // Replaces `values` and `scalars` (the same lengths on every replica) by their element-wise
-  // sums over the replicas, added in rank order so every replica gets the same bits; called
-  // once per step by every replica with the step's number. Errors name the replica that did
-  // not take part (a peer that died, a cancelled task).
+  // sums over the replicas, added in rank order so every replica gets the same bits; returns
+  // only when every replica has called it. Every replica makes the same calls in the same
+  // order, each numbered higher than the one before (a step's number, or several numbers a
+  // step). Errors name the replica that did not take part (a peer that died, a cancelled task).
   virtual absl::Status SumAcrossReplicas(int64_t step, std::vector<float>* values,
                                          std::vector<double>* scalars) = 0;
 };

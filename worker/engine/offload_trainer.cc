@@ -89,6 +89,11 @@ const char *FiniteName(double x) {
 }
 
 std::string ParamId(const std::string &name) { return "param/" + name; }
+
+// sum of g[j]^2 in double, in the order every gradient norm here is taken.
+double SquareSum(const float *g, int64_t n) {
+  return kernels::LaneSum(n, [g](int64_t j) { return static_cast<double>(g[j]) * g[j]; });
+}
 std::string GradId(const std::string &name) { return "grad/" + name; }
 std::string ExpAvgId(const std::string &name) { return "exp_avg/" + name; }
 std::string ExpAvgSqId(const std::string &name) { return "exp_avg_sq/" + name; }
@@ -228,21 +233,35 @@ absl::Status OffloadTrainer::Init() {
   max_resident_acts_ =
       resident_ ? max_acts
                 : std::clamp<int64_t>((spare - prefetch_window_ - behind) / act_bytes, 0, max_acts);
-  if (!resident_ && offload_.replica.collective != nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "a data-parallel replica keeps its whole training state on the device, but the state (",
-        FormatBytes(TrainingStateBytes()), ") does not fit the device budget ",
-        FormatBytes(offload_.device_budget_bytes),
-        "; data parallelism with offloaded state is not built yet"));
-  }
   if (!resident_ && offload_.home == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "offload.home is null but the training state (", FormatBytes(TrainingStateBytes()),
         ") does not fit the device budget ", FormatBytes(offload_.device_budget_bytes)));
   }
+  Collective *const replicas = offload_.replica.collective;
+  shared_state_ = !resident_ && replicas != nullptr;
   if (!resident_) {
     TensorHome *host = offload_.host_home != nullptr ? offload_.host_home : offload_.home;
-    home_ = std::make_unique<AliasedTensorHome>(offload_.home, &aliases_);
+    TensorHome *home = offload_.home;
+    if (shared_state_) {
+      // The parameters and moments are every replica's; gradients and checkpoints its own.
+      const std::vector<std::string> own = {"grad/", "act/"};
+      replica_home_ =
+          std::make_unique<RenamedTensorHome>(home, ReplicaPrefix(replicas->rank()), own);
+      replica_host_home_ =
+          std::make_unique<RenamedTensorHome>(host, ReplicaPrefix(replicas->rank()), own);
+      home = replica_home_.get();
+      host = replica_host_home_.get();
+      // Each replica owns a contiguous run of tensors, about an equal share of the elements.
+      int64_t total = 0, before = 0;
+      for (const NamedTensor<float> &p : param_slots_) total += Numel(p);
+      for (const NamedTensor<float> &p : param_slots_) {
+        owner_.push_back(static_cast<int>(
+            std::min<int64_t>(replicas->size() - 1, before * replicas->size() / total)));
+        before += Numel(p);
+      }
+    }
+    home_ = std::make_unique<AliasedTensorHome>(home, &aliases_);
     // Host jobs name the stored generations themselves (HostAdamW).
     transfers_ = std::make_unique<Transfers>(home_.get(), host);
   }
@@ -283,13 +302,28 @@ absl::Status OffloadTrainer::Init() {
         std::copy(src, src + size, buf.data.begin());
         device_[id] = std::move(buf);
       } else {
-        RETURN_IF_ERROR(home_->Put(id, src, size, tier));
+        // Replica 0 places the state the replicas share.
+        if (!shared_state_ || replicas->rank() == 0) {
+          RETURN_IF_ERROR(home_->Put(id, src, size, tier));
+        }
         at_home_.insert(id);
       }
     }
     std::vector<float>().swap(*p.data);
   }
+  // No replica reads the shared state before it is placed.
+  if (shared_state_) {
+    std::vector<double> none;
+    RETURN_IF_ERROR(ReplicaBarrier(0, &none));
+  }
   return absl::OkStatus();
+}
+
+std::string OffloadTrainer::ReplicaPrefix(int rank) { return absl::StrCat("r", rank, "/"); }
+
+absl::Status OffloadTrainer::ReplicaBarrier(int phase, std::vector<double> *scalars) {
+  std::vector<float> none;
+  return offload_.replica.collective->SumAcrossReplicas(4 * step_ + phase, &none, scalars);
 }
 
 absl::StatusOr<OffloadRequirements> OffloadTrainer::Requirements(const TrainerOptions &options) {
@@ -681,8 +715,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
 
   // AdamW overlaps the backward unless the last step needed clipping (then
   // this one probably does too, and would redo it).
-  overlap_ = !resident_ && offload_.host_optimizer && offload_.overlap_optimizer &&
-             !last_step_clipped_;
+  overlap_ = !resident_ && !shared_state_ && offload_.host_optimizer &&
+             offload_.overlap_optimizer && !last_step_clipped_;
   overlap_lr_ = LearningRate(options_.optimizer, step_, t.steps);
   overlapped_.clear();
 
@@ -893,9 +927,11 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   }
   ids_alloc.Release();
 
-  // Data parallel: the step's gradient and loss are the replicas' together (every replica
-  // keeps its state resident, so the gradients are device buffers).
-  if (offload_.replica.collective != nullptr) {
+  // Data parallel: the step's gradient and loss are the replicas' together (on the device when
+  // each replica keeps its state resident, else in the home).
+  if (shared_state_) {
+    RETURN_IF_ERROR(ReduceSharedGradients(&loss_sum));
+  } else if (offload_.replica.collective != nullptr) {
     RETURN_IF_ERROR(SumAcrossReplicas(&loss_sum));
   }
 
@@ -924,10 +960,16 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   last_step_clipped_ = clip;
   if (overlapped && !clip) {
     RETURN_IF_ERROR(transfers_->status());
-  } else if (!resident_ && offload_.host_optimizer) {
+  } else if (!resident_ && (offload_.host_optimizer || shared_state_)) {
     RETURN_IF_ERROR(HostOptimizer(lr, clip, coef));
   } else {
     RETURN_IF_ERROR(DeviceOptimizer(lr, clip, coef));
+  }
+  if (shared_state_) {
+    // The next step reads what every replica updated.
+    RETURN_IF_ERROR(Flush());
+    std::vector<double> none;
+    RETURN_IF_ERROR(ReplicaBarrier(3, &none));
   }
 
   OffloadStepResult r;
@@ -951,6 +993,45 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   r.optimizer_overlap_kept = overlapped && !clip;
   r.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
+}
+
+absl::Status OffloadTrainer::ReduceSharedGradients(double *loss_sum) {
+  Collective *const replicas = offload_.replica.collective;
+  // Every replica's gradients of the step are home before any replica reads another's.
+  RETURN_IF_ERROR(Flush());
+  std::vector<double> loss = {*loss_sum};
+  RETURN_IF_ERROR(ReplicaBarrier(1, &loss));
+  *loss_sum = loss[0];
+  TensorHome *const shared = offload_.host_home != nullptr ? offload_.host_home : offload_.home;
+  std::vector<float> sum, part;
+  {
+    Timer busy(&stats_.compute_seconds, Tracing(), "compute", "sum gradients across replicas",
+               step_start_);
+    for (size_t i = 0; i < param_slots_.size(); ++i) {
+      grad_sq_[i] = 0;
+      if (!Owns(static_cast<int>(i))) continue;
+      const std::string id = GradId(param_slots_[i].name);
+      const int64_t size = Numel(param_slots_[i]);
+      sum.resize(size);
+      part.resize(size);
+      // In rank order: the sum is the same whichever replica owns the tensor.
+      for (int r = 0; r < replicas->size(); ++r) {
+        float *dst = r == 0 ? sum.data() : part.data();
+        RETURN_IF_ERROR(shared->Get(ReplicaPrefix(r) + id, dst, size));
+        if (r > 0) {
+          pool_->ParallelFor(size, 1 << 14, [&](int64_t b, int64_t e) {
+            for (int64_t j = b; j < e; ++j) sum[j] += part[j];
+          });
+        }
+      }
+      RETURN_IF_ERROR(replica_host_home_->Put(id, sum.data(), size, offload_.gradients_tier));
+      bytes_in_ += kF * size * (replicas->size() - 1);
+      grad_sq_[i] = SquareSum(sum.data(), size);
+    }
+  }
+  // Each tensor's square sum comes from its owner (the others add zeros): every replica gets
+  // the same bits, hence the same norm and clipping.
+  return ReplicaBarrier(2, &grad_sq_);
 }
 
 absl::Status OffloadTrainer::SumAcrossReplicas(double *loss_sum) {
@@ -985,9 +1066,7 @@ absl::Status OffloadTrainer::SumAcrossReplicas(double *loss_sum) {
 
 void OffloadTrainer::GradDone(int i, const DeviceBuffer &g) {
   Timer busy(&stats_.compute_seconds);
-  const float *gp = g.data.data();
-  grad_sq_[i] = kernels::LaneSum(static_cast<int64_t>(g.data.size()),
-                                 [gp](int64_t j) { return static_cast<double>(gp[j]) * gp[j]; });
+  grad_sq_[i] = SquareSum(g.data.data(), static_cast<int64_t>(g.data.size()));
 }
 
 absl::Status OffloadTrainer::DeviceOptimizer(double lr, bool clip, float coef) {
@@ -1030,6 +1109,7 @@ absl::Status OffloadTrainer::HostOptimizer(double lr, bool clip, float coef) {
   // Tensor by tensor in NamedTensors order, which is the order the next
   // forward reads parameters in: the embedding and layer 0 are ready first.
   for (size_t i = 0; i < param_slots_.size(); ++i) {
+    if (!Owns(static_cast<int>(i))) continue;
     HostAdamW(static_cast<int>(i), lr, clip, coef, generation_[i], generation_[i]);
   }
   return transfers_->status();

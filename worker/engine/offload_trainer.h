@@ -145,8 +145,16 @@ struct OffloadOptions {
   // their first step read, as early as memory allows.
   ParameterSchedule schedule;
   // Data parallelism (collective.h): this trainer is one replica of a job on several workers.
-  // Each replica keeps its whole training state on the device (Create refuses otherwise:
-  // FAILED_PRECONDITION).
+  // A replica whose whole training state fits the device keeps it there and sums the device's
+  // gradients with the others'. Otherwise the replicas share one copy of the parameters and
+  // AdamW moments in `home` (every replica must be given the same home and host home, e.g. the
+  // memstore under the job's prefix; replica 0 places the initial state): each keeps its
+  // gradients and activation checkpoints there under OffloadTrainer::ReplicaPrefix(rank).
+  // After the backward every tensor's gradients are summed by the replica that owns it (the
+  // tensors are split among the replicas by size, in order), which then runs that tensor's
+  // AdamW on the host; a step ends when every replica's updates are written, so the next
+  // forward reads the new parameters. Offloaded replicas always update on the host and never
+  // overlap the backward (host_optimizer, overlap_optimizer are ignored).
   ReplicaOptions replica;
 };
 
@@ -259,6 +267,9 @@ class OffloadTrainer {
   std::string LargestOp() const;
   // True when everything stays on the device (no home traffic).
   bool resident() const { return resident_; }
+  // Where replica `rank` of a job on several workers keeps its own tensors in a shared home
+  // ("r1/"): gradients and activation checkpoints, under their usual ids after it.
+  static std::string ReplicaPrefix(int rank);
   // Activation checkpoints that may stay on the device (the rest go home).
   int64_t max_resident_activations() const { return max_resident_acts_; }
 
@@ -326,6 +337,15 @@ class OffloadTrainer {
   // Data parallel: replaces the device's gradients and `loss_sum` by the replicas' sums and
   // recomputes each gradient's square sum.
   absl::Status SumAcrossReplicas(double *loss_sum);
+  // Data parallel with the state shared in the home: once every replica's gradients are home,
+  // sums the gradients of the tensors this replica owns (stored as its own), and leaves in
+  // grad_sq_ every tensor's square sum and in `loss_sum` the replicas' sum.
+  absl::Status ReduceSharedGradients(double *loss_sum);
+  // The replicas' collective call `phase` (0 to 3) of step step_: sums `scalars` (may be
+  // empty), and returns only when every replica has made it.
+  absl::Status ReplicaBarrier(int phase, std::vector<double> *scalars);
+  // Whether this trainer updates tensor i: always, except a replica sharing its state.
+  bool Owns(int i) const { return !shared_state_ || owner_[i] == offload_.replica.collective->rank(); }
   // Queues tensor i's AdamW on the host thread, once its gradient is
   // home: reads the parameters and moments of generation `from`, scales the
   // gradient by `coef` when `clip`, writes generation `to`.
@@ -372,6 +392,11 @@ class OffloadTrainer {
   // uses.
   std::vector<NamedTensor<float>> param_slots_, grad_slots_;
   bool resident_ = false;
+  // A data-parallel replica whose state is shared in the home (OffloadOptions::replica), the
+  // replica that owns each tensor, and the homes with this replica's own tensors renamed.
+  bool shared_state_ = false;
+  std::vector<int> owner_;
+  std::unique_ptr<RenamedTensorHome> replica_home_, replica_host_home_;
   int64_t max_resident_acts_ = 0;
 
   int64_t prefetch_window_ = 0;  // device bytes prefetched reads may hold

@@ -742,21 +742,87 @@ TEST(OffloadTrainerTest, DataParallelReplicasMatchOneTrainer) {
   }
 }
 
-// A replica must keep its state on the device: offloaded data parallelism is refused.
-TEST(OffloadTrainerTest, DataParallelReplicaMustBeResident) {
-  TrainerOptions o = DeepOptions(false);
-  LocalCollectives group(2);
-  MemoryTensorHome home;
-  OffloadOptions off;
-  off.home = &home;
-  off.device_budget_bytes = 1 << 20;
-  off.replica.collective = group.Member(0);
-  off.replica.global_micro_batches = 4;
-  auto t = OffloadTrainer::Create(o, off);
-  ASSERT_FALSE(t.ok());
-  EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(t.status().message()),
-              HasSubstr("data parallelism with offloaded state is not built yet"));
+// Data parallel with offloaded state: the replicas share one copy of the parameters and AdamW
+// moments in the home, each keeping its gradients and activation checkpoints under its own
+// names; each tensor's gradients are summed and its AdamW run by one replica. Together they
+// train as one offloaded trainer of all the micro-batches does, to rounding, with and without
+// clipping, tied and untied.
+TEST(OffloadTrainerTest, DataParallelReplicasShareOffloadedState) {
+  for (bool tied : {false, true}) {
+    TrainerOptions o = DeepOptions(tied);
+    o.train.grad_accum_steps = 4;
+    o.train.steps = 4;
+    o.num_threads = 1;
+    // Untied: every step clips (0.5); tied: none does.
+    if (tied) o.optimizer.grad_clip = 0;
+    MemoryTensorHome single_home;
+    OffloadOptions off;
+    off.home = &single_home;
+    off.device_budget_bytes = 600 << 10;
+    auto single = OffloadTrainer::Create(o, off);
+    ASSERT_TRUE(single.ok()) << single.status();
+    ASSERT_FALSE((*single)->resident());
+    TrainRun one = Train(single->get(), 4);
+
+    MemoryTensorHome shared;
+    LocalCollectives group(2);
+    TrainRun runs[2];
+    bool resident[2] = {true, true};
+    std::vector<std::thread> threads;
+    for (int r = 0; r < 2; ++r) {
+      threads.emplace_back([&, r] {
+        const MicroBatchShare share = MicroBatchShareOf(4, r, 2);
+        TrainerOptions ro = o;
+        ro.train.grad_accum_steps = share.count;
+        OffloadOptions roff = off;
+        roff.home = &shared;
+        roff.replica.collective = group.Member(r);
+        roff.replica.micro_batch_offset = share.first;
+        roff.replica.global_micro_batches = 4;
+        auto t = OffloadTrainer::Create(ro, roff);
+        ASSERT_TRUE(t.ok()) << t.status();
+        resident[r] = (*t)->resident();
+        runs[r] = Train(t->get(), 4);
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    EXPECT_FALSE(resident[0]);
+    EXPECT_FALSE(resident[1]);
+    ASSERT_EQ(runs[0].steps.size(), 4u);
+    ASSERT_EQ(runs[1].steps.size(), 4u);
+    for (int s = 0; s < 4; ++s) {
+      EXPECT_EQ(runs[0].steps[s].loss, runs[1].steps[s].loss) << "step " << s;
+      EXPECT_EQ(runs[0].steps[s].grad_norm, runs[1].steps[s].grad_norm) << "step " << s;
+      EXPECT_EQ(runs[0].steps[s].tokens, one.steps[s].tokens);
+      EXPECT_NEAR(runs[0].steps[s].loss, one.steps[s].loss, 1e-5 * one.steps[s].loss)
+          << "tied " << tied << ", step " << s;
+      EXPECT_NEAR(runs[0].steps[s].grad_norm, one.steps[s].grad_norm,
+                  1e-4 * one.steps[s].grad_norm);
+      // Each replica read every parameter from the home.
+      EXPECT_GT(runs[0].steps[s].bytes_home_to_device, 0);
+    }
+    auto a = NamedTensors(o.model, &runs[0].params);
+    auto b = NamedTensors(o.model, &one.params);
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      for (size_t j = 0; j < a[i].data->size(); ++j) {
+        worst = std::max(worst, static_cast<double>(std::fabs((*a[i].data)[j] - (*b[i].data)[j])));
+      }
+    }
+    EXPECT_LT(worst, 1e-4) << "tied " << tied;
+    // One copy of the parameters and moments; the gradients twice, once per replica; no
+    // activation checkpoint left. One trainer alone holds the state and one set of gradients.
+    const std::vector<NamedTensor<float>> names = NamedTensors(o.model, &runs[0].params);
+    const int64_t tensors = static_cast<int64_t>(names.size());
+    EXPECT_EQ(single_home.num_tensors(), 4 * tensors);
+    EXPECT_EQ(shared.num_tensors(), 5 * tensors);
+    HomeTier tier;
+    for (const NamedTensor<float>& t : names) {
+      EXPECT_TRUE(shared.TierOf("param/" + t.name, &tier).ok()) << t.name;
+      EXPECT_TRUE(shared.TierOf(OffloadTrainer::ReplicaPrefix(1) + "grad/" + t.name, &tier).ok());
+      EXPECT_FALSE(shared.TierOf(OffloadTrainer::ReplicaPrefix(1) + "param/" + t.name, &tier).ok());
+    }
+  }
 }
 
 }  // namespace

@@ -153,4 +153,11 @@ void AliasTable::Set(const std::string &id, const std::string &stored) {
   }
 }
 
+std::string RenamedTensorHome::Stored(const std::string &id) const {
+  for (const std::string &c : classes_) {
+    if (id.rfind(c, 0) == 0) return prefix_ + id;
+  }
+  return id;
+}
+
 }  // namespace lumen::engine

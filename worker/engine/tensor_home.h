@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -125,6 +126,31 @@ class AliasedTensorHome : public TensorHome {
  private:
   TensorHome *const inner_;
   const AliasTable *const aliases_;
+};
+
+// `inner` with the ids that start with one of `classes` (e.g. "grad/") stored as `prefix` + id,
+// the others as they are: a data-parallel replica keeps its own gradients and activations
+// under its own names beside the parameters and moments all replicas share. Thread-safe if
+// `inner` is.
+class RenamedTensorHome : public TensorHome {
+ public:
+  // `inner` is not owned and must outlive this.
+  RenamedTensorHome(TensorHome *inner, std::string prefix, std::vector<std::string> classes)
+      : inner_(inner), prefix_(std::move(prefix)), classes_(std::move(classes)) {}
+  absl::Status Put(const std::string &id, const float *data, int64_t n, HomeTier tier) override {
+    return inner_->Put(Stored(id), data, n, tier);
+  }
+  absl::Status Get(const std::string &id, float *data, int64_t n) override {
+    return inner_->Get(Stored(id), data, n);
+  }
+  absl::Status Free(const std::string &id) override { return inner_->Free(Stored(id)); }
+  // The id `id` is stored under in `inner`.
+  std::string Stored(const std::string &id) const;
+
+ private:
+  TensorHome *const inner_;
+  const std::string prefix_;
+  const std::vector<std::string> classes_;
 };
 
 }  // namespace lumen::engine
