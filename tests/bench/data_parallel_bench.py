@@ -2,9 +2,12 @@
 one two-worker CPU node in the same run: each worker has half the cores (lumend's --threads),
 so two replicas should train about twice the tokens per second of one, less the gradient
 exchange through the memstore. Prints one JSON object: median step time of the steps after the
-first (traced), tokens/s, the speed-up, and the largest relative loss difference.
+first (traced), tokens/s, the speed-up, the largest relative loss difference, and whether the
+state was offloaded (a --device-memory below it: the replicas then share one copy of it in the
+memstore).
 
     bazel run -c opt //tests/bench:data_parallel_bench [-- --steps N] [-- --hidden H]
+        [-- --device-memory 8MiB]
 """
 
 import argparse
@@ -41,10 +44,14 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--device-memory", default="2GiB")
+    parser.add_argument("--host-memory", default="512MiB")
     args = parser.parse_args()
     result = {"bench": "data_parallel", "cpus": os.cpu_count(), "hidden": args.hidden,
-              "layers": args.layers, "tokens_per_step": 8 * 256}
-    with lumen_node.Node(workers=2, device_memory="2GiB", host_memory="512MiB") as node:
+              "layers": args.layers, "tokens_per_step": 8 * 256,
+              "device_memory": args.device_memory}
+    with lumen_node.Node(workers=2, device_memory=args.device_memory,
+                         host_memory=args.host_memory) as node:
         data = os.path.join(node.tmp, "train.bin")
         lumen_node.write_tokens(data, 200000)
         runs = {}
@@ -60,6 +67,7 @@ def main():
             result["workers_%d" % workers] = {
                 "median_step_s": round(step_s, 4),
                 "tokens_per_s": round(result["tokens_per_step"] / step_s, 1),
+                "offloaded": int(steps[-1].get("bytes_moved", {}).get("host->device", 0)) > 0,
             }
         result["speedup"] = round(result["workers_2"]["tokens_per_s"] /
                                   result["workers_1"]["tokens_per_s"], 3)
