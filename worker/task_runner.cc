@@ -248,6 +248,18 @@ bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
          options.optimizer_state_tier == engine::HomeTier::kNvme;
 }
 
+// RESOURCE_EXHAUSTED when the largest op of a job on the CPU device does not fit the budget.
+absl::Status LargestOpFits(const TaskRunnerOptions& options,
+                           const engine::OffloadRequirements& needs) {
+  const int64_t budget = options.device_memory_budget_bytes;
+  if (needs.largest_op_bytes <= budget) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the ", needs.largest_op, " needs ", engine::FormatBytes(needs.largest_op_bytes),
+      " of device memory; ", options.worker_name, "'s budget is ", engine::FormatBytes(budget),
+      ". Lower train.micro_batch_size or seq_len, or start lumend with a larger "
+      "--device-memory"));
+}
+
 // CheckTask for one of `world` replicas on the CPU device whose state does not fit its device
 // (`needs`, for the largest share of the micro-batches): the replicas share one copy of the
 // parameters and AdamW moments in the memstore (OffloadOptions::replica), and each keeps its
@@ -258,13 +270,7 @@ absl::StatusOr<ResourceClaims> CheckOffloadedReplica(const TaskRunnerOptions& op
                                                      const engine::OffloadRequirements& needs,
                                                      int64_t world) {
   const int64_t budget = options.device_memory_budget_bytes;
-  if (needs.largest_op_bytes > budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the ", needs.largest_op, " needs ", engine::FormatBytes(needs.largest_op_bytes),
-        " of device memory; ", options.worker_name, "'s budget is ", engine::FormatBytes(budget),
-        ". Lower train.micro_batch_size or seq_len, or start lumend with a larger "
-        "--device-memory"));
-  }
+  RETURN_IF_ERROR(LargestOpFits(options, needs));
   ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
   const bool moments_on_nvme = options.optimizer_state_tier == engine::HomeTier::kNvme;
   const int64_t params = needs.parameter_bytes, moments = 2 * params;
@@ -384,13 +390,7 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
                    engine::OffloadTrainer::Requirements(trainer_options));
   const int64_t budget = options.device_memory_budget_bytes;
-  if (needs.largest_op_bytes > budget) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the ", needs.largest_op, " needs ", engine::FormatBytes(needs.largest_op_bytes),
-        " of device memory; ", options.worker_name, "'s budget is ", engine::FormatBytes(budget),
-        ". Lower train.micro_batch_size or seq_len, or start lumend with a larger "
-        "--device-memory"));
-  }
+  RETURN_IF_ERROR(LargestOpFits(options, needs));
   const int64_t params = needs.parameter_bytes;
   const int64_t resident = needs.resident_bytes();
   // The CPU device's memory is this process' host memory, up to the budget.

@@ -89,14 +89,14 @@ const char *FiniteName(double x) {
 }
 
 std::string ParamId(const std::string &name) { return "param/" + name; }
+std::string GradId(const std::string &name) { return "grad/" + name; }
+std::string ExpAvgId(const std::string &name) { return "exp_avg/" + name; }
+std::string ExpAvgSqId(const std::string &name) { return "exp_avg_sq/" + name; }
 
 // sum of g[j]^2 in double, in the order every gradient norm here is taken.
 double SquareSum(const float *g, int64_t n) {
   return kernels::LaneSum(n, [g](int64_t j) { return static_cast<double>(g[j]) * g[j]; });
 }
-std::string GradId(const std::string &name) { return "grad/" + name; }
-std::string ExpAvgId(const std::string &name) { return "exp_avg/" + name; }
-std::string ExpAvgSqId(const std::string &name) { return "exp_avg_sq/" + name; }
 // Input of layer l (l = num_layers: the last layer's output) of micro-batch a.
 std::string ActId(int64_t l, int64_t a) { return absl::StrCat("act/x", l, "/mb", a); }
 // Gradient w.r.t. the residual stream of micro-batch a, at the layer being run
@@ -704,8 +704,9 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
   const int64_t act = n * h;
   const bool tied = c.tie_word_embeddings;
   const HomeTier ptier = offload_.parameters_tier, gtier = offload_.gradients_tier;
-  // A replica's micro-batches are a share of the step's (OffloadOptions::collective).
-  const int64_t global_a = offload_.replica.global_micro_batches > 0 ? offload_.replica.global_micro_batches : A;
+  // A replica's micro-batches are a share of the step's (OffloadOptions::replica).
+  const int64_t global_a =
+      offload_.replica.global_micro_batches > 0 ? offload_.replica.global_micro_batches : A;
   const float grad_scale = static_cast<float>(1.0 / static_cast<double>(global_a));
   const int num_tensors = static_cast<int>(param_slots_.size());
   const int norm_index = 1 + kLayerTensors * static_cast<int>(L);
@@ -737,8 +738,8 @@ absl::StatusOr<OffloadStepResult> OffloadTrainer::RunStep() {
                    Allocate(2 * static_cast<int64_t>(sizeof(int32_t)) * A * n,
                                  absl::StrCat("step ", step_, ": token ids")));
   for (int64_t a = 0; a < A; ++a) {
-    RETURN_IF_ERROR(data_->ReadBatch(step_, offload_.replica.micro_batch_offset + a, global_a, B,
-                                     inputs_.data() + a * n, targets_.data() + a * n));
+    RETURN_IF_ERROR(data_->ReadBatch(step_, offload_.replica.micro_batch_offset + a, global_a,
+                                     B, inputs_.data() + a * n, targets_.data() + a * n));
   }
 
   // Embedding forward for every micro-batch.

@@ -345,7 +345,9 @@ class OffloadTrainer {
   // empty), and returns only when every replica has made it.
   absl::Status ReplicaBarrier(int phase, std::vector<double> *scalars);
   // Whether this trainer updates tensor i: always, except a replica sharing its state.
-  bool Owns(int i) const { return !shared_state_ || owner_[i] == offload_.replica.collective->rank(); }
+  bool Owns(int i) const {
+    return !shared_state_ || owner_[i] == offload_.replica.collective->rank();
+  }
   // Queues tensor i's AdamW on the host thread, once its gradient is
   // home: reads the parameters and moments of generation `from`, scales the
   // gradient by `coef` when `clip`, writes generation `to`.

@@ -101,6 +101,19 @@ void ExpectBitIdentical(const ModelConfig& c, ModelParams* a, ModelParams* b, co
   }
 }
 
+// The largest |a - b| over every parameter.
+double MaxAbsDifference(const ModelConfig& c, ModelParams* a, ModelParams* b) {
+  auto ta = NamedTensors(c, a);
+  auto tb = NamedTensors(c, b);
+  double worst = 0;
+  for (size_t i = 0; i < ta.size(); ++i) {
+    for (size_t j = 0; j < ta[i].data->size(); ++j) {
+      worst = std::max(worst, static_cast<double>(std::fabs((*ta[i].data)[j] - (*tb[i].data)[j])));
+    }
+  }
+  return worst;
+}
+
 // Gradient clipping of a parity run: every step clips (0.5), none does (0: off), or some steps
 // clip and some do not (7; the steps' norms are 4.8 to 8.4).
 enum class Clip { kAlways, kNever, kSome };
@@ -730,14 +743,7 @@ TEST(OffloadTrainerTest, DataParallelReplicasMatchOneTrainer) {
     }
     ExpectBitIdentical(o.model, &runs[0].params, &runs[1].params, "replica params");
     ExpectBitIdentical(o.model, &runs[0].m, &runs[1].m, "replica exp_avg");
-    auto a = NamedTensors(o.model, &runs[0].params);
-    auto b = NamedTensors(o.model, &one.params);
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-      for (size_t j = 0; j < a[i].data->size(); ++j) {
-        worst = std::max(worst, static_cast<double>(std::fabs((*a[i].data)[j] - (*b[i].data)[j])));
-      }
-    }
+    const double worst = MaxAbsDifference(o.model, &runs[0].params, &one.params);
     EXPECT_LT(worst, 1e-4) << micro_batches << " micro-batches";
   }
 }
@@ -801,14 +807,7 @@ TEST(OffloadTrainerTest, DataParallelReplicasShareOffloadedState) {
       // Each replica read every parameter from the home.
       EXPECT_GT(runs[0].steps[s].bytes_home_to_device, 0);
     }
-    auto a = NamedTensors(o.model, &runs[0].params);
-    auto b = NamedTensors(o.model, &one.params);
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-      for (size_t j = 0; j < a[i].data->size(); ++j) {
-        worst = std::max(worst, static_cast<double>(std::fabs((*a[i].data)[j] - (*b[i].data)[j])));
-      }
-    }
+    const double worst = MaxAbsDifference(o.model, &runs[0].params, &one.params);
     EXPECT_LT(worst, 1e-4) << "tied " << tied;
     // One copy of the parameters and moments; the gradients twice, once per replica; no
     // activation checkpoint left. One trainer alone holds the state and one set of gradients.
