@@ -501,9 +501,9 @@ absl::Status JobManager::ReclaimJobTensors(const std::string& job_id) {
 void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> workers) {
   double predicted = 0;
   RunTaskRequest request;
-  // The planner plans a job on one worker; replicas keep their state resident and need no
-  // schedule, and their step time is not predicted.
-  if (planner_ && workers.size() == 1) {
+  // The planner plans a job on one worker, or on several as data-parallel replicas: those get
+  // the predicted step time but no schedule (the schedule a worker runs is one worker's).
+  if (planner_) {
     JobSpec spec;
     {
       absl::MutexLock lock(&mu_);
@@ -512,7 +512,7 @@ void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> wo
     absl::StatusOr<StepSchedule> schedule = planner_(spec);
     if (schedule.ok()) {
       predicted = schedule->predicted_step_time_s();
-      *request.mutable_schedule() = *std::move(schedule);
+      if (workers.size() == 1) *request.mutable_schedule() = *std::move(schedule);
     } else {
       LOG(WARNING) << job_id << ": no plan; the worker runs its own order and no step time is "
                    << "predicted: " << schedule.status();

@@ -475,6 +475,7 @@ class GatedWorker : public WorkerClient {
     on_event(event);
     absl::MutexLock lock(&mu_);
     replicas_.emplace_back(request.rank(), request.world_size());
+    schedule_ops_.push_back(request.schedule().ops_size());
 
     auto free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       return finishes_ > 0 || cancelled_ || killed_;
@@ -519,6 +520,11 @@ class GatedWorker : public WorkerClient {
     absl::MutexLock lock(&mu_);
     return replicas_;
   }
+  // The schedule ops each task came with.
+  std::vector<int> schedule_ops() {
+    absl::MutexLock lock(&mu_);
+    return schedule_ops_;
+  }
   // Lets the running (or the next) task end.
   void FinishOne() {
     absl::MutexLock lock(&mu_);
@@ -554,6 +560,7 @@ class GatedWorker : public WorkerClient {
   int finishes_ ABSL_GUARDED_BY(mu_) = 0;
   bool killed_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::pair<int, int>> replicas_ ABSL_GUARDED_BY(mu_);
+  std::vector<int> schedule_ops_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> out_of_memory_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> unreachable_ ABSL_GUARDED_BY(mu_);
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
@@ -819,6 +826,14 @@ TEST_F(SideBySideTest, JobOnTwoWorkersRunsAReplicaOnEach) {
   NodeLimits three;
   three.workers = 3;
   JobManager manager(&store_, {&a_, &b_, &c_}, {dir_, three}, registry_);
+  // The planner predicts the replicas' step (it plans them as data-parallel); they get no
+  // schedule, which is planned for one worker.
+  manager.SetJobPlanner([](const JobSpec& spec) -> absl::StatusOr<StepSchedule> {
+    StepSchedule schedule;
+    schedule.set_predicted_step_time_s(spec.resources().workers() == 2 ? 1.5 : 3.0);
+    schedule.add_ops()->set_label("fwd embed g0");
+    return schedule;
+  });
   ASSERT_TRUE(manager.Start().ok());
   absl::StatusOr<Job> solo = manager.Submit(Named("solo"), dir_);
   ASSERT_TRUE(solo.ok()) << solo.status();
@@ -834,6 +849,10 @@ TEST_F(SideBySideTest, JobOnTwoWorkersRunsAReplicaOnEach) {
   ASSERT_EQ(c_.replicas().size(), 1u);
   EXPECT_EQ(b_.replicas().back(), std::make_pair(0, 2));
   EXPECT_EQ(c_.replicas().back(), std::make_pair(1, 2));
+  EXPECT_EQ(manager.Get(first->id())->predicted_step_time_s(), 1.5);
+  EXPECT_EQ(b_.schedule_ops().back(), 0);
+  EXPECT_EQ(c_.schedule_ops().back(), 0);
+  EXPECT_EQ(a_.schedule_ops().back(), 1);  // the single-worker job's
   // Another pair waits: one worker frees, it needs two.
   absl::StatusOr<Job> second = manager.Submit(pair("second"), dir_);
   ASSERT_TRUE(second.ok());

@@ -1,5 +1,6 @@
 #include "coordinator/planner/predict.h"
 
+#include <algorithm>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -13,8 +14,11 @@ namespace lumen {
 absl::StatusOr<StepSchedule> PlanJobOnNode(const JobSpec& spec, const GetClusterInfoReply& cluster) {
   ASSIGN_OR_RETURN(NodeProfile node, NodeHardwareProfile(cluster, spec.model().hidden_size()));
   PlannerOptions options;
-  options.workers = 1;  // one running job per node, on one worker
-  options.groups = 1;   // the engine runs every micro-batch of a layer at once
+  // One worker, or several as data-parallel replicas (resources.workers): the node runs no
+  // pipeline stages.
+  options.workers = static_cast<int>(std::max<int64_t>(1, spec.resources().workers()));
+  options.stages = 1;
+  options.groups = 1;  // the engine runs every micro-batch of a layer at once
   options.device_budget_bytes = node.device_budget_bytes;
   options.optimizer_state_on_nvme = node.optimizer_state_on_nvme;
   ASSIGN_OR_RETURN(Plan plan, PlanJob(DescribeModel(spec), node.hardware, options));

@@ -14,8 +14,9 @@ namespace lumen {
 // the coordinator's main includes both).
 struct Schedule;
 
-// Plans `spec` on the node described by `cluster` (NodeHardwareProfile, one worker, the node's
-// budget and optimizer-state tier, every micro-batch in one group as the engine runs them) and
+// Plans `spec` on the node described by `cluster` (NodeHardwareProfile; one worker, or
+// resources.workers as data-parallel replicas; the node's budget and optimizer-state tier,
+// every micro-batch in one group as the engine runs them) and
 // returns worker 0's schedule with the simulated step time (predicted_step_time_s: the steady
 // state, from the second step on). FAILED_PRECONDITION when the node has no measured figures or
 // the plan does not fit (with the planner's reason).

@@ -46,6 +46,8 @@ class DataParallelTest(unittest.TestCase):
             for job in ended:
                 self.assertEqual(job["state"], "SUCCEEDED", job)
             self.assertEqual(ended[0]["worker"], "worker-0,worker-1")
+            # The planner predicted the pair's step as data-parallel replicas.
+            self.assertGreater(float(ended[0].get("predicted_step_time_s", 0)), 0, ended[0])
             seconds = [(int(j["end_time_unix_ms"]) - int(j["start_time_unix_ms"])) / 1e3
                        for j in ended]
             print("8 steps on two workers: %.2f s; on one: %.2f s (each worker has %s of the "
