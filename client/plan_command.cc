@@ -58,6 +58,8 @@ int RunPlanCommand(const PlanCommandOptions& options, std::ostream& out, std::os
   if (on_node) {
     planner.device_budget_bytes = node.device_budget_bytes;
     planner.optimizer_state_on_nvme = node.optimizer_state_on_nvme;
+    // The layout a node runs a job on several workers in (as PlanJobOnNode plans it).
+    planner.stages = 1;
   }
   if (!options.device_memory.empty()) {
     auto bytes = ParseBytes(options.device_memory);
