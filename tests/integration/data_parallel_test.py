@@ -129,7 +129,9 @@ class DataParallelTest(unittest.TestCase):
             data = os.path.join(node.tmp, "train.bin")
             lumen_node.write_tokens(data, 30000)
             reference = node.submit(spec % ("reference", data, steps, 2), name="reference.yaml")
-            ended = node.wait_job(reference["id"])
+            # Both waits end well inside the test's timeout, so a job that hangs fails with the
+            # node's logs.
+            ended = node.wait_job(reference["id"], timeout=90)
             self.assertEqual(ended["state"], "SUCCEEDED", ended)
             want = [s["loss"] for s in node.ctl_json("logs", reference["id"])]
             job = node.submit(spec % ("killed", data, steps, 2), name="killed.yaml")
@@ -141,7 +143,7 @@ class DataParallelTest(unittest.TestCase):
                     break
                 time.sleep(0.02)
             os.kill(int(node.process(kill)["pid"]), signal.SIGKILL)
-            ended = node.wait_job(job["id"], timeout=300)
+            ended = node.wait_job(job["id"], timeout=120)
             self.assertEqual(ended["state"], "SUCCEEDED", ended.get("failure_reason", "") +
                              node.output())
             # Resumed once, or again if a worker was still ending the stopped replica when the

@@ -1,6 +1,7 @@
 """Starts a real lumend (with its coordinator, memstore and workers) in a temporary data
 directory for integration tests, and runs lumenctl against it. Standard library only."""
 
+import faulthandler
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -65,6 +67,8 @@ optimizer: {{lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.1, grad_clip: 1.0}}
 class Node:
     """A running lumend. Use as a context manager."""
 
+    running = set()  # the nodes started and not yet stopped, for the hang report
+
     def __init__(self, workers=1, extra_args=(), device_memory="256MiB", host_memory="64MiB"):
         # Under /tmp, not $TEST_TMPDIR: Bazel's temporary paths are too long for a Unix socket
         # in the data directory.
@@ -94,6 +98,7 @@ class Node:
                 self.host_memory, "--bin-dir", bin_dir(self.tmp)] + self.extra_args
         self.log = open(os.path.join(self.tmp, "lumend.out"), "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        Node.running.add(self)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -135,6 +140,7 @@ class Node:
         return out
 
     def stop(self, timeout=15):
+        Node.running.discard(self)
         try:
             self._stop(timeout)
         finally:
@@ -209,5 +215,27 @@ def pid_alive(pid):
     return True
 
 
+def report_hang():
+    """What a test that is about to be killed at Bazel's timeout was doing: every Python
+    thread's stack, and each running node's jobs and process logs."""
+    sys.stderr.write("\n=== the test is about to time out; where it is:\n")
+    faulthandler.dump_traceback(all_threads=True)
+    for node in list(Node.running):
+        try:
+            jobs = node.ctl("jobs", check=False, timeout=5)
+            sys.stderr.write("=== lumenctl jobs:\n%s%s\n" % (jobs.stdout, jobs.stderr))
+        except subprocess.TimeoutExpired:
+            sys.stderr.write("=== lumenctl jobs did not answer within 5 s\n")
+        sys.stderr.write("=== node %s:\n%s\n" % (node.tmp, node.output()))
+    sys.stderr.flush()
+
+
 def main():
+    # Bazel kills a test at its timeout without a word from it: report what it was waiting
+    # for shortly before.
+    timeout = int(os.environ.get("TEST_TIMEOUT", "0"))
+    if timeout > 60:
+        timer = threading.Timer(timeout - 30, report_hang)
+        timer.daemon = True
+        timer.start()
     unittest.main(argv=[sys.argv[0]], verbosity=2)
