@@ -4,6 +4,7 @@
 #include <map>
 #include <sstream>
 
+#include "absl/strings/str_split.h"
 #include "glog/logging.h"
 #include "google/protobuf/util/json_util.h"
 
@@ -37,7 +38,11 @@ GetClusterInfoReply ClusterInfoCollector::Collect() {
   }
   std::map<std::string, std::string> running;  // worker -> job
   for (const Job& job : jobs_->List()) {
-    if (job.state() == RUNNING) running[job.worker()] = job.id();
+    if (job.state() != RUNNING) continue;
+    // A job on several workers names them all ("worker-0,worker-1").
+    for (absl::string_view name : absl::StrSplit(job.worker(), ',', absl::SkipEmpty())) {
+      running[std::string(name)] = job.id();
+    }
   }
   for (WorkerClient* worker : workers_) {
     auto info = worker->GetInfo(absl::Seconds(2));

@@ -49,11 +49,13 @@ absl::StatusOr<NodeProfile> NodeHardwareProfile(const GetClusterInfoReply& clust
   HardwareProfile& hw = node.hardware;
   hw.name = "node";
   hw.source = absl::StrCat("measured by the node at ", cluster.data_dir());
+  // Every worker of the node counts, one that is restarting after a crash too (lumend brings
+  // it back, and a job resumed on the node meanwhile plans on all of them); the figures are
+  // the first reachable one's (the node's workers drive alike devices).
   const WorkerInfo* first = nullptr;
   for (const WorkerInfo& w : cluster.workers()) {
-    if (!w.reachable() || w.profile().empty()) continue;
-    if (first == nullptr) first = &w;
     ++hw.device.count;
+    if (first == nullptr && w.reachable() && !w.profile().empty()) first = &w;
   }
   if (first == nullptr) {
     return absl::FailedPreconditionError(

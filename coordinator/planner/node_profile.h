@@ -24,9 +24,10 @@ class WorkerInfo;
 // when a worker measured no decoder rates. 0 when it has none of them.
 double MeasuredDeviceFlops(const WorkerInfo& worker, int64_t hidden_size);
 
-// Device: the reachable workers' count, budget (all usable), decoder rate for `hidden_size`
-// as both bf16 and fp32 peak (efficiency 1: it is measured), copy bandwidth, and the link:
-// the link model's rate when the workers run one (--link-gbps), else their copy bandwidth.
+// Device: the node's workers' count (one restarting after a crash too) and the first
+// reachable one's budget (all usable), decoder rate for `hidden_size` as both bf16 and fp32
+// peak (efficiency 1: it is measured), copy bandwidth, and the link: the link model's rate
+// when the workers run one (--link-gbps), else their copy bandwidth.
 // Host: the memstore's host tier capacity (all usable), copy bandwidth and AdamW rate. NVMe:
 // one drive per memstore NVMe directory with its measured read and write rates.
 // FAILED_PRECONDITION when no worker is reachable or has figures, or the memstore reported

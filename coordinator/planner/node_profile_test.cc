@@ -95,6 +95,16 @@ TEST(NodeProfileTest, CudaWorkerFigures) {
   EXPECT_FALSE(d.shares_host_cpu);
 }
 
+TEST(NodeProfileTest, AWorkerRestartingAfterACrashStillCounts) {
+  GetClusterInfoReply c = Cluster();
+  c.mutable_workers(0)->set_reachable(false);
+  c.mutable_workers(0)->clear_profile();
+  auto node = NodeHardwareProfile(c, 512);
+  ASSERT_TRUE(node.ok()) << node.status();
+  EXPECT_EQ(node->hardware.device.count, 2);
+  EXPECT_DOUBLE_EQ(node->hardware.device.MatmulFlops(false), 2e11);  // worker-1's figures
+}
+
 TEST(NodeProfileTest, MissingFiguresSayWhy) {
   GetClusterInfoReply c = Cluster();
   for (WorkerInfo& w : *c.mutable_workers()) w.set_reachable(false);

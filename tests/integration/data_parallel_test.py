@@ -151,6 +151,8 @@ class DataParallelTest(unittest.TestCase):
             self.assertGreaterEqual(int(ended["resumes"]), 1, ended)
             self.assertIn("worker-", ended["resume_reason"])
             self.assertRegex(os.path.basename(ended["resumed_from"]), r"^step-[1-9]\d*0$")
+            # Planned on both workers, the one lumend was restarting too.
+            self.assertGreater(float(ended.get("predicted_step_time_s", 0)), 0, ended)
             steps_done = node.ctl_json("logs", job["id"])
             self.assertEqual([int(s["step"]) for s in steps_done], list(range(1, steps + 1)))
             # Bit for bit: the replicas load the same checkpoint and sum in the same order.

@@ -217,7 +217,8 @@ def pid_alive(pid):
 
 def report_hang():
     """What a test that is about to be killed at Bazel's timeout was doing: every Python
-    thread's stack, and each running node's jobs and process logs."""
+    thread's stack, and each running node's jobs, process logs and (where gdb is installed)
+    its processes' threads."""
     sys.stderr.write("\n=== the test is about to time out; where it is:\n")
     faulthandler.dump_traceback(all_threads=True)
     for node in list(Node.running):
@@ -227,6 +228,27 @@ def report_hang():
         except subprocess.TimeoutExpired:
             sys.stderr.write("=== lumenctl jobs did not answer within 5 s\n")
         sys.stderr.write("=== node %s:\n%s\n" % (node.tmp, node.output()))
+        if shutil.which("gdb"):
+            try:
+                processes = node.node_status()["processes"]
+            except (OSError, ValueError, KeyError):
+                processes = []
+            for p in processes:
+                if not p.get("pid") or not pid_alive(int(p["pid"])):
+                    continue
+                try:
+                    bt = subprocess.run(["gdb", "-p", str(p["pid"]), "-batch", "-nx", "-ex",
+                                         "thread apply all bt 15"], capture_output=True,
+                                        text=True, timeout=15).stdout
+                except subprocess.TimeoutExpired:
+                    bt = "(gdb did not finish within 15 s)"
+                threads = [t for t in bt.split("\nThread ") if " in " in t]
+                # Idle pool threads are noise: keep those inside our code but not merely
+                # waiting for work.
+                ours = [t for t in threads if "lumen::" in t and "Executor::Loop" not in t]
+                sys.stderr.write("=== %s (pid %s): %d of %d threads in lumen code:\nThread %s\n" % (
+                    p["name"], p["pid"], len(ours), len(threads),
+                    "\nThread ".join(ours)[-8000:]))
     sys.stderr.flush()
 
 
@@ -234,8 +256,8 @@ def main():
     # Bazel kills a test at its timeout without a word from it: report what it was waiting
     # for shortly before.
     timeout = int(os.environ.get("TEST_TIMEOUT", "0"))
-    if timeout > 60:
-        timer = threading.Timer(timeout - 30, report_hang)
+    if timeout > 120:
+        timer = threading.Timer(timeout - 60, report_hang)
         timer.daemon = True
         timer.start()
     unittest.main(argv=[sys.argv[0]], verbosity=2)
