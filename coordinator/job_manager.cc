@@ -522,6 +522,7 @@ void JobManager::RunJob(const std::string& job_id, std::vector<WorkerClient*> wo
     absl::MutexLock lock(&mu_);
     Job& job = jobs_[job_id];
     if (job.resumes() > 0) request.set_resume_from(PrepareResume(job));
+    request.set_run(job.resumes());
     job.set_state(RUNNING);
     if (job.start_time_unix_ms() == 0) job.set_start_time_unix_ms(NowMs());  // the first run's
     job.set_tensors_freed(false);  // this run's tensors, until it ends

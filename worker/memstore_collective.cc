@@ -10,11 +10,12 @@
 
 namespace lumen {
 
-MemstoreCollective::MemstoreCollective(MemstoreClient* memstore, std::string job_id, int rank,
-                                       int size, std::function<bool()> cancelled,
+MemstoreCollective::MemstoreCollective(MemstoreClient* memstore, std::string job_id, int64_t run,
+                                       int rank, int size, std::function<bool()> cancelled,
                                        absl::Duration peer_timeout)
     : memstore_(memstore),
       job_id_(std::move(job_id)),
+      run_(run),
       rank_(rank),
       size_(size),
       cancelled_(std::move(cancelled)),
@@ -29,11 +30,11 @@ int64_t MemstoreCollective::ClaimBytes(int64_t values, int64_t scalars, int size
 }
 
 std::string MemstoreCollective::PartId(int64_t step, int rank, int shard) const {
-  return absl::StrCat(Prefix(job_id_), step, "/", rank, "/", shard);
+  return absl::StrCat(Prefix(job_id_, run_), step, "/", rank, "/", shard);
 }
 
 std::string MemstoreCollective::SumId(int64_t step, int shard) const {
-  return absl::StrCat(Prefix(job_id_), step, "/sum/", shard);
+  return absl::StrCat(Prefix(job_id_, run_), step, "/sum/", shard);
 }
 
 absl::Status MemstoreCollective::Await(const std::string& id, const std::string& what,

@@ -1,9 +1,9 @@
 // Data-parallel replicas in separate worker processes sum their gradients through the
 // memstore (engine::Collective), as a reduce-scatter and an all-gather in the memstore's host
 // tier: each step replica r cuts its values into one contiguous shard per replica and writes
-// shard k as "<job id>.replicas/<step>/<r>/<k>"; replica k adds shard k of every replica in
-// rank order and writes the sum as "<job id>.replicas/<step>/sum/<k>"; every replica reads the
-// sums. So each replica writes and reads about twice its values' bytes a step, however many
+// shard k as "<job id>.replicas/run<n>/<step>/<r>/<k>" (n: the job's run, see
+// RunTaskRequest.run); replica k adds shard k of every replica in rank order and writes the
+// sum as "<job id>.replicas/run<n>/<step>/sum/<k>"; every replica reads the sums. So each replica writes and reads about twice its values' bytes a step, however many
 // replicas there are, and all get the same bits. Bulk bytes go over the memstore's data plane
 // (UCX), never through gRPC.
 #ifndef LUMEN_WORKER_MEMSTORE_COLLECTIVE_H_
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/job_tensors.h"
 #include "memstore/memstore_client.h"
@@ -23,16 +24,21 @@ namespace lumen {
 
 class MemstoreCollective : public engine::Collective {
  public:
-  // Replica `rank` of `size` of job `job_id`. While waiting for a peer's tensor it polls
+  // Replica `rank` of `size` of run `run` of job `job_id`. While waiting for a peer's tensor it polls
   // `cancelled` (CANCELLED when it says so) and gives up after `peer_timeout`
   // (DEADLINE_EXCEEDED naming the replica and the step). `memstore` must outlive it.
-  MemstoreCollective(MemstoreClient* memstore, std::string job_id, int rank, int size,
-                     std::function<bool()> cancelled,
+  MemstoreCollective(MemstoreClient* memstore, std::string job_id, int64_t run, int rank,
+                     int size, std::function<bool()> cancelled,
                      absl::Duration peer_timeout = absl::Minutes(30));
 
-  // Where a job's replicas exchange their tensors (the coordinator frees what is left there
-  // when the job ends).
-  static std::string Prefix(const std::string& job_id) { return JobReplicaPrefix(job_id); }
+  // Where run `run` of a job's replicas exchange their tensors (the coordinator frees what is
+  // left under JobReplicaPrefix, every run's, when a run ends). A run's own prefix: a replica
+  // of a stopped run may still write a step's tensors after the run was reclaimed, and the
+  // next run, at that step again, must not take them for its peers' (it would free its own
+  // part before a peer read it, and both would wait for good).
+  static std::string Prefix(const std::string& job_id, int64_t run) {
+    return absl::StrCat(JobReplicaPrefix(job_id), "run", run, "/");
+  }
   // Host-tier bytes one of `size` replicas holds there at most: a step's parts and its sums
   // of two steps, (size + 1) / size times its values' bytes.
   static int64_t ClaimBytes(int64_t values, int64_t scalars, int size);
@@ -53,6 +59,7 @@ class MemstoreCollective : public engine::Collective {
 
   MemstoreClient* const memstore_;
   const std::string job_id_;
+  const int64_t run_;
   const int rank_, size_;
   const std::function<bool()> cancelled_;
   const absl::Duration peer_timeout_;

@@ -77,7 +77,7 @@ TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
   std::vector<std::thread> threads;
   for (int r = 0; r < kReplicas; ++r) {
     threads.emplace_back([&, r] {
-      MemstoreCollective c(&memstore, "job-000001", r, kReplicas, [] { return false; });
+      MemstoreCollective c(&memstore, "job-000001", 0, r, kReplicas, [] { return false; });
       for (int64_t step = 0; step < 3 && status[r].ok(); ++step) {
         // Four values: shards of 2, 1 and 1.
         std::vector<float> values = {0.1f * (r + 1), 1e8f * (r == 1 ? 1 : 0), 1.0f + step,
@@ -99,7 +99,7 @@ TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
   }
   // The last step's sums remain (the coordinator frees them with the job); its parts and the
   // earlier steps' tensors are gone.
-  const std::string prefix = MemstoreCollective::Prefix("job-000001");
+  const std::string prefix = MemstoreCollective::Prefix("job-000001", 0);
   char buf[64];
   for (int k = 0; k < kReplicas; ++k) {
     EXPECT_TRUE(memstore.Read(absl::StrCat(prefix, "2/sum/", k), buf, sizeof(buf)).ok()) << k;
@@ -125,7 +125,7 @@ TEST(MemstoreCollectiveTest, EachReplicaMovesAboutTwiceItsValues) {
   std::vector<std::thread> threads;
   for (int r = 0; r < kReplicas; ++r) {
     threads.emplace_back([&, r] {
-      MemstoreCollective c(&memstore, "job-000005", r, kReplicas, [] { return false; });
+      MemstoreCollective c(&memstore, "job-000005", 0, r, kReplicas, [] { return false; });
       for (int64_t step = 0; step < kSteps && status[r].ok(); ++step) {
         std::vector<float> values(kValues);
         for (int64_t i = 0; i < kValues; ++i) values[i] = static_cast<float>(r * 7 + i % 13);
@@ -157,7 +157,7 @@ TEST(MemstoreCollectiveTest, EachReplicaMovesAboutTwiceItsValues) {
 TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   FakeMemstoreClient memstore;
   std::atomic<bool> cancel{false};
-  MemstoreCollective waiting(&memstore, "job-000002", 0, 2, [&] { return cancel.load(); });
+  MemstoreCollective waiting(&memstore, "job-000002", 0, 0, 2, [&] { return cancel.load(); });
   std::thread canceller([&] {
     absl::SleepFor(absl::Milliseconds(100));
     cancel = true;
@@ -170,10 +170,10 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("replica 1's gradients of step 4"));
 
   // The coordinator freeing the exchange (the run ended) ends the wait within 2 s.
-  MemstoreCollective abandoned(&memstore, "job-000004", 0, 2, [] { return false; });
+  MemstoreCollective abandoned(&memstore, "job-000004", 0, 0, 2, [] { return false; });
   std::thread reclaim([&] {
     absl::SleepFor(absl::Milliseconds(100));
-    ASSERT_TRUE(memstore.FreeTensors(MemstoreCollective::Prefix("job-000004"), absl::Seconds(1))
+    ASSERT_TRUE(memstore.FreeTensors(JobReplicaPrefix("job-000004"), absl::Seconds(1))
                     .ok());
   });
   const absl::Time start = absl::Now();
@@ -183,12 +183,51 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("the exchange was freed"));
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 
-  MemstoreCollective timed(&memstore, "job-000003", 1, 2, [] { return false; },
+  MemstoreCollective timed(&memstore, "job-000003", 0, 1, 2, [] { return false; },
                            absl::Milliseconds(50));
   s = timed.SumAcrossReplicas(0, &values, &scalars);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_THAT(std::string(s.message()),
               HasSubstr("replica 0's gradients of job-000003 for step 0 did not come within"));
+}
+
+// A replica of a stopped run may write a step's part and sum after the coordinator reclaimed
+// the run's exchange. The next run, resumed from a checkpoint, reaches that step again: its
+// replicas must not take those tensors for their peers'. (Taken, replica 1 would read the
+// stale sum at once and free its own part before replica 0, later to the step, read it; both
+// then waited for good.) Here the stale tensors hold garbage, and replica 0 comes late.
+TEST(MemstoreCollectiveTest, ARunIgnoresWhatAStoppedRunWroteLate) {
+  FakeMemstoreClient memstore;
+  constexpr int64_t kStep = 13;
+  {
+    // Run 0's replica 0 wrote its part for replica 1 and its sum of step 13, then stopped.
+    const std::string run0 = MemstoreCollective::Prefix("job-000006", 0);
+    const std::vector<char> garbage(64, 0x7f);
+    for (const std::string& id : {absl::StrCat(run0, kStep, "/0/1"),
+                                  absl::StrCat(run0, kStep, "/sum/0")}) {
+      ASSERT_TRUE(memstore.Write(id, garbage.data(), 2 * sizeof(float) + sizeof(double) + 8,
+                                 "uint8", TIER_HOST).ok());
+    }
+  }
+  std::vector<std::vector<float>> got(2);
+  std::vector<absl::Status> status(2);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      if (r == 0) absl::SleepFor(absl::Milliseconds(200));
+      MemstoreCollective c(&memstore, "job-000006", 1, r, 2, [] { return false; },
+                           absl::Seconds(10));
+      std::vector<float> values = {1.0f + r, 10.0f + r, 100.0f + r, 1000.0f + r};
+      std::vector<double> scalars = {0.5};
+      status[r] = c.SumAcrossReplicas(kStep, &values, &scalars);
+      got[r] = values;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(status[r].ok()) << "replica " << r << ": " << status[r];
+    EXPECT_EQ(got[r], (std::vector<float>{3.0f, 21.0f, 201.0f, 2001.0f})) << "replica " << r;
+  }
 }
 
 }  // namespace

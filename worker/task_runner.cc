@@ -455,8 +455,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
           " gives replica ", rank, " of ", world, " no micro-batch"));
     }
     trainer_options.train.grad_accum_steps = share.count;
-    collective = std::make_unique<MemstoreCollective>(options.memstore, request.job_id(), rank,
-                                                      world, cancelled);
+    collective = std::make_unique<MemstoreCollective>(options.memstore, request.job_id(),
+                                                      request.run(), rank, world, cancelled);
   }
   engine::ReplicaOptions replica;
   replica.collective = collective.get();

@@ -157,6 +157,10 @@ class DataParallelTest(unittest.TestCase):
             self.assertEqual([int(s["step"]) for s in steps_done], list(range(1, steps + 1)))
             # Bit for bit: the replicas load the same checkpoint and sum in the same order.
             self.assertEqual([s["loss"] for s in steps_done], want)
+            # Both runs' tensors were freed, what the stopped replica wrote late too.
+            cluster = node.ctl_json("cluster")[0]
+            held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+            self.assertEqual(held, 0, cluster)
 
 if __name__ == "__main__":
     lumen_node.main()
