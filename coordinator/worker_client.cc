@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_util.h"
 #include "common/status_macros.h"
+#include "glog/logging.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/create_channel.h"
 #include "proto/lumen.grpc.pb.h"
@@ -76,10 +77,35 @@ absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
     absl::MutexLock lock(&mu_);
     cancelled = cancelled_job_ == request.job_id();
   }
-  if (cancelled) return absl::CancelledError("cancelled");
+  if (cancelled) {
+    AwaitTaskStopped(request.job_id());
+    return absl::CancelledError("cancelled");
+  }
   if (status.ok()) return absl::OkStatus();
   absl::Status result = FromGrpcStatus(status);
   return absl::Status(result.code(), absl::StrCat(name_, " failed: ", result.message()));
+}
+
+void GrpcWorkerClient::AwaitTaskStopped(const std::string& job_id) {
+  // The worker's task sees the cancel between steps and memstore calls; until then it may
+  // still write the job's tensors, which the coordinator is about to free.
+  const absl::Time start = absl::Now();
+  const absl::Time give_up = start + connect_timeout_;
+  while (true) {
+    absl::StatusOr<WorkerInfo> info = GetInfo(absl::Seconds(1));
+    if (!info.ok() || info->running_job() != job_id) break;  // stopped, or the worker is gone
+    if (absl::Now() > give_up) {
+      LOG(WARNING) << name_ << " still runs the cancelled task of " << job_id << " after "
+                   << absl::FormatDuration(connect_timeout_) << "; not waiting longer";
+      return;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const absl::Duration waited = absl::Now() - start;
+  if (waited > absl::Seconds(1)) {
+    LOG(INFO) << name_ << " stopped the cancelled task of " << job_id << " after "
+              << absl::FormatDuration(waited);
+  }
 }
 
 void GrpcWorkerClient::CancelTask(const std::string& job_id) {

@@ -26,7 +26,9 @@ class WorkerClient {
   // "worker-0".
   virtual const std::string& name() const = 0;
   // Runs the task to its end, calling `on_event` (on the calling thread) for every event.
-  // Returns OK when the job finished, CANCELLED after CancelTask, else the failure.
+  // Returns OK when the job finished, CANCELLED after CancelTask, else the failure. After
+  // CancelTask it returns once the worker has stopped the task (or stopped answering), so a
+  // next run of the job never meets a replica of this one still writing to the memstore.
   virtual absl::Status RunTask(const RunTaskRequest& request,
                                const std::function<void(const TaskEvent&)>& on_event) = 0;
   // Stops the RunTask of `job_id`, whether it is in flight or about to start. Safe from any
@@ -61,6 +63,10 @@ class GrpcWorkerClient : public WorkerClient {
                                            absl::Duration timeout) override;
 
  private:
+  // After a cancel: polls the worker until it no longer runs `job_id` or does not answer, for
+  // at most the connect timeout.
+  void AwaitTaskStopped(const std::string& job_id);
+
   // Constant after construction.
   const std::string name_;
   const std::string socket_;

@@ -29,6 +29,10 @@ class RunTaskReactor : public StreamReactor<TaskEvent> {
           [service](const TaskEvent& event) { service->Observe(event); });
       LOG(INFO) << request.job_id() << ": " << (status.ok() ? "finished" : status.ToString());
       out->Close(ToGrpcStatus(status));
+      {
+        absl::MutexLock lock(&service->task_mu_);
+        service->task_job_.clear();
+      }
       // Last: Shutdown waits for this, and the service may be destroyed right after.
       service->busy_gauge_.Set(0);
       service->busy_.store(false);
@@ -146,6 +150,10 @@ grpc::ServerWriteReactor<TaskEvent>* WorkerService::RunTask(grpc::CallbackServer
     return new RefusedReactor(grpc::Status(grpc::StatusCode::ABORTED,
                                            absl::StrCat(options_.name, " is busy with a task")));
   }
+  {
+    absl::MutexLock lock(&task_mu_);
+    task_job_ = request->job_id();
+  }
   return new RunTaskReactor(*request, this);
 }
 
@@ -160,6 +168,10 @@ grpc::ServerUnaryReactor* WorkerService::GetWorkerInfo(grpc::CallbackServerConte
   reply->set_link_bytes_per_s(options_.runner.link_bytes_per_s);
   reply->set_optimizer_state_tier(
       engine::HomeTierName(options_.runner.optimizer_state_tier));
+  {
+    absl::MutexLock lock(&task_mu_);
+    reply->set_running_job(task_job_);
+  }
   for (const auto& [key, value] : options_.profile) (*reply->mutable_profile())[key] = value;
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);

@@ -7,6 +7,9 @@
 #include <map>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
@@ -60,6 +63,10 @@ class WorkerService final : public Worker::CallbackService {
   prometheus::Family<prometheus::Counter>& stall_seconds_;
   // True while a task runs; RunTask refuses a second one.
   std::atomic<bool> busy_{false};
+  // The job of the task that runs, until its thread ends (a cancelled task runs on until it
+  // notices); GetWorkerInfo reports it as running_job.
+  absl::Mutex task_mu_;
+  std::string task_job_ ABSL_GUARDED_BY(task_mu_);
   std::atomic<bool> shutting_down_{false};
   friend class RunTaskReactor;
 };

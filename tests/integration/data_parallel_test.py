@@ -5,6 +5,7 @@ whose worker is killed stops the other, and the job resumes from its checkpoint 
 losses of an uninterrupted run."""
 
 import os
+import re
 import signal
 import time
 import unittest
@@ -31,6 +32,16 @@ def worker_metrics(node, worker):
         if line.startswith("lumen_worker_") and "{" in line:
             values[line.split("{")[0]] = float(line.split()[-1])
     return values
+
+
+def log_time(node, process, pattern):
+    """The glog time (month, day, time of day) of the first line of `process`'s log that
+    matches `pattern`."""
+    with open(os.path.join(node.data_dir, "logs", process + ".log")) as f:
+        for line in f:
+            if re.search(pattern, line):
+                return line[1:5], line[6:21]
+    raise AssertionError("no line of %s.log matches %r" % (process, pattern))
 
 
 class DataParallelTest(unittest.TestCase):
@@ -157,6 +168,12 @@ class DataParallelTest(unittest.TestCase):
             self.assertEqual([int(s["step"]) for s in steps_done], list(range(1, steps + 1)))
             # Bit for bit: the replicas load the same checkpoint and sum in the same order.
             self.assertEqual([s["loss"] for s in steps_done], want)
+            # The coordinator queued the job again only once the surviving replica's task had
+            # stopped (it could still write to the memstore until then).
+            survivor = "worker-1" if kill == "worker-0" else "worker-0"
+            stopped = log_time(node, survivor, r"service\.cc:\d+\] %s: (?!started)" % job["id"])
+            requeued = log_time(node, "coordinator", r"\] %s: .*queued again" % job["id"])
+            self.assertLessEqual(stopped, requeued)
             # Both runs' tensors were freed, what the stopped replica wrote late too.
             cluster = node.ctl_json("cluster")[0]
             held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
