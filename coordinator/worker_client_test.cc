@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <thread>
 
@@ -81,18 +82,28 @@ class LingeringWorker : public Worker::CallbackService {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// Under /tmp: Bazel's TEST_TMPDIR is too long for a Unix socket path.
-std::string SocketPath(const char* name) {
-  static const std::string dir = [] {
+// Sockets under /tmp (Bazel's TEST_TMPDIR is too long for a Unix socket path), removed after.
+class GrpcWorkerClientTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
     char tmpl[] = "/tmp/lumen-worker-client-XXXXXX";
-    return std::string(mkdtemp(tmpl));
-  }();
-  return absl::StrCat(dir, "/", name, ".sock");
-}
+    dir_ = new std::string(mkdtemp(tmpl));
+  }
+  static void TearDownTestSuite() {
+    std::error_code ec;
+    std::filesystem::remove_all(*dir_, ec);
+    delete dir_;
+  }
+  static std::string SocketPath(const char* name) {
+    return absl::StrCat(*dir_, "/", name, ".sock");
+  }
+  static std::string* dir_;
+};
+std::string* GrpcWorkerClientTest::dir_ = nullptr;
 
 // The coordinator frees a run's tensors and starts the next run when RunTask returns: after a
 // cancel, it returns only once the worker's task has stopped.
-TEST(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) {
+TEST_F(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) {
   LingeringWorker worker(absl::Milliseconds(600));
   prometheus::Registry registry;
   const std::string socket = SocketPath("linger");
@@ -115,7 +126,7 @@ TEST(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) {
 }
 
 // A worker that stops answering (killed) ends the wait at once.
-TEST(GrpcWorkerClientTest, ACancelledTaskOfAWorkerThatIsGoneDoesNotWait) {
+TEST_F(GrpcWorkerClientTest, ACancelledTaskOfAWorkerThatIsGoneDoesNotWait) {
   auto worker = std::make_unique<LingeringWorker>(absl::Seconds(30));
   prometheus::Registry registry;
   const std::string socket = SocketPath("gone");

@@ -3,8 +3,9 @@
 // tier: each step replica r cuts its values into one contiguous shard per replica and writes
 // shard k as "<job id>.replicas/run<n>/<step>/<r>/<k>" (n: the job's run, see
 // RunTaskRequest.run); replica k adds shard k of every replica in rank order and writes the
-// sum as "<job id>.replicas/run<n>/<step>/sum/<k>"; every replica reads the sums. So each replica writes and reads about twice its values' bytes a step, however many
-// replicas there are, and all get the same bits. Bulk bytes go over the memstore's data plane
+// sum as "<job id>.replicas/run<n>/<step>/sum/<k>"; every replica reads the sums. So each
+// replica writes and reads about twice its values' bytes a step, however many replicas there
+// are, and all get the same bits. Bulk bytes go over the memstore's data plane
 // (UCX), never through gRPC.
 #ifndef LUMEN_WORKER_MEMSTORE_COLLECTIVE_H_
 #define LUMEN_WORKER_MEMSTORE_COLLECTIVE_H_
@@ -24,8 +25,8 @@ namespace lumen {
 
 class MemstoreCollective : public engine::Collective {
  public:
-  // Replica `rank` of `size` of run `run` of job `job_id`. While waiting for a peer's tensor it polls
-  // `cancelled` (CANCELLED when it says so) and gives up after `peer_timeout`
+  // Replica `rank` of `size` of run `run` of job `job_id`. While waiting for a peer's tensor
+  // it polls `cancelled` (CANCELLED when it says so) and gives up after `peer_timeout`
   // (DEADLINE_EXCEEDED naming the replica and the step). `memstore` must outlive it.
   MemstoreCollective(MemstoreClient* memstore, std::string job_id, int64_t run, int rank,
                      int size, std::function<bool()> cancelled,
