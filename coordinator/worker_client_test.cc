@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <thread>
 
@@ -101,27 +102,34 @@ class GrpcWorkerClientTest : public ::testing::Test {
 };
 std::string* GrpcWorkerClientTest::dir_ = nullptr;
 
+// Runs a task of `job` on `client`, cancels it after 200 ms and then calls `after_cancel`;
+// returns RunTask's status.
+absl::Status RunAndCancel(GrpcWorkerClient& client, const std::string& job,
+                          const std::function<void()>& after_cancel) {
+  RunTaskRequest request;
+  request.set_job_id(job);
+  std::thread canceller([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    client.CancelTask(job);
+    after_cancel();
+  });
+  absl::Status status = client.RunTask(request, [](const TaskEvent&) {});
+  canceller.join();
+  return status;
+}
+
 // The coordinator frees a run's tensors and starts the next run when RunTask returns: after a
 // cancel, it returns only once the worker's task has stopped.
 TEST_F(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) {
   LingeringWorker worker(absl::Milliseconds(600));
   prometheus::Registry registry;
-  const std::string socket = SocketPath("linger");
-  auto server = StartGrpcServer({socket, ""}, {&worker}, registry);
+  auto server = StartGrpcServer({SocketPath("linger"), ""}, {&worker}, registry);
   ASSERT_TRUE(server.ok()) << server.status();
-  GrpcWorkerClient client("worker-0", socket, absl::Seconds(10));
-  RunTaskRequest request;
-  request.set_job_id("job-000009");
-  std::thread canceller([&] {
-    absl::SleepFor(absl::Milliseconds(200));
-    client.CancelTask("job-000009");
-  });
-  absl::Status status = client.RunTask(request, [](const TaskEvent&) {});
-  const absl::Time returned = absl::Now();
-  canceller.join();
+  GrpcWorkerClient client("worker-0", SocketPath("linger"), absl::Seconds(10));
+  absl::Status status = RunAndCancel(client, "job-000009", [] {});
   EXPECT_TRUE(absl::IsCancelled(status)) << status;
-  EXPECT_GE(returned, worker.task_ended());
   EXPECT_NE(worker.task_ended(), absl::InfinitePast());
+  EXPECT_GE(absl::Now(), worker.task_ended());
   (*server)->Shutdown();
 }
 
@@ -129,24 +137,18 @@ TEST_F(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) 
 TEST_F(GrpcWorkerClientTest, ACancelledTaskOfAWorkerThatIsGoneDoesNotWait) {
   auto worker = std::make_unique<LingeringWorker>(absl::Seconds(30));
   prometheus::Registry registry;
-  const std::string socket = SocketPath("gone");
-  auto server = StartGrpcServer({socket, ""}, {worker.get()}, registry);
+  auto server = StartGrpcServer({SocketPath("gone"), ""}, {worker.get()}, registry);
   ASSERT_TRUE(server.ok()) << server.status();
-  GrpcWorkerClient client("worker-1", socket, absl::Seconds(30));
-  RunTaskRequest request;
-  request.set_job_id("job-000010");
-  std::thread canceller([&] {
-    absl::SleepFor(absl::Milliseconds(200));
-    client.CancelTask("job-000010");
+  GrpcWorkerClient client("worker-1", SocketPath("gone"), absl::Seconds(30));
+  const absl::Time start = absl::Now();
+  absl::Status status = RunAndCancel(client, "job-000010", [&] {
     (*server)->Shutdown(std::chrono::system_clock::now());  // the worker dies
   });
-  const absl::Time start = absl::Now();
-  absl::Status status = client.RunTask(request, [](const TaskEvent&) {});
-  canceller.join();
   EXPECT_TRUE(absl::IsCancelled(status)) << status;
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(worker->task_ended(), absl::InfinitePast());  // it still lingers
   server->reset();
-  worker.reset();  // joins the lingering task
+  worker.reset();  // ends and joins the lingering task
 }
 
 }  // namespace
