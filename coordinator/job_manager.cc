@@ -122,6 +122,9 @@ absl::Status JobManager::Start() {
   // (lumend starts every process at once), so an unreachable one is retried for a minute.
   dispatcher_ = std::thread([this, reclaim] {
     for (const std::string& id : reclaim) {
+      // A worker whose task lost this coordinator stops it between steps and memstore calls;
+      // until then it may still write the job's tensors.
+      for (WorkerClient* worker : workers_) worker->AwaitTaskStopped(id, absl::Seconds(30));
       for (int attempt = 0;; ++attempt) {
         {
           absl::MutexLock lock(&mu_);

@@ -1,5 +1,6 @@
 #include "coordinator/job_manager.h"
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -76,7 +77,25 @@ class FakeWorker : public WorkerClient {
     absl::MutexLock lock(&mu_);
     cancelled_ = true;
   }
-  absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override { return WorkerInfo(); }
+  absl::StatusOr<WorkerInfo> GetInfo(absl::Duration) override {
+    WorkerInfo info;
+    absl::MutexLock lock(&mu_);
+    if (lingering_polls_ > 0) {
+      --lingering_polls_;
+      info.set_running_job(lingering_job_);
+    }
+    return info;
+  }
+  // Reports a task of `job` as running for the next `polls` GetInfo calls.
+  void Linger(const std::string& job, int polls) {
+    absl::MutexLock lock(&mu_);
+    lingering_job_ = job;
+    lingering_polls_ = polls;
+  }
+  int lingering_polls() {
+    absl::MutexLock lock(&mu_);
+    return lingering_polls_;
+  }
   absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, int64_t,
                                            absl::Duration) override {
     if (spec.train().micro_batch_size() > max_micro_batch_) {
@@ -108,6 +127,8 @@ class FakeWorker : public WorkerClient {
 
  private:
   const std::string name_ = "worker-0";
+  std::string lingering_job_ ABSL_GUARDED_BY(mu_);
+  int lingering_polls_ ABSL_GUARDED_BY(mu_) = 0;
   absl::Mutex mu_;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::string> order_ ABSL_GUARDED_BY(mu_);
@@ -313,6 +334,40 @@ TEST_F(JobManagerTest, RestartFreesWhatJobsThatRanWithoutBeingCleanedUpLeft) {
   for (const Job& j : *stored) {
     EXPECT_EQ(j.tensors_freed(), j.id() != "job-000004") << j.id();
   }
+}
+
+// The task of a job that was running when the coordinator died runs on in its worker until it
+// notices: the restarted coordinator frees the job's tensors only once it has stopped.
+TEST_F(JobManagerTest, RestartFreesAJobsTensorsOnlyOnceItsWorkerStoppedTheTask) {
+  class RecordingMemstore : public FakeMemstoreClient {
+   public:
+    explicit RecordingMemstore(FakeWorker* worker) : worker_(worker) {}
+    absl::StatusOr<FreeTensorsReply> FreeTensors(const std::string& prefix,
+                                                 absl::Duration timeout) override {
+      polls_left_at_free = worker_->lingering_polls();
+      return FakeMemstoreClient::FreeTensors(prefix, timeout);
+    }
+    std::atomic<int> polls_left_at_free{-1};
+
+   private:
+    FakeWorker* const worker_;
+  } memstore(&worker_);
+  ASSERT_TRUE(memstore.Write("job-000001/m", "abcd", 4, "float32", TIER_HOST).ok());
+  Job j;
+  j.set_id("job-000001");
+  j.set_state(RUNNING);
+  j.set_start_time_unix_ms(1000);
+  ASSERT_TRUE(store_.PutJob(j).ok());
+  worker_.Linger("job-000001", 5);
+  JobManager manager(&store_, {&worker_}, {dir_, NodeLimits{}}, registry_);
+  manager.SetMemstore(&memstore);
+  ASSERT_TRUE(manager.Start().ok());
+  for (int i = 0; i < 500 && !manager.Get("job-000001")->tensors_freed(); ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_FALSE(Holds(memstore, "job-000001/m"));
+  EXPECT_EQ(memstore.polls_left_at_free, 0);
+  manager.Stop();
 }
 
 TEST_F(JobManagerTest, CancelStopsARunningJobAndDropsAQueuedOne) {

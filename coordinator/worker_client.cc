@@ -78,7 +78,7 @@ absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
     cancelled = cancelled_job_ == request.job_id();
   }
   if (cancelled) {
-    AwaitTaskStopped(request.job_id());
+    AwaitTaskStopped(request.job_id(), connect_timeout_);
     return absl::CancelledError("cancelled");
   }
   if (status.ok()) return absl::OkStatus();
@@ -86,24 +86,21 @@ absl::Status GrpcWorkerClient::RunTask(const RunTaskRequest& request,
   return absl::Status(result.code(), absl::StrCat(name_, " failed: ", result.message()));
 }
 
-void GrpcWorkerClient::AwaitTaskStopped(const std::string& job_id) {
-  // The worker's task sees the cancel between steps and memstore calls; until then it may
-  // still write the job's tensors, which the coordinator is about to free.
+void WorkerClient::AwaitTaskStopped(const std::string& job_id, absl::Duration timeout) {
   const absl::Time start = absl::Now();
-  const absl::Time give_up = start + connect_timeout_;
   while (true) {
     absl::StatusOr<WorkerInfo> info = GetInfo(absl::Seconds(1));
     if (!info.ok() || info->running_job() != job_id) break;  // stopped, or the worker is gone
-    if (absl::Now() > give_up) {
-      LOG(WARNING) << name_ << " still runs the cancelled task of " << job_id << " after "
-                   << absl::FormatDuration(connect_timeout_) << "; not waiting longer";
+    if (absl::Now() - start > timeout) {
+      LOG(WARNING) << name() << " still runs a task of " << job_id << " after "
+                   << absl::FormatDuration(timeout) << "; not waiting longer";
       return;
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
   const absl::Duration waited = absl::Now() - start;
   if (waited > absl::Seconds(1)) {
-    LOG(INFO) << name_ << " stopped the cancelled task of " << job_id << " after "
+    LOG(INFO) << name() << " stopped the cancelled task of " << job_id << " after "
               << absl::FormatDuration(waited);
   }
 }

@@ -38,6 +38,10 @@ class WorkerClient {
   // task had ended), before the job runs here again. Safe from any thread.
   virtual void ForgetCancel(const std::string& job_id) {}
   virtual absl::StatusOr<WorkerInfo> GetInfo(absl::Duration timeout) = 0;
+  // Waits until the worker no longer runs a task of `job_id` (GetInfo's running_job: a
+  // cancelled task runs on until it notices, and may write the job's tensors until then) or
+  // does not answer, for at most `timeout`. Before a job's tensors are freed for a next run.
+  void AwaitTaskStopped(const std::string& job_id, absl::Duration timeout);
   // The worker's verdict on whether `spec` fits it on an idle node with `host_available_bytes`
   // of host memory for jobs (0: the host's available memory now), and what the job would hold
   // while it runs (Worker.CheckTask).
@@ -63,10 +67,6 @@ class GrpcWorkerClient : public WorkerClient {
                                            absl::Duration timeout) override;
 
  private:
-  // After a cancel: polls the worker until it no longer runs `job_id` or does not answer, for
-  // at most the connect timeout.
-  void AwaitTaskStopped(const std::string& job_id);
-
   // Constant after construction.
   const std::string name_;
   const std::string socket_;
