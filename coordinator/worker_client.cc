@@ -100,7 +100,7 @@ void WorkerClient::AwaitTaskStopped(const std::string& job_id, absl::Duration ti
   }
   const absl::Duration waited = absl::Now() - start;
   if (waited > absl::Seconds(1)) {
-    LOG(INFO) << name() << " stopped the cancelled task of " << job_id << " after "
+    LOG(INFO) << name() << " stopped its task of " << job_id << " after "
               << absl::FormatDuration(waited);
   }
 }

@@ -129,7 +129,6 @@ TEST_F(GrpcWorkerClientTest, ACancelledRunTaskReturnsOnceTheWorkersTaskStopped) 
   absl::Status status = RunAndCancel(client, "job-000009", [] {});
   EXPECT_TRUE(absl::IsCancelled(status)) << status;
   EXPECT_NE(worker.task_ended(), absl::InfinitePast());
-  EXPECT_GE(absl::Now(), worker.task_ended());
   (*server)->Shutdown();
 }
 
