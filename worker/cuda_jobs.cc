@@ -84,19 +84,19 @@ struct CudaPlan {
 
 // Whether a streamed job updates during the backward beside its current state: asked for,
 // with clipping to speculate about (without, the update runs in place during the backward
-// anyway), and with the moments in this process (a home holds one generation).
+// anyway), and with the state in this process (a home holds one generation).
 bool Speculates(const engine::TrainerOptions& options, bool overlap_backward,
-                bool moments_at_home) {
-  return overlap_backward && options.optimizer.grad_clip > 0 && !moments_at_home;
+                bool state_at_home) {
+  return overlap_backward && options.optimizer.grad_clip > 0 && !state_at_home;
 }
 
 // The way to train under `budget_bytes`: everything resident with activations kept when that
 // fits, then with layers recomputed, then streamed through host memory (`host_bytes` of it
-// free; < 0: not checked; AdamW's moments elsewhere when `moments_at_home`);
+// free; < 0: not checked; master weights and AdamW's moments elsewhere when `state_at_home`);
 // RESOURCE_EXHAUSTED naming the sizes when none fits.
 absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
                                      const std::string& worker_name, int64_t budget_bytes,
-                                     int64_t host_bytes, bool moments_at_home, bool speculate) {
+                                     int64_t host_bytes, bool state_at_home, bool speculate) {
   RETURN_IF_ERROR(cuda::CheckCudaModelConfig(options.model));
   CudaPlan plan;
   int64_t resident = 0;
@@ -110,7 +110,7 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
   }
   ASSIGN_OR_RETURN(const int64_t working, cuda::CudaJobTrainer::OffloadDeviceBytes(options));
   ASSIGN_OR_RETURN(const int64_t host,
-                   cuda::CudaJobTrainer::OffloadHostBytes(options, moments_at_home, speculate));
+                   cuda::CudaJobTrainer::OffloadHostBytes(options, state_at_home, speculate));
   const std::string resident_need = absl::StrCat(
       "the job needs ", engine::FormatBytes(resident + kGemmWorkspaceBytes),
       " of GPU memory with everything resident (training state ",
@@ -129,17 +129,19 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
   if (host_bytes >= 0 && host > host_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         resident_need, "; streamed, it needs ", engine::FormatBytes(host),
-        moments_at_home ? " of host memory (bf16 weights, fp32 gradients and master weights, the "
-                          "step's layer inputs)"
-                        : " of host memory (bf16 weights, fp32 gradients, master weights and "
-                          "AdamW moments, the step's layer inputs)",
+        state_at_home ? " of host memory (bf16 weights, fp32 gradients, the step's layer "
+                        "inputs)"
+                      : " of host memory (bf16 weights, fp32 gradients, master weights and "
+                        "AdamW moments, the step's layer inputs)",
         speculate ? " with a second generation of master weights and moments for "
                     "--optimizer-overlap backward"
                   : "",
         " and this node has ", engine::FormatBytes(host_bytes), " available. Train a smaller "
         "model or lower grad_accum_steps or seq_len",
         speculate ? ", or use --optimizer-overlap forward" : "",
-        moments_at_home ? "" : ", or keep the moments on NVMe (--optimizer-state-tier nvme)"));
+        state_at_home ? ""
+                      : ", or keep the master weights and moments on NVMe "
+                        "(--optimizer-state-tier nvme)"));
   }
   options.activation_checkpointing = true;
   plan.options = options;
@@ -184,42 +186,42 @@ absl::StatusOr<ProfileFigures> MeasureCudaDevice(int index) {
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
                                             const std::string& worker_name,
                                             int64_t budget_bytes, int64_t host_bytes,
-                                            bool moments_in_memstore, bool overlap_backward) {
+                                            bool state_in_memstore, bool overlap_backward) {
   if (host_bytes == kHostBytesAvailable) host_bytes = AvailableHostBytes();
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, worker_name, budget_bytes, host_bytes,
-                               moments_in_memstore,
-                               Speculates(options, overlap_backward, moments_in_memstore)));
+                               state_in_memstore,
+                               Speculates(options, overlap_backward, state_in_memstore)));
   CudaJobMemory memory;
   memory.streamed = plan.offload;
   memory.host_bytes = plan.host_bytes;
-  if (plan.offload && moments_in_memstore) {
-    memory.moments_home_bytes = cuda::HostTrainingState::MomentsBytes(options.model);
+  if (plan.offload && state_in_memstore) {
+    memory.state_home_bytes = cuda::HostTrainingState::HomeBytes(options.model);
   }
   return memory;
 }
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
-    engine::TensorHome* moments_home, engine::HomeTier moments_tier, bool overlap_backward,
+    engine::TensorHome* state_home, engine::HomeTier state_tier, bool overlap_backward,
     const engine::ReplicaOptions& replica) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
-  const bool speculate = Speculates(options, overlap_backward, moments_home != nullptr);
+  const bool speculate = Speculates(options, overlap_backward, state_home != nullptr);
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
-                               AvailableHostBytes(), moments_home != nullptr, speculate));
+                               AvailableHostBytes(), state_home != nullptr, speculate));
   if (replica.collective != nullptr && plan.offload) {
     return ReplicaDoesNotFit(options, absl::StrCat("GPU ", index), device->budget(),
                              replica.collective->size());
   }
-  cuda::MomentsHome moments;
-  moments.home = moments_home;
-  moments.prefix = "moments/";
-  moments.tier = moments_tier;
-  moments.freed_by_owner = true;  // RunTask frees the job's tensors in one call
+  cuda::StateHome home;
+  home.home = state_home;
+  home.prefix = "optimizer/";
+  home.tier = state_tier;
+  home.freed_by_owner = true;  // RunTask frees the job's tensors in one call
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,
                    cuda::CudaJobTrainer::Create(plan.options, device.get(), plan.offload,
-                                                moments, speculate, replica));
+                                                home, speculate, replica));
   return std::make_unique<CudaDeviceTrainer>(std::move(device), std::move(job));
 }
 

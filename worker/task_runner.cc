@@ -234,16 +234,19 @@ absl::StatusOr<TierCapacity> MemstoreCapacity(MemstoreClient* memstore) {
   return TierCapacityOf(stats);
 }
 
-absl::Status MomentsFitNvme(int64_t moments, int64_t nvme_capacity) {
-  if (moments <= nvme_capacity) return absl::OkStatus();
+// RESOURCE_EXHAUSTED when `what` (the optimizer state a job keeps on NVMe) does not fit the
+// memstore's NVMe tier.
+absl::Status FitsNvme(const std::string& what, int64_t bytes, int64_t nvme_capacity) {
+  if (bytes <= nvme_capacity) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrCat(
-      "AdamW moments need ", engine::FormatBytes(moments), " on the memstore's NVMe tier but ",
+      what, " need ", engine::FormatBytes(bytes), " on the memstore's NVMe tier but ",
       "it holds ", engine::FormatBytes(nvme_capacity),
       ". Give lumend more --nvme-dir space or use --optimizer-state-tier host"));
 }
 
-// True when a streamed job on a CUDA worker keeps AdamW's moments in the memstore.
-bool CudaMomentsInMemstore(const TaskRunnerOptions& options) {
+// True when a streamed job on a CUDA worker keeps its master weights and AdamW's moments in the
+// memstore.
+bool CudaStateInMemstore(const TaskRunnerOptions& options) {
   return options.memstore != nullptr &&
          options.optimizer_state_tier == engine::HomeTier::kNvme;
 }
@@ -292,7 +295,9 @@ absl::StatusOr<ResourceClaims> CheckOffloadedReplica(const TaskRunnerOptions& op
         ". Start lumend with a larger --host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or use fewer workers"));
   }
-  if (moments_on_nvme) RETURN_IF_ERROR(MomentsFitNvme(moments, capacity.nvme_bytes));
+  if (moments_on_nvme) {
+    RETURN_IF_ERROR(FitsNvme("AdamW moments", moments, capacity.nvme_bytes));
+  }
   ResourceClaims claims;
   claims.set_worker_host_bytes(budget);  // the CPU device's memory
   claims.set_memstore_host_bytes((shared + world - 1) / world + own + exchange);
@@ -378,13 +383,14 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
                                    options.device_memory_budget_bytes,
                                    host_available_bytes > 0 ? host_available_bytes
                                                             : kHostBytesAvailable,
-                                   CudaMomentsInMemstore(options),
+                                   CudaStateInMemstore(options),
                                    options.optimizer_overlaps_backward));
     claims.set_worker_host_bytes(memory.host_bytes);
-    if (memory.moments_home_bytes == 0) return claims;
+    if (memory.state_home_bytes == 0) return claims;
     ASSIGN_OR_RETURN(const TierCapacity capacity, MemstoreCapacity(options.memstore));
-    RETURN_IF_ERROR(MomentsFitNvme(memory.moments_home_bytes, capacity.nvme_bytes));
-    claims.set_memstore_nvme_bytes(memory.moments_home_bytes);
+    RETURN_IF_ERROR(FitsNvme("fp32 master weights and AdamW moments", memory.state_home_bytes,
+                             capacity.nvme_bytes));
+    claims.set_memstore_nvme_bytes(memory.state_home_bytes);
     return claims;
   }
   ASSIGN_OR_RETURN(engine::OffloadRequirements needs,
@@ -424,7 +430,7 @@ absl::StatusOr<ResourceClaims> CheckTask(const JobSpec& spec, const TaskRunnerOp
         "--host-memory",
         moments_on_nvme ? "" : " or --optimizer-state-tier nvme", ", or train a smaller model"));
   }
-  if (moments_on_nvme) RETURN_IF_ERROR(MomentsFitNvme(moments, nvme_capacity));
+  if (moments_on_nvme) RETURN_IF_ERROR(FitsNvme("AdamW moments", moments, nvme_capacity));
   claims.set_memstore_host_bytes(host_needed);
   claims.set_memstore_nvme_bytes(moments_on_nvme ? moments : 0);
   return claims;
@@ -484,7 +490,7 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
   // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
   std::unique_ptr<MemstoreTensorHome> home;
   if (options.memstore != nullptr &&
-      (options.device == DeviceKind::kCpu || CudaMomentsInMemstore(options))) {
+      (options.device == DeviceKind::kCpu || CudaStateInMemstore(options))) {
     home = std::make_unique<MemstoreTensorHome>(options.memstore,
                                                 JobTensorPrefix(request.job_id()));
   }
@@ -508,7 +514,8 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                 << "through the memstore; a CUDA device keeps the job resident or streams it "
                 << "through this worker's host memory on its own schedule";
     }
-    // Streamed with --optimizer-state-tier nvme, AdamW's moments live in the memstore.
+    // Streamed with --optimizer-state-tier nvme, the master weights and AdamW's moments live
+    // in the memstore.
     ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
                                                 options.device_memory_budget_bytes, home.get(),
                                                 engine::HomeTier::kNvme,

@@ -92,7 +92,7 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   absl::StatusOr<CudaJobMemory> m = CheckCudaTask(*o, "worker-0", streamed, *host);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_TRUE(m->streamed);
-  EXPECT_EQ(m->moments_home_bytes, 0);
+  EXPECT_EQ(m->state_home_bytes, 0);
   EXPECT_TRUE(CheckCudaTask(*o, "worker-0", streamed, -1).ok());
   // Resident when it fits.
   m = CheckCudaTask(*o, "worker-0", int64_t{1} << 30, 0);
@@ -104,19 +104,21 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   EXPECT_THAT(std::string(no_host.message()), HasSubstr("of host memory"));
   EXPECT_THAT(std::string(no_host.message()), HasSubstr(engine::FormatBytes(*host)));
   EXPECT_THAT(std::string(no_host.message()), HasSubstr("--optimizer-state-tier nvme"));
-  // With the moments in the memstore the host holds 8 bytes a parameter less (their update
-  // buffers aside), and the memstore holds them.
+  // With the master weights and moments in the memstore the host holds 12 bytes a parameter
+  // less (their update buffers aside): the bf16 weights and fp32 gradients stay. The memstore
+  // holds them.
   absl::StatusOr<int64_t> host_home = cuda::CudaJobTrainer::OffloadHostBytes(*o, true);
   ASSERT_TRUE(host_home.ok());
   const int64_t params = engine::ParameterCount(o->model);
   EXPECT_LT(*host_home, *host);
   EXPECT_EQ(*host - *host_home, cuda::HostTrainingState::OwnBytes(o->model, false) -
                                     cuda::HostTrainingState::OwnBytes(o->model, true));
-  m = CheckCudaTask(*o, "worker-0", streamed, *host_home, /*moments_in_memstore=*/true);
+  EXPECT_GE(*host - *host_home, 12 * params - cuda::HostTrainingState::OwnBytes(o->model, true));
+  m = CheckCudaTask(*o, "worker-0", streamed, *host_home, /*state_in_memstore=*/true);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_TRUE(m->streamed);
-  EXPECT_EQ(m->moments_home_bytes, cuda::HostTrainingState::MomentsBytes(o->model));
-  EXPECT_GE(m->moments_home_bytes, 8 * params);
+  EXPECT_EQ(m->state_home_bytes, cuda::HostTrainingState::HomeBytes(o->model));
+  EXPECT_GE(m->state_home_bytes, 12 * params);
   EXPECT_EQ(CheckCudaTask(*o, "worker-0", streamed, *host_home - 1, true).status().code(),
             absl::StatusCode::kResourceExhausted);
   // --optimizer-overlap backward keeps a second generation of all but the embedding's master
@@ -152,8 +154,9 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   EXPECT_THAT(std::string(h.message()), HasSubstr("head_dim 16"));
 }
 
-// Streamed with --optimizer-state-tier nvme, the moments need room on the memstore's NVMe tier.
-TEST(CudaTaskTest, MomentsOnNvmeNeedRoomThere) {
+// Streamed with --optimizer-state-tier nvme, the master weights and moments need room on the
+// memstore's NVMe tier.
+TEST(CudaTaskTest, OptimizerStateOnNvmeNeedsRoomThere) {
   TaskRunnerOptions options;
   options.device = DeviceKind::kCuda;
   JobSpec spec = Spec(1);
@@ -164,19 +167,22 @@ TEST(CudaTaskTest, MomentsOnNvmeNeedRoomThere) {
   ASSERT_TRUE(working.ok());
   options.device_memory_budget_bytes = (int64_t{32} << 20) + *working;  // streamed
   options.optimizer_state_tier = engine::HomeTier::kNvme;
-  const int64_t moments = cuda::HostTrainingState::MomentsBytes(o->model);
-  SizedMemstore small(int64_t{1} << 30, moments - 1);
+  const int64_t state = cuda::HostTrainingState::HomeBytes(o->model);
+  SizedMemstore small(int64_t{1} << 30, state - 1);
   options.memstore = &small;
   const absl::Status s = CheckTask(spec, options).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("fp32 master weights and AdamW moments need"));
   EXPECT_THAT(std::string(s.message()), HasSubstr("on the memstore's NVMe tier"));
-  EXPECT_THAT(std::string(s.message()), HasSubstr(engine::FormatBytes(moments)));
-  SizedMemstore roomy(int64_t{1} << 30, moments);  // half used: capacity is what counts
+  EXPECT_THAT(std::string(s.message()), HasSubstr(engine::FormatBytes(state)));
+  SizedMemstore roomy(int64_t{1} << 30, state);  // half used: capacity is what counts
   options.memstore = &roomy;
   absl::StatusOr<ResourceClaims> claims = CheckTask(spec, options);
   ASSERT_TRUE(claims.ok()) << claims.status();
-  // The claims: the moments on NVMe, the rest of the state in the worker's host memory.
-  EXPECT_EQ(claims->memstore_nvme_bytes(), moments);
+  // The claims: master weights and moments on NVMe, the bf16 weights and fp32 gradients in the
+  // worker's host memory.
+  EXPECT_EQ(claims->memstore_nvme_bytes(), state);
   EXPECT_EQ(claims->memstore_host_bytes(), 0);
   EXPECT_GT(claims->worker_host_bytes(), 0);
   // The host memory the coordinator says jobs may take.
@@ -190,7 +196,41 @@ TEST(CudaTaskTest, MomentsOnNvmeNeedRoomThere) {
   claims = CheckTask(spec, options);
   ASSERT_TRUE(claims.ok()) << claims.status();
   EXPECT_EQ(claims->memstore_nvme_bytes(), 0);
-  EXPECT_GT(claims->worker_host_bytes(), moments);
+  EXPECT_GT(claims->worker_host_bytes(), state);
+}
+
+// The product's case (DESIGN.md): a 70B model on one RTX 4090 of a node with 512 GB of RAM.
+// Streamed with its whole state in the worker it needs 18 bytes a parameter of host memory and
+// is refused; with the master weights and moments in the memstore's NVMe tier the worker keeps
+// 6 (bf16 weights, fp32 gradients) and the step's layer inputs, and it is admitted.
+TEST(CudaTaskTest, A70BModelStreamsOnOne4090WithItsOptimizerStateOnNvme) {
+  JobSpec spec = Spec(1);
+  ModelSpec* m = spec.mutable_model();  // the llama3-70b preset
+  m->set_hidden_size(8192);
+  m->set_intermediate_size(28672);
+  m->set_num_hidden_layers(80);
+  m->set_num_attention_heads(64);
+  m->set_num_key_value_heads(8);
+  m->set_vocab_size(128256);
+  m->set_max_position_embeddings(8192);
+  m->set_rope_theta(500000);
+  spec.mutable_train()->set_seq_len(2048);
+  spec.mutable_train()->set_grad_accum_steps(16);
+  absl::StatusOr<engine::TrainerOptions> o = TrainerOptionsFromSpec(spec, 1);
+  ASSERT_TRUE(o.ok()) << o.status();
+  const int64_t params = engine::ParameterCount(o->model);
+  ASSERT_EQ(params, 70553706496);
+  const int64_t gpu = int64_t{22} << 30;     // a 4090's 24 GiB less the CUDA context's
+  const int64_t host = int64_t{480} * 1000 * 1000 * 1000;  // MemAvailable of a 512 GB node
+  const absl::Status in_worker = CheckCudaTask(*o, "worker-0", gpu, host).status();
+  EXPECT_EQ(in_worker.code(), absl::StatusCode::kResourceExhausted) << in_worker;
+  EXPECT_THAT(std::string(in_worker.message()), HasSubstr("--optimizer-state-tier nvme"));
+  absl::StatusOr<CudaJobMemory> on_nvme = CheckCudaTask(*o, "worker-0", gpu, host, true);
+  ASSERT_TRUE(on_nvme.ok()) << on_nvme.status();
+  EXPECT_TRUE(on_nvme->streamed);
+  EXPECT_GE(on_nvme->state_home_bytes, 12 * params);
+  EXPECT_GE(on_nvme->host_bytes, 6 * params);
+  EXPECT_LE(on_nvme->host_bytes, host);
 }
 
 TEST(CudaTaskTest, RunWithoutAGpuSaysWhy) {

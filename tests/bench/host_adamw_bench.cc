@@ -1,5 +1,5 @@
 // The streamed CUDA trainer's host AdamW (worker/cuda/host_state.h) on this machine's CPUs, no
-// GPU needed: parameters updated per second, for 1..--threads threads, with the moments in
+// GPU needed: parameters updated per second, for 1..--threads threads, with the master weights and moments in
 // memory and in an in-memory TensorHome (the chunked read-update-write pipeline the memstore's
 // NVMe tier uses, without the drive). One JSON line per configuration. A streamed GPU step
 // keeps up with the device when its parameters / this rate is under the device's step time.
@@ -62,9 +62,12 @@ int Main(int argc, char** argv) {
     for (int64_t t = 1; t <= threads; ++t) {
       engine::ThreadPool pool(static_cast<int>(t));
       engine::MemoryTensorHome home;
-      MomentsHome moments;
-      if (at_home) moments.home = &home;
-      auto state = HostTrainingState::Create(c, buffers, moments, pool);
+      StateHome state_home;
+      if (at_home) state_home.home = &home;
+      auto state = HostTrainingState::Create(c, buffers, state_home, pool);
+      if (state.ok()) {
+        if (absl::Status s = (*state)->InitRandom(1, pool); !s.ok()) state = s;
+      }
       if (!state.ok()) {
         std::fprintf(stderr, "%s\n", std::string(state.status().message()).c_str());
         return 1;
@@ -81,7 +84,7 @@ int Main(int argc, char** argv) {
       const double step_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps;
       std::printf("%s\n", absl::StrFormat(
-                              "{\"bench\":\"host_adamw\",\"moments\":\"%s\",\"threads\":%d,"
+                              "{\"bench\":\"host_adamw\",\"state\":\"%s\",\"threads\":%d,"
                               "\"params\":%d,\"step_s\":%.4f,\"params_per_s\":%.4g}",
                               at_home ? "home_chunks" : "memory", t, elems, step_s,
                               static_cast<double>(elems) / step_s)

@@ -649,9 +649,9 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
   fs::remove_all(dir);
 }
 
-// AdamW's moments in a TensorHome (the memstore's NVMe tier in the worker) train the same job
-// as moments in the trainer's memory.
-TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {
+// The fp32 master weights and AdamW's moments in a TensorHome (the memstore's NVMe tier in the
+// worker) train the same job as the state in the trainer's memory.
+TEST_P(TrainingTest, OffloadedJobWithStateInAHomeMatchesStateInMemory) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
   const fs::path dir = JobDir(GetParam() ? "moments_home_tied" : "moments_home_untied");
@@ -663,16 +663,16 @@ TEST_P(TrainingTest, OffloadedJobWithMomentsInAHomeMatchesMomentsInMemory) {
   auto dev = CudaDevice::Create(capped);
   ASSERT_TRUE(dev.ok()) << dev.status();
   engine::MemoryTensorHome home;
-  MomentsHome moments{&home, "job/moments/", engine::HomeTier::kNvme};
+  StateHome state_home{&home, "job/optimizer/", engine::HomeTier::kNvme};
   auto in_memory = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
-  auto at_home = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, moments);
+  auto at_home = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, state_home);
   ASSERT_TRUE(in_memory.ok()) << in_memory.status();
   ASSERT_TRUE(at_home.ok()) << at_home.status();
-  int64_t chunks = 0;  // of MomentsHome's default size, each moment of each group
+  int64_t chunks = 0;  // of StateHome's default size: master weights, m and v of each group
   for (const TensorGroupShape& g : TensorGroupShapes(c)) {
-    chunks += (g.elems + moments.chunk_elems - 1) / moments.chunk_elems;
+    chunks += (g.elems + state_home.chunk_elems - 1) / state_home.chunk_elems;
   }
-  EXPECT_EQ(home.num_tensors(), 2 * chunks);
+  EXPECT_EQ(home.num_tensors(), 3 * chunks);
   for (int s = 0; s < 6; ++s) {
     auto a = (*in_memory)->Step();
     auto b = (*at_home)->Step();

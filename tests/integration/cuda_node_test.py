@@ -1,7 +1,8 @@
 """A GPU node end to end, on the CPU emulator of CUDA (tests/cuda_emu/README.md): lumend
 --device cuda probes the CUDA worker, which admits and trains jobs through RunTask, resident
-when the job fits the GPU budget and streamed through host memory when it does not, streams
-step records and writes checkpoints. The GPU machine of tests/gpu/check.sh has no gRPC, so
+when the job fits the GPU budget and streamed through host memory when it does not (with its
+master weights and moments in the memstore's NVMe tier too), streams step records and writes
+checkpoints. The GPU machine of tests/gpu/check.sh has no gRPC, so
 this is the only place the CUDA worker process runs before a real GPU node.
 
 The worker's figures are seeded in the profile cache: measuring (4096-wide GEMMs) is beyond
@@ -9,6 +10,7 @@ the emulator."""
 
 import json
 import os
+import shutil
 import unittest
 
 import lumen_node
@@ -26,12 +28,12 @@ PROFILE = {"bf16_gemm_flops": 1e12, "h2d_bytes_per_s": 1e10, "d2h_bytes_per_s": 
            "copy_bytes_per_s": 1e11}
 
 
-def gpu_node(device_memory, workers=1):
+def gpu_node(device_memory, workers=1, extra_args=()):
     # The emulator has as many GPUs as LUMEN_CUDA_EMU_DEVICES says (lumend's children inherit
     # it): one per worker.
     os.environ["LUMEN_CUDA_EMU_DEVICES"] = str(workers)
     node = lumen_node.Node(workers=workers, device_memory=device_memory,
-                           extra_args=["--device", "cuda"])
+                           extra_args=["--device", "cuda"] + list(extra_args))
     bins = os.path.join(node.tmp, "bin")
     os.makedirs(bins)
     os.symlink(lumen_node.runfile("worker/worker_cuda_emu"), os.path.join(bins, "worker_cuda"))
@@ -42,8 +44,13 @@ def gpu_node(device_memory, workers=1):
     return node
 
 
-def train(device_memory, name):
-    node = gpu_node(device_memory)
+def train(device_memory, name, nvme=False):
+    """With `nvme`, a streamed job keeps its master weights and AdamW moments in the
+    memstore's NVMe tier (--optimizer-state-tier nvme): checks they went through the drive and
+    were freed with the job."""
+    nvme_dir = "/tmp/lumen-cuda-nvme-%d" % os.getpid()
+    node = gpu_node(device_memory, extra_args=["--nvme-dir", nvme_dir, "--optimizer-state-tier",
+                                               "nvme"] if nvme else [])
     node.start(timeout=60)
     try:
         data = os.path.join(node.tmp, "train.bin")
@@ -58,9 +65,14 @@ def train(device_memory, name):
         steps = node.ctl_json("logs", job["id"])
         ckpts = sorted(os.listdir(ended["output_dir"]))
         files = set(os.listdir(os.path.join(ended["output_dir"], "step-4")))
+        if nvme:
+            assert node.nvme_bytes_written() > 0, node.metrics("memstore")
+            held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
+            assert held == 0, cluster  # freed after the job
         return cluster, steps, ckpts, files
     finally:
         node.stop()
+        shutil.rmtree(nvme_dir, ignore_errors=True)
 
 
 class CudaNodeTest(unittest.TestCase):
@@ -111,6 +123,13 @@ class CudaNodeTest(unittest.TestCase):
         for s in streamed:
             self.assertGreater(int(s["bytes_moved"]["host->device"]), 0, s)
             self.assertLessEqual(int(s["device_memory_peak_bytes"]), 34 << 20)
+
+        # The master weights and moments in the memstore's NVMe tier, streamed a chunk at a
+        # time through each update: the same training (the same bf16 math and order).
+        _, on_nvme, _, files = train("34MiB", "streamed-nvme", nvme=True)
+        self.assertIn("optimizer.safetensors", files)
+        for r, s in zip(streamed, on_nvme):
+            self.assertAlmostEqual(s["loss"], r["loss"], delta=1e-3 * r["loss"])
 
     def test_a_job_on_two_gpus_trains_as_on_one(self):
         """resources.workers: 2 on a GPU node: a resident replica on each GPU, gradients summed

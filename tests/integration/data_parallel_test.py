@@ -9,7 +9,6 @@ import re
 import signal
 import time
 import unittest
-import urllib.request
 
 import lumen_node
 
@@ -25,10 +24,8 @@ checkpoint: {every_steps: 10}
 
 def worker_metrics(node, worker):
     """The worker's unlabelled-by-pair counters and gauges, by name."""
-    url = "http://%s/metrics" % node.process(worker)["metrics_address"]
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
     values = {}
-    for line in text.splitlines():
+    for line in node.metrics(worker):
         if line.startswith("lumen_worker_") and "{" in line:
             values[line.split("{")[0]] = float(line.split()[-1])
     return values

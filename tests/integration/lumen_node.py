@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 WORKSPACE = "lumen"
 
@@ -179,6 +180,18 @@ class Node:
             if p["name"] == name:
                 return p
         raise KeyError(name)
+
+    def metrics(self, name):
+        """The lines of the Prometheus text that process `name` (node.json's) serves."""
+        url = "http://%s/metrics" % self.process(name)["metrics_address"]
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode().splitlines()
+
+    def nvme_bytes_written(self):
+        """The bytes the memstore has written to its NVMe tier since it started."""
+        return sum(float(line.split()[-1]) for line in self.metrics("memstore")
+                   if line.startswith("lumen_memstore_io_bytes_total") and
+                   'tier="nvme"' in line and 'direction="write"' in line)
 
     def submit(self, yaml_text, name="job.yaml"):
         path = os.path.join(self.tmp, name)

@@ -42,13 +42,7 @@ def run(device_memory, tied, nvme=False, link_gbps=0, grad_clip=0.5, overlap=Fal
             held = sum(int(t.get("used_bytes", 0)) for t in cluster["tiers"])
             assert held == 0, cluster  # freed after the job
             # The Adam state really went through the NVMe tier.
-            import urllib.request
-            url = "http://%s/metrics" % node.process("memstore")["metrics_address"]
-            text = urllib.request.urlopen(url, timeout=10).read().decode()
-            nvme_written = [float(line.split()[-1]) for line in text.splitlines()
-                            if line.startswith("lumen_memstore_io_bytes_total") and
-                            'tier="nvme"' in line and 'direction="write"' in line]
-            assert nvme_written and nvme_written[0] > 0, text
+            assert node.nvme_bytes_written() > 0, node.metrics("memstore")
             import shutil
             shutil.rmtree("/tmp/lumen-offload-nvme-%d" % os.getpid(), ignore_errors=True)
         return steps, cluster, int(job["parameter_count"])

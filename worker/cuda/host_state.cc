@@ -87,8 +87,9 @@ float FromBf16Bits(uint16_t b) {
 
 namespace {
 
-// kernels::FillNormal's values on the host (the same hash; float math within an ulp or two).
-void HostFillNormal(float* x, int64_t begin, int64_t end, uint64_t seed, float stddev) {
+// kernels::FillNormal's values [begin, end) on the host (the same hash; float math within an
+// ulp or two), value i into out[i - begin].
+void HostFillNormal(float* out, int64_t begin, int64_t end, uint64_t seed, float stddev) {
   for (int64_t i = begin; i < end; ++i) {
     uint64_t z = seed * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(i);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -96,7 +97,7 @@ void HostFillNormal(float* x, int64_t begin, int64_t end, uint64_t seed, float s
     z ^= z >> 31;
     const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
     const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
-    x[i] = stddev * std::sqrt(-2.0f * std::log(u1)) *
+    out[i - begin] = stddev * std::sqrt(-2.0f * std::log(u1)) *
            static_cast<float>(std::cos(M_PI * static_cast<double>(2.0f * u2)));
   }
 }
@@ -117,21 +118,20 @@ void Zero(engine::ThreadPool& pool, float* x, int64_t n) {
 
 HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
                                      std::vector<HostGroupBuffers> buffers,
-                                     const MomentsHome& moments)
+                                     const StateHome& home)
     : config_(config), shapes_(TensorGroupShapes(config)), buffers_(std::move(buffers)),
-      moments_(moments) {}
+      home_(home) {}
 
 HostTrainingState::~HostTrainingState() {
-  if (moments_.home == nullptr || moments_.freed_by_owner) return;
+  if (home_.home == nullptr || home_.freed_by_owner) return;
   for (size_t g = 0; g < shapes_.size(); ++g) {
     for (int64_t c = 0; c < Chunks(g); ++c) {
-      (void)moments_.home->Free(MomentId('m', g, c));
-      (void)moments_.home->Free(MomentId('v', g, c));
+      for (int which : {0, 1, 2}) (void)home_.home->Free(StateId(which, g, c));
     }
   }
 }
 
-int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool moments_at_home,
+int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool state_at_home,
                                     bool two_generations) {
   const std::vector<TensorGroupShape> shapes = TensorGroupShapes(config);
   int64_t elems = 0, largest = 0;
@@ -139,22 +139,22 @@ int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool mome
     elems += s.elems;
     largest = std::max(largest, s.elems);
   }
-  const int64_t chunk = std::min(largest, MomentsHome().chunk_elems);
-  const int64_t own = 4 * elems + (moments_at_home ? 3 * 2 * 4 * chunk : 2 * 4 * elems);
+  if (state_at_home) return 3 * 3 * 4 * std::min(largest, StateHome().chunk_elems);
+  const int64_t own = 3 * 4 * elems;
   if (!two_generations) return own;
   const int64_t embed = shapes[config.num_hidden_layers].elems;
   return own + 3 * 4 * (elems - embed);
 }
 
-int64_t HostTrainingState::MomentsBytes(const engine::ModelConfig& config) {
+int64_t HostTrainingState::HomeBytes(const engine::ModelConfig& config) {
   int64_t elems = 0;
   for (const TensorGroupShape& s : TensorGroupShapes(config)) elems += s.elems;
-  return 2 * 4 * elems;
+  return 3 * 4 * elems;
 }
 
 absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
-    const MomentsHome& moments, engine::ThreadPool& pool, bool two_generations) {
+    const StateHome& home, engine::ThreadPool& pool, bool two_generations) {
   RETURN_IF_ERROR(engine::CheckModelConfig(config));
   const size_t groups = TensorGroupShapes(config).size();
   if (buffers.size() != groups) {
@@ -167,16 +167,17 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
       return absl::InvalidArgumentError(absl::StrCat("host state: group ", g, " has no buffer"));
     }
   }
-  if (two_generations && moments.home != nullptr) {
+  const bool at_home = home.home != nullptr;
+  if (two_generations && at_home) {
     return absl::InvalidArgumentError(
-        "host state: two generations of the moments need them in this process, not a home");
+        "host state: two generations of the optimizer state need it in this process, not a "
+        "home");
   }
-  if (moments.home != nullptr && moments.chunk_elems <= 0) {
+  if (at_home && home.chunk_elems <= 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("host state: moments chunk of ", moments.chunk_elems, " values"));
+        absl::StrCat("host state: optimizer state chunk of ", home.chunk_elems, " values"));
   }
-  std::unique_ptr<HostTrainingState> s(
-      new HostTrainingState(config, std::move(buffers), moments));
+  std::unique_ptr<HostTrainingState> s(new HostTrainingState(config, std::move(buffers), home));
   s->current_.assign(groups, 0);
   int64_t largest = 0;
   for (size_t g = 0; g < groups; ++g) {
@@ -184,61 +185,83 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     largest = std::max(largest, e);
     // Uninitialised, then filled by the pool: a single-threaded fill of tens of GB takes tens
     // of seconds.
-    const int gens = two_generations && g != s->embed_group() ? 2 : 1;
+    const int gens = at_home ? 0 : two_generations && g != s->embed_group() ? 2 : 1;
     for (int gen = 0; gen < 2; ++gen) {
       const bool held = gen < gens;
-      s->master_[gen].emplace_back(held ? new float[e] : nullptr);
-      if (held) Zero(pool, s->master_[gen].back().get(), e);
-      if (moments.home == nullptr) {
-        s->m_[gen].emplace_back(held ? new float[e] : nullptr);
-        s->v_[gen].emplace_back(held ? new float[e] : nullptr);
+      for (auto* v : {&s->master_[gen], &s->m_[gen], &s->v_[gen]}) {
+        v->emplace_back(held ? new float[e] : nullptr);
+        if (held) Zero(pool, v->back().get(), e);
       }
     }
     Zero(pool, s->buffers_[g].grad, e);
+    uint16_t* pb = s->buffers_[g].param;  // bf16 zeros: the zero master weights', or none yet
+    pool.ParallelFor(e, 1 << 20, [pb](int64_t b, int64_t x) { std::fill(pb + b, pb + x, 0); });
   }
-  if (moments.home != nullptr) {
-    s->slots_.reset(new float[3 * 2 * std::min(largest, moments.chunk_elems)]);
+  if (at_home) {
+    s->slot_elems_ = std::max<int64_t>(1, std::min(largest, home.chunk_elems));
+    s->slots_.reset(new float[3 * 3 * s->slot_elems_]);
+    s->placed_ = false;
   }
-  s->WriteBf16(pool);
-  RETURN_IF_ERROR(s->ResetMoments(pool));
   return s;
 }
 
-std::string HostTrainingState::MomentId(char which, size_t g, int64_t chunk) const {
-  return absl::StrCat(moments_.prefix, std::string(1, which), "/", g, "/", chunk);
+std::string HostTrainingState::StateId(int which, size_t g, int64_t chunk) const {
+  static const char* const kNames[3] = {"master", "m", "v"};
+  return absl::StrCat(home_.prefix, kNames[which], "/", g, "/", chunk);
 }
 
 int64_t HostTrainingState::Chunks(size_t g) const {
-  return (shapes_[g].elems + moments_.chunk_elems - 1) / moments_.chunk_elems;
+  return (shapes_[g].elems + home_.chunk_elems - 1) / home_.chunk_elems;
 }
 
-void HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
-  const float* master = Master(g, current_[g]);
+absl::Status HostTrainingState::CheckPlaced() const {
+  if (placed_) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      "host state: no weights in the optimizer state's home yet (SetParams or InitRandom "
+      "places them)");
+}
+
+absl::Status HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
   uint16_t* pb = buffers_[g].param;
-  pool.ParallelFor(shapes_[g].elems, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(master[i]);
-  });
+  auto write = [&](const float* master, int64_t lo, int64_t n) {
+    pool.ParallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) pb[lo + i] = ToBf16Bits(master[i]);
+    });
+  };
+  if (home_.home == nullptr) {
+    write(Master(g, current_[g]), 0, shapes_[g].elems);
+    return absl::OkStatus();
+  }
+  RETURN_IF_ERROR(CheckPlaced());
+  const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems;
+  for (int64_t c = 0; c < Chunks(g); ++c) {
+    const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
+    RETURN_IF_ERROR(home_.home->Get(StateId(0, g, c), Slot(0, 0), n));
+    write(Slot(0, 0), lo, n);
+  }
+  return absl::OkStatus();
 }
 
-void HostTrainingState::WriteBf16(engine::ThreadPool& pool) {
-  for (size_t g = 0; g < shapes_.size(); ++g) RewriteBf16(g, pool);
+absl::Status HostTrainingState::WriteBf16(engine::ThreadPool& pool) {
+  for (size_t g = 0; g < shapes_.size(); ++g) RETURN_IF_ERROR(RewriteBf16(g, pool));
+  return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
   for (size_t g = 0; g < shapes_.size(); ++g) {
     const int64_t e = shapes_[g].elems;
-    if (moments_.home == nullptr) {
+    if (home_.home == nullptr) {
       Zero(pool, M(g, current_[g]), e);
       Zero(pool, V(g, current_[g]), e);
       continue;
     }
-    const int64_t chunk = std::min(e, moments_.chunk_elems);
-    float* zeros = slots_.get();
+    const int64_t chunk = std::min(e, home_.chunk_elems);
+    float* zeros = Slot(0, 1);
     Zero(pool, zeros, chunk);
     for (int64_t c = 0; c < Chunks(g); ++c) {
       const int64_t n = std::min(chunk, e - c * chunk);
-      RETURN_IF_ERROR(moments_.home->Put(MomentId('m', g, c), zeros, n, moments_.tier));
-      RETURN_IF_ERROR(moments_.home->Put(MomentId('v', g, c), zeros, n, moments_.tier));
+      RETURN_IF_ERROR(home_.home->Put(StateId(1, g, c), zeros, n, home_.tier));
+      RETURN_IF_ERROR(home_.home->Put(StateId(2, g, c), zeros, n, home_.tier));
     }
   }
   return absl::OkStatus();
@@ -246,9 +269,11 @@ absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
 
 absl::Status HostTrainingState::SetParams(const engine::ModelParams& params,
                                           engine::ThreadPool& pool) {
-  RETURN_IF_ERROR(CopyIn(0, params));
-  WriteBf16(pool);
-  return ResetMoments(pool);
+  RETURN_IF_ERROR(CopyIn(0, params));  // in a home, with the bf16 copies
+  if (home_.home == nullptr) RETURN_IF_ERROR(WriteBf16(pool));
+  RETURN_IF_ERROR(ResetMoments(pool));
+  placed_ = true;
+  return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::SetParams(engine::WeightsSource& weights,
@@ -276,47 +301,68 @@ absl::Status HostTrainingState::SetParams(engine::WeightsSource& weights,
       RETURN_IF_ERROR(weights.Read(t.name, t.data->data()));
     }
     RETURN_IF_ERROR(CopyInGroup(0, g, one));
-    RewriteBf16(g, pool);
+    if (home_.home == nullptr) RETURN_IF_ERROR(RewriteBf16(g, pool));
   }
-  return ResetMoments(pool);
+  RETURN_IF_ERROR(ResetMoments(pool));
+  placed_ = true;
+  return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& pool) {
+  const int64_t chunk = home_.home == nullptr ? 0 : home_.chunk_elems;
   for (size_t g = 0; g < shapes_.size(); ++g) {
-    for (const GroupSegment& seg : shapes_[g].segments) {
-      const uint64_t s = (seed * 1000003 + g) * 1000003 + seg.offset;
-      float* p = Master(g, current_[g]) + seg.offset;
-      pool.ParallelFor(seg.size, 1 << 16, [&](int64_t b, int64_t e) {
-        if (seg.matrix) {
-          HostFillNormal(p, b, e, s, static_cast<float>(config_.init_std));
-        } else {
-          std::fill(p + b, p + e, 1.0f);
-        }
+    // In this process the whole group at once; in a home a chunk at a time, through a slot.
+    const int64_t elems = shapes_[g].elems;
+    for (int64_t lo = 0; lo < elems; lo += chunk > 0 ? chunk : elems) {
+      const int64_t hi = chunk > 0 ? std::min(elems, lo + chunk) : elems;
+      float* out = chunk > 0 ? Slot(0, 0) : Master(g, current_[g]);  // out[i - lo]: element i
+      if (chunk > 0) std::fill(out, out + (hi - lo), 0.0f);  // the padding between tensors
+      for (const GroupSegment& seg : shapes_[g].segments) {
+        const int64_t b = std::max(lo, seg.offset), e = std::min(hi, seg.offset + seg.size);
+        if (b >= e) continue;
+        const uint64_t s = (seed * 1000003 + g) * 1000003 + seg.offset;
+        pool.ParallelFor(e - b, 1 << 16, [&](int64_t rb, int64_t re) {
+          float* p = out + (b + rb - lo);
+          if (seg.matrix) {  // hashed by the index within the segment
+            HostFillNormal(p, b - seg.offset + rb, b - seg.offset + re, s,
+                           static_cast<float>(config_.init_std));
+          } else {
+            std::fill(p, p + (re - rb), 1.0f);
+          }
+        });
+      }
+      if (chunk == 0) break;
+      uint16_t* pb = buffers_[g].param + lo;
+      pool.ParallelFor(hi - lo, 1 << 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(out[i]);
       });
+      RETURN_IF_ERROR(home_.home->Put(StateId(0, g, lo / chunk), out, hi - lo, home_.tier));
     }
   }
-  WriteBf16(pool);
-  return ResetMoments(pool);
+  if (home_.home == nullptr) RETURN_IF_ERROR(WriteBf16(pool));
+  RETURN_IF_ERROR(ResetMoments(pool));
+  placed_ = true;
+  return absl::OkStatus();
 }
 
 absl::Status HostTrainingState::CopyOutGroup(int which, size_t g,
                                              engine::ModelParams* out) const {
   if (g >= shapes_.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
+  RETURN_IF_ERROR(CheckPlaced());
   if (out->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
     out->layers.resize(config_.num_hidden_layers);
   }
   const int gen = current_[g];
-  if (which == 0 || moments_.home == nullptr) {
+  if (home_.home == nullptr) {
     float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
     return CopyGroupTensors(config_, out, g, flat, false);
   }
   // From a home a chunk at a time, through the first slot.
-  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems;
   for (int64_t c = 0; c < Chunks(g); ++c) {
     const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
-    RETURN_IF_ERROR(moments_.home->Get(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
-                                       hi - lo));
-    RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, slots_.get(), false));
+    RETURN_IF_ERROR(home_.home->Get(StateId(which, g, c), Slot(0, 0), hi - lo));
+    RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, Slot(0, 0), false));
   }
   return absl::OkStatus();
 }
@@ -324,18 +370,23 @@ absl::Status HostTrainingState::CopyOutGroup(int which, size_t g,
 absl::Status HostTrainingState::CopyInGroup(int which, size_t g, const engine::ModelParams& in) {
   if (g >= shapes_.size()) return absl::InvalidArgumentError(absl::StrCat("no tensor group ", g));
   auto* p = const_cast<engine::ModelParams*>(&in);  // only read: to_flat
-  if (which == 0 || moments_.home == nullptr) {
+  if (home_.home == nullptr) {
     const int gen = current_[g];
     float* flat = which == 0 ? Master(g, gen) : which == 1 ? M(g, gen) : V(g, gen);
     return CopyGroupTensors(config_, p, g, flat, true);
   }
-  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems;
+  if (which != 0) RETURN_IF_ERROR(CheckPlaced());
+  const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems;
+  float* slot = Slot(0, 0);
   for (int64_t c = 0; c < Chunks(g); ++c) {
     const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
-    std::fill(slots_.get(), slots_.get() + (hi - lo), 0.0f);  // the padding between tensors
-    RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slots_.get(), true));
-    RETURN_IF_ERROR(moments_.home->Put(MomentId(which == 1 ? 'm' : 'v', g, c), slots_.get(),
-                                       hi - lo, moments_.tier));
+    std::fill(slot, slot + (hi - lo), 0.0f);  // the padding between tensors
+    RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slot, true));
+    if (which == 0) {  // the master weights' bf16 copy as they pass
+      uint16_t* pb = buffers_[g].param + lo;
+      for (int64_t i = 0; i < hi - lo; ++i) pb[i] = ToBf16Bits(slot[i]);
+    }
+    RETURN_IF_ERROR(home_.home->Put(StateId(which, g, c), slot, hi - lo, home_.tier));
   }
   return absl::OkStatus();
 }
@@ -380,18 +431,18 @@ absl::Status HostTrainingState::SetMoments(const engine::ModelParams& m,
 
 namespace {
 
-// AdamW on [b, e) of one tensor: the gradients scaled by `coef` in a small buffer (the
-// gradients stay as they came, so a dropped update can be redone with another coefficient),
-// the moments at m and v (indexed from b), then the bf16 copy.
+// AdamW on n values of one tensor (every pointer at the first of them): the gradients scaled
+// by `coef` in a small buffer (the gradients stay as they came, so a dropped update can be
+// redone with another coefficient), the master weights and moments, then the bf16 copy.
 void UpdateRange(float* master, const float* grad, float* m, float* v, uint16_t* bf16,
-                 int64_t b, int64_t e, const engine::AdamWHyper& h, int64_t step, float coef) {
+                 int64_t n, const engine::AdamWHyper& h, int64_t step, float coef) {
   float scaled[4096];
-  for (int64_t c = b; c < e; c += 4096) {
-    const int64_t k = std::min<int64_t>(4096, e - c);
+  for (int64_t c = 0; c < n; c += 4096) {
+    const int64_t k = std::min<int64_t>(4096, n - c);
     for (int64_t i = 0; i < k; ++i) scaled[i] = grad[c + i] * coef;
-    engine::AdamWUpdate(master + c, scaled, m + (c - b), v + (c - b), k, h, step);
+    engine::AdamWUpdate(master + c, scaled, m + c, v + c, k, h, step);
   }
-  for (int64_t i = b; i < e; ++i) bf16[i] = ToBf16Bits(master[i]);
+  for (int64_t i = 0; i < n; ++i) bf16[i] = ToBf16Bits(master[i]);
 }
 
 engine::AdamWHyper HyperFor(const GroupSegment& seg, engine::AdamWHyper h) {
@@ -407,11 +458,13 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
   const std::vector<GroupSegment>& segs = segments != nullptr ? *segments : shapes_[g].segments;
   if (from < 0) from = current_[g];
   if (to < 0) to = current_[g];
-  if (moments_.home != nullptr) {
+  if (home_.home != nullptr) {
     if (from != current_[g] || to != current_[g]) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "host state: group ", g, "'s moments are in a home, which holds one generation"));
+          "host state: group ", g, "'s optimizer state is in a home, which holds one "
+          "generation"));
     }
+    RETURN_IF_ERROR(CheckPlaced());
     return HomeAdamW(g, segs, hyper, step, coef, pool);
   }
   if (Master(g, from) == nullptr || Master(g, to) == nullptr) {
@@ -429,7 +482,8 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
       std::memcpy(m + o, m_in + o, 4 * n);
       std::memcpy(v + o, v_in + o, 4 * n);
     }
-    UpdateRange(master, grad, m + o, v + o, pb, o, o + n, HyperFor(seg, hyper), step, coef);
+    UpdateRange(master + o, grad + o, m + o, v + o, pb + o, n, HyperFor(seg, hyper), step,
+                coef);
   };
   if (segs.size() > 64) {
     // The embedding's runs of token rows: thousands of short segments, split by segment (one
@@ -448,19 +502,18 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
 absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegment>& segs,
                                           const engine::AdamWHyper& hyper, int64_t step,
                                           float coef, engine::ThreadPool& pool) {
-  const int64_t elems = shapes_[g].elems, chunk = moments_.chunk_elems, chunks = Chunks(g);
-  const int64_t slot_elems = std::min(chunk, std::max<int64_t>(1, elems));
-  engine::TensorHome* home = moments_.home;
-  auto slot_m = [&](int64_t c) { return slots_.get() + (c % 3) * 2 * slot_elems; };
-  auto slot_v = [&](int64_t c) { return slot_m(c) + slot_elems; };
+  const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems, chunks = Chunks(g);
+  engine::TensorHome* home = home_.home;
   auto size_of = [&](int64_t c) { return std::min(chunk, elems - c * chunk); };
-  // Chunk c is read into slot c % 3 while chunk c - 1 is updated and chunk c - 2 written.
+  // Chunk c (master weights, m and v) is read into slot c % 3 while chunk c - 1 is updated
+  // and chunk c - 2 written.
   std::future<absl::Status> reads[3], writes[3];
   auto read = [&](int64_t c) {
-    reads[c % 3] = std::async(std::launch::async, [this, home, c, g, m = slot_m(c),
-                                                    v = slot_v(c), n = size_of(c)] {
-      RETURN_IF_ERROR(home->Get(MomentId('m', g, c), m, n));
-      return home->Get(MomentId('v', g, c), v, n);
+    reads[c % 3] = std::async(std::launch::async, [this, home, c, g, n = size_of(c)] {
+      for (int which : {0, 1, 2}) {
+        RETURN_IF_ERROR(home->Get(StateId(which, g, c), Slot(c, which), n));
+      }
+      return absl::OkStatus();
     });
   };
   absl::Status status;
@@ -469,7 +522,6 @@ absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegme
     absl::Status s = f.get();
     if (status.ok() && !s.ok()) status = s;
   };
-  float* master = Master(g, current_[g]);
   const float* grad = buffers_[g].grad;
   uint16_t* pb = buffers_[g].param;
   if (chunks > 0) read(0);
@@ -482,19 +534,22 @@ absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegme
     settle(reads[c % 3]);
     if (!status.ok()) break;
     const int64_t lo = c * chunk, hi = lo + size_of(c);
-    float *m = slot_m(c), *v = slot_v(c);
+    float *master = Slot(c, 0), *m = Slot(c, 1), *v = Slot(c, 2);  // [i - lo]: element i
     for (const GroupSegment& seg : segs) {
       const int64_t b = std::max(lo, seg.offset), e = std::min(hi, seg.offset + seg.size);
       if (b >= e) continue;
       const engine::AdamWHyper h = HyperFor(seg, hyper);
       pool.ParallelFor(e - b, 1 << 16, [&](int64_t rb, int64_t re) {
-        UpdateRange(master, grad, m + (b + rb - lo), v + (b + rb - lo), pb, b + rb, b + re, h,
+        const int64_t i = b + rb;
+        UpdateRange(master + (i - lo), grad + i, m + (i - lo), v + (i - lo), pb + i, re - rb, h,
                     step, coef);
       });
     }
-    writes[c % 3] = std::async(std::launch::async, [this, home, c, g, m, v, n = hi - lo] {
-      RETURN_IF_ERROR(home->Put(MomentId('m', g, c), m, n, moments_.tier));
-      return home->Put(MomentId('v', g, c), v, n, moments_.tier);
+    writes[c % 3] = std::async(std::launch::async, [this, home, c, g, n = hi - lo] {
+      for (int which : {0, 1, 2}) {
+        RETURN_IF_ERROR(home->Put(StateId(which, g, c), Slot(c, which), n, home_.tier));
+      }
+      return absl::OkStatus();
     });
   }
   // Nothing may still use the slots when this returns.

@@ -67,11 +67,13 @@ struct HostGroupBuffers {
   float* grad = nullptr;
 };
 
-// Where AdamW's moments live when not in this process' memory: a TensorHome (the memstore,
-// whose NVMe tier holds what host RAM cannot), as tensors "<prefix>m/<group>/<chunk>" and
-// "<prefix>v/<group>/<chunk>" of chunk_elems values (the last of a group shorter). An update
-// reads the next chunk and writes the previous one while it computes this one.
-struct MomentsHome {
+// Where the optimizer's state (fp32 master weights and AdamW's moments, 12 bytes per
+// parameter) lives when not in this process' memory: a TensorHome (the memstore, whose NVMe
+// tier holds what host RAM cannot), as tensors "<prefix>master/<group>/<chunk>",
+// "<prefix>m/<group>/<chunk>" and "<prefix>v/<group>/<chunk>" of chunk_elems values (the last
+// of a group shorter). An update reads the next chunk and writes the previous one while it
+// computes this one; the bf16 compute copies and fp32 gradients stay in the caller's buffers.
+struct StateHome {
   engine::TensorHome* home = nullptr;  // not owned; null: in this process
   std::string prefix;
   engine::HomeTier tier = engine::HomeTier::kNvme;
@@ -89,24 +91,27 @@ float FromBf16Bits(uint16_t b);
 // streamed trainer).
 class HostTrainingState {
  public:
-  // `buffers`: one per group of TensorGroupShapes(config). Master weights start at zero (call
-  // SetParams or InitRandom). With `two_generations`, every group but the embedding's holds its
-  // master weights and moments twice (generations 0 and 1), so an update can be written beside
-  // the current values and kept or dropped later (AdamW's `from` / `to`, SetCurrent); moments
-  // in a home cannot. INVALID_ARGUMENT for a bad config, buffer count or null buffer, two
-  // generations with a home, or a chunk_elems <= 0 with a home.
+  // `buffers`: one per group of TensorGroupShapes(config). In this process, master weights
+  // start at zero (call SetParams or InitRandom). In a home, nothing is written there until
+  // SetParams or InitRandom places the state (one write of it, not a zero copy first), and
+  // AdamW and the getters fail with FAILED_PRECONDITION before. With `two_generations`, every
+  // group but the embedding's holds its master weights and moments twice (generations 0 and
+  // 1), so an update can be written beside the current values and kept or dropped later
+  // (AdamW's `from` / `to`, SetCurrent); a home cannot. INVALID_ARGUMENT for a bad config,
+  // buffer count or null buffer, two generations with a home, or a chunk_elems <= 0 with a
+  // home.
   static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
       const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
-      const MomentsHome& moments, engine::ThreadPool& pool, bool two_generations = false);
-  // Frees the moments it put in a home (unless MomentsHome::freed_by_owner).
+      const StateHome& home, engine::ThreadPool& pool, bool two_generations = false);
+  // Frees what it put in a home (unless StateHome::freed_by_owner).
   ~HostTrainingState();
 
-  // Bytes the state allocates itself: master weights, and the moments (or, when they live in a
-  // home, three chunks of each to update them in).
-  static int64_t OwnBytes(const engine::ModelConfig& config, bool moments_at_home,
+  // Bytes the state allocates itself: master weights and moments, or, when they live in a
+  // home, three chunks of each to update them in.
+  static int64_t OwnBytes(const engine::ModelConfig& config, bool state_at_home,
                           bool two_generations = false);
-  // Bytes of both moments of every group (what a home holds).
-  static int64_t MomentsBytes(const engine::ModelConfig& config);
+  // Bytes of the master weights and both moments of every group (what a home holds).
+  static int64_t HomeBytes(const engine::ModelConfig& config);
 
   // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
   // zero moments.
@@ -133,9 +138,10 @@ class HostTrainingState {
   // multiplied by `coef` first, weight decay applies to matrices only, then the bf16 copy is
   // written. It reads generation `from` and writes generation `to` (-1: the current one; equal:
   // in place); the gradients are left as they were, so the update can run again. Moments in a
-  // home are read and written a chunk at a time, overlapping the update, in the one generation
-  // a home holds (FAILED_PRECONDITION for another); the first error of the home is returned
-  // once nothing is in flight, with the chunks before it updated and the rest not.
+  // home are read and written a chunk at a time with the master weights, overlapping the
+  // update, in the one generation a home holds (FAILED_PRECONDITION for another); the first
+  // error of the home is returned once nothing is in flight, with the chunks before it updated
+  // and the rest not.
   absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
                      const engine::AdamWHyper& hyper, int64_t step, float coef,
                      engine::ThreadPool& pool, int from = -1, int to = -1);
@@ -143,7 +149,7 @@ class HostTrainingState {
   int current(size_t g) const { return current_[g]; }
   void SetCurrent(size_t g, int generation) { current_[g] = generation; }
   // Rewrites group g's bf16 copy from its current master weights (after dropping an update).
-  void RewriteBf16(size_t g, engine::ThreadPool& pool);
+  absl::Status RewriteBf16(size_t g, engine::ThreadPool& pool);
 
   // Adds the tokens' input gradients `dx` (bf16, [ids.size(), hidden]) into their rows of the
   // embedding group's gradient: untied, after zeroing the rows the previous call wrote (the
@@ -167,20 +173,27 @@ class HostTrainingState {
 
   const std::vector<TensorGroupShape>& shapes() const { return shapes_; }
   size_t embed_group() const { return config_.num_hidden_layers; }
-  bool moments_at_home() const { return moments_.home != nullptr; }
+  bool state_at_home() const { return home_.home != nullptr; }
 
  private:
   HostTrainingState(const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
-                    const MomentsHome& moments);
-  std::string MomentId(char which, size_t g, int64_t chunk) const;
+                    const StateHome& home);
+  // which: 0 master weights, 1 m, 2 v.
+  std::string StateId(int which, size_t g, int64_t chunk) const;
   int64_t Chunks(size_t g) const;
-  // AdamW of group g with its moments in the home, chunk by chunk.
+  // Chunk slot k (0..2) of `which`, slot_elems_ values.
+  float* Slot(int64_t k, int which) const {
+    return slots_.get() + (k % 3 * 3 + which) * slot_elems_;
+  }
+  // FAILED_PRECONDITION while a home holds no state yet.
+  absl::Status CheckPlaced() const;
+  // AdamW of group g with its state in the home, chunk by chunk.
   absl::Status HomeAdamW(size_t g, const std::vector<GroupSegment>& segments,
                          const engine::AdamWHyper& hyper, int64_t step, float coef,
                          engine::ThreadPool& pool);
-  // Writes every group's bf16 copy from its master weights, and zero moments.
+  // Zero moments of every group.
   absl::Status ResetMoments(engine::ThreadPool& pool);
-  void WriteBf16(engine::ThreadPool& pool);
+  absl::Status WriteBf16(engine::ThreadPool& pool);
   float* Master(size_t g, int gen) const { return master_[gen][g].get(); }
   float* M(size_t g, int gen) const { return m_[gen][g].get(); }
   float* V(size_t g, int gen) const { return v_[gen][g].get(); }
@@ -193,14 +206,16 @@ class HostTrainingState {
   const engine::ModelConfig config_;
   const std::vector<TensorGroupShape> shapes_;
   const std::vector<HostGroupBuffers> buffers_;
-  const MomentsHome moments_;
+  const StateHome home_;
   // Per generation and group; generation 1 only with two generations (none for the
-  // embedding), m_ and v_ empty with a home.
+  // embedding), all empty with a home.
   std::vector<std::unique_ptr<float[]>> master_[2], m_[2], v_[2];
   std::vector<int> current_;
-  // With a home: three chunk slots of m and v each (one updated, one being read, one being
-  // written).
+  // With a home: three chunk slots of master weights, m and v each (one updated, one being
+  // read, one being written), and whether SetParams or InitRandom has placed the state there.
   std::unique_ptr<float[]> slots_;
+  int64_t slot_elems_ = 0;
+  bool placed_ = true;
   std::vector<int64_t> grad_rows_;                        // rows the last gradient wrote
 };
 

@@ -1,5 +1,5 @@
 // The streamed CUDA trainer's host side on the CPU: its AdamW against the engine's on the same
-// tensors, moments in a TensorHome, the embedding's rows split and gathered, the embedding's
+// tensors, master weights and moments in a TensorHome, the embedding's rows split and gathered, the embedding's
 // gradient from the tokens' input gradients, and the job queue.
 #include "worker/cuda/host_state.h"
 
@@ -105,7 +105,7 @@ void ExpectMatchesEngine(bool tied, engine::TensorHome* home) {
   const engine::ModelConfig c = Config(tied);
   engine::ThreadPool pool(3);
   Buffers buf(c);
-  MomentsHome mh;
+  StateHome mh;
   mh.home = home;
   mh.prefix = "job/";
   mh.chunk_elems = 1000;  // many chunks a group, the last of each shorter
@@ -177,7 +177,7 @@ TEST(HostTrainingStateTest, AdamWMatchesTheEngine) {
   ExpectMatchesEngine(true, nullptr);
 }
 
-TEST(HostTrainingStateTest, MomentsInAHomeGiveTheSameUpdates) {
+TEST(HostTrainingStateTest, StateInAHomeGivesTheSameUpdates) {
   engine::MemoryTensorHome home;
   ExpectMatchesEngine(false, &home);
   // Freed with the state.
@@ -187,26 +187,36 @@ TEST(HostTrainingStateTest, MomentsInAHomeGiveTheSameUpdates) {
   EXPECT_GT(home.bytes_in(), 0);
 }
 
-TEST(HostTrainingStateTest, MomentsInAHomeLiveInItsTier) {
+TEST(HostTrainingStateTest, StateInAHomeLivesInItsTier) {
   const engine::ModelConfig c = Config(false);
   engine::ThreadPool pool(2);
   Buffers buf(c);
   engine::MemoryTensorHome home;
-  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  StateHome mh{&home, "j/", engine::HomeTier::kNvme};
   mh.chunk_elems = 4096;
   auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
   ASSERT_TRUE(state.ok()) << state.status();
+  // Nothing is written before the weights are placed, and nothing can be read or updated.
+  EXPECT_EQ(home.num_tensors(), 0);
+  engine::ModelParams none;
+  EXPECT_EQ((*state)->GetParams(&none).code(), absl::StatusCode::kFailedPrecondition);
+  const absl::Status early = (*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool);
+  EXPECT_EQ(early.code(), absl::StatusCode::kFailedPrecondition) << early;
+  EXPECT_THAT(std::string(early.message()), HasSubstr("no weights"));
+  ASSERT_TRUE((*state)->InitRandom(3, pool).ok());
   int64_t elems = 0, chunks = 0;
   for (const TensorGroupShape& s : (*state)->shapes()) {
     elems += s.elems;
     chunks += (s.elems + 4095) / 4096;
   }
-  EXPECT_EQ(home.num_tensors(), 2 * chunks);
-  EXPECT_EQ(home.bytes_stored(engine::HomeTier::kNvme), 8 * elems);
-  engine::HomeTier tier;
-  ASSERT_TRUE(home.TierOf("j/m/0/0", &tier).ok());
-  EXPECT_EQ(tier, engine::HomeTier::kNvme);
-  // The state keeps the master weights and three chunks of each moment, not the moments (on a
+  EXPECT_EQ(home.num_tensors(), 3 * chunks);
+  EXPECT_EQ(home.bytes_stored(engine::HomeTier::kNvme), 12 * elems);
+  for (const char* id : {"j/master/0/0", "j/m/0/0", "j/v/1/1"}) {
+    engine::HomeTier tier;
+    ASSERT_TRUE(home.TierOf(id, &tier).ok()) << id;
+    EXPECT_EQ(tier, engine::HomeTier::kNvme) << id;
+  }
+  // The state keeps three chunks of the master weights and of each moment, not the state (on a
   // model larger than a chunk).
   engine::ModelConfig big = c;
   big.hidden_size = 4096;
@@ -216,13 +226,51 @@ TEST(HostTrainingStateTest, MomentsInAHomeLiveInItsTier) {
   big.vocab_size = 128256;
   int64_t big_elems = 0;
   for (const TensorGroupShape& s : TensorGroupShapes(big)) big_elems += s.elems;
-  EXPECT_EQ(HostTrainingState::OwnBytes(big, false) - HostTrainingState::OwnBytes(big, true),
-            8 * big_elems - 3 * 2 * 4 * MomentsHome().chunk_elems);
-  EXPECT_EQ(HostTrainingState::MomentsBytes(c), 8 * elems);
+  EXPECT_EQ(HostTrainingState::OwnBytes(big, false), 12 * big_elems);
+  EXPECT_EQ(HostTrainingState::OwnBytes(big, true), 3 * 3 * 4 * StateHome().chunk_elems);
+  EXPECT_EQ(HostTrainingState::HomeBytes(c), 12 * elems);
   // A home that fails is reported by the update that needed it.
   ASSERT_TRUE(home.Free("j/v/1/2").ok());
   const absl::Status s = (*state)->AdamW(1, nullptr, Hyper(), 1, 1.0f, pool);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+}
+
+// Random or given weights placed in a home a chunk at a time (chunks that split tensors and
+// the padding between them) are the values the state keeps in this process, and so are the
+// bf16 copies, also when rewritten from the home.
+TEST(HostTrainingStateTest, WeightsPlacedInAHomeEqualThoseKeptInThisProcess) {
+  for (bool tied : {false, true}) {
+    const engine::ModelConfig c = Config(tied);
+    engine::ThreadPool pool(3);
+    engine::MemoryTensorHome home;
+    StateHome mh{&home, "j/", engine::HomeTier::kHost};
+    mh.chunk_elems = 1000;
+    Buffers a(c), b(c);
+    auto sa = HostTrainingState::Create(c, a.Views(), {}, pool);
+    auto sb = HostTrainingState::Create(c, b.Views(), mh, pool);
+    ASSERT_TRUE(sa.ok() && sb.ok());
+    engine::ModelParams ga, gb;
+    ASSERT_TRUE((*sa)->InitRandom(7, pool).ok());
+    ASSERT_TRUE((*sb)->InitRandom(7, pool).ok());
+    ASSERT_TRUE((*sa)->GetParams(&ga).ok());
+    ASSERT_TRUE((*sb)->GetParams(&gb).ok());
+    ExpectSame(c, gb, ga, "InitRandom");
+    EXPECT_EQ(a.params, b.params);
+    engine::RandomWeights random(c, 13, &pool);
+    engine::ModelParams p;
+    engine::InitParams(c, 13, &p, &pool);
+    ASSERT_TRUE((*sa)->SetParams(p, pool).ok());
+    ASSERT_TRUE((*sb)->SetParams(random, pool).ok());
+    ASSERT_TRUE((*sa)->GetParams(&ga).ok());
+    ASSERT_TRUE((*sb)->GetParams(&gb).ok());
+    ExpectSame(c, gb, ga, "SetParams");
+    EXPECT_EQ(a.params, b.params);
+    for (std::vector<uint16_t>& x : b.params) std::fill(x.begin(), x.end(), 0x7fc0);
+    for (size_t g = 0; g < b.params.size(); ++g) {
+      ASSERT_TRUE((*sb)->RewriteBf16(g, pool).ok());
+    }
+    EXPECT_EQ(a.params, b.params);
+  }
 }
 
 // A home whose writes start failing after `ok_puts` of them.
@@ -247,11 +295,14 @@ TEST(HostTrainingStateTest, AFailingHomeFailsTheUpdate) {
   Buffers buf(c);
   int64_t chunks = 0;
   for (const TensorGroupShape& s : TensorGroupShapes(c)) chunks += (s.elems + 999) / 1000;
-  FailingHome home(2 * chunks + 3);  // the zero moments, then three writes of the update
-  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  // The weights and zero moments placed, then the update's writes: the second chunk's moments
+  // fail.
+  FailingHome home(3 * chunks + 4);
+  StateHome mh{&home, "j/", engine::HomeTier::kNvme};
   mh.chunk_elems = 1000;
   auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
   ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_TRUE((*state)->InitRandom(1, pool).ok());
   const absl::Status s = (*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("connection reset"));
@@ -262,13 +313,14 @@ TEST(HostTrainingStateTest, AHomeHoldsOneGenerationOfChunksOfSomeSize) {
   engine::ThreadPool pool(1);
   Buffers buf(c);
   engine::MemoryTensorHome home;
-  MomentsHome mh{&home, "j/", engine::HomeTier::kNvme};
+  StateHome mh{&home, "j/", engine::HomeTier::kNvme};
   mh.chunk_elems = 0;
   EXPECT_EQ(HostTrainingState::Create(c, buf.Views(), mh, pool).status().code(),
             absl::StatusCode::kInvalidArgument);
   mh.chunk_elems = 5000;
   auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
   ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_TRUE((*state)->InitRandom(1, pool).ok());
   EXPECT_EQ((*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool, 0, 1).code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE((*state)->AdamW(0, nullptr, Hyper(), 1, 1.0f, pool, 0, 0).ok());
@@ -280,16 +332,17 @@ TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
   Buffers buf(c);
   engine::MemoryTensorHome home;
   {
-    MomentsHome mh{&home, "j/", engine::HomeTier::kHost};
+    StateHome mh{&home, "j/", engine::HomeTier::kHost};
     mh.freed_by_owner = true;
     auto state = HostTrainingState::Create(c, buf.Views(), mh, pool);
     ASSERT_TRUE(state.ok());
+    ASSERT_TRUE((*state)->InitRandom(1, pool).ok());
   }
   int64_t chunks = 0;
   for (const TensorGroupShape& sh : TensorGroupShapes(c)) {
-    chunks += (sh.elems + MomentsHome().chunk_elems - 1) / MomentsHome().chunk_elems;
+    chunks += (sh.elems + StateHome().chunk_elems - 1) / StateHome().chunk_elems;
   }
-  EXPECT_EQ(home.num_tensors(), 2 * chunks);
+  EXPECT_EQ(home.num_tensors(), 3 * chunks);
 }
 
 // An update written beside the current values is kept by SetCurrent, or redone with a clipped
@@ -338,14 +391,16 @@ TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
     set_grads(g);
     // Speculative, beside the current generation: the current weights and moments stay.
     for (size_t k = 0; k < groups; ++k) {
-      if (k != embed) ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 1.0f, pool, from, to).ok());
+      if (k != embed) {
+        ASSERT_TRUE(st.AdamW(k, nullptr, Hyper(), step, 1.0f, pool, from, to).ok());
+      }
     }
     engine::ModelParams gp;
     ASSERT_TRUE(st.GetParams(&gp).ok());
     ExpectSame(c, gp, p, "speculated");
     if (step == 1) {
       // Dropped: the bf16 copies are the current weights' again.
-      for (size_t k = 0; k < groups; ++k) st.RewriteBf16(k, pool);
+      for (size_t k = 0; k < groups; ++k) ASSERT_TRUE(st.RewriteBf16(k, pool).ok());
       expect_state("dropped");
       // Redone with a clipped gradient (the gradients were left as they came) and kept.
       for (size_t k = 0; k < groups; ++k) {
@@ -374,7 +429,7 @@ TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
       EXPECT_EQ(st.current(0), 0);  // back to generation 0
     }
   }
-  // The embedding has one generation; moments in a home cannot have two.
+  // The embedding has one generation; a state in a home cannot have two.
   EXPECT_EQ(st.AdamW(embed, nullptr, Hyper(), 3, 1.0f, pool, 0, 1).code(),
             absl::StatusCode::kFailedPrecondition);
   engine::MemoryTensorHome home;

@@ -35,9 +35,9 @@ absl::StatusOr<int64_t> CudaJobTrainer::DeviceBytes(const engine::TrainerOptions
 }
 
 CudaOffloadOptions CudaJobTrainer::OffloadOptions(const engine::TrainerOptions& options,
-                                                  const MomentsHome& moments, bool speculate) {
+                                                  const StateHome& state_home, bool speculate) {
   CudaOffloadOptions o;
-  o.moments = moments;
+  o.state_home = state_home;
   o.speculate = speculate;
   o.batch = options.train.micro_batch_size;
   o.seq = options.train.seq_len;
@@ -52,7 +52,7 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadDeviceBytes(const engine::Trainer
 }
 
 absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOptions& options,
-                                                         bool moments_at_home, bool speculate) {
+                                                         bool state_at_home, bool speculate) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   // Plus the fp32 copies the job makes next to the trainer's state, a tensor group at a time:
   // a group's initial weights while it starts, both moments of a group while it writes or
@@ -62,13 +62,13 @@ absl::StatusOr<int64_t> CudaJobTrainer::OffloadHostBytes(const engine::TrainerOp
     largest_group = std::max(largest_group, g.elems);
   }
   return CudaOffloadTrainer::HostBytes(options.model, OffloadOptions(options, {}, speculate),
-                                       moments_at_home) +
+                                       state_at_home) +
          8 * largest_group;
 }
 
 absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     const engine::TrainerOptions& options, CudaDevice* device, bool offload,
-    const MomentsHome& moments, bool speculate, const engine::ReplicaOptions& replica) {
+    const StateHome& state_home, bool speculate, const engine::ReplicaOptions& replica) {
   RETURN_IF_ERROR(engine::ValidateTrainerOptions(options));
   const engine::TrainConfig& t = options.train;
   if (replica.collective != nullptr && offload) {
@@ -96,7 +96,7 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
   if (offload) {
     ASSIGN_OR_RETURN(job->offload_,
                      CudaOffloadTrainer::Create(device, options.model,
-                                                OffloadOptions(options, moments, speculate)));
+                                                OffloadOptions(options, state_home, speculate)));
     RETURN_IF_ERROR(job->offload_->SetParams(*weights));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,
@@ -204,7 +204,7 @@ absl::Status CudaJobTrainer::Export(const std::string& dir) {
     return engine::SaveOptimizerState(dir + "/" + engine::kOptimizerFile, options_.model, m, v,
                                       step_);
   }
-  // Streamed: the state fills much of host memory (or its moments live in the memstore), so
+  // Streamed: the state fills much of host memory (or lives in the memstore), so
   // the files are written a tensor group (one layer) at a time.
   const std::map<std::string, size_t> group_of = TensorGroupOf(options_.model);
   auto from = [this, &group_of](int which) {

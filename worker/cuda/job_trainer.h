@@ -37,20 +37,20 @@ class CudaJobTrainer {
   // The offloaded trainer's shape for a job: one micro-batch of train.micro_batch_size x seq_len
   // tokens, train.grad_accum_steps of them a step.
   static CudaOffloadOptions OffloadOptions(const engine::TrainerOptions& options,
-                                           const MomentsHome& moments = {},
+                                           const StateHome& state_home = {},
                                            bool speculate = false);
   // Device and host bytes the offloaded job needs (CudaOffloadTrainer::WorkingSetBytes, and
   // HostBytes plus the fp32 copies of one tensor group's initial weights or of its two moments
-  // that starting or checkpointing makes, a group at a time), with the moments in this
-  // process or in a home, and with a second generation when speculating
+  // that starting or checkpointing makes, a group at a time), with the master weights and
+  // moments in this process or in a home, and with a second generation when speculating
   // (CudaOffloadOptions::speculate). INVALID_ARGUMENT as DeviceBytes.
   static absl::StatusOr<int64_t> OffloadDeviceBytes(const engine::TrainerOptions& options);
   static absl::StatusOr<int64_t> OffloadHostBytes(const engine::TrainerOptions& options,
-                                                  bool moments_at_home = false,
+                                                  bool state_at_home = false,
                                                   bool speculate = false);
 
-  // `device` must outlive the trainer; `offload`: stream through host memory, with AdamW's
-  // moments in `moments` (default: this process' memory), speculating AdamW during the
+  // `device` must outlive the trainer; `offload`: stream through host memory, with the fp32
+  // master weights and AdamW's moments in `state_home` (default: this process' memory), speculating AdamW during the
   // backward when `speculate` (CudaOffloadOptions::speculate). `replica`: one replica of a job
   // on several workers (engine::ReplicaOptions; options.train.grad_accum_steps is its share),
   // resident only (FAILED_PRECONDITION with `offload`). INVALID_ARGUMENT
@@ -59,7 +59,7 @@ class CudaJobTrainer {
   // device's budget (or, offloaded, pinned host memory).
   static absl::StatusOr<std::unique_ptr<CudaJobTrainer>> Create(
       const engine::TrainerOptions& options, CudaDevice* device, bool offload = false,
-      const MomentsHome& moments = {}, bool speculate = false,
+      const StateHome& state_home = {}, bool speculate = false,
       const engine::ReplicaOptions& replica = {});
 
   // One optimizer step over train.grad_accum_steps micro-batches, as engine::Trainer::Step (a

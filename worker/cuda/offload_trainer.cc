@@ -68,13 +68,13 @@ absl::StatusOr<int64_t> CudaOffloadTrainer::WorkingSetBytes(const engine::ModelC
 }
 
 int64_t CudaOffloadTrainer::HostBytes(const engine::ModelConfig& c, const CudaOffloadOptions& o,
-                                      bool moments_at_home) {
+                                      bool state_at_home) {
   int64_t elems = 0;
   for (const TensorGroupShape& s : TensorGroupShapes(c)) elems += s.elems;
   const int64_t n = o.batch * o.seq, A = o.micro_batches, h = c.hidden_size;
   // Pinned bf16 weights and fp32 gradients, the host state's own, checkpoints of every layer's
   // input, the embedding's input gradients and gathered rows, token ids.
-  return elems * (2 + 4) + HostTrainingState::OwnBytes(c, moments_at_home, o.speculate) +
+  return elems * (2 + 4) + HostTrainingState::OwnBytes(c, state_at_home, o.speculate) +
          2 * c.num_hidden_layers * A * n * h + 2 * (2 * A * n * h) + 8 * A * n;
 }
 
@@ -138,7 +138,7 @@ absl::Status CudaOffloadTrainer::Allocate() {
     buffers.push_back({hg.param.as<uint16_t>(), hg.grad.as<float>()});
   }
   ASSIGN_OR_RETURN(state_, HostTrainingState::Create(config_, std::move(buffers),
-                                                     options_.moments, init_pool,
+                                                     options_.state_home, init_pool,
                                                      options_.speculate));
   cur_gen_.assign(shapes_.size(), 0);
   ASSIGN_OR_RETURN(ckpt_, dev->AllocatePinned(2 * L_ * A_ * n_ * h, "offload: checkpoints"));
@@ -313,7 +313,7 @@ void CudaOffloadTrainer::QueueEmbeddingRows(const engine::AdamWHyper& hyper, int
   embed_rest_.clear();
   // The next step's rows are unknown, or the moments live in a home (each update streams all
   // of the group's moment chunks): the whole table, gathered by the next step.
-  if (next.empty() || state_->moments_at_home()) {
+  if (next.empty() || state_->state_at_home()) {
     gathered_for_.clear();
     QueueAdamW(embed, hyper, step, coef);
     return;
@@ -676,8 +676,7 @@ void CudaOffloadTrainer::DropSpeculation() {
   HostTrainingState* state = state_.get();
   for (size_t g : spec_) {
     done_[g] = queue_->Submit(nullptr, [state, g](engine::ThreadPool& pool) {
-      state->RewriteBf16(g, pool);
-      return absl::OkStatus();
+      return state->RewriteBf16(g, pool);
     });
     if (static_cast<int64_t>(g) < L_) params_stale_[g] = true;
   }

@@ -15,8 +15,8 @@
 // the current state and is kept or redone once the norm is known. Without clipping, each
 // layer's AdamW starts as soon as its gradient is home, overlapping the backward of the layers
 // below. Either way the update is the exact synchronous one of CudaTrainer up to bf16
-// rounding. The moments may live in a TensorHome (the memstore's NVMe tier) instead of host
-// memory.
+// rounding. The master weights and moments may live in a TensorHome (the memstore's NVMe tier)
+// instead of host memory, leaving 6 bytes per parameter there.
 // Thread-compatible: one thread drives a CudaOffloadTrainer.
 #ifndef LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
 #define LUMEN_WORKER_CUDA_OFFLOAD_TRAINER_H_
@@ -51,15 +51,15 @@ struct CudaOffloadOptions {
   int64_t head_chunk_tokens = 512;
   int64_t head_blocks = 32;
   kernels::AttentionKernel attention = kernels::AttentionKernel::kAuto;
-  // Where AdamW's moments live: in this process (default), or in a TensorHome such as the
-  // memstore, whose NVMe tier holds what host RAM cannot (8 bytes per parameter read and
-  // written every step; the embedding's update then runs as one job).
-  MomentsHome moments;
+  // Where the fp32 master weights and AdamW's moments live: in this process (default), or in
+  // a TensorHome such as the memstore, whose NVMe tier holds what host RAM cannot (12 bytes
+  // per parameter read and written every step; the embedding's update then runs as one job).
+  StateHome state_home;
   // AdamW of each decoder layer, the norm and the untied head starts as soon as its gradients
   // are home even with clipping, written beside the current weights and moments (a second
   // generation: 12 more bytes per parameter of host memory), and is kept once the step's norm
   // needs no clipping, redone with the clipped gradients when it does, dropped when the norm is
-  // not finite. Needs the moments in this process; steps without clipping update in place.
+  // not finite. Needs the state in this process; steps without clipping update in place.
   bool speculate = false;
 };
 
@@ -82,11 +82,11 @@ class CudaOffloadTrainer {
   static absl::StatusOr<int64_t> WorkingSetBytes(const engine::ModelConfig& config,
                                                  const CudaOffloadOptions& options);
   // Pinned and pageable host bytes the trainer allocates: bf16 parameters, fp32 gradients,
-  // master weights and, unless `moments_at_home` (options.moments will name a home), the
+  // and, unless `state_at_home` (options.state_home will name a home), the master weights and
   // moments, a second generation when options.speculate; the step's layer-input checkpoints
   // and embedding rows.
   static int64_t HostBytes(const engine::ModelConfig& config, const CudaOffloadOptions& options,
-                           bool moments_at_home);
+                           bool state_at_home);
   // The training state as the engine counts it (OffloadRequirements::training_state_bytes):
   // ResidentState::Bytes plus every layer's input and the last layer's output, every
   // micro-batch.
@@ -166,7 +166,7 @@ class CudaOffloadTrainer {
                   std::function<void(engine::ThreadPool&)> after = nullptr, int from = -1,
                   int to = -1);
   // The embedding's AdamW in two jobs: the rows `next` needs (gathered into embed_in_ once
-  // updated; all rows when `next` is empty or the moments are in a home), and later the others.
+  // updated; all rows when `next` is empty or the state is in a home), and later the others.
   void QueueEmbeddingRows(const engine::AdamWHyper& hyper, int64_t step, float coef,
                           const std::vector<int32_t>& next);
   void QueueEmbeddingRest(const engine::AdamWHyper& hyper, int64_t step, float coef);
