@@ -177,7 +177,8 @@ absl::StatusOr<double> ResidentState::SumGradsAcrossReplicas(engine::Collective*
   cudaStream_t st = device_->compute_stream();
   int64_t total = 0;
   for (const DeviceTensorGroup& grp : groups_) total += grp.elems;
-  std::vector<float> flat(total);
+  std::vector<float>& flat = replica_grads_;
+  flat.resize(total);
   int64_t at = 0;
   for (DeviceTensorGroup& grp : groups_) {
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(flat.data() + at, grp.grad.get(), grp.elems * 4,

@@ -85,6 +85,9 @@ class ResidentState {
   // layers 0..L-1, then embed_tokens, norm, lm_head (when untied).
   std::vector<DeviceTensorGroup> groups_;
   DeviceBuffer norm_acc_;
+  // SumGradsAcrossReplicas' host copy of the gradients, kept from step to step (allocating and
+  // zeroing 4 bytes a parameter each step costs about as much as the copies).
+  std::vector<float> replica_grads_;
 };
 
 struct CudaStepResult {
