@@ -83,9 +83,9 @@ absl::Status MemstoreCollective::Await(const std::string& id, const std::string&
   }
 }
 
-absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<float>* values,
+absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, absl::Span<float> values,
                                                    std::vector<double>* scalars) {
-  const int64_t n = static_cast<int64_t>(values->size());
+  const int64_t n = static_cast<int64_t>(values.size());
   const int64_t scalar_bytes = static_cast<int64_t>(scalars->size() * sizeof(double));
   // A part: the shard's values, the scalars, the step (so no tensor is ever empty).
   auto part_bytes = [&](const engine::MicroBatchShare& shard) {
@@ -110,7 +110,7 @@ absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<flo
   for (int k = 0; k < size_; ++k) {
     if (k == rank_) continue;
     const engine::MicroBatchShare shard = engine::MicroBatchShareOf(n, k, size_);
-    pack(values->data() + shard.first, shard, scalars->data(), &buf);
+    pack(values.data() + shard.first, shard, scalars->data(), &buf);
     RETURN_IF_ERROR(
         memstore_->Write(PartId(step, rank_, k), buf.data(), buf.size(), "uint8", TIER_HOST));
   }
@@ -120,7 +120,7 @@ absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<flo
   std::vector<float> sum(own.count);
   std::vector<double> sum_scalars(scalars->size());
   for (int r = 0; r < size_; ++r) {
-    const float* v = values->data() + own.first;
+    const float* v = values.data() + own.first;
     const double* s = scalars->data();
     if (r != rank_) {
       RETURN_IF_ERROR(Await(PartId(step, r, rank_), absl::StrCat("replica ", r, "'s gradients"),
@@ -147,13 +147,13 @@ absl::Status MemstoreCollective::SumAcrossReplicas(int64_t step, std::vector<flo
   last_step_ = step;
   pack(sum.data(), own, sum_scalars.data(), &buf);
   RETURN_IF_ERROR(memstore_->Write(SumId(step, rank_), buf.data(), buf.size(), "uint8", TIER_HOST));
-  std::copy(sum.begin(), sum.end(), values->begin() + own.first);
+  std::copy(sum.begin(), sum.end(), values.begin() + own.first);
   for (int k = 0; k < size_; ++k) {
     if (k == rank_) continue;
     const engine::MicroBatchShare shard = engine::MicroBatchShareOf(n, k, size_);
     RETURN_IF_ERROR(Await(SumId(step, k), absl::StrCat("replica ", k, "'s sum"), step, &buf,
                           part_bytes(shard), own_part_bytes));
-    std::memcpy(values->data() + shard.first, buf.data(), shard.count * sizeof(float));
+    std::memcpy(values.data() + shard.first, buf.data(), shard.count * sizeof(float));
     if (k == 0) {
       std::memcpy(sum_scalars.data(), buf.data() + shard.count * sizeof(float), scalar_bytes);
     }

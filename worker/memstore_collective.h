@@ -46,7 +46,7 @@ class MemstoreCollective : public engine::Collective {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  absl::Status SumAcrossReplicas(int64_t step, std::vector<float>* values,
+  absl::Status SumAcrossReplicas(int64_t step, absl::Span<float> values,
                                  std::vector<double>* scalars) override;
 
  private:

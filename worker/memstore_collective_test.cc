@@ -83,7 +83,7 @@ TEST(MemstoreCollectiveTest, ReplicasGetTheSameRankOrderSums) {
         std::vector<float> values = {0.1f * (r + 1), 1e8f * (r == 1 ? 1 : 0), 1.0f + step,
                                      -0.5f * r};
         std::vector<double> scalars = {0.5 * r};
-        status[r] = c.SumAcrossReplicas(step, &values, &scalars);
+        status[r] = c.SumAcrossReplicas(step, absl::MakeSpan(values), &scalars);
         got[r] = values;
         got_scalars[r] = scalars;
       }
@@ -130,7 +130,7 @@ TEST(MemstoreCollectiveTest, EachReplicaMovesAboutTwiceItsValues) {
         std::vector<float> values(kValues);
         for (int64_t i = 0; i < kValues; ++i) values[i] = static_cast<float>(r * 7 + i % 13);
         std::vector<double> scalars = {1.0};
-        status[r] = c.SumAcrossReplicas(step, &values, &scalars);
+        status[r] = c.SumAcrossReplicas(step, absl::MakeSpan(values), &scalars);
         got[r] = std::move(values);
       }
     });
@@ -164,7 +164,7 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
   });
   std::vector<float> values = {1.0f};
   std::vector<double> scalars;
-  absl::Status s = waiting.SumAcrossReplicas(4, &values, &scalars);
+  absl::Status s = waiting.SumAcrossReplicas(4, absl::MakeSpan(values), &scalars);
   canceller.join();
   EXPECT_EQ(s.code(), absl::StatusCode::kCancelled) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("replica 1's gradients of step 4"));
@@ -177,7 +177,7 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
                     .ok());
   });
   const absl::Time start = absl::Now();
-  s = abandoned.SumAcrossReplicas(7, &values, &scalars);
+  s = abandoned.SumAcrossReplicas(7, absl::MakeSpan(values), &scalars);
   reclaim.join();
   EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
   EXPECT_THAT(std::string(s.message()), HasSubstr("the exchange was freed"));
@@ -185,7 +185,7 @@ TEST(MemstoreCollectiveTest, AMissingPeerEndsTheWaitByCancelOrTimeout) {
 
   MemstoreCollective timed(&memstore, "job-000003", 0, 1, 2, [] { return false; },
                            absl::Milliseconds(50));
-  s = timed.SumAcrossReplicas(0, &values, &scalars);
+  s = timed.SumAcrossReplicas(0, absl::MakeSpan(values), &scalars);
   EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
   EXPECT_THAT(std::string(s.message()),
               HasSubstr("replica 0's gradients of job-000003 for step 0 did not come within"));
@@ -219,7 +219,7 @@ TEST(MemstoreCollectiveTest, ARunIgnoresWhatAStoppedRunWroteLate) {
                            absl::Seconds(10));
       std::vector<float> values = {1.0f + r, 10.0f + r, 100.0f + r, 1000.0f + r};
       std::vector<double> scalars = {0.5};
-      status[r] = c.SumAcrossReplicas(kStep, &values, &scalars);
+      status[r] = c.SumAcrossReplicas(kStep, absl::MakeSpan(values), &scalars);
       got[r] = values;
     });
   }

@@ -650,7 +650,8 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
 }
 
 // The fp32 master weights and AdamW's moments in a TensorHome (the memstore's NVMe tier in the
-// worker) train the same job as the state in the trainer's memory.
+// worker) train the same job as the state in the trainer's memory, write the same checkpoint,
+// and a job resumed from it into the home continues as the run that kept going.
 TEST_P(TrainingTest, OffloadedJobWithStateInAHomeMatchesStateInMemory) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
@@ -673,7 +674,7 @@ TEST_P(TrainingTest, OffloadedJobWithStateInAHomeMatchesStateInMemory) {
     chunks += (g.elems + state_home.chunk_elems - 1) / state_home.chunk_elems;
   }
   EXPECT_EQ(home.num_tensors(), 3 * chunks);
-  for (int s = 0; s < 6; ++s) {
+  for (int s = 0; s < 4; ++s) {
     auto a = (*in_memory)->Step();
     auto b = (*at_home)->Step();
     ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
@@ -687,8 +688,30 @@ TEST_P(TrainingTest, OffloadedJobWithStateInAHomeMatchesStateInMemory) {
   // The same weights and moments (up to the device's run-to-run summation order).
   ExpectCheckpointsClose(c, ca, cb, 1e-3);
   EXPECT_EQ(home.bytes_stored(engine::HomeTier::kHost), 0);
+  // The run that kept going, then one resumed from its checkpoint into the home (weights and
+  // moments read a group at a time and written there): the same last two steps.
+  std::vector<double> kept;
+  for (int s = 4; s < 6; ++s) {
+    auto r = (*at_home)->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    kept.push_back(r->loss);
+  }
   at_home->reset();
   EXPECT_EQ(home.num_tensors(), 0);  // freed with the trainer
+  in_memory->reset();
+  engine::TrainerOptions resume = o;
+  resume.init_from = cb;
+  resume.optimizer_state_from = cb + "/" + engine::kOptimizerFile;
+  auto resumed = CudaJobTrainer::Create(resume, dev->get(), /*offload=*/true, state_home);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_EQ((*resumed)->step(), 4);
+  for (int s = 4; s < 6; ++s) {
+    auto r = (*resumed)->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_NEAR(r->loss, kept[s - 4], 1e-3 * kept[s - 4]) << "resumed, step " << s;
+  }
+  resumed->reset();
+  EXPECT_EQ(home.num_tensors(), 0);
   fs::remove_all(dir);
 }
 

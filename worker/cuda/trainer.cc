@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "common/status_macros.h"
 #include "worker/cuda/cuda_status.h"
 #include "worker/cuda/kernels.h"
@@ -177,8 +178,11 @@ absl::StatusOr<double> ResidentState::SumGradsAcrossReplicas(engine::Collective*
   cudaStream_t st = device_->compute_stream();
   int64_t total = 0;
   for (const DeviceTensorGroup& grp : groups_) total += grp.elems;
-  std::vector<float>& flat = replica_grads_;
-  flat.resize(total);
+  if (replica_grads_.bytes() != 4 * total) {
+    ASSIGN_OR_RETURN(replica_grads_,
+                     device_->AllocatePinned(4 * total, "data parallel: host gradients"));
+  }
+  const absl::Span<float> flat(replica_grads_.as<float>(), total);
   int64_t at = 0;
   for (DeviceTensorGroup& grp : groups_) {
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(flat.data() + at, grp.grad.get(), grp.elems * 4,
@@ -188,7 +192,7 @@ absl::StatusOr<double> ResidentState::SumGradsAcrossReplicas(engine::Collective*
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st), "data parallel: gradients to the host");
   std::vector<double> scalars = {*loss_sum};
-  RETURN_IF_ERROR(collective->SumAcrossReplicas(step, &flat, &scalars));
+  RETURN_IF_ERROR(collective->SumAcrossReplicas(step, flat, &scalars));
   *loss_sum = scalars[0];
   at = 0;
   for (DeviceTensorGroup& grp : groups_) {

@@ -58,7 +58,8 @@ class ResidentState {
   // Global L2 norm of the gradients (synchronises the compute stream).
   absl::StatusOr<double> GradNorm();
   // Data parallelism: replaces the gradients by their sums over the replicas of `collective`
-  // (through host memory: every gradient is copied out, summed, copied back), `loss_sum` by its
+  // (through pinned host memory, 4 bytes a parameter allocated at the first call: every
+  // gradient is copied out, summed in place, copied back), `loss_sum` by its
   // sum, and returns the norm of the summed gradients, computed on the host in a fixed order so
   // every replica gets the same bits (GradNorm's device reduction adds in no fixed order).
   // `step` is the collective's 0-based step. Synchronises.
@@ -85,9 +86,9 @@ class ResidentState {
   // layers 0..L-1, then embed_tokens, norm, lm_head (when untied).
   std::vector<DeviceTensorGroup> groups_;
   DeviceBuffer norm_acc_;
-  // SumGradsAcrossReplicas' host copy of the gradients, kept from step to step (allocating and
-  // zeroing 4 bytes a parameter each step costs about as much as the copies).
-  std::vector<float> replica_grads_;
+  // SumGradsAcrossReplicas' host copy of the gradients: pinned, so the copies run at the
+  // link's full rate, and kept from step to step (allocated at the first exchange).
+  PinnedBuffer replica_grads_;
 };
 
 struct CudaStepResult {

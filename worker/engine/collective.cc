@@ -19,7 +19,7 @@ class LocalCollectives::Replica : public Collective {
   Replica(LocalCollectives* group, int rank) : group_(group), rank_(rank) {}
   int rank() const override { return rank_; }
   int size() const override { return group_->size_; }
-  absl::Status SumAcrossReplicas(int64_t, std::vector<float>* values,
+  absl::Status SumAcrossReplicas(int64_t, absl::Span<float> values,
                                  std::vector<double>* scalars) override {
     return group_->Sum(rank_, values, scalars);
   }
@@ -38,32 +38,32 @@ LocalCollectives::~LocalCollectives() = default;
 
 Collective* LocalCollectives::Member(int rank) { return members_[rank].get(); }
 
-absl::Status LocalCollectives::Sum(int rank, std::vector<float>* values,
+absl::Status LocalCollectives::Sum(int rank, absl::Span<float> values,
                                    std::vector<double>* scalars) {
   absl::MutexLock lock(&mu_);
   // A replica that comes back for the next step waits until every one has left this one.
   auto open = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return arrived_ < size_; };
   mu_.Await(absl::Condition(&open));
-  values_[rank] = *values;
+  values_[rank].assign(values.begin(), values.end());
   scalars_[rank] = *scalars;
   ++arrived_;
   auto all = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return arrived_ == size_; };
   mu_.Await(absl::Condition(&all));
   absl::Status status;
   for (int r = 0; r < size_ && status.ok(); ++r) {
-    if (values_[r].size() != values->size() || scalars_[r].size() != scalars->size()) {
+    if (values_[r].size() != values.size() || scalars_[r].size() != scalars->size()) {
       status = absl::InternalError(absl::StrCat("replica ", r, " sent ", values_[r].size(),
                                                 " values; replica ", rank, " ",
-                                                values->size()));
+                                                values.size()));
     }
   }
   if (status.ok()) {
     // In rank order, from replica 0's values: every replica adds the same numbers the same
     // way.
-    *values = values_[0];
+    std::copy(values_[0].begin(), values_[0].end(), values.begin());
     *scalars = scalars_[0];
     for (int r = 1; r < size_; ++r) {
-      for (size_t i = 0; i < values->size(); ++i) (*values)[i] += values_[r][i];
+      for (size_t i = 0; i < values.size(); ++i) values[i] += values_[r][i];
       for (size_t i = 0; i < scalars->size(); ++i) (*scalars)[i] += scalars_[r][i];
     }
   }

@@ -13,6 +13,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 
 namespace lumen::engine {
 
@@ -23,11 +24,11 @@ class Collective {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // Replaces `values` and `scalars` (the same lengths on every replica) by their element-wise
-  // sums over the replicas, added in rank order so every replica gets the same bits; returns
+  // sums over the replicas (in place: `values` may be pinned memory the caller copies with), added in rank order so every replica gets the same bits; returns
   // only when every replica has called it. Every replica makes the same calls in the same
   // order, each numbered higher than the one before (a step's number, or several numbers a
   // step). Errors name the replica that did not take part (a peer that died, a cancelled task).
-  virtual absl::Status SumAcrossReplicas(int64_t step, std::vector<float>* values,
+  virtual absl::Status SumAcrossReplicas(int64_t step, absl::Span<float> values,
                                          std::vector<double>* scalars) = 0;
 };
 
@@ -60,7 +61,7 @@ class LocalCollectives {
 
  private:
   class Replica;
-  absl::Status Sum(int rank, std::vector<float>* values, std::vector<double>* scalars);
+  absl::Status Sum(int rank, absl::Span<float> values, std::vector<double>* scalars);
 
   const int size_;
   std::vector<std::unique_ptr<Replica>> members_;

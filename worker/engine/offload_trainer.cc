@@ -322,8 +322,7 @@ absl::Status OffloadTrainer::Init() {
 std::string OffloadTrainer::ReplicaPrefix(int rank) { return absl::StrCat("r", rank, "/"); }
 
 absl::Status OffloadTrainer::ReplicaBarrier(int phase, std::vector<double> *scalars) {
-  std::vector<float> none;
-  return offload_.replica.collective->SumAcrossReplicas(4 * step_ + phase, &none, scalars);
+  return offload_.replica.collective->SumAcrossReplicas(4 * step_ + phase, {}, scalars);
 }
 
 absl::StatusOr<OffloadRequirements> OffloadTrainer::Requirements(const TrainerOptions &options) {
@@ -1053,7 +1052,8 @@ absl::Status OffloadTrainer::SumAcrossReplicas(double *loss_sum) {
   flat.reserve(total);
   for (const DeviceBuffer *g : grads) flat.insert(flat.end(), g->data.begin(), g->data.end());
   std::vector<double> scalars = {*loss_sum};
-  RETURN_IF_ERROR(offload_.replica.collective->SumAcrossReplicas(step_, &flat, &scalars));
+  RETURN_IF_ERROR(offload_.replica.collective->SumAcrossReplicas(step_, absl::MakeSpan(flat),
+                                                                 &scalars));
   *loss_sum = scalars[0];
   int64_t at = 0;
   for (size_t i = 0; i < grads.size(); ++i) {
