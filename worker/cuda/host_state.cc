@@ -277,7 +277,7 @@ absl::Status HostTrainingState::SetParams(const engine::ModelParams& params,
 }
 
 absl::Status HostTrainingState::SetParams(engine::WeightsSource& weights,
-                                          engine::ThreadPool& pool) {
+                                          engine::ThreadPool& pool, bool zero_moments) {
   const std::map<std::string, size_t> group_of = TensorGroupOf(config_);
   // The groups in the order their tensors come in NamedTensors (the embedding's first), which
   // a source may require (engine::RandomWeights); each group's tensors are contiguous there.
@@ -303,7 +303,7 @@ absl::Status HostTrainingState::SetParams(engine::WeightsSource& weights,
     RETURN_IF_ERROR(CopyInGroup(0, g, one));
     if (home_.home == nullptr) RETURN_IF_ERROR(RewriteBf16(g, pool));
   }
-  RETURN_IF_ERROR(ResetMoments(pool));
+  if (zero_moments) RETURN_IF_ERROR(ResetMoments(pool));
   placed_ = true;
   return absl::OkStatus();
 }

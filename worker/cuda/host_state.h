@@ -118,8 +118,11 @@ class HostTrainingState {
   absl::Status SetParams(const engine::ModelParams& params, engine::ThreadPool& pool);
   // The same with the weights read from `weights` a tensor group at a time, in NamedTensors
   // order (a checkpoint's file, or engine::RandomWeights): no whole copy of them beside the
-  // master weights.
-  absl::Status SetParams(engine::WeightsSource& weights, engine::ThreadPool& pool);
+  // master weights. Without `zero_moments` the moments are left as they are: the caller sets
+  // every group's next (SetMomentsGroup, as a resume does), so a home's are written once, not
+  // as zeros first (8 bytes a parameter of drive writes).
+  absl::Status SetParams(engine::WeightsSource& weights, engine::ThreadPool& pool,
+                         bool zero_moments = true);
   // The device's ResidentState::InitRandom(seed) values (kernels::FillNormal's hash), zero
   // moments.
   absl::Status InitRandom(uint64_t seed, engine::ThreadPool& pool);

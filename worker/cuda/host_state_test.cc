@@ -265,6 +265,27 @@ TEST(HostTrainingStateTest, WeightsPlacedInAHomeEqualThoseKeptInThisProcess) {
     ASSERT_TRUE((*sb)->GetParams(&gb).ok());
     ExpectSame(c, gb, ga, "SetParams");
     EXPECT_EQ(a.params, b.params);
+    // A resume places the weights, then sets each group's moments: written once.
+    engine::MemoryTensorHome resumed_home;
+    StateHome rh{&resumed_home, "j/", engine::HomeTier::kHost};
+    rh.chunk_elems = 1000;
+    Buffers r(c);
+    auto sr = HostTrainingState::Create(c, r.Views(), rh, pool);
+    ASSERT_TRUE(sr.ok());
+    engine::RandomWeights again(c, 13, &pool);
+    ASSERT_TRUE((*sr)->SetParams(again, pool, /*zero_moments=*/false).ok());
+    int64_t chunks = 0;
+    for (const TensorGroupShape& sh : (*sr)->shapes()) chunks += (sh.elems + 999) / 1000;
+    EXPECT_EQ(resumed_home.num_tensors(), chunks);  // the master weights only
+    const engine::ModelParams m = RandomParams(c, 30, 0.01f), v = RandomParams(c, 31, 0.01f);
+    for (size_t g = 0; g < r.params.size(); ++g) {
+      ASSERT_TRUE((*sr)->SetMomentsGroup(g, m, v).ok());
+    }
+    EXPECT_EQ(resumed_home.num_tensors(), 3 * chunks);
+    engine::ModelParams gm, gv;
+    ASSERT_TRUE((*sr)->GetMoments(&gm, &gv).ok());
+    ExpectSame(c, gm, m, "resumed m");
+    ExpectSame(c, gv, v, "resumed v");
     for (std::vector<uint16_t>& x : b.params) std::fill(x.begin(), x.end(), 0x7fc0);
     for (size_t g = 0; g < b.params.size(); ++g) {
       ASSERT_TRUE((*sb)->RewriteBf16(g, pool).ok());

@@ -97,7 +97,9 @@ absl::StatusOr<std::unique_ptr<CudaJobTrainer>> CudaJobTrainer::Create(
     ASSIGN_OR_RETURN(job->offload_,
                      CudaOffloadTrainer::Create(device, options.model,
                                                 OffloadOptions(options, state_home, speculate)));
-    RETURN_IF_ERROR(job->offload_->SetParams(*weights));
+    // A resume sets the moments next: not zeroed first.
+    RETURN_IF_ERROR(
+        job->offload_->SetParams(*weights, /*zero_moments=*/options.optimizer_state_from.empty()));
   } else {
     ASSIGN_OR_RETURN(job->trainer_, CudaTrainer::Create(device, options.model,
                                                         t.micro_batch_size, t.seq_len,

@@ -174,11 +174,11 @@ absl::Status CudaOffloadTrainer::SetParams(const engine::ModelParams& params) {
   return state_->SetParams(params, pool);
 }
 
-absl::Status CudaOffloadTrainer::SetParams(engine::WeightsSource& weights) {
+absl::Status CudaOffloadTrainer::SetParams(engine::WeightsSource& weights, bool zero_moments) {
   RETURN_IF_ERROR(Flush());
   engine::ThreadPool pool(Threads());
   ParamsChanged();
-  return state_->SetParams(weights, pool);
+  return state_->SetParams(weights, pool, zero_moments);
 }
 
 absl::Status CudaOffloadTrainer::InitRandom(uint64_t seed) {

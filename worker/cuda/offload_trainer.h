@@ -101,8 +101,9 @@ class CudaOffloadTrainer {
 
   // Sets the master weights and their bf16 copies from `params`; zeroes the moments.
   absl::Status SetParams(const engine::ModelParams& params);
-  // The same, read a tensor group at a time (a checkpoint, or engine::RandomWeights).
-  absl::Status SetParams(engine::WeightsSource& weights);
+  // The same, read a tensor group at a time (a checkpoint, or engine::RandomWeights);
+  // without `zero_moments` the caller sets every group's moments next (SetMomentsGroup).
+  absl::Status SetParams(engine::WeightsSource& weights, bool zero_moments = true);
   // ResidentState::InitRandom(seed)'s weights, computed on the host.
   absl::Status InitRandom(uint64_t seed);
   // Copies of the master weights / moments (after every update in flight has finished).
