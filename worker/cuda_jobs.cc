@@ -82,12 +82,11 @@ struct CudaPlan {
   int64_t host_bytes = 0;  // streamed: the state's host memory
 };
 
-// Whether a streamed job updates during the backward beside its current state: asked for,
-// with clipping to speculate about (without, the update runs in place during the backward
-// anyway), and with the state in this process (a home holds one generation).
-bool Speculates(const engine::TrainerOptions& options, bool overlap_backward,
-                bool state_at_home) {
-  return overlap_backward && options.optimizer.grad_clip > 0 && !state_at_home;
+// Whether a streamed job updates during the backward beside its current state (a second
+// generation, in this process or in the memstore with the first): asked for, and with
+// clipping to speculate about (without, the update runs in place during the backward anyway).
+bool Speculates(const engine::TrainerOptions& options, bool overlap_backward) {
+  return overlap_backward && options.optimizer.grad_clip > 0;
 }
 
 // The way to train under `budget_bytes`: everything resident with activations kept when that
@@ -127,18 +126,19 @@ absl::StatusOr<CudaPlan> FitToDevice(engine::TrainerOptions options,
         "larger --device-memory"));
   }
   if (host_bytes >= 0 && host > host_bytes) {
+    const bool second_in_host = speculate && !state_at_home;
     return absl::ResourceExhaustedError(absl::StrCat(
         resident_need, "; streamed, it needs ", engine::FormatBytes(host),
         state_at_home ? " of host memory (bf16 weights, fp32 gradients, the step's layer "
                         "inputs)"
                       : " of host memory (bf16 weights, fp32 gradients, master weights and "
                         "AdamW moments, the step's layer inputs)",
-        speculate ? " with a second generation of master weights and moments for "
-                    "--optimizer-overlap backward"
-                  : "",
+        second_in_host ? " with a second generation of master weights and moments for "
+                         "--optimizer-overlap backward"
+                       : "",
         " and this node has ", engine::FormatBytes(host_bytes), " available. Train a smaller "
         "model or lower grad_accum_steps or seq_len",
-        speculate ? ", or use --optimizer-overlap forward" : "",
+        second_in_host ? ", or use --optimizer-overlap forward" : "",
         state_at_home ? ""
                       : ", or keep the master weights and moments on NVMe "
                         "(--optimizer-state-tier nvme)"));
@@ -191,12 +191,13 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, worker_name, budget_bytes, host_bytes,
                                state_in_memstore,
-                               Speculates(options, overlap_backward, state_in_memstore)));
+                               Speculates(options, overlap_backward)));
   CudaJobMemory memory;
   memory.streamed = plan.offload;
   memory.host_bytes = plan.host_bytes;
   if (plan.offload && state_in_memstore) {
-    memory.state_home_bytes = cuda::HostTrainingState::HomeBytes(options.model);
+    memory.state_home_bytes = cuda::HostTrainingState::HomeBytes(
+        options.model, Speculates(options, overlap_backward));
   }
   return memory;
 }
@@ -206,7 +207,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     engine::TensorHome* state_home, engine::HomeTier state_tier, bool overlap_backward,
     const engine::ReplicaOptions& replica) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
-  const bool speculate = Speculates(options, overlap_backward, state_home != nullptr);
+  const bool speculate = Speculates(options, overlap_backward);
   ASSIGN_OR_RETURN(const CudaPlan plan,
                    FitToDevice(options, absl::StrCat("GPU ", index), device->budget(),
                                AvailableHostBytes(), state_home != nullptr, speculate));

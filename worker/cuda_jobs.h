@@ -53,10 +53,11 @@ struct CudaJobMemory {
 // them otherwise; else streamed through host memory, when its working set fits the GPU and its
 // state `host_bytes` (-1: not checked), with the master weights and AdamW's moments in the
 // memstore when `state_in_memstore` (whose room the caller checks). `overlap_backward` (lumend
-// --optimizer-overlap backward): a streamed job that clips, with its state in the worker,
-// updates each layer during the backward beside its current weights and moments (12 more
-// bytes per parameter of host memory). RESOURCE_EXHAUSTED naming the sizes and what to change when
-// nothing fits; INVALID_ARGUMENT for options the CUDA model refuses.
+// --optimizer-overlap backward): a streamed job that clips updates each layer during the
+// backward beside its current weights and moments (12 more bytes per parameter, all but the
+// embedding's, of host memory, or of the memstore's NVMe tier with the state there).
+// RESOURCE_EXHAUSTED naming the sizes and what to change when nothing fits; INVALID_ARGUMENT
+// for options the CUDA model refuses.
 absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& options,
                                             const std::string& worker_name,
                                             int64_t budget_bytes,

@@ -122,8 +122,8 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
   EXPECT_EQ(CheckCudaTask(*o, "worker-0", streamed, *host_home - 1, true).status().code(),
             absl::StatusCode::kResourceExhausted);
   // --optimizer-overlap backward keeps a second generation of all but the embedding's master
-  // weights and moments in the worker for a job that clips (not with the moments in the
-  // memstore; without clipping the update runs in place during the backward anyway).
+  // weights and moments for a job that clips, in the worker or with the first in the memstore
+  // (without clipping the update runs in place during the backward anyway).
   absl::StatusOr<int64_t> host_spec = cuda::CudaJobTrainer::OffloadHostBytes(*o, false, true);
   ASSERT_TRUE(host_spec.ok());
   EXPECT_GT(*host_spec, *host);
@@ -134,7 +134,10 @@ TEST(CudaTaskTest, AdmissionChoosesResidentOrStreamedByTheBudget) {
       CheckCudaTask(clipped, "worker-0", streamed, *host_spec - 1, false, true).status();
   EXPECT_EQ(no_spec.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(no_spec.message()), HasSubstr("--optimizer-overlap forward"));
-  EXPECT_TRUE(CheckCudaTask(clipped, "worker-0", streamed, *host_home, true, true).ok());
+  m = CheckCudaTask(clipped, "worker-0", streamed, *host_home, true, true);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->state_home_bytes, cuda::HostTrainingState::HomeBytes(o->model, true));
+  EXPECT_GT(m->state_home_bytes, cuda::HostTrainingState::HomeBytes(o->model));
   engine::TrainerOptions unclipped = *o;
   unclipped.optimizer.grad_clip = 0;
   EXPECT_TRUE(CheckCudaTask(unclipped, "worker-0", streamed, *host, false, true).ok());

@@ -619,7 +619,8 @@ TEST_P(TrainingTest, OffloadedJobMatchesCpuTrainerAndResumes) {
 
 // Speculative updates (AdamW during the backward beside the current state) give the
 // synchronous ones: with a clip every step reaches (each update redone), weights and moments
-// after six steps match the run that waits for the norm.
+// after six steps match the run that waits for the norm, with the state in the trainer's
+// memory or in a home.
 TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
   namespace fs = std::filesystem;
   const engine::ModelConfig c = SmallConfig(GetParam());
@@ -635,17 +636,40 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
   auto sync = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true);
   auto spec = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, {}, /*speculate=*/true);
   ASSERT_TRUE(sync.ok() && spec.ok()) << sync.status() << " " << spec.status();
+  std::vector<double> losses;
   for (int s = 0; s < 6; ++s) {
     auto a = (*sync)->Step();
     auto b = (*spec)->Step();
     ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
     ASSERT_GT(a->grad_norm, o.optimizer.grad_clip) << "step " << s << " did not clip";
     EXPECT_NEAR(b->loss, a->loss, 1e-3 * a->loss) << "step " << s;
+    losses.push_back(a->loss);
   }
   const std::string ca = (dir / "sync").string(), cb = (dir / "spec").string();
   ASSERT_TRUE((*sync)->Export(ca).ok());
   ASSERT_TRUE((*spec)->Export(cb).ok());
   ExpectCheckpointsClose(c, ca, cb, 1e-3);
+  // Speculating with the state in a home, both generations there: the same again.
+  spec->reset();
+  engine::MemoryTensorHome home;
+  StateHome state_home{&home, "job/optimizer/", engine::HomeTier::kNvme};
+  auto at_home = CudaJobTrainer::Create(o, dev->get(), /*offload=*/true, state_home,
+                                        /*speculate=*/true);
+  ASSERT_TRUE(at_home.ok()) << at_home.status();
+  for (int s = 0; s < 6; ++s) {
+    auto r = (*at_home)->Step();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_NEAR(r->loss, losses[s], 1e-3 * losses[s]) << "in a home, step " << s;
+  }
+  engine::HomeTier tier;
+  // The second generation of layer 1 (layer 0 is updated once the norm is known: the next
+  // forward needs it first).
+  EXPECT_TRUE(home.TierOf("job/optimizer/master@1/1/0", &tier).ok());
+  const std::string ch = (dir / "spec_home").string();
+  ASSERT_TRUE((*at_home)->Export(ch).ok());
+  ExpectCheckpointsClose(c, ca, ch, 1e-3);
+  at_home->reset();
+  EXPECT_EQ(home.num_tensors(), 0);
   fs::remove_all(dir);
 }
 

@@ -125,8 +125,10 @@ HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
 HostTrainingState::~HostTrainingState() {
   if (home_.home == nullptr || home_.freed_by_owner) return;
   for (size_t g = 0; g < shapes_.size(); ++g) {
-    for (int64_t c = 0; c < Chunks(g); ++c) {
-      for (int which : {0, 1, 2}) (void)home_.home->Free(StateId(which, g, c));
+    for (int gen = 0; gen < Generations(g); ++gen) {
+      for (int64_t c = 0; c < Chunks(g); ++c) {
+        for (int which : {0, 1, 2}) (void)home_.home->Free(StateId(which, g, c, gen));
+      }
     }
   }
 }
@@ -140,16 +142,15 @@ int64_t HostTrainingState::OwnBytes(const engine::ModelConfig& config, bool stat
     largest = std::max(largest, s.elems);
   }
   if (state_at_home) return 3 * 3 * 4 * std::min(largest, StateHome().chunk_elems);
-  const int64_t own = 3 * 4 * elems;
-  if (!two_generations) return own;
-  const int64_t embed = shapes[config.num_hidden_layers].elems;
-  return own + 3 * 4 * (elems - embed);
+  return HomeBytes(config, two_generations);  // the same bytes, in this process
 }
 
-int64_t HostTrainingState::HomeBytes(const engine::ModelConfig& config) {
+int64_t HostTrainingState::HomeBytes(const engine::ModelConfig& config, bool two_generations) {
+  const std::vector<TensorGroupShape> shapes = TensorGroupShapes(config);
   int64_t elems = 0;
-  for (const TensorGroupShape& s : TensorGroupShapes(config)) elems += s.elems;
-  return 3 * 4 * elems;
+  for (const TensorGroupShape& s : shapes) elems += s.elems;
+  const int64_t second = two_generations ? elems - shapes[config.num_hidden_layers].elems : 0;
+  return 3 * 4 * (elems + second);
 }
 
 absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
@@ -168,16 +169,12 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     }
   }
   const bool at_home = home.home != nullptr;
-  if (two_generations && at_home) {
-    return absl::InvalidArgumentError(
-        "host state: two generations of the optimizer state need it in this process, not a "
-        "home");
-  }
   if (at_home && home.chunk_elems <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("host state: optimizer state chunk of ", home.chunk_elems, " values"));
   }
   std::unique_ptr<HostTrainingState> s(new HostTrainingState(config, std::move(buffers), home));
+  s->two_generations_ = two_generations;
   s->current_.assign(groups, 0);
   int64_t largest = 0;
   for (size_t g = 0; g < groups; ++g) {
@@ -185,7 +182,7 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
     largest = std::max(largest, e);
     // Uninitialised, then filled by the pool: a single-threaded fill of tens of GB takes tens
     // of seconds.
-    const int gens = at_home ? 0 : two_generations && g != s->embed_group() ? 2 : 1;
+    const int gens = at_home ? 0 : s->Generations(g);
     for (int gen = 0; gen < 2; ++gen) {
       const bool held = gen < gens;
       for (auto* v : {&s->master_[gen], &s->m_[gen], &s->v_[gen]}) {
@@ -205,9 +202,9 @@ absl::StatusOr<std::unique_ptr<HostTrainingState>> HostTrainingState::Create(
   return s;
 }
 
-std::string HostTrainingState::StateId(int which, size_t g, int64_t chunk) const {
+std::string HostTrainingState::StateId(int which, size_t g, int64_t chunk, int gen) const {
   static const char* const kNames[3] = {"master", "m", "v"};
-  return absl::StrCat(home_.prefix, kNames[which], "/", g, "/", chunk);
+  return absl::StrCat(home_.prefix, kNames[which], gen == 0 ? "" : "@1", "/", g, "/", chunk);
 }
 
 int64_t HostTrainingState::Chunks(size_t g) const {
@@ -236,7 +233,7 @@ absl::Status HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) 
   const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems;
   for (int64_t c = 0; c < Chunks(g); ++c) {
     const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
-    RETURN_IF_ERROR(home_.home->Get(StateId(0, g, c), Slot(0, 0), n));
+    RETURN_IF_ERROR(home_.home->Get(StateId(0, g, c, current_[g]), Slot(0, 0), n));
     write(Slot(0, 0), lo, n);
   }
   return absl::OkStatus();
@@ -260,8 +257,8 @@ absl::Status HostTrainingState::ResetMoments(engine::ThreadPool& pool) {
     Zero(pool, zeros, chunk);
     for (int64_t c = 0; c < Chunks(g); ++c) {
       const int64_t n = std::min(chunk, e - c * chunk);
-      RETURN_IF_ERROR(home_.home->Put(StateId(1, g, c), zeros, n, home_.tier));
-      RETURN_IF_ERROR(home_.home->Put(StateId(2, g, c), zeros, n, home_.tier));
+      RETURN_IF_ERROR(home_.home->Put(StateId(1, g, c, current_[g]), zeros, n, home_.tier));
+      RETURN_IF_ERROR(home_.home->Put(StateId(2, g, c, current_[g]), zeros, n, home_.tier));
     }
   }
   return absl::OkStatus();
@@ -336,7 +333,8 @@ absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& po
       pool.ParallelFor(hi - lo, 1 << 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(out[i]);
       });
-      RETURN_IF_ERROR(home_.home->Put(StateId(0, g, lo / chunk), out, hi - lo, home_.tier));
+      RETURN_IF_ERROR(home_.home->Put(StateId(0, g, lo / chunk, current_[g]), out, hi - lo,
+                                        home_.tier));
     }
   }
   if (home_.home == nullptr) RETURN_IF_ERROR(WriteBf16(pool));
@@ -361,7 +359,7 @@ absl::Status HostTrainingState::CopyOutGroup(int which, size_t g,
   const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems;
   for (int64_t c = 0; c < Chunks(g); ++c) {
     const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
-    RETURN_IF_ERROR(home_.home->Get(StateId(which, g, c), Slot(0, 0), hi - lo));
+    RETURN_IF_ERROR(home_.home->Get(StateId(which, g, c, current_[g]), Slot(0, 0), hi - lo));
     RETURN_IF_ERROR(CopyGroupRange(config_, out, g, lo, hi, Slot(0, 0), false));
   }
   return absl::OkStatus();
@@ -386,7 +384,7 @@ absl::Status HostTrainingState::CopyInGroup(int which, size_t g, const engine::M
       uint16_t* pb = buffers_[g].param + lo;
       for (int64_t i = 0; i < hi - lo; ++i) pb[i] = ToBf16Bits(slot[i]);
     }
-    RETURN_IF_ERROR(home_.home->Put(StateId(which, g, c), slot, hi - lo, home_.tier));
+    RETURN_IF_ERROR(home_.home->Put(StateId(which, g, c, current_[g]), slot, hi - lo, home_.tier));
   }
   return absl::OkStatus();
 }
@@ -459,13 +457,12 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
   if (from < 0) from = current_[g];
   if (to < 0) to = current_[g];
   if (home_.home != nullptr) {
-    if (from != current_[g] || to != current_[g]) {
+    if (std::max(from, to) >= Generations(g)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "host state: group ", g, "'s optimizer state is in a home, which holds one "
-          "generation"));
+          "host state: group ", g, " has no generation ", std::max(from, to)));
     }
     RETURN_IF_ERROR(CheckPlaced());
-    return HomeAdamW(g, segs, hyper, step, coef, pool);
+    return HomeAdamW(g, segs, hyper, step, coef, pool, from, to);
   }
   if (Master(g, from) == nullptr || Master(g, to) == nullptr) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -501,17 +498,18 @@ absl::Status HostTrainingState::AdamW(size_t g, const std::vector<GroupSegment>*
 
 absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegment>& segs,
                                           const engine::AdamWHyper& hyper, int64_t step,
-                                          float coef, engine::ThreadPool& pool) {
+                                          float coef, engine::ThreadPool& pool, int from,
+                                          int to) {
   const int64_t elems = shapes_[g].elems, chunk = home_.chunk_elems, chunks = Chunks(g);
   engine::TensorHome* home = home_.home;
   auto size_of = [&](int64_t c) { return std::min(chunk, elems - c * chunk); };
-  // Chunk c (master weights, m and v) is read into slot c % 3 while chunk c - 1 is updated
-  // and chunk c - 2 written.
+  // Chunk c (master weights, m and v) of generation `from` is read into slot c % 3 while chunk
+  // c - 1 is updated and chunk c - 2 written to generation `to`.
   std::future<absl::Status> reads[3], writes[3];
   auto read = [&](int64_t c) {
-    reads[c % 3] = std::async(std::launch::async, [this, home, c, g, n = size_of(c)] {
+    reads[c % 3] = std::async(std::launch::async, [this, home, c, g, from, n = size_of(c)] {
       for (int which : {0, 1, 2}) {
-        RETURN_IF_ERROR(home->Get(StateId(which, g, c), Slot(c, which), n));
+        RETURN_IF_ERROR(home->Get(StateId(which, g, c, from), Slot(c, which), n));
       }
       return absl::OkStatus();
     });
@@ -545,9 +543,9 @@ absl::Status HostTrainingState::HomeAdamW(size_t g, const std::vector<GroupSegme
                     step, coef);
       });
     }
-    writes[c % 3] = std::async(std::launch::async, [this, home, c, g, n = hi - lo] {
+    writes[c % 3] = std::async(std::launch::async, [this, home, c, g, to, n = hi - lo] {
       for (int which : {0, 1, 2}) {
-        RETURN_IF_ERROR(home->Put(StateId(which, g, c), Slot(c, which), n, home_.tier));
+        RETURN_IF_ERROR(home->Put(StateId(which, g, c, to), Slot(c, which), n, home_.tier));
       }
       return absl::OkStatus();
     });

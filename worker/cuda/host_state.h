@@ -71,8 +71,9 @@ struct HostGroupBuffers {
 // parameter) lives when not in this process' memory: a TensorHome (the memstore, whose NVMe
 // tier holds what host RAM cannot), as tensors "<prefix>master/<group>/<chunk>",
 // "<prefix>m/<group>/<chunk>" and "<prefix>v/<group>/<chunk>" of chunk_elems values (the last
-// of a group shorter). An update reads the next chunk and writes the previous one while it
-// computes this one; the bf16 compute copies and fp32 gradients stay in the caller's buffers.
+// of a group shorter; a second generation's as "<prefix>master@1/..."). An update reads the
+// next chunk and writes the previous one while it computes this one; the bf16 compute copies
+// and fp32 gradients stay in the caller's buffers.
 struct StateHome {
   engine::TensorHome* home = nullptr;  // not owned; null: in this process
   std::string prefix;
@@ -96,22 +97,22 @@ class HostTrainingState {
   // SetParams or InitRandom places the state (one write of it, not a zero copy first), and
   // AdamW and the getters fail with FAILED_PRECONDITION before. With `two_generations`, every
   // group but the embedding's holds its master weights and moments twice (generations 0 and
-  // 1), so an update can be written beside the current values and kept or dropped later
-  // (AdamW's `from` / `to`, SetCurrent); a home cannot. INVALID_ARGUMENT for a bad config,
-  // buffer count or null buffer, two generations with a home, or a chunk_elems <= 0 with a
-  // home.
+  // 1, in this process or in the home), so an update can be written beside the current values
+  // and kept or dropped later (AdamW's `from` / `to`, SetCurrent). INVALID_ARGUMENT for a bad
+  // config, buffer count or null buffer, or a chunk_elems <= 0 with a home.
   static absl::StatusOr<std::unique_ptr<HostTrainingState>> Create(
       const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
       const StateHome& home, engine::ThreadPool& pool, bool two_generations = false);
   // Frees what it put in a home (unless StateHome::freed_by_owner).
   ~HostTrainingState();
 
-  // Bytes the state allocates itself: master weights and moments, or, when they live in a
-  // home, three chunks of each to update them in.
+  // Bytes the state allocates itself: master weights and moments (of both generations), or,
+  // when they live in a home, three chunks of each to update them in.
   static int64_t OwnBytes(const engine::ModelConfig& config, bool state_at_home,
                           bool two_generations = false);
-  // Bytes of the master weights and both moments of every group (what a home holds).
-  static int64_t HomeBytes(const engine::ModelConfig& config);
+  // Bytes of the master weights and both moments of every group (what a home holds), with a
+  // second generation of every group but the embedding's.
+  static int64_t HomeBytes(const engine::ModelConfig& config, bool two_generations = false);
 
   // Master weights from `params` (INVALID_ARGUMENT on a shape mismatch), their bf16 copies,
   // zero moments.
@@ -142,9 +143,9 @@ class HostTrainingState {
   // written. It reads generation `from` and writes generation `to` (-1: the current one; equal:
   // in place); the gradients are left as they were, so the update can run again. Moments in a
   // home are read and written a chunk at a time with the master weights, overlapping the
-  // update, in the one generation a home holds (FAILED_PRECONDITION for another); the first
-  // error of the home is returned once nothing is in flight, with the chunks before it updated
-  // and the rest not.
+  // update; the first error of the home is returned once nothing is in flight, with the chunks
+  // before it updated and the rest not. FAILED_PRECONDITION for a generation the group does
+  // not have.
   absl::Status AdamW(size_t g, const std::vector<GroupSegment>* segments,
                      const engine::AdamWHyper& hyper, int64_t step, float coef,
                      engine::ThreadPool& pool, int from = -1, int to = -1);
@@ -181,8 +182,10 @@ class HostTrainingState {
  private:
   HostTrainingState(const engine::ModelConfig& config, std::vector<HostGroupBuffers> buffers,
                     const StateHome& home);
-  // which: 0 master weights, 1 m, 2 v.
-  std::string StateId(int which, size_t g, int64_t chunk) const;
+  // which: 0 master weights, 1 m, 2 v; in generation `gen`.
+  std::string StateId(int which, size_t g, int64_t chunk, int gen) const;
+  // The generations group g holds: 2 for all but the embedding with two generations.
+  int Generations(size_t g) const { return two_generations_ && g != embed_group() ? 2 : 1; }
   int64_t Chunks(size_t g) const;
   // Chunk slot k (0..2) of `which`, slot_elems_ values.
   float* Slot(int64_t k, int which) const {
@@ -193,7 +196,7 @@ class HostTrainingState {
   // AdamW of group g with its state in the home, chunk by chunk.
   absl::Status HomeAdamW(size_t g, const std::vector<GroupSegment>& segments,
                          const engine::AdamWHyper& hyper, int64_t step, float coef,
-                         engine::ThreadPool& pool);
+                         engine::ThreadPool& pool, int from, int to);
   // Zero moments of every group.
   absl::Status ResetMoments(engine::ThreadPool& pool);
   absl::Status WriteBf16(engine::ThreadPool& pool);
@@ -210,6 +213,7 @@ class HostTrainingState {
   const std::vector<TensorGroupShape> shapes_;
   const std::vector<HostGroupBuffers> buffers_;
   const StateHome home_;
+  bool two_generations_ = false;
   // Per generation and group; generation 1 only with two generations (none for the
   // embedding), all empty with a home.
   std::vector<std::unique_ptr<float[]>> master_[2], m_[2], v_[2];

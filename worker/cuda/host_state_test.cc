@@ -369,11 +369,14 @@ TEST(HostTrainingStateTest, AnOwnerThatFreesTheHomeKeepsTheStateFromFreeingIt) {
 // An update written beside the current values is kept by SetCurrent, or redone with a clipped
 // gradient, or dropped with the bf16 copy rewritten: each as the engine's update from the same
 // weights and moments, over two steps (generation 0 to 1, then 1 to 0).
-TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
+// In this process, or with the state in a home (`home` not null) in chunks.
+void ExpectSecondGenerationKeepsRedoesOrDropsAnUpdate(engine::MemoryTensorHome* home) {
   const engine::ModelConfig c = Config(false);
   engine::ThreadPool pool(2);
   Buffers buf(c);
-  auto state = HostTrainingState::Create(c, buf.Views(), {}, pool, /*two_generations=*/true);
+  StateHome sh{home, "x/", engine::HomeTier::kNvme};
+  sh.chunk_elems = 1000;
+  auto state = HostTrainingState::Create(c, buf.Views(), sh, pool, /*two_generations=*/true);
   ASSERT_TRUE(state.ok()) << state.status();
   HostTrainingState& st = **state;
   engine::ModelParams p = RandomParams(c, 8, 0.02f);
@@ -419,6 +422,10 @@ TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
     engine::ModelParams gp;
     ASSERT_TRUE(st.GetParams(&gp).ok());
     ExpectSame(c, gp, p, "speculated");
+    if (home != nullptr) {  // written beside the current generation, in the home
+      engine::HomeTier tier;
+      EXPECT_TRUE(home->TierOf(to == 1 ? "x/master@1/0/0" : "x/master/0/0", &tier).ok());
+    }
     if (step == 1) {
       // Dropped: the bf16 copies are the current weights' again.
       for (size_t k = 0; k < groups; ++k) ASSERT_TRUE(st.RewriteBf16(k, pool).ok());
@@ -450,17 +457,30 @@ TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
       EXPECT_EQ(st.current(0), 0);  // back to generation 0
     }
   }
-  // The embedding has one generation; a state in a home cannot have two.
+  // The embedding has one generation.
   EXPECT_EQ(st.AdamW(embed, nullptr, Hyper(), 3, 1.0f, pool, 0, 1).code(),
             absl::StatusCode::kFailedPrecondition);
-  engine::MemoryTensorHome home;
-  Buffers other(c);
-  EXPECT_EQ(HostTrainingState::Create(c, other.Views(), {&home, "x/"}, pool, true).status().code(),
-            absl::StatusCode::kInvalidArgument);
   int64_t elems = 0;
-  for (const TensorGroupShape& sh : st.shapes()) elems += sh.elems;
+  for (const TensorGroupShape& g : st.shapes()) elems += g.elems;
+  const int64_t second = 12 * (elems - st.shapes()[embed].elems);
   EXPECT_EQ(HostTrainingState::OwnBytes(c, false, true) - HostTrainingState::OwnBytes(c, false),
-            12 * (elems - st.shapes()[embed].elems));
+            second);
+  EXPECT_EQ(HostTrainingState::HomeBytes(c, true) - HostTrainingState::HomeBytes(c), second);
+  EXPECT_EQ(HostTrainingState::OwnBytes(c, true, true), HostTrainingState::OwnBytes(c, true));
+}
+
+TEST(HostTrainingStateTest, SecondGenerationKeepsRedoesOrDropsAnUpdate) {
+  ExpectSecondGenerationKeepsRedoesOrDropsAnUpdate(nullptr);
+}
+
+TEST(HostTrainingStateTest, SecondGenerationInAHomeKeepsRedoesOrDropsAnUpdate) {
+  engine::MemoryTensorHome home;
+  ExpectSecondGenerationKeepsRedoesOrDropsAnUpdate(&home);
+  // Both generations (not the embedding's second) were in the home; freed with the state.
+  EXPECT_EQ(home.num_tensors(), 0);
+  engine::HomeTier tier;
+  EXPECT_GT(home.bytes_in(), 0);
+  EXPECT_FALSE(home.TierOf("x/master@1/0/0", &tier).ok());
 }
 
 TEST(HostTrainingStateTest, EmbeddingRowsSplitCoverTheTableOnce) {

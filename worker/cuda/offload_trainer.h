@@ -57,9 +57,9 @@ struct CudaOffloadOptions {
   StateHome state_home;
   // AdamW of each decoder layer, the norm and the untied head starts as soon as its gradients
   // are home even with clipping, written beside the current weights and moments (a second
-  // generation: 12 more bytes per parameter of host memory), and is kept once the step's norm
-  // needs no clipping, redone with the clipped gradients when it does, dropped when the norm is
-  // not finite. Needs the state in this process; steps without clipping update in place.
+  // generation: 12 more bytes per parameter of host memory, or of the state home), and is kept
+  // once the step's norm needs no clipping, redone with the clipped gradients when it does,
+  // dropped when the norm is not finite. Steps without clipping update in place.
   bool speculate = false;
 };
 
