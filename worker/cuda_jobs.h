@@ -2,9 +2,10 @@
 // everything resident on the GPU when they fit its budget, and otherwise stream through the
 // worker's host memory (cuda::CudaJobTrainer over cuda::CudaOffloadTrainer): bf16 weights and
 // fp32 gradients in host RAM, the fp32 master weights and AdamW's moments there too or in the
-// memstore (--optimizer-state-tier nvme), and the GPU holds two layers at a time. `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's,
-// and the only one in builds without the CUDA toolkit) links cuda_jobs_absent.cc, whose
-// functions say it has no CUDA device.
+// memstore (--optimizer-state-tier nvme), and the GPU holds two layers at a time.
+// `worker_cuda` links cuda_jobs.cc; `worker` (the CPU device's, and the only one in builds
+// without the CUDA toolkit) links cuda_jobs_absent.cc, whose functions say it has no CUDA
+// device.
 #ifndef LUMEN_WORKER_CUDA_JOBS_H_
 #define LUMEN_WORKER_CUDA_JOBS_H_
 
@@ -75,8 +76,9 @@ absl::Status ReplicaDoesNotFit(const engine::TrainerOptions& options,
 // choice of resident with kept or recomputed activations, or streamed). Streamed, the fp32
 // master weights and AdamW's moments go to `state_home` (in `state_tier`, as tensors
 // "optimizer/{master,m,v}/<group>/<chunk>", which the caller frees) when it is not null, else
-// stay in this process. `replica`: one replica of a job on several workers (engine::ReplicaOptions), which
-// must fit resident (RESOURCE_EXHAUSTED naming resources.workers otherwise).
+// stay in this process. `replica`: one replica of a job on several workers
+// (engine::ReplicaOptions), which must fit resident (RESOURCE_EXHAUSTED naming
+// resources.workers otherwise).
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* state_home = nullptr,

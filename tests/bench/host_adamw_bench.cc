@@ -1,8 +1,9 @@
 // The streamed CUDA trainer's host AdamW (worker/cuda/host_state.h) on this machine's CPUs, no
-// GPU needed: parameters updated per second, for 1..--threads threads, with the master weights and moments in
-// memory and in an in-memory TensorHome (the chunked read-update-write pipeline the memstore's
-// NVMe tier uses, without the drive). One JSON line per configuration. A streamed GPU step
-// keeps up with the device when its parameters / this rate is under the device's step time.
+// GPU needed: parameters updated per second, for 1..--threads threads, with the master weights
+// and moments in memory and in an in-memory TensorHome (the chunked read-update-write pipeline
+// the memstore's NVMe tier uses, without the drive). One JSON line per configuration. A
+// streamed GPU step keeps up with the device when its parameters / this rate is under the
+// device's step time.
 //   bazel run -c opt //tests/bench:host_adamw_bench -- --layers=4 --threads=2
 #include <chrono>
 #include <cstdio>

@@ -1,6 +1,6 @@
 // The streamed CUDA trainer's host side on the CPU: its AdamW against the engine's on the same
-// tensors, master weights and moments in a TensorHome, the embedding's rows split and gathered, the embedding's
-// gradient from the tokens' input gradients, and the job queue.
+// tensors, master weights and moments in a TensorHome, the embedding's rows split and
+// gathered, the embedding's gradient from the tokens' input gradients, and the job queue.
 #include "worker/cuda/host_state.h"
 
 #include <atomic>
@@ -96,7 +96,9 @@ void ExpectSame(const engine::ModelConfig& c, engine::ModelParams a, engine::Mod
   auto at = engine::NamedTensors(c, &a);
   auto bt = engine::NamedTensors(c, &b);
   ASSERT_EQ(at.size(), bt.size());
-  for (size_t i = 0; i < at.size(); ++i) EXPECT_EQ(*at[i].data, *bt[i].data) << what << " " << at[i].name;
+  for (size_t i = 0; i < at.size(); ++i) {
+    EXPECT_EQ(*at[i].data, *bt[i].data) << what << " " << at[i].name;
+  }
 }
 
 // Runs three steps on the host state (gradients copied into its buffers, clipped by `coef` on

@@ -50,13 +50,13 @@ class CudaJobTrainer {
                                                   bool speculate = false);
 
   // `device` must outlive the trainer; `offload`: stream through host memory, with the fp32
-  // master weights and AdamW's moments in `state_home` (default: this process' memory), speculating AdamW during the
-  // backward when `speculate` (CudaOffloadOptions::speculate). `replica`: one replica of a job
-  // on several workers (engine::ReplicaOptions; options.train.grad_accum_steps is its share),
-  // resident only (FAILED_PRECONDITION with `offload`). INVALID_ARGUMENT
-  // for bad options (naming the field); the data and init_from errors of TokenDataset::Open and
-  // LoadWeights; RESOURCE_EXHAUSTED naming the allocation when the job does not fit the
-  // device's budget (or, offloaded, pinned host memory).
+  // master weights and AdamW's moments in `state_home` (default: this process' memory),
+  // speculating AdamW during the backward when `speculate` (CudaOffloadOptions::speculate).
+  // `replica`: one replica of a job on several workers (engine::ReplicaOptions;
+  // options.train.grad_accum_steps is its share), resident only (FAILED_PRECONDITION with
+  // `offload`). INVALID_ARGUMENT for bad options (naming the field); the data and init_from
+  // errors of TokenDataset::Open and LoadWeights; RESOURCE_EXHAUSTED naming the allocation when
+  // the job does not fit the device's budget (or, offloaded, pinned host memory).
   static absl::StatusOr<std::unique_ptr<CudaJobTrainer>> Create(
       const engine::TrainerOptions& options, CudaDevice* device, bool offload = false,
       const StateHome& state_home = {}, bool speculate = false,
