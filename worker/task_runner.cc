@@ -515,11 +515,15 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                 << "through this worker's host memory on its own schedule";
     }
     // Streamed with --optimizer-state-tier nvme, the master weights and AdamW's moments live
-    // in the memstore.
-    ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
-                                                options.device_memory_budget_bytes, home.get(),
-                                                engine::HomeTier::kNvme,
-                                                options.optimizer_overlaps_backward, replica));
+    // in the memstore, under this run's name: a cancelled run's task may still be inside a
+    // step (minutes on a large model) when the job is resumed elsewhere, and what it writes
+    // late must not land in the next run's state (it is freed with the job's tensors).
+    ASSIGN_OR_RETURN(trainer,
+                     CreateCudaTrainer(trainer_options, options.device_index,
+                                       options.device_memory_budget_bytes, home.get(),
+                                       engine::HomeTier::kNvme,
+                                       options.optimizer_overlaps_backward, replica,
+                                       absl::StrCat("run", request.run(), "/optimizer/")));
     if (!trainer->resident()) {
       LOG(INFO) << request.job_id() << ": the training state ("
                 << engine::FormatBytes(trainer->TrainingStateBytes())

@@ -814,6 +814,22 @@ TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   ASSERT_TRUE((*streamed)->Export(ckpt).ok());
   EXPECT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
   streamed->reset();
+  // With --optimizer-state-tier nvme, the master weights and moments go to the memstore under
+  // the name the worker gives them (RunTask: the run's), and are left for it to free.
+  engine::MemoryTensorHome home;
+  auto at_home = CreateCudaTrainer(o, 0, small, &home, engine::HomeTier::kNvme, false, {},
+                                   "run2/optimizer/");
+  ASSERT_TRUE(at_home.ok()) << at_home.status();
+  auto r = (*at_home)->Step();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_NEAR(r->loss, resident_losses[0], 0.02 * resident_losses[0]);
+  engine::HomeTier tier;
+  for (const char* id : {"run2/optimizer/master/0/0", "run2/optimizer/v/0/0"}) {
+    EXPECT_TRUE(home.TierOf(id, &tier).ok()) << id;
+    EXPECT_EQ(tier, engine::HomeTier::kNvme) << id;
+  }
+  at_home->reset();
+  EXPECT_GT(home.num_tensors(), 0);  // the worker frees the job's tensors in one call
   fs::remove_all(dir);
 }
 
