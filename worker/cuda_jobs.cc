@@ -205,7 +205,7 @@ absl::StatusOr<CudaJobMemory> CheckCudaTask(const engine::TrainerOptions& option
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* state_home, engine::HomeTier state_tier, bool overlap_backward,
-    const engine::ReplicaOptions& replica, const std::string& state_prefix) {
+    const engine::ReplicaOptions& replica) {
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaDevice> device, OpenDevice(index, budget_bytes));
   const bool speculate = Speculates(options, overlap_backward);
   ASSIGN_OR_RETURN(const CudaPlan plan,
@@ -217,7 +217,7 @@ absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
   }
   cuda::StateHome home;
   home.home = state_home;
-  home.prefix = state_prefix;
+  home.prefix = "optimizer/";
   home.tier = state_tier;
   home.freed_by_owner = true;  // RunTask frees the job's tensors in one call
   ASSIGN_OR_RETURN(std::unique_ptr<cuda::CudaJobTrainer> job,

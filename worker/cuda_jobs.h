@@ -75,15 +75,15 @@ absl::Status ReplicaDoesNotFit(const engine::TrainerOptions& options,
 // The job's trainer on GPU `index`, with the device capped at `budget_bytes` (CheckCudaTask's
 // choice of resident with kept or recomputed activations, or streamed). Streamed, the fp32
 // master weights and AdamW's moments go to `state_home` (in `state_tier`, as tensors
-// "<state_prefix>{master,m,v}/<group>/<chunk>", which the caller frees) when it is not null,
-// else stay in this process. `replica`: one replica of a job on several workers
+// "optimizer/{master,m,v}/<group>/<chunk>", which the caller frees) when it is not null, else
+// stay in this process. `replica`: one replica of a job on several workers
 // (engine::ReplicaOptions), which must fit resident (RESOURCE_EXHAUSTED naming
 // resources.workers otherwise).
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions& options, int index, int64_t budget_bytes,
     engine::TensorHome* state_home = nullptr,
     engine::HomeTier state_tier = engine::HomeTier::kNvme, bool overlap_backward = false,
-    const engine::ReplicaOptions& replica = {}, const std::string& state_prefix = "optimizer/");
+    const engine::ReplicaOptions& replica = {});
 
 }  // namespace lumen
 

@@ -29,7 +29,7 @@ absl::Status ReplicaDoesNotFit(const engine::TrainerOptions&, const std::string&
 
 absl::StatusOr<std::unique_ptr<DeviceTrainer>> CreateCudaTrainer(
     const engine::TrainerOptions&, int, int64_t, engine::TensorHome*, engine::HomeTier, bool,
-    const engine::ReplicaOptions&, const std::string&) {
+    const engine::ReplicaOptions&) {
   return NoCuda();
 }
 

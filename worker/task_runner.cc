@@ -487,12 +487,15 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
     trainer_options.init_from = resume_from;
     trainer_options.optimizer_state_from = optimizer.string();
   }
-  // The job's tensors in the memstore, under its id; freed when the task ends, however it ends.
+  // The job's tensors in the memstore, under its id and this run's (a stopped run's task may
+  // still be inside a step, minutes on a large model, when the job runs again on another
+  // worker; what it writes late must not land in this run's state); freed when the task ends,
+  // however it ends, and the coordinator frees every run's when the job's run ends.
   std::unique_ptr<MemstoreTensorHome> home;
   if (options.memstore != nullptr &&
       (options.device == DeviceKind::kCpu || CudaStateInMemstore(options))) {
-    home = std::make_unique<MemstoreTensorHome>(options.memstore,
-                                                JobTensorPrefix(request.job_id()));
+    home = std::make_unique<MemstoreTensorHome>(
+        options.memstore, JobRunTensorPrefix(request.job_id(), request.run()));
   }
   // A replica other than 0 frees only its own tensors: the others may still read the state the
   // replicas share, which replica 0 placed and frees.
@@ -515,15 +518,11 @@ absl::Status RunTask(const RunTaskRequest& request, const TaskRunnerOptions& opt
                 << "through this worker's host memory on its own schedule";
     }
     // Streamed with --optimizer-state-tier nvme, the master weights and AdamW's moments live
-    // in the memstore, under this run's name: a cancelled run's task may still be inside a
-    // step (minutes on a large model) when the job is resumed elsewhere, and what it writes
-    // late must not land in the next run's state (it is freed with the job's tensors).
-    ASSIGN_OR_RETURN(trainer,
-                     CreateCudaTrainer(trainer_options, options.device_index,
-                                       options.device_memory_budget_bytes, home.get(),
-                                       engine::HomeTier::kNvme,
-                                       options.optimizer_overlaps_backward, replica,
-                                       absl::StrCat("run", request.run(), "/optimizer/")));
+    // in the memstore.
+    ASSIGN_OR_RETURN(trainer, CreateCudaTrainer(trainer_options, options.device_index,
+                                                options.device_memory_budget_bytes, home.get(),
+                                                engine::HomeTier::kNvme,
+                                                options.optimizer_overlaps_backward, replica));
     if (!trainer->resident()) {
       LOG(INFO) << request.job_id() << ": the training state ("
                 << engine::FormatBytes(trainer->TrainingStateBytes())

@@ -1,9 +1,13 @@
 #include "worker/task_runner.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -258,6 +262,65 @@ TEST(CudaTaskTest, BuildWithoutCudaSaysSo) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("has no CUDA device"));
 }
 #endif
+
+// A memstore that records the id of every tensor written.
+class RecordingMemstore : public FakeMemstoreClient {
+ public:
+  absl::Status Write(const std::string& id, const void* data, int64_t size,
+                     const std::string& dtype, Tier tier) override {
+    {
+      absl::MutexLock l(&mu_);
+      ids_.push_back(id);
+    }
+    return FakeMemstoreClient::Write(id, data, size, dtype, tier);
+  }
+  std::vector<std::string> ids() {
+    absl::MutexLock l(&mu_);
+    return ids_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<std::string> ids_ ABSL_GUARDED_BY(mu_);
+};
+
+// An offloaded job's tensors go under its run's own prefix (what a stopped run's task writes
+// late lands in its own names), and are freed when the task ends.
+TEST(RunTaskTest, AnOffloadedJobsTensorsAreNamedByItsRun) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/run_prefix";
+  std::filesystem::create_directories(dir);
+  const std::string data = dir + "/train.bin";
+  {
+    std::vector<uint16_t> tokens(4096);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint16_t>(i * 7 % 256);
+    std::FILE* f = std::fopen(data.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fwrite(tokens.data(), 2, tokens.size(), f);
+    std::fclose(f);
+  }
+  RecordingMemstore memstore;
+  TaskRunnerOptions options;
+  options.memstore = &memstore;
+  options.device_memory_budget_bytes = 1 << 20;  // below the 3.4 MiB state: offloaded
+  RunTaskRequest request;
+  *request.mutable_spec() = Spec(1);
+  request.mutable_spec()->mutable_data()->set_path(data);
+  request.mutable_spec()->mutable_data()->set_token_dtype(TOKEN_DTYPE_UINT16);
+  request.set_job_id("job-7");
+  request.set_output_dir(dir + "/out");
+  request.set_run(3);
+  const absl::Status s =
+      RunTask(request, options, [](const TaskEvent&) {}, [] { return false; });
+  ASSERT_TRUE(s.ok()) << s;
+  const std::vector<std::string> ids = memstore.ids();
+  ASSERT_FALSE(ids.empty());
+  for (const std::string& id : ids) EXPECT_THAT(id, ::testing::StartsWith("job-7/run3/"));
+  absl::StatusOr<FreeTensorsReply> left = memstore.FreeTensors("job-7/", absl::Seconds(1));
+  ASSERT_TRUE(left.ok());
+  EXPECT_EQ(left->tensors(), 0);
+  std::filesystem::remove_all(dir);
+}
 
 TEST(CheckTaskTest, BudgetBelowTheLargestOpNamesTheOpAndTheBytes) {
   TaskRunnerOptions options;

@@ -814,17 +814,16 @@ TEST_P(TrainingTest, WorkerTrainerFitsTheBudgetAndRunsTheJob) {
   ASSERT_TRUE((*streamed)->Export(ckpt).ok());
   EXPECT_TRUE(engine::LoadWeights(ckpt, c, &saved).ok());
   streamed->reset();
-  // With --optimizer-state-tier nvme, the master weights and moments go to the memstore under
-  // the name the worker gives them (RunTask: the run's), and are left for it to free.
+  // With --optimizer-state-tier nvme, the master weights and moments go to the memstore (the
+  // worker's home of the job's run), and are left for the worker to free.
   engine::MemoryTensorHome home;
-  auto at_home = CreateCudaTrainer(o, 0, small, &home, engine::HomeTier::kNvme, false, {},
-                                   "run2/optimizer/");
+  auto at_home = CreateCudaTrainer(o, 0, small, &home, engine::HomeTier::kNvme);
   ASSERT_TRUE(at_home.ok()) << at_home.status();
   auto r = (*at_home)->Step();
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_NEAR(r->loss, resident_losses[0], 0.02 * resident_losses[0]);
   engine::HomeTier tier;
-  for (const char* id : {"run2/optimizer/master/0/0", "run2/optimizer/v/0/0"}) {
+  for (const char* id : {"optimizer/master/0/0", "optimizer/v/0/0"}) {
     EXPECT_TRUE(home.TierOf(id, &tier).ok()) << id;
     EXPECT_EQ(tier, engine::HomeTier::kNvme) << id;
   }
