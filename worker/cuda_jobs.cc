@@ -58,6 +58,7 @@ class CudaDeviceTrainer : public DeviceTrainer {
     out.bytes_home_to_device = job_->last_bytes_home_to_device();
     out.bytes_device_to_home = job_->last_bytes_device_to_home();
     out.stall_optimizer_seconds = job_->last_optimizer_wait_seconds();
+    out.optimizer_overlap_kept = job_->last_optimizer_overlapped();
     return out;
   }
   int64_t step() const override { return job_->step(); }

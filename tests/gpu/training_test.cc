@@ -644,6 +644,9 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
     ASSERT_GT(a->grad_norm, o.optimizer.grad_clip) << "step " << s << " did not clip";
     EXPECT_NEAR(b->loss, a->loss, 1e-3 * a->loss) << "step " << s;
     losses.push_back(a->loss);
+    // Clipped: neither kept an update made during the backward.
+    EXPECT_FALSE((*sync)->last_optimizer_overlapped()) << "step " << s;
+    EXPECT_FALSE((*spec)->last_optimizer_overlapped()) << "step " << s;
   }
   const std::string ca = (dir / "sync").string(), cb = (dir / "spec").string();
   ASSERT_TRUE((*sync)->Export(ca).ok());
@@ -670,6 +673,13 @@ TEST_P(TrainingTest, SpeculativeUpdatesEqualTheSynchronousOnes) {
   ExpectCheckpointsClose(c, ca, ch, 1e-3);
   at_home->reset();
   EXPECT_EQ(home.num_tensors(), 0);
+  // Without clipping every update runs during the backward and is kept.
+  engine::TrainerOptions unclipped = o;
+  unclipped.optimizer.grad_clip = 0;
+  auto free_run = CudaJobTrainer::Create(unclipped, dev->get(), /*offload=*/true, {}, true);
+  ASSERT_TRUE(free_run.ok()) << free_run.status();
+  ASSERT_TRUE((*free_run)->Step().ok());
+  EXPECT_TRUE((*free_run)->last_optimizer_overlapped());
   fs::remove_all(dir);
 }
 

@@ -44,13 +44,16 @@ def gpu_node(device_memory, workers=1, extra_args=()):
     return node
 
 
-def train(device_memory, name, nvme=False):
+def train(device_memory, name, nvme=False, overlap=False):
     """With `nvme`, a streamed job keeps its master weights and AdamW moments in the
     memstore's NVMe tier (--optimizer-state-tier nvme): checks they went through the drive and
-    were freed with the job."""
+    were freed with the job. With `overlap`, it updates during the backward into a second
+    generation (--optimizer-overlap backward; the spec clips)."""
     nvme_dir = "/tmp/lumen-cuda-nvme-%d" % os.getpid()
-    node = gpu_node(device_memory, extra_args=["--nvme-dir", nvme_dir, "--optimizer-state-tier",
-                                               "nvme"] if nvme else [])
+    extra = ["--nvme-dir", nvme_dir, "--optimizer-state-tier", "nvme"] if nvme else []
+    if overlap:
+        extra += ["--optimizer-overlap", "backward"]
+    node = gpu_node(device_memory, extra_args=extra)
     node.start(timeout=60)
     try:
         data = os.path.join(node.tmp, "train.bin")
@@ -130,6 +133,16 @@ class CudaNodeTest(unittest.TestCase):
         self.assertIn("optimizer.safetensors", files)
         for r, s in zip(streamed, on_nvme):
             self.assertAlmostEqual(s["loss"], r["loss"], delta=1e-3 * r["loss"])
+        # Updating during the backward, both generations in the memstore: the same again.
+        _, overlapped, _, _ = train("34MiB", "streamed-nvme-overlap", nvme=True, overlap=True)
+        for r, s in zip(streamed, overlapped):
+            self.assertAlmostEqual(s["loss"], r["loss"], delta=1e-3 * r["loss"])
+        # The update made during the backward was kept exactly when the step needed no
+        # clipping (grad_clip 1.0); without --optimizer-overlap backward it waits for the norm.
+        for s in overlapped:
+            self.assertEqual(bool(s.get("optimizer_overlapped", False)),
+                             float(s["grad_norm"]) + 1e-6 <= 1.0, s)
+        self.assertFalse(any(s.get("optimizer_overlapped", False) for s in on_nvme), on_nvme)
 
     def test_a_job_on_two_gpus_trains_as_on_one(self):
         """resources.workers: 2 on a GPU node: a resident replica on each GPU, gradients summed

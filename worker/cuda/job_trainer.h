@@ -90,6 +90,9 @@ class CudaJobTrainer {
   double last_optimizer_wait_seconds() const {
     return last_.wait_optimizer_layers_s + last_.wait_optimizer_embed_head_s;
   }
+  // Offloaded: whether the last step's AdamW of the decoder layers overlapped its backward and
+  // was kept (CudaOffloadStepResult::optimizer_overlapped).
+  bool last_optimizer_overlapped() const { return last_.optimizer_overlapped; }
   // Seconds the device computed in the last step: offloaded, from timed events around its
   // kernels; resident, last_device_seconds() (nothing waits between its kernels).
   double last_compute_seconds() const {

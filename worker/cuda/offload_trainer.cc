@@ -644,6 +644,7 @@ absl::StatusOr<CudaOffloadStepResult> CudaOffloadTrainer::Step(
   r.bytes_device_to_home = d2h_;
   r.wait_optimizer_layers_s = wait_layers_s_;
   r.wait_optimizer_embed_head_s = wait_big_s_;
+  r.optimizer_overlapped = early && coef == 1.0f;
   return r;
 }
 

@@ -73,6 +73,9 @@ struct CudaOffloadStepResult {
   // Seconds the host, which issues the device's work, waited for the host AdamW of a decoder
   // layer, and of the embedding, norm or head, during the step.
   double wait_optimizer_layers_s = 0, wait_optimizer_embed_head_s = 0;
+  // The decoder layers' AdamW ran during the backward and was kept: no clipping, or
+  // speculating and the norm needed none (false: it runs after the norm is known).
+  bool optimizer_overlapped = false;
 };
 
 class CudaOffloadTrainer {
