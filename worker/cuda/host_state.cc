@@ -114,6 +114,18 @@ void Zero(engine::ThreadPool& pool, float* x, int64_t n) {
   pool.ParallelFor(n, 1 << 20, [&](int64_t b, int64_t e) { std::fill(x + b, x + e, 0.0f); });
 }
 
+// The bf16 copy of n master weights; `pool` may be null (this thread only).
+void ToBf16(const float* master, int64_t n, uint16_t* out, engine::ThreadPool* pool) {
+  auto convert = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) out[i] = ToBf16Bits(master[i]);
+  };
+  if (pool != nullptr) {
+    pool->ParallelFor(n, 1 << 16, convert);
+  } else {
+    convert(0, n);
+  }
+}
+
 }  // namespace
 
 HostTrainingState::HostTrainingState(const engine::ModelConfig& config,
@@ -220,13 +232,8 @@ absl::Status HostTrainingState::CheckPlaced() const {
 
 absl::Status HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) {
   uint16_t* pb = buffers_[g].param;
-  auto write = [&](const float* master, int64_t lo, int64_t n) {
-    pool.ParallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) pb[lo + i] = ToBf16Bits(master[i]);
-    });
-  };
   if (home_.home == nullptr) {
-    write(Master(g, current_[g]), 0, shapes_[g].elems);
+    ToBf16(Master(g, current_[g]), shapes_[g].elems, pb, &pool);
     return absl::OkStatus();
   }
   RETURN_IF_ERROR(CheckPlaced());
@@ -234,7 +241,7 @@ absl::Status HostTrainingState::RewriteBf16(size_t g, engine::ThreadPool& pool) 
   for (int64_t c = 0; c < Chunks(g); ++c) {
     const int64_t lo = c * chunk, n = std::min(chunk, elems - lo);
     RETURN_IF_ERROR(home_.home->Get(StateId(0, g, c, current_[g]), Slot(0, 0), n));
-    write(Slot(0, 0), lo, n);
+    ToBf16(Slot(0, 0), n, pb + lo, &pool);
   }
   return absl::OkStatus();
 }
@@ -329,10 +336,7 @@ absl::Status HostTrainingState::InitRandom(uint64_t seed, engine::ThreadPool& po
         });
       }
       if (chunk == 0) break;
-      uint16_t* pb = buffers_[g].param + lo;
-      pool.ParallelFor(hi - lo, 1 << 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) pb[i] = ToBf16Bits(out[i]);
-      });
+      ToBf16(out, hi - lo, buffers_[g].param + lo, &pool);
       RETURN_IF_ERROR(home_.home->Put(StateId(0, g, lo / chunk, current_[g]), out, hi - lo,
                                         home_.tier));
     }
@@ -380,10 +384,8 @@ absl::Status HostTrainingState::CopyInGroup(int which, size_t g, const engine::M
     const int64_t lo = c * chunk, hi = std::min(elems, lo + chunk);
     std::fill(slot, slot + (hi - lo), 0.0f);  // the padding between tensors
     RETURN_IF_ERROR(CopyGroupRange(config_, p, g, lo, hi, slot, true));
-    if (which == 0) {  // the master weights' bf16 copy as they pass
-      uint16_t* pb = buffers_[g].param + lo;
-      for (int64_t i = 0; i < hi - lo; ++i) pb[i] = ToBf16Bits(slot[i]);
-    }
+    // The master weights' bf16 copy as they pass.
+    if (which == 0) ToBf16(slot, hi - lo, buffers_[g].param + lo, nullptr);
     RETURN_IF_ERROR(home_.home->Put(StateId(which, g, c, current_[g]), slot, hi - lo, home_.tier));
   }
   return absl::OkStatus();

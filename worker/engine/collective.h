@@ -26,9 +26,9 @@ class Collective {
   // Replaces `values` and `scalars` (the same lengths on every replica) by their element-wise
   // sums over the replicas (in place: `values` may be pinned memory the caller copies with),
   // added in rank order so every replica gets the same bits; returns only when every replica
-  // has called it. Every replica makes the same calls in the same
-  // order, each numbered higher than the one before (a step's number, or several numbers a
-  // step). Errors name the replica that did not take part (a peer that died, a cancelled task).
+  // has called it. Every replica makes the same calls in the same order, each numbered higher
+  // than the one before (a step's number, or several numbers a step). Errors name the replica
+  // that did not take part (a peer that died, a cancelled task).
   virtual absl::Status SumAcrossReplicas(int64_t step, absl::Span<float> values,
                                          std::vector<double>* scalars) = 0;
 };
